@@ -204,12 +204,22 @@ def _party_identity_problems(root: Path, dirs: Mapping[str, Path]) -> list[str]:
         except IdentityError as err:
             problems.append(str(err))
             continue
-        differ = sorted(p for p in set(listed) | set(keys) if listed.get(p) != keys.get(p))
+        others = sorted(set(listed) - set(dirs))
+        if others:
+            problems.append(
+                f"{directory / ALLOWLIST_FILENAME} lists parties this deployment does not "
+                f"have: {_first(others)} (identities made for another number of clients)")
+        differ = sorted(p for p in set(keys) if listed.get(p) != keys[p])
         if differ:
             problems.append(
                 f"{directory / ALLOWLIST_FILENAME} does not list the keys on disk for "
-                f"{', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}")
+                f"{_first(differ)}")
     return problems
+
+
+def _first(names: Sequence[str]) -> str:
+    """The first three names, then an ellipsis."""
+    return f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
 
 
 def _shown(problems: Sequence[str]) -> str:

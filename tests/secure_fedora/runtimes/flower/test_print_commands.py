@@ -501,3 +501,19 @@ def test_print_commands_refuses_a_misplaced_file_before_writing_anything(
         args.func(args)
     assert named in str(err.value)
     assert file_tree(tmp_path) == before
+
+
+def test_identities_made_for_more_clients_are_refused_naming_the_extra_parties(
+        tmp_path: Path) -> None:
+    """Identities made for three clients, deployed with two: every allowlist names a party the
+    deployment does not have (it would accept that party's key). Refused naming the extra party
+    and why, not as keys the allowlist "does not list", with nothing written; with three
+    clients again they are kept."""
+    ids = tmp_path / "identities"
+    local.init_party_identities(ids, 3)
+    before = file_tree(tmp_path)
+    with pytest.raises(DeployError, match="lists parties this deployment does not have: "
+                                          r"client-002 \(identities made for another number"):
+        local.check_new_party_identities(ids, 2)
+    assert file_tree(tmp_path) == before
+    assert local.check_new_party_identities(ids, 3)
