@@ -18,6 +18,7 @@ the noise is a function of a seed and gives no guarantee against anyone who know
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,23 +183,76 @@ def top_eigenvectors(m: Tensor, q: int) -> Tensor:
 
     Columns are ordered by decreasing eigenvalue, unit norm, and sign-normalized so that the
     entry of largest absolute value in each column is positive (first such entry on ties).
-    ``m`` is symmetrized as ``(m + m^T) / 2`` first. Post-processing: no privacy cost. For
-    repeated eigenvalues the eigenvectors are not unique and the basis is whatever LAPACK
-    returns (deterministic for a given input on one machine).
+    ``m`` is symmetrized as ``(m + m^T) / 2`` first. Post-processing: no privacy cost. Same
+    dtype and device as ``m`` (float32 or float64), without autograd history.
+
+    Exact (to working precision) on every device. On the CPU only the q wanted eigenpairs are
+    computed (LAPACK ``?syevr`` through scipy, bisection and inverse iteration), with the BLAS
+    pinned to one thread, so the output is bit-identical for one input on one machine whatever
+    the thread settings of the process; elsewhere a full ``torch.linalg.eigh``. For repeated
+    eigenvalues the eigenvectors are not unique and the basis is whatever LAPACK returns (an
+    orthonormal basis of the eigenspace, deterministic as above).
     """
     m = _check_float_tensor("m", m)
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise MechanismError(f"m must be a square (d, d) matrix, got shape {tuple(m.shape)}")
+    if m.dtype not in (torch.float32, torch.float64):
+        raise MechanismError(f"m must be float32 or float64, got dtype {m.dtype}")
     d = m.shape[0]
     if isinstance(q, bool) or not isinstance(q, int) or not (1 <= q <= d):
         raise MechanismError(f"q must be an int in [1, {d}], got {q!r}")
-    sym = (m + m.T) / 2
-    _, vecs = torch.linalg.eigh(sym)
-    top = vecs[:, -q:].flip(dims=(1,))
+    sym = (m.detach() + m.detach().T) / 2
+    if sym.device.type == "cpu":
+        top = _top_eigenvectors_cpu(sym, q)
+    else:
+        _, vecs = torch.linalg.eigh(sym)
+        top = vecs[:, -q:].flip(dims=(1,))
     idx = top.abs().argmax(dim=0)
-    signs = torch.sign(top[idx, torch.arange(q)])
+    signs = torch.sign(top[idx, torch.arange(q, device=top.device)])
     signs[signs == 0] = 1
     return (top * signs).contiguous()
+
+
+_BLAS_LOCK = threading.Lock()
+_blas_controller: Any = None
+
+
+def _top_eigenvectors_cpu(sym: Tensor, q: int) -> Tensor:
+    """The top-q eigenvectors of the exactly symmetric CPU tensor ``sym``, decreasing order."""
+    global _blas_controller
+    import numpy as np  # imported here: keeps the command line's start-up light
+    import scipy.linalg
+    from threadpoolctl import ThreadpoolController
+
+    d = sym.shape[0]
+    a = np.array(sym.numpy(), order="F")  # a private copy that LAPACK may overwrite
+    # A threaded BLAS sums in an order that depends on its thread count, and the process's
+    # count differs between runtimes (each Flower ClientApp vs one in-process run): one thread
+    # makes the release a function of the input alone. The lock keeps concurrent callers
+    # from restoring the count under each other.
+    with _BLAS_LOCK:
+        if _blas_controller is None:  # after scipy's import, so that its BLAS is seen
+            _blas_controller = ThreadpoolController()
+        with _blas_controller.limit(limits=1, user_api="blas"):
+            try:
+                _, vecs = scipy.linalg.eigh(
+                    a,
+                    subset_by_index=[d - q, d - 1],
+                    driver="evr",
+                    overwrite_a=True,
+                    check_finite=False,
+                )
+            except np.linalg.LinAlgError:
+                # inverse iteration failed to converge for some vector (LAPACK info > 0):
+                # the full, always-convergent divide-and-conquer solver, equally exact.
+                _, vecs = scipy.linalg.eigh(
+                    np.array(sym.numpy(), order="F"),
+                    driver="evd",
+                    overwrite_a=True,
+                    check_finite=False,
+                )
+                vecs = vecs[:, d - q :]
+    return torch.from_numpy(vecs[:, ::-1].copy()).to(sym.dtype)  # a copy: positive strides
 
 
 def noised_mean_sensitivity(clip: float, m: int) -> float:
