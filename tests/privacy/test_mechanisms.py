@@ -140,6 +140,121 @@ def test_top_eigenvectors_order_sign_and_orthonormality():
         top_eigenvectors(torch.zeros(3, 4), 1)
 
 
+def _random_symmetric(d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return ((a + a.T) / 2).to(dtype)
+
+
+def _projector(u: torch.Tensor) -> torch.Tensor:
+    u = u.double()
+    return u @ u.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("d", "q"), [(1, 1), (2, 1), (7, 3), (7, 7), (40, 1), (40, 5), (40, 40), (150, 1), (150, 20)]
+)
+def test_top_eigenvectors_span_the_top_eigenspace_of_a_full_decomposition(d, q, dtype):
+    m = _random_symmetric(d, dtype, seed=d * 100 + q)
+    u = top_eigenvectors(m, q)
+    assert u.shape == (d, q) and u.dtype == dtype and u.device == m.device
+    assert u.is_contiguous() and not u.requires_grad
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    evals, evecs = torch.linalg.eigh(m.double())
+    # a random matrix has simple eigenvalues (the gap below the q-th is far above tol)
+    top = evecs[:, d - q :]
+    assert float((_projector(u) - _projector(top)).abs().max()) < tol
+    torch.testing.assert_close(
+        u.double().T @ u.double(), torch.eye(q, dtype=torch.float64), atol=tol, rtol=0
+    )
+    # decreasing eigenvalues: the Rayleigh quotients are the top q, largest first
+    rayleigh = torch.einsum("ij,ik,kj->j", u.double(), m.double(), u.double())
+    torch.testing.assert_close(rayleigh, evals.flip(0)[:q], atol=tol * max(1, d), rtol=0)
+    # sign: the entry of largest magnitude of each column is positive
+    assert bool((u[u.abs().argmax(dim=0), torch.arange(q)] > 0).all())
+
+
+def test_top_eigenvectors_of_repeated_eigenvalues_are_an_orthonormal_basis_of_the_eigenspace():
+    d = 9
+    ident = top_eigenvectors(torch.eye(d, dtype=torch.float64), 4)
+    torch.testing.assert_close(ident.T @ ident, torch.eye(4, dtype=torch.float64))
+    assert top_eigenvectors(torch.eye(d, dtype=torch.float64), d).shape == (d, d)
+    # eigenvalue 5 three times, 2 twice, then 1: block-diagonal, then rotated
+    rot, _ = torch.linalg.qr(
+        torch.randn(d, d, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    )
+    vals = torch.tensor([5.0, 5, 5, 2, 2, 1, 1, 1, 1], dtype=torch.float64)
+    for m, basis in (
+        (torch.diag(vals), torch.eye(d, dtype=torch.float64)),
+        (rot @ torch.diag(vals) @ rot.T, rot),
+    ):
+        p5 = _projector(basis[:, :3])
+        for q in (1, 2, 3):
+            u = top_eigenvectors(m, q)
+            torch.testing.assert_close(u.T @ u, torch.eye(q, dtype=torch.float64))
+            torch.testing.assert_close(p5 @ u, u)  # inside the eigenspace of 5
+        torch.testing.assert_close(_projector(top_eigenvectors(m, 3)), p5)
+        torch.testing.assert_close(_projector(top_eigenvectors(m, 5)), _projector(basis[:, :5]))
+
+
+def test_top_eigenvectors_symmetrize_first_and_refuse_bad_input():
+    m = _random_symmetric(6, torch.float64, seed=1)
+    skew = torch.triu(torch.ones(6, 6, dtype=torch.float64), diagonal=1)
+    torch.testing.assert_close(top_eigenvectors(m + skew - skew.T, 2), top_eigenvectors(m, 2))
+    grad = m.clone().requires_grad_(True)
+    torch.testing.assert_close(top_eigenvectors(grad, 2), top_eigenvectors(m, 2))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = m.clone()
+        poisoned[2, 3] = bad
+        with pytest.raises(MechanismError, match="NaN or infinite"):
+            top_eigenvectors(poisoned, 1)
+    with pytest.raises(MechanismError, match="float32 or float64"):
+        top_eigenvectors(m.half(), 1)
+    with pytest.raises(MechanismError, match="floating-point"):
+        top_eigenvectors(torch.eye(3, dtype=torch.int64), 1)
+    with pytest.raises(MechanismError, match="q must"):
+        top_eigenvectors(m, True)
+
+
+def test_top_eigenvectors_are_bit_identical_whatever_the_thread_counts():
+    """The summary release is computed in each Flower ClientApp and in one in-process run,
+    whose torch and BLAS thread counts differ; a threaded solver sums in a thread-dependent
+    order, so its last bits (and the released summary) would differ between runtimes."""
+    from threadpoolctl import threadpool_limits
+
+    m = _random_symmetric(300, torch.float64, seed=4)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with threadpool_limits(limits=threads, user_api="blas"):
+                outs.append(top_eigenvectors(m, 3))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(top_eigenvectors(m, 3), outs[0])  # and repeatable
+
+
+def test_top_eigenvectors_fall_back_to_the_full_solver_if_inverse_iteration_fails(monkeypatch):
+    import numpy as np
+    import scipy.linalg
+
+    m = _random_symmetric(30, torch.float64, seed=6)
+    expected = top_eigenvectors(m, 4)
+    real_eigh = scipy.linalg.eigh
+
+    def failing_subset_eigh(*args, **kwargs):
+        if kwargs.get("subset_by_index") is not None:
+            raise np.linalg.LinAlgError("2 eigenvectors failed to converge")
+        return real_eigh(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "eigh", failing_subset_eigh)
+    u = top_eigenvectors(m, 4)
+    assert float((_projector(u) - _projector(expected)).abs().max()) < 1e-10
+    assert bool((u[u.abs().argmax(dim=0), torch.arange(4)] > 0).all())
+
+
 def test_noised_scalar_clamps_per_record_and_noise_matches_sensitivity():
     values = torch.tensor([0.5, -3.0, 10.0, 0.1], dtype=torch.float64)
     exact = noised_scalar(values, 1.0, 1e-12, _gen())
