@@ -252,12 +252,32 @@ class MethodChecks:
 class FedAvgChecks(MethodChecks):
     """FedAvg's config hooks: its fine-tuned row."""
 
+    #: Whether this class, built on FedAvg, fine-tunes after the last round (FedAvg's
+    #: finalize exchange: its reply ``finetuned_test_metric``, its ``<name>_ft`` row). FedAvg
+    #: itself does; a class built on it declares ``finetunes = True`` to do so (FedAvg's own
+    #: fine-tuning is not inherited; a subclass of a declaring class inherits its declaration).
+    #: Read through :meth:`fine_tunes`.
+    finetunes: ClassVar[bool]
+
+    @classmethod
+    def fine_tunes(cls) -> bool:
+        """Whether this class fine-tunes: FedAvg itself (and its config hooks, which answer
+        for ``fedavg``) always; a class built on it only where it, or a class between it and
+        FedAvg, declares ``finetunes = True``."""
+        for klass in cls.__mro__:
+            if klass is FedAvgChecks or vars(klass).get("name") == "fedavg":
+                return klass is cls  # FedAvg's own fine-tuning is not inherited
+            if "finetunes" in vars(klass):
+                return bool(vars(klass)["finetunes"])
+        return False
+
     @classmethod
     def derived_row_names(cls, name: str, cfg: Any) -> tuple[str, ...]:
-        """``<name>_ft``, the fine-tuned test metric: for ``fedavg`` when ``[fedavg]
-        finetune_epochs`` is positive, for a method registered on FedAvg always (it may
-        fine-tune with settings of its own)."""
-        if name == "fedavg" and cfg.fedavg.finetune_epochs == 0:
+        """``<name>_ft``, the fine-tuned test metric, of a class that fine-tunes
+        (:meth:`fine_tunes`): for ``fedavg`` when ``[fedavg] finetune_epochs`` is positive,
+        for another name always (a factory building FedAvg fine-tunes with settings of its
+        own)."""
+        if not cls.fine_tunes() or (name == "fedavg" and cfg.fedavg.finetune_epochs == 0):
             return ()
         return (f"{name}_ft",)
 

@@ -1436,6 +1436,10 @@ FINETUNING_UNDER_DP = (
 """results.json ``assumptions.fedavg_finetuning`` of a DP run that fine-tunes FedAvg."""
 
 
+#: FedAvg's fine-tuning epochs when its constructor is not given them (the config's default).
+DEFAULT_FINETUNE_EPOCHS = 5
+
+
 @METHODS.register("fedavg")
 class FedAvg(FedAvgChecks, FederatedMethod):
     """FedAvg (McMahan et al., AISTATS 2017, "Communication-Efficient Learning of Deep
@@ -1447,13 +1451,25 @@ class FedAvg(FedAvgChecks, FederatedMethod):
     (``finetune_epochs`` epochs, best epoch chosen on each client's validation data, or the
     last epoch when ``select_on_validation`` is False, as under private validation with DP):
     the finalize exchange sends the final global model to every client, which replies with
-    the test metric of its fine-tuned copy.
+    the test metric of its fine-tuned copy. A class built on FedAvg fine-tunes only where it
+    declares ``finetunes = True`` (:meth:`FedAvgChecks.fine_tunes`): otherwise it is FedAvg
+    without fine-tuning, and ``finetune_epochs`` above 0 is refused when it is built.
     """
 
     name = "fedavg"
 
-    def __init__(self, ctx: MethodContext, finetune_epochs: int = 5,
+    def __init__(self, ctx: MethodContext, finetune_epochs: int | None = None,
                  select_on_validation: bool = True) -> None:
+        """``finetune_epochs``: unset, 5 for a class that fine-tunes and 0 for another."""
+        if finetune_epochs is None:
+            finetune_epochs = DEFAULT_FINETUNE_EPOCHS if type(self).fine_tunes() else 0
+        if finetune_epochs > 0 and not type(self).fine_tunes():
+            # its replies, results.json and the config follow the class's declaration
+            raise ContractError(
+                f"{type(self).__name__} is built on FedAvg with finetune_epochs = "
+                f"{finetune_epochs} but does not declare that it fine-tunes: set "
+                f"'finetunes = True' on {type(self).__name__} (FedAvg's fine-tuning is not "
+                "inherited), or build it with finetune_epochs = 0")
         super().__init__(ctx)
         self.global_params = ctx.init.clone()
         self.finetune_epochs = finetune_epochs
@@ -1461,20 +1477,22 @@ class FedAvg(FedAvgChecks, FederatedMethod):
 
     @classmethod
     def from_config(cls, ctx: MethodContext, cfg: Any) -> FedAvg:
-        """``[fedavg] finetune_epochs`` sets the fine-tuning epochs; the epoch is chosen on
+        """``[fedavg] finetune_epochs`` sets the fine-tuning epochs of a class that fine-tunes
+        (:meth:`FedAvgChecks.fine_tunes`; none for another); the epoch is chosen on
         validation data exactly when rounds are (``model_selection``)."""
-        return cls(ctx, finetune_epochs=cfg.fedavg.finetune_epochs,
+        return cls(ctx, finetune_epochs=cfg.fedavg.finetune_epochs if cls.fine_tunes() else 0,
                    select_on_validation=model_selection(cfg) == "validation")
 
     @classmethod
     def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
         """A round reply adds the training-set size (public by the run's assumptions); the
-        finalize reply is the fine-tuned copy's test metric (not covered by DP, as
-        ``assumptions.fedavg_finetuning`` says)."""
+        finalize reply of a class that fine-tunes (:meth:`FedAvgChecks.fine_tunes`) is the
+        fine-tuned copy's test metric (not covered by DP, as ``assumptions.fedavg_finetuning``
+        says); another's finalize reply carries nothing."""
         if stage == ROUND:
             return {**super().reply_entries(cfg, stage),
                     KEY_NUM_EXAMPLES: NUM_EXAMPLES_REASON}
-        if stage == FINALIZE:
+        if stage == FINALIZE and cls.fine_tunes():
             return {"finetuned_test_metric": "the fine-tuned copy's test metric: not covered by "
                                              "DP (assumptions.fedavg_finetuning)"}
         return super().reply_entries(cfg, stage)

@@ -274,6 +274,8 @@ def test_a_factory_naming_another_class_than_it_builds_is_refused_under_dp():
     naming FedAvg but building a subclass whose replies add ``mean_x`` ran, and results.json
     left ``mean_x`` out. Refused now when the two classes' reply rules differ."""
     class AddsX(FedAvg):
+        finetunes = True  # as FedAvg: only the reply entries differ
+
         @classmethod
         def reply_entries(cls, cfg, stage):  # type: ignore[no-untyped-def]
             entries = super().reply_entries(cfg, stage)

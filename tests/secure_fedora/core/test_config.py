@@ -646,7 +646,7 @@ def test_a_plug_in_named_as_a_results_entry_another_method_derives_is_refused() 
         pass
 
     class MyAvg(FedAvg):
-        pass
+        finetunes = True
 
     base = {"data": {"num_clients": 3, "train_per_client": 60, "val_per_client": 20,
                      "test_per_client": 20, "groups": 3}}
