@@ -451,6 +451,8 @@ _CHECKS_FIXED = [
     "every ledger ends with one signed close entry (final index, epsilon spent)",
     "every DP-SGD entry and refusal that records its method (params.method) is in that"
     " method's folder ledgers/<method>/",
+    "every other entry of a round's model release (the lambda, a plug-in mechanism's) follows"
+    " that release's DP-SGD entry (same round and params.release_kind)",
 ]
 
 
@@ -1471,6 +1473,29 @@ def _method_findings(entries: Sequence[dict[str, Any] | None], method: str | Non
     return out
 
 
+#: The release kind whose first entry is DP-SGD's and whose other entries (the lambda, a
+#: plug-in mechanism's) are released within it (``ReleaseSpec("model", ("dpsgd", ...))``).
+_MODEL_RELEASE = "model"
+
+
+def _nested_release_problem(mechanism: str, release: tuple[Any, Any],
+                            previous: tuple[Any, Any] | None) -> str | None:
+    """Why an entry of ``mechanism`` recorded as part of ``release`` (its round and
+    ``params.release_kind``) is not linked to the DP-SGD entry of that release: an entry of the
+    model release other than DP-SGD's is written in one batch after it, so the release entry
+    before it (a repair entry may sit between) must be of the same round and release."""
+    rnd, kind = release
+    if kind != _MODEL_RELEASE or mechanism == _METHOD_RECORDING:
+        return None
+    if previous == release:
+        return None
+    after = ("no release entry" if previous is None else
+             f"an entry of round {previous[0]!r} release {previous[1]!r}")
+    return (f"the {mechanism!r} entry is part of round {rnd!r}'s {kind!r} release, which"
+            f" starts with its dpsgd entry, but follows {after}: it is not linked to the"
+            " release it was accounted in")
+
+
 def _verify_client(path: Path, method: str | None, client_id: str,
                    key: Ed25519PublicKey | None, ctx: _RunContext, rel_tol: float,
                    pld_checkpoints: int) -> ClientVerification:
@@ -1536,6 +1561,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     releases: list[tuple[float, float, int] | None] = []
     mechanisms: dict[str, dict[str, Any]] = {}
     refused = False
+    previous_release: tuple[Any, Any] | None = None  # (round, release_kind) of the last release
     for i, e in enumerate(entries):
         if e is None or any(f not in e for f in ENTRY_FIELDS):
             releases.append(None)
@@ -1564,12 +1590,18 @@ def _verify_client(path: Path, method: str | None, client_id: str,
             continue
         if mech == REFUSAL:
             refused = True
+            previous_release = None
             releases.append(None)
             continue
         if refused:
             err(i, "after_refusal", f"a {mech!r} release follows a refusal; a client releases"
                 " nothing after its first refusal")
         p = e["params"] if isinstance(e["params"], dict) else {}
+        release = (e["round"], p.get("release_kind"))
+        problem = _nested_release_problem(mech, release, previous_release)
+        if problem:
+            err(i, "nested_release", problem)
+        previous_release = release
         if _release_problems(p):
             releases.append(None)
             continue

@@ -9,7 +9,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -426,3 +426,50 @@ def test_the_python_report_refuses_modules_as_the_cli(run: Path, tmp_path: Path,
     assert not (tmp_path / "o").exists()
     assert build_report(run, verification=report, imports=[], strict=False)["verification"] \
         == build_report(run, verification=report)["verification"]
+
+
+def _resigned(run: Path, cid: str, edit: Callable[[list[dict]], list[dict]]) -> None:
+    """Client ``cid``'s ledger with ``edit`` applied to its entries, then re-indexed,
+    re-chained and re-signed with the client's own key (its close entry's final_index too):
+    only the checks of what the entries say can tell."""
+    path = next((run / "ledgers").glob(f"*/{cid}.jsonl"))
+    key = load_identity(run.parent / "keys", cid).signing_key
+    entries = edit([json.loads(line) for line in path.read_text().splitlines()])
+    out: list[str] = []
+    for index, entry in enumerate(entries):
+        entry["index"] = index
+        if entry["mechanism"] == "close":
+            entry["params"]["final_index"] = index
+        entry["prev_hash"] = line_hash(out[-1]) if out else "0" * 64
+        entry.pop("signature")
+        entry["signature"] = key.sign(signing_payload(entry)).hex()
+        out.append(canonical_json(entry))
+    path.write_text("\n".join(out) + "\n")
+
+
+def _nested(run: Path, cid: str) -> set[int | None]:
+    return {f.entry for f in verify_run(run, imports=[MODULE]).errors
+            if f.check == "nested_release" and f.client_id == cid}
+
+
+@pytest.mark.parametrize("tamper", ["other_round", "dpsgd_dropped", "before_dpsgd"])
+def test_a_plug_in_release_not_linked_to_its_model_release_fails_verify(run: Path,
+                                                                         tamper: str):
+    """A plug-in mechanism's entry is accounted within the round's model release (written with
+    its DP-SGD entry, the same round and release_kind): a ledger whose plug-in entry names
+    another round, lost its DP-SGD entry, or precedes it, verified without a word about it."""
+    cid = "client-001"
+    assert not _nested(run, cid)
+
+    def edit(entries: list[dict]) -> list[dict]:
+        dpsgd, plug_in = entries[0], entries[1]
+        assert (dpsgd["mechanism"], plug_in["mechanism"]) == ("dpsgd", MECHANISM)
+        if tamper == "other_round":
+            plug_in["round"] += 1
+            return entries
+        if tamper == "dpsgd_dropped":
+            return entries[1:]
+        return [plug_in, dpsgd, *entries[2:]]
+
+    _resigned(run, cid, edit)
+    assert _nested(run, cid) == {1 if tamper == "other_round" else 0}
