@@ -10,10 +10,8 @@ what its clients release under DP), for example::
     from secure_fedora.core.registry import METHODS
 
     @METHODS.register("fedavg_nofinetune")
-    class FedAvgNoFinetune(FedAvg):
-        @classmethod
-        def from_config(cls, ctx, cfg):
-            return cls(ctx, finetune_epochs=0)
+    class FedAvgNoFinetune(FedAvg):  # fine-tunes only if it declares finetunes = True
+        pass
 
 after which ``methods = ["fedavg_nofinetune"]`` is a valid config and runs in process with
 or without DP and envelopes. A factory ``(ctx, cfg) -> method`` may be registered instead;
