@@ -1491,7 +1491,7 @@ def _nested_release_problem(mechanism: str, release: tuple[Any, Any],
         return None
     after = ("no release entry" if previous is None else
              f"an entry of round {previous[0]!r} release {previous[1]!r}")
-    return (f"the {mechanism!r} entry is part of round {rnd!r}'s {kind!r} release, which"
+    return (f"the {mechanism!r} entry is part of the {kind!r} release of round {rnd!r}, which"
             f" starts with its dpsgd entry, but follows {after}: it is not linked to the"
             " release it was accounted in")
 
