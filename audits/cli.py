@@ -215,8 +215,9 @@ def _print_audit_summary(doc: dict[str, Any]) -> None:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
-    from audits.canary import run_canary_audit
+    from audits.canary import CanaryAuditError, run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
+    from audits.verify import import_trusted_modules, refuse_private_keys
     from secure_fedora.cli import keystore_flag
     from secure_fedora.core.config import (
         check_overrides_used,
@@ -236,6 +237,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    # trusted modules first, before the config names plug-ins (never one inside RUN_DIR)
+    import_trusted_modules(args.imports, target, CLI_AUDIT_OPTIONS)
     if run_dir is None:
         cfg = load_config(target)
     else:  # a run directory's config: plug-ins from PYTHONPATH only (never its own files)
@@ -243,7 +246,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
         if unknown:
             print("error: the canary audit trains the run's model on its data under its "
                   f"method, and {target / 'config.toml'} names "
-                  + unregistered_hint(*unknown[0], "audits.canary.run_canary_audit"),
+                  + unregistered_hint(*unknown[0], "audits.canary.run_canary_audit",
+                                      CLI_AUDIT_OPTIONS["imports"]),
                   file=sys.stderr)
             return 2
     problem = None if run_dir is None else \
@@ -251,6 +255,15 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if run_dir is not None:  # as audit verify and replay: once, before anything trains
+        try:
+            notes = refuse_private_keys(run_dir, bool(cfg.privacy.enabled), CanaryAuditError,
+                                        f"run directory {run_dir} is not trusted")
+        except CanaryAuditError as err:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+            return 2
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
     # a run directory's config.toml is the run's record, bound to its checkpoints: its unused
     # [security] keystore only warns, as on resume (a config file given is refused)
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore,
@@ -298,7 +311,8 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
         result, path = audit_run_dir(
             args.run_dir, method=args.method, client_index=args.client,
             num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
-            confidence=args.confidence, seed=args.seed, options=CLI_AUDIT_OPTIONS)
+            confidence=args.confidence, seed=args.seed, imports=args.imports,
+            options=CLI_AUDIT_OPTIONS)
     except WhiteboxAuditError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -444,6 +458,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 1 if result.verdict == "refuted" else 0
 
 
+def _import_flag(p: argparse.ArgumentParser, effect: str) -> None:
+    """``--import MODULE`` (repeatable), as every audit command that takes it reads it
+    (:func:`audits.verify.import_trusted_modules`); ``effect``: what importing it does there."""
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="dotted name of a module you trust (from PYTHONPATH or the installed"
+                   f" packages, never from RUN_DIR) to import first: {effect} (repeatable)")
+
+
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
@@ -456,10 +478,8 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    help="relative tolerance between recorded and independent epsilon")
     p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,
                    help="entries per PRV ledger recomputed with the PLD accountant")
-    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
-                   help="dotted name of a module you trust (from PYTHONPATH or the installed"
-                   " packages, never from RUN_DIR) to import first: the plug-in mechanisms it"
-                   " registers have their recorded sensitivities recomputed (repeatable)")
+    _import_flag(p, "the plug-in mechanisms it registers have their recorded sensitivities"
+                 " recomputed")
     p.add_argument("--strict", action="store_true", help="every warning saying that a check"
                    " was not made (an unregistered plug-in mechanism, a missing results.json,"
                    " config.toml or anchor, keys taken from RUN_DIR, ...) is an error")
@@ -512,6 +532,8 @@ def register(subparsers: Any) -> None:
     canary.add_argument("--delta", type=float, default=1e-5,
                         help="delta of the bound for a non-private run (DP runs use the ledger's)")
     canary.add_argument("--seed", type=int, default=0)
+    _import_flag(canary, "the plug-in methods, datasets and models it registers can be"
+                 " trained (a run directory's config.toml names only what this process knows)")
     add_keystore_flag(canary)
     _json_flags(canary, "write the result to this file")
     canary.set_defaults(func=cmd_canary)
@@ -531,6 +553,8 @@ def register(subparsers: Any) -> None:
                           help="share of the canaries used to choose the guess thresholds")
     whitebox.add_argument("--confidence", type=float, default=0.95)
     whitebox.add_argument("--seed", type=int, default=0)
+    _import_flag(whitebox, "the plug-in methods, datasets and models it registers can be"
+                 " rebuilt (config.toml names only what this process knows)")
     _json_flags(whitebox, "also write the result to this file")
     whitebox.set_defaults(func=cmd_whitebox)
 

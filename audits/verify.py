@@ -186,6 +186,7 @@ __all__ = [
     "mechanism_epsilon",
     "positive_number",
     "private_key_files",
+    "refuse_private_keys",
     "tolerance_text",
     "verified_ledger_entries",
     "verify_run",
@@ -1998,6 +1999,20 @@ def _private_key_findings(run_dir: Path, dp_claimed: bool = True) -> list[Findin
             f" directory could not be read to look for private keys ({_shown(unreadable)})",
             unchecked=True))
     return out
+
+
+def refuse_private_keys(run_dir: Path, dp_claimed: bool, error: type[Exception],
+                        context: str) -> list[str]:
+    """One scan of ``run_dir`` for private key material, judged as :func:`verify_run` judges
+    it (:func:`_private_key_findings`): raises ``error`` with ``context: <first error>`` (the
+    wording of ``audit replay``'s refusal) when a key lies inside, so that an audit that
+    reads the run's files refuses a run whose signatures its holder could re-sign. Returns
+    the texts of the unchecked warnings (a run without a DP claim, ``dp_claimed`` False,
+    whose only key files are its own envelope keys in ``keys/``; files that could not be
+    read), for the caller to show."""
+    findings = _private_key_findings(run_dir, dp_claimed)
+    _raise_first(findings, error, context)
+    return [f.message for f in findings]
 
 
 def _close_findings(path: Path, method: str | None, client_id: str) -> list[Finding]:

@@ -37,10 +37,11 @@ gradient's stability clip. There is no claim; the bound shows what the attack ex
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,11 @@ from audits.verdict import (
 )
 from audits.verify import (
     DEFAULT_REL_TOL,
+    AuditError,
     dpsgd_claim_problem,
+    import_trusted_modules,
     positive_number,
+    refuse_private_keys,
     verified_ledger_entries,
 )
 from privacy.accounting import PlannedRelease, format_exact, plan_epsilon
@@ -97,6 +101,8 @@ __all__ = [
     "run_whitebox_audit",
     "whitebox_setting",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Enough that every evaluation canary guessed right certifies more than epsilon 8 at
 #: delta 1e-5 and confidence 0.95 (16,000 evaluation canaries: 8.11).
@@ -506,9 +512,11 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     canary needs a coordinate of its own).
     Guarantee: if the audited DP-SGD is (claim, delta)-DP, the lower bound exceeds the claim
     with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
-    arguments or a plan that cannot be built, and, with ``run_dir`` holding the audited
-    client's ledger, when the plan is not the one that ledger records
-    (:func:`check_setting_against_ledger`), and, before training, when the evaluation part of
+    arguments or a plan that cannot be built, and, with ``run_dir``, when private key material
+    lies inside it (:func:`audits.verify.refuse_private_keys`, as ``audit verify`` and ``audit
+    replay`` refuse it; its unchecked warnings are logged) or the audited client's ledger
+    there records another plan (:func:`check_setting_against_ledger`), and, before training,
+    when the evaluation part of
     the canaries holds no member or no non-member canary (not measurable); errors name the
     arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
@@ -529,6 +537,10 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                  f" {calibration_fraction!r}")
     check_seed(seed, WhiteboxAuditError)
     run_path = None if run_dir is None else check_path(run_dir, "run_dir", WhiteboxAuditError)
+    if run_path is not None:  # once per audit: each scan reads every file of the run
+        for text in refuse_private_keys(run_path, bool(cfg.privacy.enabled), WhiteboxAuditError,
+                                        f"run directory {run_path} is not trusted"):
+            log.warning("%s", text)
     setting = whitebox_setting(cfg, method, client_index, results, options,
                                _ledger_noise(run_path, cfg, method, client_index))
     if run_path is not None:
@@ -594,11 +606,25 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     )
 
 
-def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResult, Path]:
+#: What the white-box audit's Python errors name: its arguments (``imports=`` is
+#: :func:`audit_run_dir`'s own).
+WHITEBOX_API_OPTIONS: Mapping[str, str] = {
+    **API_AUDIT_OPTIONS, "imports": "the imports= argument of audits.whitebox.audit_run_dir"}
+
+
+def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
+                  options: Mapping[str, str] = WHITEBOX_API_OPTIONS,
+                  **kwargs: Any) -> tuple[WhiteboxAuditResult, Path]:
     """Audit the run in ``run_dir`` (its ``config.toml``, and ``results.json`` when present).
 
-    Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path. Raises
-    :class:`WhiteboxAuditError` when the directory or its config is missing or invalid.
+    ``imports`` (CLI ``--import MODULE``): dotted names of modules the auditor trusts,
+    imported first as ``audit verify --import`` imports them
+    (:func:`audits.verify.import_trusted_modules`: from PYTHONPATH or the installed packages,
+    never from ``run_dir``), so that a plug-in method, dataset or model they register can be
+    rebuilt. Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path.
+    Raises :class:`WhiteboxAuditError` when the directory or its config is missing or
+    invalid, a module of ``imports`` cannot be imported (naming it), or the config names an
+    entry this process has not registered (naming ``imports``).
     """
     run = check_path(run_dir, "run_dir", WhiteboxAuditError)
     problem = path_problem(run)
@@ -607,6 +633,13 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     cfg_path = run / "config.toml"
     if not cfg_path.is_file():
         raise WhiteboxAuditError(f"{cfg_path} is missing: the audit needs the run's config")
+    if isinstance(imports, str):  # one name would be imported letter by letter
+        raise WhiteboxAuditError(f"{options['imports']} takes a list of module names, got the"
+                                 f" string {imports!r:.80}")
+    try:  # before the config names plug-ins
+        import_trusted_modules(imports, run, options)
+    except AuditError as err:
+        raise WhiteboxAuditError(str(err)) from None
     try:
         cfg, unknown = load_run_config(cfg_path)
     except ConfigError as err:
@@ -614,7 +647,8 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
     if unknown:  # it trains the run's model on its data under its method's privacy plan
         raise WhiteboxAuditError(
             "the white-box audit rebuilds the run's data, model and privacy plan, and "
-            f"{cfg_path} names " + unregistered_hint(*unknown[0], "audits.whitebox.audit_run_dir"))
+            f"{cfg_path} names " + unregistered_hint(*unknown[0], "audits.whitebox.audit_run_dir",
+                                                     options["imports"]))
     problem = config_rebuild_problem(run, "whitebox") \
         or config_claim_problem(run, cfg.privacy.enabled, "whitebox")
     if problem is not None:
@@ -626,7 +660,7 @@ def audit_run_dir(run_dir: str | Path, **kwargs: Any) -> tuple[WhiteboxAuditResu
             results = json.loads(results_path.read_text())
         except (OSError, ValueError, RecursionError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
-    result = run_whitebox_audit(cfg, results=results, run_dir=run, **kwargs)
+    result = run_whitebox_audit(cfg, results=results, run_dir=run, options=options, **kwargs)
     try:
         return result, write_audit_json(run, result.to_json())
     except OSError as err:

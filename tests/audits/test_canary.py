@@ -519,3 +519,30 @@ def test_the_canary_audit_trains_on_training_threads_and_restores_the_process_s(
     run_canary_audit(parse_config(d), num_canaries=20)
     assert seen and set(seen) == {wanted}
     assert torch.get_num_threads() == before
+
+
+def test_cli_canary_refuses_private_keys_inside_the_run_before_training(tmp_path, capsys,
+                                                                        monkeypatch):
+    """`audit verify` and `audit replay` refuse a run holding private key material (whoever
+    holds a signing key can re-sign its records); `audit canary RUN_DIR` audited it and
+    wrote into it without looking. It now refuses it alike, before anything trains."""
+    import audits.canary as canary
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from secure_fedora.cli import main
+
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the federation was built before the keys were looked for")
+
+    monkeypatch.setattr(canary, "build_clients", no_training)
+    run = canary_run_dir(tmp_path)
+    (run / "keys").mkdir()
+    (run / "keys" / "operator.ed25519.pem").write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    assert main(["audit", "canary", str(run), "--canaries", "40"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: run directory {run} is not trusted:"
+                                                   " 1 file holds private key material")
+    assert "(keys/operator.ed25519.pem)" in err
+    assert not (run / "audit").exists()

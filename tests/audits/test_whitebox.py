@@ -535,3 +535,106 @@ def test_the_whitebox_audit_trains_on_training_threads_and_restores_the_process_
     run_whitebox_audit(parse_config(doc), num_canaries=100)
     assert seen and set(seen) == {wanted}
     assert torch.get_num_threads() == before
+
+
+def _pem_private_key() -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+
+
+def test_private_keys_inside_the_run_are_refused_once_per_audit(tmp_path, capsys, monkeypatch,
+                                                                caplog):
+    """`audit verify` and `audit replay` refuse a run holding private key material (whoever
+    holds a signing key can re-sign its ledgers); `audit whitebox` checked the plan against
+    that run's ledger without looking. It now refuses it alike, with one scan of the run per
+    audit; a run without privacy whose only keys are its own envelope keys is audited with
+    a warning, as `audit verify` warns."""
+    import audits.verify as verify
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    cfg = parse_config(_cfg_dict(3.0, noise="reproducible"))
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    scans = []
+    scan = verify.private_key_files
+    monkeypatch.setattr(verify, "private_key_files", lambda d: scans.append(d) or scan(d))
+    audit_run_dir(run, num_canaries=100)  # its ledger verified, the plan checked against it
+    assert scans == [run]
+    (run / "audit" / "whitebox.json").unlink()
+
+    (run / "notes").mkdir()
+    (run / "notes" / "backup.txt").write_bytes(_pem_private_key())
+    with pytest.raises(WhiteboxAuditError, match=r"^run directory .* is not trusted: 1 file"
+                       r" holds private key material inside the audited directory"
+                       r" \(notes/backup.txt\)"):
+        audit_run_dir(run, num_canaries=100)
+    capsys.readouterr()
+    assert main(["audit", "whitebox", str(run), "--canaries", "100"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notes/backup.txt" in err
+    assert not (run / "audit" / "whitebox.json").exists()
+
+    plain = tmp_path / "plain"
+    (plain / "keys").mkdir(parents=True)
+    (plain / "config.toml").write_text(tomli_w.dumps(_cfg_dict(None)))
+    (plain / "keys" / "client-000.ed25519.key").write_bytes(_pem_private_key())
+    with caplog.at_level("WARNING", logger="audits.whitebox"):
+        audit_run_dir(plain, num_canaries=100)
+    assert any("keys/client-000.ed25519.key" in r.getMessage()
+               and "delete keys/*.key before sharing it" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_import_registers_a_plug_in_method_before_the_config_is_read(tmp_path, capsys,
+                                                                     monkeypatch):
+    """`audit verify` and `audit report` take --import MODULE (a module the auditor trusts,
+    imported first); `audit whitebox` and `audit canary` had no such option, so a run of a
+    plug-in method could not be audited from the command line at all. They now take it,
+    with the same name and semantics, and the refusal of an unknown method names it."""
+    import sys
+
+    from secure_fedora.core.registry import METHODS
+    from tests.audits.conftest import CANARY_CONFIG
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(CANARY_CONFIG.replace('["local"]', '["byo_local_i"]'))
+    with pytest.raises(WhiteboxAuditError, match=r"method 'byo_local_i', which this process has"
+                       r" not registered .*import its module first with the imports= argument"
+                       r" of audits\.whitebox\.audit_run_dir"):
+        audit_run_dir(run)
+    for audit in ("whitebox", "canary"):
+        capsys.readouterr()
+        assert main(["audit", audit, str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "import its module first with --import" in err
+        with pytest.raises(SystemExit):
+            main(["audit", audit, "--help"])
+        assert "--import MODULE" in capsys.readouterr().out
+    assert main(["audit", "whitebox", str(run), "--import", "no_such_plugin_module"]) == 2
+    assert "--import no_such_plugin_module: no module" in capsys.readouterr().err
+
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    (trusted / "byo_local_i_module.py").write_text(
+        "from secure_fedora.core.registry import METHODS\n"
+        "METHODS.register('byo_local_i', METHODS.get('local'))\n")
+    monkeypatch.syspath_prepend(str(trusted))
+    try:
+        code = main(["audit", "whitebox", str(run), "--import", "byo_local_i_module",
+                     "--canaries", "100"])
+        assert code in (0, 1, 3), capsys.readouterr().err
+        assert json.loads((run / "audit" / "whitebox.json").read_text())["setup"]["method"] \
+            == "byo_local_i"
+        code = main(["audit", "canary", str(run), "--import", "byo_local_i_module",
+                     "--method", "byo_local_i", "--canaries", "40"])
+        assert code in (0, 1, 3), capsys.readouterr().err
+        assert json.loads((run / "audit" / "canary.json").read_text())["setup"]["method"] \
+            == "byo_local_i"
+    finally:
+        METHODS.unregister("byo_local_i")
+        sys.modules.pop("byo_local_i_module", None)
