@@ -41,7 +41,7 @@ from audits.output import write_output_file
 from audits.verdict import VERIFICATION_EXIT, audit_figures
 from privacy.accounting import format_down, format_exact, format_spent, format_up
 from secure_fedora.core.errors import one_line
-from secure_fedora.core.files import strict_json
+from secure_fedora.core.files import finite_document, strict_json
 
 if TYPE_CHECKING:  # audits.verify imports torch: the handlers import it when they run
     from audits.verify import VerificationReport
@@ -163,7 +163,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         options=CLI_AUDIT_OPTIONS, imports=args.imports, strict=args.strict)
     _print_verification(report, sys.stdout, verbose=args.verbose)
     if json_path is not None:
-        write_output_file(json_path, strict_json(report.to_json()), "--json", "verify",
+        # the document itself: write_output_file seals and encodes it once
+        write_output_file(json_path, finite_document(report.to_json()), "--json", "verify",
                           force=args.force)
     return VERIFICATION_EXIT[report.verdict]
 

@@ -526,9 +526,10 @@ def test_cli_canary_refuses_private_keys_inside_the_run_before_training(tmp_path
     """`audit verify` and `audit replay` refuse a run holding private key material (whoever
     holds a signing key can re-sign its records); `audit canary RUN_DIR` audited it and
     wrote into it without looking. It now refuses it alike, before anything trains."""
-    import audits.canary as canary
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    import audits.canary as canary
     from secure_fedora.cli import main
 
     def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]

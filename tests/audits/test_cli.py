@@ -571,3 +571,26 @@ def test_a_symbolic_link_loop_given_to_audit_is_named_so_not_missing(pristine_ru
         err = " ".join(capsys.readouterr().err.split())
         assert f"{named} is a symbolic link loop" in err and "does not exist" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+
+
+def test_verify_json_is_encoded_once_and_reads_as_before(pristine_run, tmp_path, monkeypatch):
+    """`audit verify --json` dumped the report to text, which the writer parsed back to seal
+    and dumped again; the document is now sealed and encoded once, the file's bytes unchanged
+    (those of the text path, which the seal's check still recognises)."""
+    import audits.output as output
+    import audits.verify as verify
+    from secure_fedora.core.files import strict_json
+
+    report = verify.verify_run(pristine_run)
+    monkeypatch.setattr(verify, "verify_run", lambda *args, **kwargs: report)
+
+    def no_parse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the report's JSON text was parsed back")
+
+    monkeypatch.setattr(output.json, "loads", no_parse)
+    out_json = tmp_path / "v.json"
+    assert main(["audit", "verify", str(pristine_run), "--json", str(out_json)]) == 0
+    monkeypatch.undo()
+    expected = output.seal_report(strict_json(report.to_json()), "verify")
+    assert out_json.read_text() == expected
+    assert output.is_previous_report(out_json, "verify")
