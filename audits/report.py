@@ -68,7 +68,11 @@ from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path, path_problem  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
 from secure_fedora.core.files import finite_document  # noqa: E402
-from secure_fedora.runtimes.results import config_assumptions, metric_label  # noqa: E402
+from secure_fedora.runtimes.results import (  # noqa: E402
+    config_assumptions,
+    metric_label,
+    uses_relatedness,
+)
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
@@ -161,7 +165,11 @@ BEYOND_CONFIG_UNKNOWN = ("unknown: results.json missing (the assumptions above a
 
 def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -> dict[str, Any]:
     """results.json's assumptions; without results.json, every one config.toml implies
-    (exactly as a run of it states them) and ``beyond_config`` saying the rest is unknown."""
+    (exactly as a run of it states them) and ``beyond_config`` saying the rest is unknown.
+    ``relatedness`` and the notes on relatedness and ``lambda_i`` are FEDORA's: given only
+    where the run states ``relatedness`` or config.toml lists a method that computes them
+    (:func:`secure_fedora.runtimes.results.uses_relatedness`), never for a run of other
+    methods only."""
     stated = results.get("assumptions") if results else None
     stated = stated if isinstance(stated, dict) else {}  # a malformed one: verify reports it
     if results is None and cfg is not None:
@@ -174,20 +182,23 @@ def _assumptions(results: dict[str, Any] | None, cfg: ExperimentConfig | None) -
         "server": stated.get("server", "honest-but-curious"),
         "validation_data": stated.get("validation_data",
                                       cfg.data.validation if cfg else "unknown"),
-        "relatedness": stated.get("relatedness", cfg.fedora.relatedness if cfg else "unknown"),
+        **({"relatedness": stated["relatedness"]} if "relatedness" in stated
+           else {"relatedness": cfg.fedora.relatedness}
+           if cfg is not None and uses_relatedness(cfg) else {}),
         "differential_privacy": stated.get("differential_privacy",
                                            cfg.privacy.enabled if cfg else "unknown"),
     }
     for key, value in stated.items():
         out.setdefault(key, value)
     notes: list[str] = []
-    if out["validation_data"] == "public":
+    fedora = "relatedness" in out  # lambda_i and relatedness: a FEDORA method ran
+    if fedora and out["validation_data"] == "public":
         notes.append("lambda_i is computed from the validation split in the clear: private only"
                      " if that split is public data (declared public in the config).")
-    elif out["validation_data"] == "private":
+    elif fedora and out["validation_data"] == "private":
         notes.append("lambda_i is released as a clipped, noised validation-loss difference and"
                      " accounted (mechanism gaussian_lambda).")
-    rel = str(out["relatedness"])
+    rel = str(out.get("relatedness", ""))
     if rel == "plain":
         notes.append("relatedness: summaries are sent in the clear (no privacy for the summary).")
     if "noised" in rel:

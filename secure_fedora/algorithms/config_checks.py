@@ -229,6 +229,12 @@ class MethodChecks:
     #: run stays on, or is refused off, the CPU). A plug-in that is GPU-safe declares it.
     cuda_supported: ClassVar[bool] = False
 
+    #: Whether this method computes FEDORA's relatedness (``[fedora] relatedness``) and its
+    #: pull weight ``lambda_i`` from the validation split: results.json then states
+    #: ``assumptions.relatedness``, and the audit report its relatedness and lambda notes.
+    #: Default: no (a run of such methods only claims neither).
+    uses_relatedness: ClassVar[bool] = False
+
     #: The proximal weights its local objective adds (``w/2 ||theta - anchor||^2`` on the
     #: gradient after clipping, through momentum): the keys of its ``[baselines.<name>]``
     #: section holding each ``w``, or a function ``(cfg) -> {config key: w}``. The config
@@ -289,9 +295,10 @@ class LocalChecks(MethodChecks):
 
 
 class FedoraChecks(MethodChecks):
-    """FEDORA's config hooks (it runs on CUDA)."""
+    """FEDORA's config hooks (it runs on CUDA, and computes relatedness and lambda_i)."""
 
     cuda_supported = True
+    uses_relatedness = True
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

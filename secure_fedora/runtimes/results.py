@@ -61,8 +61,8 @@ __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_K
            "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "build_results", "client_rows", "config_assumptions",
            "inputs_outside_config", "inputs_outside_config_assumption", "kept_results",
            "method_entry", "metric_label", "remove_interrupted_result_writes", "rounds_csv_holds",
-           "rounds_csv_text", "same_outcomes", "stated_beyond_run", "write_rounds_csv",
-           "write_run_results"]
+           "rounds_csv_text", "same_outcomes", "stated_beyond_run", "uses_relatedness",
+           "write_rounds_csv", "write_run_results"]
 
 #: The files a runtime replaces atomically in its run directory (the in-process run
 #: directory, Flower's ``result-dir``), besides ``plots/``.
@@ -118,8 +118,19 @@ def config_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
     return _assumptions(cfg)
 
 
+def uses_relatedness(cfg: ExperimentConfig) -> bool:
+    """Whether a method of ``cfg`` computes FEDORA's relatedness and ``lambda_i`` (its class
+    declares ``uses_relatedness``: FEDORA, or a method built on it); a name this process has
+    not registered declares nothing."""
+    from secure_fedora.core.registry import METHODS
+
+    return any(name in METHODS and METHODS.declared(name, "uses_relatedness")
+               for name in cfg.methods)
+
+
 def _run_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The assumptions every run of ``cfg`` states, whatever its methods."""
+    """The assumptions every run of ``cfg`` states, whatever its methods; ``relatedness``
+    only where a method computes it (:func:`uses_relatedness`)."""
     from secure_fedora.runtimes.inprocess import NOISE_SOURCE_DESCRIPTIONS
     from secure_fedora.secure.private import noise_assumptions
 
@@ -127,7 +138,7 @@ def _run_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
     return {
         "validation_data": cfg.data.validation,
         "model_selection": model_selection(cfg),
-        "relatedness": cfg.fedora.relatedness,
+        **({"relatedness": cfg.fedora.relatedness} if uses_relatedness(cfg) else {}),
         "server": "honest-but-curious",
         "differential_privacy": dp,
         **({"noise_source": NOISE_SOURCE_DESCRIPTIONS[cfg.privacy.noise],

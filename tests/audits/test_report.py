@@ -989,3 +989,51 @@ def test_epsilon_summary_carries_a_clients_spent_epsilon_over_rounds_it_sat_out(
     assert rounds == [1, 2, 3]
     assert stats["min"] == [1.0, 1.0, 3.0] and stats["max"] == [1.0, 5.0, 5.0]
     assert stats["median"] == [1.0, 3.0, 4.0]
+
+
+def test_a_run_without_fedora_states_no_fedora_assumption(tmp_path):
+    """Every results.json stated ``assumptions.relatedness`` (the ``[fedora]`` mode), and the
+    report of a run of Local and FedAvg only said that "lambda_i is computed from the
+    validation split in the clear" and how relatedness summaries are sent: FEDORA's, false of
+    that run. They are now stated only where a method computes them (FEDORA, or a method
+    built on it); a FEDORA run states them as before."""
+    import tomli_w
+
+    from audits.report import _assumptions
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.core.registry import METHODS
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+    from secure_fedora.runtimes.results import config_assumptions
+
+    doc = {"name": "no-fedora", "methods": ["local", "fedavg"], "seed": 0,
+           "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
+                    "test_per_client": 8},
+           "training": {"rounds": 1, "batch_size": 16}}
+    cfg = parse_config(doc)
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    (run / "config.toml").write_text(tomli_w.dumps(doc))  # what `secure-fedora run` keeps
+    stated = json.loads((run / "results.json").read_text())["assumptions"]
+    assert "relatedness" not in stated and stated["validation_data"] == "public"
+    for _ in range(2):  # with results.json, then from config.toml alone
+        shown = build_report(run)["assumptions"]
+        assert "relatedness" not in shown and shown["validation_data"] == "public"
+        assert not [n for n in shown["notes"] if "lambda_i" in n or "relatedness" in n]
+        (run / "results.json").unlink(missing_ok=True)
+
+    fedora = parse_config({**doc, "methods": ["fedora", "local"], "fedora": {"k": 1}})
+    implied = config_assumptions(fedora)
+    assert implied["relatedness"] == "plain" and list(implied)[:3] == \
+        ["validation_data", "model_selection", "relatedness"]  # where it always was
+    assert _assumptions({"assumptions": implied}, fedora)["notes"][:2] == [
+        "lambda_i is computed from the validation split in the clear: private only if that"
+        " split is public data (declared public in the config).",
+        "relatedness: summaries are sent in the clear (no privacy for the summary)."]
+    from secure_fedora.runtimes.results import uses_relatedness
+
+    METHODS.register("fedora_built_on", METHODS.get("fedora"))
+    try:
+        assert uses_relatedness(parse_config({**doc, "methods": ["fedora_built_on"],
+                                              "fedora": {"k": 1}}))
+    finally:
+        METHODS.unregister("fedora_built_on")

@@ -373,6 +373,7 @@ NAMED_CLASS_OVERRIDES = {
     "sends_messages": True,  # Local keeps everything on its clients
     "amendable_keys": ("fedora.max_pull",),
     "cuda_supported": False,  # Local runs on CUDA
+    "uses_relatedness": True,  # Local computes no relatedness
     "proximal_weights": ("mu",),
     "check_config": _classmethod(lambda cls, cfg: None),
     "derived_row_names": _classmethod(lambda cls, name, cfg: (f"{name}_x",)),
