@@ -1894,12 +1894,33 @@ _PEM_OVERLAP = 64
 #: has no PEM header).
 _DER_MAX = 16384
 _SCAN_CHUNK = 1 << 20
+#: How a serialized TenSEAL context begins: protobuf field 1 (the encryption parameters),
+#: its varint length, then SEAL's serialization header (magic 0xA15E, header size 16).
+_TENSEAL_CONTEXT = re.compile(rb"\x0a[\x80-\xff]{0,4}[\x00-\x7f]\x5e\xa1\x10", re.DOTALL)
+#: Files that begin as a TenSEAL context are loaded (to ask whether it holds a secret key) up
+#: to this size; a larger one is reported as not checked. A CKKS secret context at degree
+#: 8192 is about 0.7 MB, one that also holds its Galois keys about 35 MB.
+_CONTEXT_MAX = 64 * 2**20
+
+
+def _holds_secret_context(data: bytes) -> bool | None:
+    """True when ``data`` is a serialized TenSEAL context holding a secret key (CKKS or BFV),
+    False when it is not, None when TenSEAL cannot be imported to find out."""
+    try:
+        import tenseal as ts
+    except ImportError:
+        return None
+    try:
+        return bool(ts.context_from(data).is_private())
+    except (ValueError, RuntimeError, TypeError, MemoryError):  # not a context after all
+        return False
 
 
 def _holds_private_key(path: Path) -> bool | None:
-    """True when the regular file ``path`` (links followed) holds a PEM private key block or
-    is a DER private key, False when it does not, None when it cannot be read. Only what kind
-    of content it is leaves here, never the content."""
+    """True when the regular file ``path`` (links followed) holds a PEM private key block, is
+    a DER private key or a TenSEAL context holding a secret key (:data:`_TENSEAL_CONTEXT`, up
+    to :data:`_CONTEXT_MAX` bytes), False when it does not, None when it cannot be read or
+    checked. Only what kind of content it is leaves here, never the content."""
     try:
         fd = open_regular(path)  # a FIFO swapped in must not block
     except (NotRegularFileError, IsADirectoryError):
@@ -1916,6 +1937,11 @@ def _holds_private_key(path: Path) -> bool | None:
                 if _PEM_PRIVATE.search(head + chunk):
                     return True
                 head = chunk[-_PEM_OVERLAP:]
+            if _TENSEAL_CONTEXT.match(first):
+                if fh.tell() > _CONTEXT_MAX:
+                    return None
+                fh.seek(0)
+                return _holds_secret_context(fh.read(_CONTEXT_MAX + 1))
         except OSError:
             return None
     if 0 < len(first) <= _DER_MAX:
@@ -1933,9 +1959,12 @@ def private_key_files(run_dir: Path) -> tuple[list[str], list[str]]:
     """Files under ``run_dir`` that hold private key material, as sorted relative paths, and
     the files that could not be read to find out. A file is one by its name
     (:data:`PRIVATE_KEY_SUFFIXES`: whatever it holds now) or by its content (a PEM private key
-    block anywhere in it, or a DER private key), so a renamed key is found too. Links to
-    regular files are read (a copy that follows links carries what they point to); linked
-    directories, FIFOs and devices are not entered or read."""
+    block anywhere in it, a DER private key, or a serialized TenSEAL context holding a secret
+    key; one too large to load, :data:`_CONTEXT_MAX`, counts as not read), so a renamed key is
+    found too. A raw key (32 bytes of an Ed25519 seed or X25519 scalar) is found by its name
+    only: its bytes look like any random 32 bytes. Links to regular files are read (a copy
+    that follows links carries what they point to); linked directories, FIFOs and devices are
+    not entered or read."""
     found: list[str] = []
     unreadable: list[str] = []
     for folder, _dirs, files in os.walk(run_dir, followlinks=False):

@@ -2286,3 +2286,29 @@ def test_accounting_alone_still_quiets_and_restores_the_absl_logger(absl_at_info
     assert logger.level == logging.INFO
     independent_epsilons(releases, 1e-5, "rdp")
     assert logger.level == logging.INFO and not handler.records
+
+
+def test_a_tenseal_secret_context_inside_a_run_is_private_key_material(tmp_path, monkeypatch):
+    """A CKKS secret context (TenSEAL's serialized context with its secret key) decrypts
+    every ciphertext of the run's encrypted relatedness or propagation, but the scan for
+    private keys inside a run knew only PEM and DER keys: such a file, under any name, passed.
+    It is now found by its content; a public context is not, a file that only begins like a
+    context is not, and one too large to load is reported as not checked (never silently
+    passed)."""
+    import audits.verify as verify
+    from audits.verify import private_key_files
+    from privacy.ckks import context_to_bytes, create_secret_context, public_context_bytes
+
+    secret = create_secret_context(galois_keys=False)
+    found = tmp_path / "found"
+    (found / "notes").mkdir(parents=True)
+    (found / "notes" / "ckks.bin").write_bytes(context_to_bytes(secret, include_secret_key=True))
+    (found / "notes" / "full.bin").write_bytes(secret.serialize(save_secret_key=True))
+    (found / "public.bin").write_bytes(public_context_bytes(secret, galois_keys=False))
+    head = context_to_bytes(secret, include_secret_key=True)[:64]
+    (found / "truncated.bin").write_bytes(head)  # begins like a context, is none
+    (found / "random.bin").write_bytes(os.urandom(32))  # a raw key's size: found by name only
+    assert private_key_files(found) == (["notes/ckks.bin", "notes/full.bin"], [])
+    monkeypatch.setattr(verify, "_CONTEXT_MAX", 1000)
+    assert private_key_files(found) == ([], ["notes/ckks.bin", "notes/full.bin",
+                                             "public.bin"])
