@@ -128,7 +128,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import dp_accounting
 import numpy as np
@@ -1897,29 +1897,53 @@ _SCAN_CHUNK = 1 << 20
 #: How a serialized TenSEAL context begins: protobuf field 1 (the encryption parameters),
 #: its varint length, then SEAL's serialization header (magic 0xA15E, header size 16).
 _TENSEAL_CONTEXT = re.compile(rb"\x0a[\x80-\xff]{0,4}[\x00-\x7f]\x5e\xa1\x10", re.DOTALL)
-#: Files that begin as a TenSEAL context are loaded (to ask whether it holds a secret key) up
-#: to this size; a larger one is reported as not checked. A CKKS secret context at degree
-#: 8192 is about 0.7 MB, one that also holds its Galois keys about 35 MB.
-_CONTEXT_MAX = 64 * 2**20
+#: The protobuf field of a serialized TenSEAL context that holds its secret key (field 1: the
+#: encryption parameters, 2: the public context with its public, relinearization and Galois
+#: keys, 3: the secret key; a public context has no field 3).
+_CONTEXT_SECRET_FIELD = 3
+#: A TenSEAL context has three top-level fields; a walk that meets more is not one.
+_CONTEXT_FIELDS_MAX = 8
 
 
-def _holds_secret_context(data: bytes) -> bool | None:
-    """True when ``data`` is a serialized TenSEAL context holding a secret key (CKKS or BFV),
-    False when it is not, None when TenSEAL cannot be imported to find out."""
-    try:
-        import tenseal as ts
-    except ImportError:
-        return None
-    try:
-        return bool(ts.context_from(data).is_private())
-    except (ValueError, RuntimeError, TypeError, MemoryError):  # not a context after all
-        return False
+def _read_varint(fh: BinaryIO) -> int | None:
+    """The protobuf varint at ``fh``'s position (None at end of file or past 64 bits)."""
+    value = 0
+    for shift in range(0, 64, 7):
+        byte = fh.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+    return None
+
+
+def _holds_secret_context(fh: BinaryIO, size: int) -> bool:
+    """True when the file ``fh`` (``size`` bytes, beginning as :data:`_TENSEAL_CONTEXT`) is a
+    serialized TenSEAL context holding a secret key: its top-level protobuf fields, walked in
+    Python without loading them, cover the file exactly and include a non-empty
+    :data:`_CONTEXT_SECRET_FIELD`. Nothing of an untrusted file reaches TenSEAL's or SEAL's
+    deserializers, and a context of any size is checked."""
+    fh.seek(0)
+    secret = False
+    for _ in range(_CONTEXT_FIELDS_MAX):
+        if fh.tell() == size:
+            return secret
+        key = _read_varint(fh)
+        if key is None or key & 7 != 2:  # every field of a context is length-delimited
+            return False
+        length = _read_varint(fh)
+        if length is None or fh.tell() + length > size:
+            return False
+        secret = secret or (key >> 3 == _CONTEXT_SECRET_FIELD and length > 0)
+        fh.seek(length, os.SEEK_CUR)
+    return fh.tell() == size and secret
 
 
 def _holds_private_key(path: Path) -> bool | None:
     """True when the regular file ``path`` (links followed) holds a PEM private key block, is
-    a DER private key or a TenSEAL context holding a secret key (:data:`_TENSEAL_CONTEXT`, up
-    to :data:`_CONTEXT_MAX` bytes), False when it does not, None when it cannot be read or
+    a DER private key or a TenSEAL context holding a secret key (:data:`_TENSEAL_CONTEXT`,
+    :func:`_holds_secret_context`), False when it does not, None when it cannot be read or
     checked. Only what kind of content it is leaves here, never the content."""
     try:
         fd = open_regular(path)  # a FIFO swapped in must not block
@@ -1938,10 +1962,7 @@ def _holds_private_key(path: Path) -> bool | None:
                     return True
                 head = chunk[-_PEM_OVERLAP:]
             if _TENSEAL_CONTEXT.match(first):
-                if fh.tell() > _CONTEXT_MAX:
-                    return None
-                fh.seek(0)
-                return _holds_secret_context(fh.read(_CONTEXT_MAX + 1))
+                return _holds_secret_context(fh, fh.tell())
         except OSError:
             return None
     if 0 < len(first) <= _DER_MAX:
@@ -1960,8 +1981,7 @@ def private_key_files(run_dir: Path) -> tuple[list[str], list[str]]:
     the files that could not be read to find out. A file is one by its name
     (:data:`PRIVATE_KEY_SUFFIXES`: whatever it holds now) or by its content (a PEM private key
     block anywhere in it, a DER private key, or a serialized TenSEAL context holding a secret
-    key; one too large to load, :data:`_CONTEXT_MAX`, counts as not read), so a renamed key is
-    found too. A raw key (32 bytes of an Ed25519 seed or X25519 scalar) is found by its name
+    key, whose protobuf fields are walked, never loaded), so a renamed key is found too. A raw key (32 bytes of an Ed25519 seed or X25519 scalar) is found by its name
     only: its bytes look like any random 32 bytes. Links to regular files are read (a copy
     that follows links carries what they point to); linked directories, FIFOs and devices are
     not entered or read."""
