@@ -257,20 +257,26 @@ def _record_client_error(context: Context, what: str, err: BaseException, sent: 
 def _withholding(handler: Callable[[Message, Context], Message]
                  ) -> Callable[[Message, Context], Message]:
     """``handler`` whose errors reach the server as the run and the node allow
-    (:func:`_client_errors_mode`): an exception it raises is recorded in full on the node
-    (:func:`_record_client_error`) and re-raised as :class:`WithheldError` carrying the text
-    the server is sent, only the error's class name and a fixed sentence unless both allow
-    "full" (then its class name and its text)."""
+    (:func:`_client_errors_mode`): anything it raises is recorded in full on the node
+    (:func:`_record_client_error`) and re-raised carrying only the text the server may be
+    sent, the error's class name and a fixed sentence unless both allow "full" (then its class
+    name and its text): a :class:`KeyboardInterrupt` or :class:`SystemExit` (e.g. a plug-in's)
+    as a new one of that kind, so that it still stops the process; any other as
+    :class:`WithheldError`."""
 
     @functools.wraps(handler)
     def handle(message: Message, context: Context) -> Message:
         try:
             return handler(message, context)
-        except Exception as err:
+        except BaseException as err:
             name_resume_command(err, PULL_RESUME_COMMAND)  # not the in-process `run --resume`
             sent = client_error_text(err, _client_errors_mode(context))
             _record_client_error(context, f"{message.metadata.message_type} failed", err, sent)
             # the node's log has the traceback; the wrapper adds no second copy of it
+            if isinstance(err, SystemExit):
+                raise SystemExit(sent) from None
+            if isinstance(err, KeyboardInterrupt):
+                raise KeyboardInterrupt(sent) from None
             raise WithheldError(sent, err) from None
 
     return handle

@@ -376,3 +376,62 @@ def test_the_withheld_statement_names_every_fixed_text_a_withheld_client_sends()
     assert "direct cause's" in stated and "outside the ledgers" in stated
     full = config_assumptions(_config("full"))["client_errors"]
     assert "for a diverged pull, its fixed tag" in full
+
+
+#: What the plug-in below raises with: a fact its client's data could hold.
+SECRET = "secret 42"
+
+
+class _Escapes(BaseException):
+    """A plug-in's own error that is not an ``Exception``."""
+
+
+def _raising_plug_in(error: type[BaseException]) -> type:
+    """A plug-in method whose client 1 raises ``error(SECRET)`` in round 1's training hook."""
+    from tests.secure_fedora.algorithms.test_contract_checks import Toy
+
+    class RaisesBeyondException(Toy):
+        def client_update(self, i, rnd, message):  # type: ignore[no-untyped-def]
+            if (i, rnd) == (1, 1):
+                raise error(SECRET)
+            return super().client_update(i, rnd, message)
+
+    return RaisesBeyondException
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("error", [SystemExit, KeyboardInterrupt, _Escapes])
+def test_an_error_beyond_exception_in_a_handler_is_withheld_too(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], error: type[BaseException]) -> None:
+    """A plug-in's training hook raises ``SystemExit("secret 42")`` (or a KeyboardInterrupt,
+    or its own BaseException) on client 1. The wrapper that withholds error texts caught only
+    Exception: the error left the handler with its text whole, for whatever runs the ClientApp
+    to send on. Now a SystemExit or KeyboardInterrupt still stops it, as one of the same kind
+    carrying only the withheld text; any other is an error reply of that text and the run goes
+    on without client 1 in round 1. The text is in the client's own log only."""
+    from secure_fedora.core.registry import METHODS
+    from tests.secure_fedora.runtimes.flower.deploy_support import tiny_config, with_methods
+
+    METHODS.register("escapes_x", _raising_plug_in(error))
+    try:
+        cfg = with_methods(tiny_config(rounds=2), "escapes_x")
+        result_dir = tmp_path / "res"
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        settings = RunSettings.from_run_config(rc)
+        if error is _Escapes:
+            results = server_app.run_federation(grid, settings, 42)  # type: ignore[arg-type]
+            [event] = [e["event"] for e in results["events"]]
+            assert f"_Escapes ({WITHHELD})" in event
+            assert [r["replied"] for r in results["rounds"]] == [2, 3]
+        else:
+            with pytest.raises(error) as stopped:
+                server_app.run_federation(grid, settings, 42)  # type: ignore[arg-type]
+            assert type(stopped.value) is error
+            assert stopped.value.args == (f"{error.__name__} ({WITHHELD})",)
+            assert stopped.value.__suppress_context__ and stopped.value.__cause__ is None
+    finally:
+        METHODS.unregister("escapes_x")
+    log = _client_log(tmp_path, 1)
+    assert SECRET in log and "Traceback" in log
+    assert SECRET not in _files_text(tmp_path / "res") + capsys.readouterr().out
