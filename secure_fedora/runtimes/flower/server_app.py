@@ -112,6 +112,7 @@ from secure_fedora.algorithms.contract import (
     check_messages,
     check_model_sizes,
     data_checked,
+    method_class,
     model_size_checked,
     no_reply_statistics,
     round_statistics_of,
@@ -185,7 +186,8 @@ from secure_fedora.secure.relatedness import (
 from secure_fedora.secure.transport import MalformedPayloadError, SenderMismatchError, log_rejection
 
 __all__ = ["SERVER_CHECKPOINT", "ExchangeTiming", "ResumeRefused", "amendment_point", "app",
-           "check_resumable", "new_amendments", "run_federation", "sample_participants"]
+           "check_resumable", "evaluation_reports_statement", "new_amendments", "run_federation",
+           "sample_participants"]
 
 app = ServerApp()
 
@@ -1282,6 +1284,30 @@ def _client_errors_statement(modes: Mapping[int, str], n: int) -> str:
     return ("as each client's node allowed (node config client-errors, which can only make "
             "[security] client_errors stricter): " + "; ".join(
                 f"{mode}: clients {clients}" for mode, clients in by_mode.items() if clients))
+
+
+def evaluation_reports_statement(outcomes: Mapping[str, Mapping[str, Any]]) -> str:
+    """results.json ``assumptions.evaluation_reports`` of a Flower run whose methods ended
+    with ``outcomes`` (name -> its ``methods.<name>`` entry): what every client reported for
+    evaluation, naming a method's fine-tuned test metric only where that method (FedAvg, or
+    one registered on FedAvg) fine-tuned in the run (its ``<name>_ft`` row)."""
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.plugins import method_hook
+
+    tuned = []
+    for name, outcome in outcomes.items():
+        cls = method_class(name)
+        if cls is None or not issubclass(cls, FedAvg):
+            continue
+        with method_hook(name, "derived_rows(name, outcome)"):
+            rows = cls.derived_rows(name, outcome)
+        if rows:
+            tuned.append("FedAvg's" if name == FedAvg.name else f"{name}'s (built on FedAvg)")
+    return ("after each evaluated round every client sends the server its test metric (and "
+            "its validation metric only when that chooses the reported round)"
+            + (f", and {' and '.join(tuned)} fine-tuned test metric"
+               f"{'s' if len(tuned) > 1 else ''} at the end" if tuned else "")
+            + "; these reports are outside the ledgers")
 
 
 def _data_facts(schema: DataSchema, sizes: Mapping[int, Mapping[str, Any]], n: int) -> DataFacts:
@@ -2514,10 +2540,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         ),
         "data": "the server holds no client data; clients report split sizes and the data "
                 "schema at first contact",
-        "evaluation_reports": "after each evaluated round every client sends the server its "
-                              "test metric (and its validation metric only when that chooses "
-                              "the reported round), and FedAvg's fine-tuned test metric at the "
-                              "end; these reports are outside the ledgers",
+        "evaluation_reports": evaluation_reports_statement(outcomes),
     }
     if cfg.privacy.enabled and len(cfg.methods) > 1:  # allowed only with compare-methods
         assumptions["methods_on_one_server"] = (

@@ -638,3 +638,51 @@ def test_a_reply_that_is_not_the_clients_row_trains_alike_in_both_runtimes(
                                     / "client.pt", c, 42, config_hash(cfg), name)
         assert torch.equal(state.algorithm[KIND_THETA], sim.methods[name].client_state_dict(c)[
             KIND_THETA].cpu()), c
+
+
+#: ``assumptions.evaluation_reports`` of a Flower run in which FedAvg fine-tuned (as it was).
+REPORTS_WITH_FEDAVG = (
+    "after each evaluated round every client sends the server its test metric (and its "
+    "validation metric only when that chooses the reported round), and FedAvg's fine-tuned "
+    "test metric at the end; these reports are outside the ledgers")
+REPORTS_WITHOUT = (
+    "after each evaluated round every client sends the server its test metric (and its "
+    "validation metric only when that chooses the reported round); these reports are outside "
+    "the ledgers")
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("methods", "finetune_epochs", "stated"), [
+    (["local"], 5, REPORTS_WITHOUT),
+    (["fedavg"], 0, REPORTS_WITHOUT),
+    (["fedavg"], 5, REPORTS_WITH_FEDAVG),
+    (["local", "tuned_x"], 5, REPORTS_WITH_FEDAVG.replace("FedAvg's",
+                                                          "tuned_x's (built on FedAvg)")),
+    (["fedavg", "tuned_x"], 1, REPORTS_WITH_FEDAVG.replace(
+        "FedAvg's fine-tuned test metric",
+        "FedAvg's and tuned_x's (built on FedAvg) fine-tuned test metrics")),
+], ids=["local", "fedavg-untuned", "fedavg", "built-on-fedavg", "both"])
+def test_evaluation_reports_name_a_fine_tuned_metric_only_of_a_method_that_fine_tuned(
+        tmp_path: Path, methods: list[str], finetune_epochs: int, stated: str) -> None:
+    """``assumptions.evaluation_reports`` said every client sends "FedAvg's fine-tuned test
+    metric at the end" in every Flower run, also without FedAvg or its fine-tuning. It now
+    names the fine-tuned metric of each method that fine-tuned in the run (FedAvg, or a method
+    registered on FedAvg), and nothing else where none did; a run with FedAvg's keeps its
+    text."""
+    from secure_fedora.algorithms.methods import FedAvg
+
+    class TunedX(FedAvg):
+        name = "tuned_x"
+
+    METHODS.register("tuned_x", TunedX)
+    try:
+        cfg = with_methods(tiny_config(rounds=1), *methods)
+        cfg = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                            "fedavg": {"finetune_epochs": finetune_epochs}})
+        rc = run_config(cfg, tmp_path)
+        results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                            RunSettings.from_run_config(rc), 42)
+    finally:
+        METHODS.unregister("tuned_x")
+    assert results["assumptions"]["evaluation_reports"] == stated
+    assert ("fedavg_ft" in results["methods"]) == ("FedAvg's" in stated)
