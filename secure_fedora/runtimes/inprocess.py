@@ -1828,6 +1828,7 @@ class Simulation:
         """The results document (:func:`secure_fedora.runtimes.results.build_results`, the
         schema both runtimes share): run identity, per-method summaries and comparisons."""
         from secure_fedora.runtimes.results import (
+            TIMING_UNDER_DP,
             build_results,
             client_rows,
             inputs_outside_config_assumption,
@@ -1846,7 +1847,8 @@ class Simulation:
             compute={"device": str(self.device), "threads": torch.get_num_threads()},
             assumptions={
                 **inputs_outside_config_assumption(self.inputs_outside_config),
-                **({"checkpoints": CHECKPOINTS_UNDER_DP} if self.cfg.privacy.enabled else {})},
+                **({"checkpoints": CHECKPOINTS_UNDER_DP, "timing": TIMING_UNDER_DP["in-process"]}
+                   if self.cfg.privacy.enabled else {})},
             runtime_keys=runtime_keys or None,
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],
                                   "val": c.val_x.shape[0], "test": c.test_x.shape[0], **c.meta}

@@ -58,7 +58,8 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, model_selec
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_KEYS", "RESULT_FILES",
-           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "build_results", "client_rows", "config_assumptions",
+           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "TIMING_UNDER_DP", "build_results", "client_rows",
+           "config_assumptions",
            "inputs_outside_config", "inputs_outside_config_assumption", "kept_results",
            "method_entry", "metric_label", "remove_interrupted_result_writes", "rounds_csv_holds",
            "rounds_csv_text", "same_outcomes", "stated_beyond_run", "uses_relatedness",
@@ -183,6 +184,29 @@ METHODS_COMPARED = (
     "each method is a separate experiment on the same clients' data: its epsilon holds for its "
     "own releases alone; deploying several of them against one server composes their budgets")
 """results.json ``assumptions.methods_compared`` of a DP run of more than one method."""
+
+#: What a DP run's timings reveal (both runtimes: a client's training time depends on the
+#: batch sizes its Poisson sampling draws, which DP-SGD's accounting keeps hidden).
+_TIMING_DEPENDS = (
+    "a client's times can depend on its data through the batch sizes its Poisson sampling "
+    "draws (which DP-SGD's accounting treats as hidden); no ledger accounts them")
+TIMING_UNDER_DP = {
+    "flower": (
+        "timing is outside the ledgers: every reply a client sends carries its ClientApp "
+        "process's start time and its handler's start and end times (t-process-start, "
+        "t-handler-start, t-handler-end), and the server sees when each reply arrives; "
+        "results.json and progress.json hold their averages over the replying clients per "
+        "exchange (timing, evaluation_timing; in results.json also timings and "
+        "relatedness_timing) and each round's seconds; results.json also holds each method's "
+        "seconds_training and seconds_evaluation and the run's seconds_total; every ledger "
+        "entry carries its UTC time. " + _TIMING_DEPENDS),
+    "in-process": (
+        "timing is outside the ledgers: results.json holds each method's seconds_training and "
+        "seconds_evaluation (every client's together) and every ledger entry carries its UTC "
+        "time. " + _TIMING_DEPENDS),
+}
+"""results.json ``assumptions.timing`` of a DP run, per runtime: the times a run sends and
+writes, which it keeps (they are how a run's cost is read) and no ledger accounts."""
 
 CLIENT_ERRORS = {
     "withheld": (

@@ -99,6 +99,28 @@ def test_html_is_self_contained_and_names_every_client(written):
     assert "Verification: PASSED" in text
 
 
+def test_the_report_states_that_a_dp_runs_timings_are_outside_the_ledgers(tmp_path):
+    """A DP run's results.json states what its timings reveal (``assumptions.timing``): the
+    report's assumptions in force show it, in its JSON and on its page."""
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "timing-report", "methods": ["local"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8},
+                        "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg), keystore=tmp_path / "keys").run()
+    stated = json.loads((run / "results.json").read_text())["assumptions"]["timing"]
+    assert stated.startswith("timing is outside the ledgers")
+    paths = write_report(run, tmp_path / "report")
+    assert json.loads(paths.json.read_text())["assumptions"]["timing"] == stated
+    parser = _Refs()
+    parser.feed(paths.html.read_text())
+    assert stated in parser.text
+
+
 def test_failed_verification_is_shown_and_values_are_escaped(run_copy, tmp_path):
     path = run_copy / "ledgers" / "fedora" / "client-001.jsonl"
     lines = path.read_text().splitlines()

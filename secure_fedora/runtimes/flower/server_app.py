@@ -2438,6 +2438,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     checkpointed round."""
     from secure_fedora.runtimes.plots import write_plots
     from secure_fedora.runtimes.results import (
+        TIMING_UNDER_DP,
         build_results,
         check_method_assumptions,
         client_rows,
@@ -2542,6 +2543,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
                 "schema at first contact",
         "evaluation_reports": evaluation_reports_statement(outcomes),
     }
+    if cfg.privacy.enabled:
+        assumptions["timing"] = TIMING_UNDER_DP["flower"]
     if cfg.privacy.enabled and len(cfg.methods) > 1:  # allowed only with compare-methods
         assumptions["methods_on_one_server"] = (
             "a comparison deployment (compare-methods): the server received every method's "

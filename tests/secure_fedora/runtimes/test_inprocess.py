@@ -1290,3 +1290,27 @@ def test_a_dp_run_states_that_its_checkpoints_hold_what_no_ledger_accounts(tmp_p
     plain = Simulation(tiny(methods=["ditto"], training={"rounds": 1}), tmp_path / "plain",
                        clients=tiny_clients).run()
     assert "checkpoints" not in plain["assumptions"]
+
+
+def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny_clients):
+    """A DP run writes how long each method trained and evaluated (results.json) and when each
+    release was ledgered (every entry's timestamp): times that can depend on the data through
+    the Poisson-sampled batch sizes, which no ledger accounts, and the run said nothing of
+    them. It now states it (``assumptions.timing``), naming what it writes; the times stay."""
+    privacy = {"enabled": True, "epsilon": 8.0, "delta": 1e-3}
+    cfg = tiny(methods=["fedavg"], training={"rounds": 1}, privacy=privacy)
+    results = Simulation(cfg, tmp_path / "dp", clients=tiny_clients,
+                         keystore=tmp_path / "keys").run()
+    stated = results["assumptions"].get("timing", "")
+    assert stated.startswith("timing is outside the ledgers")
+    assert "Poisson sampling" in stated and "no ledger accounts them" in stated
+    on_disk = json.loads((tmp_path / "dp" / "results.json").read_text())
+    assert on_disk["assumptions"]["timing"] == stated
+    # what it names is what the run wrote: the seconds in results.json, the ledgers' times
+    for key in ("seconds_training", "seconds_evaluation"):
+        assert key in stated and key in on_disk["methods"]["fedavg"]
+    ledger = next((tmp_path / "dp").rglob("client-000.jsonl"))
+    assert "UTC time" in stated and '"timestamp"' in ledger.read_text()
+    plain = Simulation(tiny(methods=["fedavg"], training={"rounds": 1}), tmp_path / "plain",
+                       clients=tiny_clients).run()
+    assert "timing" not in plain["assumptions"]

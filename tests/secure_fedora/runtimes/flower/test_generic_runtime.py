@@ -686,3 +686,37 @@ def test_evaluation_reports_name_a_fine_tuned_metric_only_of_a_method_that_fine_
         METHODS.unregister("tuned_x")
     assert results["assumptions"]["evaluation_reports"] == stated
     assert ("fedavg_ft" in results["methods"]) == ("FedAvg's" in stated)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path: Path) -> None:
+    """Every reply of a DP run carries the client's process-start and handler times, whose
+    averages results.json and progress.json keep with the run's seconds: times that can depend
+    on a client's data through its Poisson-sampled batch sizes, which no ledger accounts, and
+    results.json said nothing of them. It now states it (``assumptions.timing``), naming what
+    the replies carry and where the run writes it; the timings stay."""
+    cfg = with_methods(dp_config(rounds=1), "fedavg")
+    result_dir = tmp_path / "res"
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    stated = results["assumptions"]["timing"]
+    assert json.loads((result_dir / "results.json").read_text())["assumptions"]["timing"] == stated
+    assert stated.startswith("timing is outside the ledgers")
+    assert "Poisson sampling" in stated and "no ledger accounts them" in stated
+    # what it names is what the replies carried and the run wrote
+    for key in ("t-process-start", "t-handler-start", "t-handler-end"):
+        assert key in stated
+    [row] = json.loads((result_dir / "progress.json").read_text())["rows"]
+    for key in ("timing", "evaluation_timing", "seconds"):
+        assert key in stated and key in row and key in results["rounds"][0]
+    for key in ("timings", "relatedness_timing", "seconds_total"):
+        assert key in stated and key in results
+    for key in ("seconds_training", "seconds_evaluation"):
+        assert key in stated and key in results["methods"]["fedavg"]
+    assert row["timing"]["replies"] == 3  # averages of what the clients' replies carried
+    plain = tmp_path / "plain"
+    rc = run_config(with_methods(tiny_config(rounds=1), "fedavg"), plain)
+    results = server_app.run_federation(InMemoryGrid(plain / "nodes", rc, 3),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    assert "timing" not in results["assumptions"]
