@@ -15,6 +15,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
+from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -52,6 +53,7 @@ __all__ = [
     "check_overrides_used",
     "unused_overrides_problem",
     "override_index_problem",
+    "participants_per_round",
     "local_divergence_problem",
     "method_proximal_terms",
     "pull_limit_text",
@@ -119,6 +121,18 @@ def pull_stability_limit(lr: float, momentum: float, weight_decay: float) -> flo
     is above 0); every check of the pull (``fedora.max_pull``, ``unstable_pulls``, the
     divergence message) compares ``p`` with it."""
     return 2.0 - lr * weight_decay / (1.0 + momentum)
+
+
+def participants_per_round(participation: float, num_clients: int) -> int:
+    """Clients per round for ``training.participation``: every client at 1, else
+    ``ceil(participation * num_clients)`` of the decimal the config states, at least 1.
+
+    The product is taken exactly on that decimal (the float's shortest repr, which is what a
+    TOML or JSON value reads back as): 0.07 of 100 clients is 7, where the float product
+    ``0.07 * 100 = 7.000000000000001`` would round up to 8."""
+    if participation >= 1.0:
+        return num_clients
+    return max(1, math.ceil(Fraction(repr(float(participation))) * num_clients))
 
 
 def pull_limit_text(lr: float, momentum: float, weight_decay: float) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -48,6 +47,7 @@ from secure_fedora.core.config import (
     config_hash,
     load_config,
     model_selection,
+    participants_per_round,
     revalidate,
 )
 from secure_fedora.core.crashpoints import crash_point
@@ -540,11 +540,13 @@ AMENDED_ATTRIBUTES = {"fedora.max_pull": "max_pull"}
 
 
 def sample_participants(gen: torch.Generator, n: int, fraction: float) -> list[int]:
-    """The round's participants: everyone at fraction 1, else ``ceil(fraction * n)`` clients
-    drawn without replacement from ``gen`` (sorted). Shared by both runtimes."""
+    """The round's participants: everyone at fraction 1, else
+    :func:`~secure_fedora.core.config.participants_per_round` clients (``ceil(fraction * n)``
+    of the stated decimal) drawn without replacement from ``gen`` (sorted). Shared by both
+    runtimes."""
     if fraction >= 1.0:
         return list(range(n))
-    m = max(1, math.ceil(fraction * n))
+    m = participants_per_round(fraction, n)
     return sorted(torch.randperm(n, generator=gen)[:m].tolist())
 
 

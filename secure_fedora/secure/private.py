@@ -127,6 +127,7 @@ from secure_fedora.algorithms.messages import KIND_RELATEDNESS_UPLOAD, KIND_SUMM
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
+    participants_per_round,
     pull_stability_limit,
     toml_key,
 )
@@ -975,7 +976,7 @@ def lambda_pull_risk(cfg: ExperimentConfig, lambda_noise: float, clients: int) -
     lr)`` (``t`` at least 0: a lambda is 0 for ``d <= 0``). Even with a true difference ``D
     = 0`` a release does so with probability ``p = P(N(0, s^2) >= t) = erfc(t / (s sqrt 2)) /
     2`` (exact for the Gaussian noise; the clamp bounds only ``D``). Over the run the clients
-    make ``clients * rounds * ceil(participation * N) / N`` lambda releases, so ``p`` times
+    make ``clients * rounds * participants_per_round(participation, N) / N`` lambda releases, so ``p`` times
     that many are expected to be unstable."""
     t, p, d = cfg.training, cfg.privacy, cfg.data
     s = lambda_noise * p.lambda_clip / d.val_per_client
@@ -983,7 +984,7 @@ def lambda_pull_risk(cfg: ExperimentConfig, lambda_noise: float, clients: int) -
     threshold = max(0.0, 2.0 * math.log(limit / t.lr))
     prob = 0.5 * math.erfc(threshold / (s * math.sqrt(2.0)))
     n = d.num_clients
-    per_round = n if t.participation >= 1.0 else math.ceil(t.participation * n)
+    per_round = participants_per_round(t.participation, n)
     releases = clients * t.rounds * per_round / n
     bound = {} if cfg.fedora.max_pull is None else {"max_pull": cfg.fedora.max_pull}
     return {"lambda_noise_std": s, "pull_stability_limit": limit,

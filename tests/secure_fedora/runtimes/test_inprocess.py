@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from secure_fedora.core.config import ConfigError, config_hash, parse_config
+from secure_fedora.core.config import (
+    ConfigError,
+    config_hash,
+    parse_config,
+    participants_per_round,
+)
 from secure_fedora.runtimes.inprocess import (
     CheckpointError,
     Simulation,
     build_clients,
     load_checkpoint,
+    sample_participants,
     save_checkpoint,
 )
 
@@ -128,6 +134,17 @@ def test_partial_participation_leaves_others_untouched(tiny_clients):
     method.train_round(1, participants)
     changed = [i for i in range(5) if not torch.equal(before[i], method.theta[i])]
     assert changed == participants
+
+
+@pytest.mark.parametrize(("fraction", "n", "expected"),
+                         [(0.07, 100, 7), (0.28, 25, 7), (0.55, 100, 55), (0.14, 50, 7),
+                          (0.4, 5, 2), (0.41, 5, 3), (1e-9, 3, 1), (0.999, 3, 3), (1.0, 4, 4)])
+def test_participants_per_round_is_the_ceiling_of_the_stated_fraction(fraction, n, expected):
+    """ceil(participation * N) of the decimal the config states: 0.07 of 100 clients is 7,
+    although the float product 0.07 * 100 is 7.000000000000001."""
+    assert participants_per_round(fraction, n) == expected
+    chosen = sample_participants(torch.Generator().manual_seed(0), n, fraction)
+    assert len(chosen) == expected and chosen == sorted(set(chosen))
 
 
 def test_corrupt_checkpoint_is_refused(tmp_path, tiny_clients):
