@@ -471,6 +471,21 @@ class _ClassPools:
         return rng.permutation(rows)
 
 
+def _normalized_gammas(gammas: np.ndarray) -> np.ndarray | None:
+    """``gammas / gammas.sum()``: a Dirichlet draw from its (finite) gamma components; None
+    when every component underflowed to 0. A sum that overflows float64 (alpha above about
+    1.8e307 for ten classes, each draw finite) is taken over the components divided by the
+    largest one first: the same ratios, where the overflowed sum made every proportion 0."""
+    with np.errstate(over="ignore"):  # an overflowed sum takes the scaled path below
+        total = gammas.sum()
+    if not total > 0:
+        return None
+    if math.isfinite(total):
+        return gammas / total
+    scaled = gammas / gammas.max()
+    return scaled / scaled.sum()
+
+
 def dirichlet_partition(
     dataset: DatasetName | DatasetSplits | LabeledDataset,
     num_clients: int,
@@ -516,9 +531,9 @@ def dirichlet_partition(
             # Gamma-normalized draw; a tiny alpha can underflow every component to 0, in which
             # case the draw is degenerate and is redrawn like an infeasible one.
             gammas = rng.standard_gamma(alpha, num_classes)
-            if not gammas.sum() > 0:
+            p = _normalized_gammas(gammas)
+            if p is None:
                 continue
-            p = gammas / gammas.sum()
             train_counts = rng.multinomial(train_per_client, p)
             val_counts = _proportional_counts(train_counts, val_per_client)
             test_counts = _proportional_counts(train_counts, test_per_client)

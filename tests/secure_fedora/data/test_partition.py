@@ -234,6 +234,19 @@ def test_dirichlet_small_alpha_is_skewed_and_large_alpha_is_not() -> None:
         assert sum(c.meta["class_proportions"]) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("alpha", [1e307, 1e308, 1.7e308])
+def test_dirichlet_alpha_so_large_the_gammas_sum_overflows_is_still_balanced(alpha: float) -> None:
+    """Dir(alpha * 1_10) for a huge alpha is (almost) uniform: the ten gamma draws are each
+    finite although their sum overflows float64, and no client's rows collapse into one class
+    (an overflowed sum made every proportion 0, and the multinomial put every row in the last
+    class)."""
+    clients = dirichlet_partition(LARGE_SOURCE, 4, alpha, 40, 10, 10, seed=0)
+    assert_disjoint_and_faithful(clients, LARGE_SOURCE)
+    for c in clients:
+        assert c.meta["class_proportions"] == pytest.approx([0.1] * 10, abs=1e-6)
+        assert max(c.meta["label_histogram"]) / c.num_train < 0.5
+
+
 def test_dirichlet_val_and_test_follow_train_proportions() -> None:
     clients = dirichlet_partition(SOURCE, 6, 0.5, 40, 20, 10, seed=2)
     for c in clients:
