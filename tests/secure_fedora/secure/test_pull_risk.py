@@ -6,7 +6,12 @@ import pytest
 from scipy.stats import norm
 
 from secure_fedora.core.config import load_config
-from secure_fedora.secure.private import check_budget_plans, client_budget, plan_table
+from secure_fedora.secure.private import (
+    check_budget_plans,
+    client_budget,
+    lambda_pull_risk,
+    plan_table,
+)
 
 CONFIG = "configs/dp_rotated_mnist.toml"
 
@@ -39,6 +44,16 @@ def test_small_epsilon_plan_warns_with_the_gaussian_tail_figures():
     assert risk["expected_unstable_pulls"] > 100
     warning = row["pull_warning"]
     assert "fedora.max_pull = 1" in warning and f"{risk['expected_unstable_pulls']:.3g}" in warning
+
+
+def test_lambda_releases_count_the_round_participants_of_the_stated_participation():
+    """0.07 of 100 clients is 7 per round (as both runtimes draw them), not the 8 that
+    ceil(0.07 * 100 = 7.000000000000001) gave: 100 clients x 30 rounds x 7 / 100."""
+    cfg = load_config(CONFIG)
+    cfg = cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"num_clients": 100}),
+        "training": cfg.training.model_copy(update={"participation": 0.07})})
+    assert lambda_pull_risk(cfg, 30.0, 100)["lambda_releases"] == 100 * 30 * 7 / 100
 
 
 def test_main_job_plan_does_not_warn():
