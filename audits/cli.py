@@ -476,9 +476,11 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    " behind it, missing or unnamed, or a changed results.json/config.toml, fails"
                    " (default: check RUN_DIR/anchor.json if present)")
     p.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL,
-                   help="relative tolerance between recorded and independent epsilon")
+                   help="relative tolerance between recorded and independent epsilon"
+                   " (default %(default)s)")
     p.add_argument("--pld-checkpoints", type=int, default=DEFAULT_PLD_CHECKPOINTS,
-                   help="entries per PRV ledger recomputed with the PLD accountant")
+                   help="entries per PRV ledger recomputed with the PLD accountant"
+                   " (default %(default)s)")
     _import_flag(p, "the plug-in mechanisms it registers have their recorded sensitivities"
                  " recomputed")
     p.add_argument("--strict", action="store_true", help="every warning saying that a check"
@@ -498,7 +500,8 @@ def _json_flags(p: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``audit`` command (verify, report, canary, whitebox, leakage) to ``subparsers``."""
+    """Add the ``audit`` command (verify, report, canary, whitebox, leakage, replay) to
+    ``subparsers``."""
     from secure_fedora.cli import add_keystore_flag
 
     audit = subparsers.add_parser("audit", help="verify ledgers, write compliance reports,"
@@ -525,14 +528,23 @@ def register(subparsers: Any) -> None:
                             " epsilon (Clopper-Pearson); DP per the config's [privacy]")
     canary.add_argument("config", help="experiment TOML config, or a run directory (its"
                         " config.toml; the result is then written to RUN_DIR/audit/canary.json)")
-    canary.add_argument("--client", type=int, default=0, help="index of the audited client")
-    canary.add_argument("--canaries", type=int, default=300, help="number of canaries")
-    canary.add_argument("--kind", choices=("noise", "mislabeled"), default="noise")
-    canary.add_argument("--method", default="local", help="method to train (from the config)")
-    canary.add_argument("--confidence", type=float, default=0.95)
+    canary.add_argument("--client", type=int, default=0,
+                        help="index of the audited client (default %(default)s)")
+    canary.add_argument("--canaries", type=int, default=300,
+                        help="number of canaries (default %(default)s)")
+    canary.add_argument("--kind", choices=("noise", "mislabeled"), default="noise",
+                        help="noise: uniform random inputs shaped like the client's, random labels;"
+                        " mislabeled: the built-in image dataset's test images, each given a"
+                        " wrong label (default %(default)s)")
+    canary.add_argument("--method", default="local",
+                        help="method to train (from the config; default %(default)s)")
+    canary.add_argument("--confidence", type=float, default=0.95,
+                        help="confidence of the lower bound (default %(default)s)")
     canary.add_argument("--delta", type=float, default=1e-5,
-                        help="delta of the bound for a non-private run (DP runs use the ledger's)")
-    canary.add_argument("--seed", type=int, default=0)
+                        help="delta of the bound for a non-private run (DP runs use the ledger's;"
+                        " default %(default)s)")
+    canary.add_argument("--seed", type=int, default=0,
+                        help="seed of the canaries and of the audit's draws (default %(default)s)")
     _import_flag(canary, "the plug-in methods, datasets and models it registers can be"
                  " trained (a run directory's config.toml names only what this process knows)")
     add_keystore_flag(canary)
@@ -544,16 +556,21 @@ def register(subparsers: Any) -> None:
                               " run's plan; writes RUN_DIR/audit/whitebox.json")
     whitebox.add_argument("run_dir", help="run directory (its config.toml; results.json is"
                           " checked against the plan when present)")
-    whitebox.add_argument("--client", type=int, default=0, help="index of the audited client")
+    whitebox.add_argument("--client", type=int, default=0,
+                          help="index of the audited client (default %(default)s)")
     whitebox.add_argument("--method", default=None, help="whose plan to audit (default: local"
                           " when the config has it, else its first method)")
     whitebox.add_argument("--canaries", type=int,
                           help="number of Dirac canaries (distinct coordinates; default 20000,"
                           " or the model's parameter count when smaller)")
     whitebox.add_argument("--calibration-fraction", type=float, default=0.2,
-                          help="share of the canaries used to choose the guess thresholds")
-    whitebox.add_argument("--confidence", type=float, default=0.95)
-    whitebox.add_argument("--seed", type=int, default=0)
+                          help="share of the canaries used to choose the guess thresholds"
+                          " (default %(default)s)")
+    whitebox.add_argument("--confidence", type=float, default=0.95,
+                          help="confidence of the lower bound (default %(default)s)")
+    whitebox.add_argument("--seed", type=int, default=0,
+                          help="seed of the canaries and of the audit's draws"
+                          " (default %(default)s)")
     _import_flag(whitebox, "the plug-in methods, datasets and models it registers can be"
                  " rebuilt (config.toml names only what this process knows)")
     _json_flags(whitebox, "also write the result to this file")
@@ -573,7 +590,8 @@ def register(subparsers: Any) -> None:
     replay = sub.add_parser("replay", help="config-known audit: replay the run's noise from its"
                             " config and infer membership (refutes reproducible-noise runs)")
     replay.add_argument("run_dir", help="run directory (config.toml and ledgers/ of a DP run)")
-    replay.add_argument("--client", type=int, default=0, help="index of the audited client")
+    replay.add_argument("--client", type=int, default=0,
+                        help="index of the audited client (default %(default)s)")
     replay.add_argument("--method", help="method whose ledger gives the DP-SGD parameters and"
                         " the claim (default: fedora if run, else the first with ledgers)")
     replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
@@ -581,8 +599,10 @@ def register(subparsers: Any) -> None:
     replay.add_argument("--records", type=int,
                         help="client records in the audited step besides the target (default:"
                         " 64, or data.train_per_client - 1 when that is fewer)")
-    replay.add_argument("--confidence", type=float, default=0.95)
-    replay.add_argument("--seed", type=int, default=0, help="seed of the auditor's coin flips")
+    replay.add_argument("--confidence", type=float, default=0.95,
+                        help="confidence of the lower bound (default %(default)s)")
+    replay.add_argument("--seed", type=int, default=0,
+                        help="seed of the auditor's coin flips (default %(default)s)")
     replay.add_argument("--allowlist", help="independently registered allowlist.json to check"
                         " the ledger's signatures against (default: RUN_DIR/keys/allowlist.json,"
                         " which a run re-signed with new keys also replaces); private signing"

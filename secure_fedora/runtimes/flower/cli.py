@@ -255,8 +255,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "127.0.0.1 are always included)",
     )
     certs.add_argument("--nodes", type=_non_negative_int, default=0,
-                       help="also create N SuperNode key pairs (in OUT/keys)")
-    certs.add_argument("--days", type=_positive_int, default=365, help="validity in days")
+                       help="also create N SuperNode key pairs (in OUT/keys; default %(default)s)")
+    certs.add_argument("--days", type=_positive_int, default=365,
+                       help="validity in days (default %(default)s)")
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
     certs.set_defaults(func=cmd_certs)
 
