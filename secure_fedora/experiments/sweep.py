@@ -86,6 +86,7 @@ from secure_fedora.runtimes.inprocess import (  # noqa: E402
     make_method,
 )
 from secure_fedora.runtimes.results import metric_label, stated_beyond_run  # noqa: E402
+from secure_fedora.secure.keystore import CONFIG_KEYSTORE_OPTION  # noqa: E402
 
 __all__ = [
     "Cell",
@@ -797,6 +798,8 @@ def run_sweep(
                 on_round(_cell, rnd, total)
         sim = Simulation(ccfg, _cell_dir(out, cell), clients=clients_for(cell), progress=progress,
                          method_factory=factory, context_factory=context_factory)
+        # a sweep takes no key-store argument: its messages name the config key only
+        sim.keystore_option = CONFIG_KEYSTORE_OPTION
         try:
             results = sim.run(resume=True)
         except (CheckpointError, BaselineConfigError) as err:

@@ -1090,6 +1090,7 @@ class Simulation:
                     creation_notice,
                     ensure_keystore,
                     extension_notice,
+                    keystore_choices,
                     resolve_keystore,
                     run_party_ids,
                 )
@@ -1107,7 +1108,8 @@ class Simulation:
                     raise IdentityError(
                         f"key store {path} ({source}) does not exist, but this run's ledgers are "
                         f"signed by the keys published in {published}; pass the run's key store "
-                        f"({self.keystore_option}, or [security] keystore); nothing was written")
+                        f"({keystore_choices(self.keystore_option, ', or ')}); nothing was "
+                        "written")
                 store = ensure_keystore(path, run_party_ids(len(self.clients)), source,
                                         self.keystore_option)
                 self.keystore_created = store.created

@@ -60,6 +60,7 @@ from privacy.identity import (
 __all__ = [
     "API_KEYSTORE_OPTION",
     "CLI_KEYSTORE_OPTION",
+    "CONFIG_KEYSTORE_OPTION",
     "KEYSTORE_HOME_ENV",
     "OPERATOR_ID",
     "KeyStore",
@@ -70,6 +71,7 @@ __all__ = [
     "default_keystore_home",
     "ensure_keystore",
     "extension_notice",
+    "keystore_choices",
     "publish_public_keys",
     "resolve_keystore",
     "run_party_ids",
@@ -82,6 +84,8 @@ LOCK_FILENAME = ".lock"
 #: argument of ``Simulation`` / ``Experiment.simulation`` (the default: a Python caller).
 CLI_KEYSTORE_OPTION = "--keystore"
 API_KEYSTORE_OPTION = "the keystore= argument"
+#: A caller whose only way to choose a key store is the config (a sweep's cells).
+CONFIG_KEYSTORE_OPTION = "[security] keystore"
 
 log = logging.getLogger("secure_fedora.secure.keystore")
 
@@ -152,6 +156,15 @@ def check_keystore_used(private: bool, configured: str | None,
                           "remove the key, or enable [privacy]")
 
 
+def keystore_choices(option: str, joiner: str = " or ") -> str:
+    """The ways a message names to choose a key store: the caller's ``option`` and ``[security]
+    keystore``, or that key alone when it is the caller's only way
+    (:data:`CONFIG_KEYSTORE_OPTION`), so no message names a flag the caller does not have."""
+    if option == CONFIG_KEYSTORE_OPTION:
+        return CONFIG_KEYSTORE_OPTION
+    return f"{option}{joiner}{CONFIG_KEYSTORE_OPTION}"
+
+
 def creation_notice(path: Path, source: str, option: str) -> str:
     """The one-line notice a run gives when it created the key store ``path`` (chosen by
     ``source``; ``option`` names the flag or argument that chooses another, which the notice
@@ -160,7 +173,7 @@ def creation_notice(path: Path, source: str, option: str) -> str:
             "private signing keys, kept outside the run directory so that its ledgers cannot be "
             "re-signed by whoever holds it")
     return note if source == option else \
-        f"{note}; choose another with {option} or [security] keystore"
+        f"{note}; choose another with {keystore_choices(option)}"
 
 
 def extension_notice(path: Path, source: str, added: Sequence[str]) -> str:
@@ -313,8 +326,8 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
                 "interrupted key-store creation of an earlier version, or the allowlist was "
                 "edited or removed by hand, in which case runs may have used these keys). If "
                 f"no run used them, recreate the store with {recreate}; otherwise restore its "
-                "allowlist.json, or use another key store ([security] keystore in the config, "
-                f"or {option})")
+                "allowlist.json, or use another key store ([security] keystore in the config"
+                f"{'' if option == CONFIG_KEYSTORE_OPTION else f', or {option}'})")
         marker = path / CREATING_FILENAME
         _write_marker(marker, missing)
         init_keys(path, missing, overwrite=bool(known))
@@ -471,8 +484,8 @@ def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
             raise IdentityError(
                 f"key store {keystore} does not hold this run's keys: {published} lists other "
                 f"public keys for {', '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}; "
-                f"pass the run's key store ({option}, or [security] keystore); nothing was "
-                "written")
+                f"pass the run's key store ({keystore_choices(option, ', or ')}); nothing "
+                "was written")
     return chosen
 
 

@@ -1067,3 +1067,19 @@ def test_sweep_config_alone_writes_to_a_default_directory_and_resumes_there(tmp_
     assert main(["sweep", str(config), "--methods", "local", "--quiet"]) == 0
     assert "cells run: 0, skipped (already finished): 1" in capsys.readouterr().out
     assert main(["sweep", str(config), "--out", "", "--methods", "local", "--quiet"]) == 2
+
+
+def test_a_sweep_that_creates_its_key_store_names_only_the_config_key_to_choose_another(
+        tmp_path, monkeypatch, caplog):
+    """A sweep's DP cell that created the default key store said "choose another with the
+    keystore= argument or [security] keystore", but neither `secure-fedora sweep` nor
+    run_sweep takes such an argument: the config key is a sweep's only way."""
+    import logging
+
+    monkeypatch.setenv("SECURE_FEDORA_KEYSTORE_HOME", str(tmp_path / "home"))
+    with caplog.at_level(logging.WARNING):
+        run_sweep(tiny(training={"rounds": 1}), tmp_path / "sweep", ["fedavg"], [0], [4.0])
+    notes = [r.getMessage() for r in caplog.records if "created the key store" in r.getMessage()]
+    assert len(notes) == 1 and str(tmp_path / "home") in notes[0]
+    assert notes[0].endswith("choose another with [security] keystore")
+    assert "keystore= argument" not in notes[0] and "--keystore" not in notes[0]

@@ -467,3 +467,19 @@ def test_the_creation_notice_suggests_another_store_only_when_the_option_did_not
     assert chosen.count("--keystore") == 1 and "choose another" not in chosen
     default = creation_notice(tmp_path / "ks", "default", "--keystore")
     assert default.endswith("choose another with --keystore or [security] keystore")
+
+
+def test_a_caller_without_a_key_store_option_is_pointed_at_the_config_key_alone(
+        tmp_path: Path) -> None:
+    """A sweep has no --keystore and no keystore= argument: its notices and refusals name
+    ``[security] keystore`` alone (they named "the keystore= argument or [security] keystore")."""
+    from secure_fedora.secure.keystore import (
+        CONFIG_KEYSTORE_OPTION,
+        creation_notice,
+        keystore_choices,
+    )
+
+    notice = creation_notice(tmp_path / "ks", "default", CONFIG_KEYSTORE_OPTION)
+    assert notice.endswith("choose another with [security] keystore")
+    assert keystore_choices(CONFIG_KEYSTORE_OPTION, ", or ") == "[security] keystore"
+    assert keystore_choices("--keystore", ", or ") == "--keystore, or [security] keystore"
