@@ -577,7 +577,9 @@ def register(subparsers: Any) -> None:
     whitebox.set_defaults(func=cmd_whitebox)
 
     leakage = sub.add_parser("leakage", help="summary-leakage audit for plain, noised and"
-                             " encrypted relatedness")
+                             " encrypted relatedness",
+                             description="With [privacy] enabled = false the noised mode runs"
+                             " only when both --clip-norm and --noise-multiplier are given.")
     leakage.add_argument("config", help="experiment TOML config")
     leakage.add_argument("--clip-norm", type=float, help="noised mode: row clip norm"
                          " (default: privacy.summary_clip when privacy is enabled)")
