@@ -23,7 +23,7 @@ from privacy.errors import ToolkitError
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.data.partition import ClientData
 
-__all__ = ["DeviceError", "clients_on", "resolve_device",
+__all__ = ["DeviceError", "clients_on", "float32_default", "resolve_device",
            "resolve_engine", "threads_applied"]
 
 class DeviceError(ToolkitError, ValueError):
@@ -70,19 +70,34 @@ def resolve_device(cfg: ExperimentConfig, cuda_available: bool | None = None) ->
 
 
 @contextlib.contextmanager
-def threads_applied(cfg: ExperimentConfig) -> Iterator[None]:
-    """torch's thread count is ``training.threads`` inside the block (when set; otherwise
-    left as it is) and the process's own count again after it, also when the block raises:
-    an in-process run leaves the process's torch as it found it."""
-    if cfg.training.threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(cfg.training.threads)
+def float32_default() -> Iterator[None]:
+    """torch's default dtype is float32 inside the block and the caller's again after it,
+    also when the block raises: models are built and trained as in a fresh process (the
+    federation's rows are float32) whatever ``torch.set_default_dtype`` the caller chose."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        torch.set_default_dtype(before)
+
+
+@contextlib.contextmanager
+def threads_applied(cfg: ExperimentConfig) -> Iterator[None]:
+    """torch's thread count is ``training.threads`` inside the block (when set; otherwise
+    left as it is) and its default dtype float32 (:func:`float32_default`); the process's own
+    settings again after it, also when the block raises: an in-process run leaves the
+    process's torch as it found it."""
+    with float32_default():
+        if cfg.training.threads is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(cfg.training.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def clients_on(clients: Sequence[ClientData], device: torch.device) -> list[ClientData]:

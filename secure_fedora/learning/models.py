@@ -22,6 +22,7 @@ from torch import nn
 from privacy.errors import ToolkitError
 from secure_fedora.core.plugins import raised_at
 from secure_fedora.core.registry import MODELS
+from secure_fedora.learning.devices import float32_default
 
 ModelName = Literal["mlp", "cnn"]
 MNIST_SHAPE = (1, 28, 28)
@@ -155,7 +156,8 @@ def _build(builder: object, name: str, *args: object) -> nn.Module:
     """Call a registered model's builder; an exception it raises that is not a toolkit error
     becomes a :class:`ModelError` naming the model."""
     try:
-        return builder(*args)  # type: ignore[operator]
+        with float32_default():
+            return builder(*args)  # type: ignore[operator]
     except ToolkitError:
         raise
     except Exception as err:  # user code: report whatever it raised
@@ -244,7 +246,8 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
                      seed: int, source: str = "model factory") -> nn.Module:
     """Call a user ``factory(input_shape, num_classes)`` with the global RNG seeded by ``seed``
     (restored afterwards, so equal seeds give equal initial parameters; lazy layers are
-    initialized there too, by a forward pass of one row of zeros) and check the result:
+    initialized there too, by a forward pass of one row of zeros) and torch's default dtype
+    float32 (the caller's restored afterwards), and check the result:
     an ``nn.Module`` with float32 trainable parameters and no layer tracking running statistics
     (per-client state must live in parameters, which are the rows the federation moves;
     BatchNorm's running statistics would be shared silently; constant buffers are accepted:
@@ -253,7 +256,7 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
     if not callable(factory):
         raise ModelError(f"{source} is a {type(factory).__name__}, not a callable")
     shape = tuple(int(d) for d in input_shape)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), float32_default():
         torch.manual_seed(seed)
         try:
             model = factory(shape, int(num_classes))

@@ -251,3 +251,43 @@ def test_privacy_overrides_without_privacy_are_refused_before_the_run(tmp_path) 
                                           r"\[privacy\]$"):
         exp.run()
     assert not run_dir.exists()
+
+
+def _user_data(seed: int = 0) -> dict:
+    """A notebook's own float64 arrays: 4 classes of 6 features."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    x, y = g.normal(size=(120, 6)), g.integers(0, 4, size=120)
+    return {"x_train": x[:90], "y_train": y[:90], "x_test": x[90:], "y_test": y[90:]}
+
+
+def _mlp(input_shape, num_classes):
+    import math
+
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 8), nn.ReLU(),
+                         nn.Linear(8, num_classes))
+
+
+def test_a_float64_default_dtype_runs_as_float32_and_is_left_as_it_was(tmp_path) -> None:
+    """A notebook with torch.set_default_dtype(torch.float64): the factory's model was refused
+    as float64 ('the federation stores parameters as float32'), and one made float32 with
+    .float() failed in round 1 with a raw RuntimeError (a float64 gradient for a float32
+    tensor). The run is now the one a float32 process makes, and the default is restored."""
+    import torch
+
+    config = {**CONFIG, "methods": ["fedora", "local", "fedavg"]}
+    reference = Experiment(config, data=_user_data(), model=_mlp, run_dir=tmp_path / "a").run()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for name, factory in (("b", _mlp), ("c", lambda s, c: _mlp(s, c).float())):
+            results = Experiment(config, data=_user_data(), model=factory,
+                                 run_dir=tmp_path / name).run()
+            assert torch.get_default_dtype() == torch.float64
+            assert {m: results.selected(m) for m in results.method_names} == \
+                {m: reference.selected(m) for m in reference.method_names}
+    finally:
+        torch.set_default_dtype(before)
