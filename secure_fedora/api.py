@@ -18,7 +18,8 @@ Example (a notebook)::
 ``config`` is an :class:`~secure_fedora.core.config.ExperimentConfig`, a dict with the TOML's
 structure, or the path of a TOML file. ``data`` is what a ``[data] source`` function returns
 (a centralized dataset dict, a list of per-client dicts) or such a function of the seed;
-``model`` is a ``factory(input_shape, num_classes) -> nn.Module``. Both default to the
+``model`` is a ``factory(input_shape, num_classes) -> nn.Module`` (a built module is a
+ModelError naming ``model=``). Both default to the
 config's keys. The CLI's ``run`` is a thin layer over :class:`Experiment`.
 """
 
@@ -176,6 +177,10 @@ class Experiment:
                  run_dir: str | Path | None = None) -> None:
         self.config = _as_config(config)
         _refuse_two_sources(self.config, data, model)
+        if model is not None:
+            from secure_fedora.learning.models import check_factory
+
+            check_factory(model, "model=")
         self.data = data
         self.model_factory = model
         self._run_dir = check_path_argument(run_dir, "run_dir") if run_dir is not None else None

@@ -242,6 +242,19 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def check_factory(factory: object, source: str) -> None:
+    """ModelError unless ``factory`` can be a model factory: a callable that is not itself a
+    built ``nn.Module`` (one is callable, and called as a factory it failed in its forward)."""
+    if isinstance(factory, nn.Module):
+        raise ModelError(f"{source} is a built {type(factory).__name__}, not a factory: pass a "
+                         "function(input_shape, num_classes) that builds a new module (its class, "
+                         "or a function calling it); each run builds its model under the "
+                         "experiment seed")
+    if not callable(factory):
+        raise ModelError(f"{source} is a {type(factory).__name__}, not a factory: pass a "
+                         "function(input_shape, num_classes) returning an nn.Module")
+
+
 def build_user_model(factory: object, input_shape: Sequence[int], num_classes: int,
                      seed: int, source: str = "model factory") -> nn.Module:
     """Call a user ``factory(input_shape, num_classes)`` with the global RNG seeded by ``seed``
@@ -253,8 +266,7 @@ def build_user_model(factory: object, input_shape: Sequence[int], num_classes: i
     BatchNorm's running statistics would be shared silently; constant buffers are accepted:
     :func:`check_model_state`). Raises :class:`ModelError` naming the problem.
     """
-    if not callable(factory):
-        raise ModelError(f"{source} is a {type(factory).__name__}, not a callable")
+    check_factory(factory, source)
     shape = tuple(int(d) for d in input_shape)
     with torch.random.fork_rng(devices=[]), float32_default():
         torch.manual_seed(seed)

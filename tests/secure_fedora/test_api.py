@@ -291,3 +291,22 @@ def test_a_float64_default_dtype_runs_as_float32_and_is_left_as_it_was(tmp_path)
                 {m: reference.selected(m) for m in reference.method_names}
     finally:
         torch.set_default_dtype(before)
+
+
+def test_a_built_model_instead_of_a_factory_is_refused_naming_the_argument(tmp_path) -> None:
+    """model=MyNet(...) (a built module, which is callable) was called as a factory and failed
+    with 'Sequential.forward() takes 2 positional arguments but 3 were given'; a model.factory
+    naming a module object failed alike. Both now say that a factory is needed, before
+    anything runs."""
+    from secure_fedora.learning.models import ModelError, build_user_model
+
+    built = _mlp((6,), 4)
+    with pytest.raises(ModelError, match=r"^model= is a built Sequential, not a factory: pass "
+                                         r"a function\(input_shape, num_classes\)"):
+        Experiment(CONFIG, data=_user_data(), model=built, run_dir=tmp_path / "run")
+    with pytest.raises(ModelError, match=r"^model= is a int, not a factory"):
+        Experiment(CONFIG, data=_user_data(), model=5, run_dir=tmp_path / "run")
+    with pytest.raises(ModelError, match=r"^model.factory 'net:model' is a built Sequential, "
+                                         r"not a factory"):
+        build_user_model(built, (6,), 4, 0, "model.factory 'net:model'")
+    assert not (tmp_path / "run").exists()
