@@ -160,12 +160,12 @@ def _labels(value: Any, where: str) -> torch.Tensor:
                     "targets (n, C)")
 
 
-def _pair(x: Any, y: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(x: Any, y: Any, where: str, empty_hint: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = _inputs(x, f"{where} inputs"), _labels(y, f"{where} labels")
     if xs.shape[0] != ys.shape[0]:
         raise DataError(f"{where} has {xs.shape[0]} inputs but {ys.shape[0]} labels")
     if xs.shape[0] == 0:
-        raise DataError(f"{where} is empty")
+        raise DataError(f"{where} is empty{empty_hint}")
     return xs, ys
 
 
@@ -298,7 +298,10 @@ def as_federated(items: Sequence[Any], where: str = "data",
             pair = item[split]
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise DataError(f"{where}[{i}]['{split}'] must be an (x, y) pair")
-            client[split] = _pair(pair[0], pair[1], f"{where}[{i}]['{split}']")
+            # as for a partitioner's clients: FedAvg's weights, a summary and a score need rows
+            client[split] = _pair(pair[0], pair[1], f"{where}[{i}]['{split}']",
+                                  "; give every client at least one row in each split (or "
+                                  "leave the client out and lower data.num_clients)")
         parts.append(client)
     shape = parts[0]["train"][0].shape[1:]
     for i, client in enumerate(parts):

@@ -1035,3 +1035,17 @@ def test_a_runs_config_copy_does_not_name_data_keys_its_author_never_wrote(tmp_p
                 build_clients(read, data)
             said = [r.getMessage() for r in caplog.records if r.name == logger]
             assert (len(said) == 1 and said[0].startswith(named)) if named else said == []
+
+
+def test_a_per_client_split_without_rows_says_what_to_do() -> None:
+    """A client with no validation rows in a per-client list was refused as "data[1]['val'] is
+    empty", without saying what the run needs (the partitioner's refusal said it)."""
+    rng = np.random.default_rng(0)
+    clients = [{split: (rng.normal(size=(rows, 3)), np.arange(rows) % 2)
+                for split, rows in (("train", 8), ("val", 4), ("test", 4))} for _ in range(2)]
+    clients[1]["val"] = (np.zeros((0, 3)), np.zeros(0, dtype=np.int64))
+    cfg = {"methods": ["local"], "data": {"num_clients": 2}, "training": {"rounds": 1}}
+    with pytest.raises(DataError, match=r"^data\[1\]\['val'\] is empty; give every client at "
+                                        r"least one row in each split \(or leave the client out "
+                                        r"and lower data.num_clients\)$"):
+        Experiment(cfg, data=clients).check()
