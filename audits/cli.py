@@ -41,7 +41,7 @@ from audits.output import write_output_file
 from audits.verdict import VERIFICATION_EXIT, audit_figures
 from privacy.accounting import format_down, format_exact, format_spent, format_up
 from secure_fedora.core.errors import one_line
-from secure_fedora.core.files import finite_document, strict_json
+from secure_fedora.core.files import finite_document
 
 if TYPE_CHECKING:  # audits.verify imports torch: the handlers import it when they run
     from audits.verify import VerificationReport
@@ -196,9 +196,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path | None, doc: dict[str, Any], command: str, force: bool) -> None:
+    """``doc`` (a document of JSON types: string keys; a NaN or infinity becomes null, named
+    by :func:`finite_document`) to the ``--json`` file ``path``, if given, sealed and encoded
+    once by :func:`write_output_file`."""
     if path is not None:
-        write_output_file(path, strict_json(json.loads(json.dumps(doc, default=str))), "--json",
-                          command, force=force)
+        write_output_file(path, finite_document(doc), "--json", command, force=force)
 
 
 #: Exit status of the canary and white-box audits per verdict (2 is bad input).
@@ -276,8 +278,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
                               keystore=keystore, options=CLI_AUDIT_OPTIONS)
     b = result.bound
     doc = result.to_json()
-    try:
-        text = json.dumps(doc, indent=2, allow_nan=False)
+    try:  # checked before anything is printed or written
+        json.dumps(doc, allow_nan=False)
     except ValueError as err:  # a NaN or infinity: canary.json and --json stay strict JSON
         print(f"error: the canary audit's result is not strict JSON ({err}); nothing written",
               file=sys.stderr)
@@ -299,7 +301,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     if json_path is not None:
-        write_output_file(json_path, text, "--json", "canary", force=args.force)
+        write_output_file(json_path, doc, "--json", "canary", force=args.force)
     return VERDICT_EXIT[doc["verdict"]]
 
 

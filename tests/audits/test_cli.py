@@ -594,3 +594,75 @@ def test_verify_json_is_encoded_once_and_reads_as_before(pristine_run, tmp_path,
     expected = output.seal_report(strict_json(report.to_json()), "verify")
     assert out_json.read_text() == expected
     assert output.is_previous_report(out_json, "verify")
+
+
+def _old_json_bytes(doc: dict, command: str) -> str:
+    """What `--json` wrote before the document was sealed once: dumped (anything not JSON as
+    its str), parsed back, made strict and sealed from that text."""
+    from audits.output import seal_report
+    from secure_fedora.core.files import strict_json
+
+    return seal_report(strict_json(json.loads(json.dumps(doc, default=str))), command)
+
+
+@pytest.mark.parametrize("command", ["whitebox", "leakage", "canary"])
+def test_whitebox_leakage_and_canary_json_are_encoded_once_and_read_as_before(
+        command, tmp_path, monkeypatch, capsys):
+    """`audit whitebox --json`, `audit leakage --json` and `audit canary --json` dumped their
+    document to text, which the writer parsed back to seal and dumped again (as `audit
+    verify --json` did); each document is now sealed and encoded once, the file's bytes those
+    of the old path on a real document, recognised as a previous report."""
+    import tomli_w
+
+    import audits.canary as canary
+    import audits.output as output
+    import audits.summary_leakage as summary_leakage
+    import audits.whitebox as whitebox
+    from secure_fedora.core.config import load_config
+    from secure_fedora.runtimes.inprocess import build_clients
+
+    if command == "whitebox":
+        target = tmp_path / "run"
+        target.mkdir()
+        (target / "config.toml").write_text(tomli_w.dumps({
+            "methods": ["local"], "data": {"num_clients": 2, "train_per_client": 64,
+                                           "val_per_client": 8, "test_per_client": 8},
+            "training": {"rounds": 1, "batch_size": 16},
+            "privacy": {"enabled": True, "epsilon": 3.0, "noise": "reproducible"}}))
+        real = whitebox.audit_run_dir(target, num_canaries=100)
+        doc = real[0].to_json()
+        monkeypatch.setattr(whitebox, "audit_run_dir", lambda *args, **kwargs: real)
+        flags = ["--canaries", "100"]
+    elif command == "leakage":
+        target = noised_fedora_config(tmp_path / "dp.toml", "epsilon = 3.0\n")
+        cfg = load_config(target)
+        real = summary_leakage.run_summary_leakage_audit(
+            build_clients(cfg), q=cfg.fedora.q, clip_norm=cfg.privacy.summary_clip,
+            noise_multiplier=[1.5, 2.0, 1.5], tau=cfg.fedora.tau, seed=cfg.seed)
+        doc = real.to_json()
+        monkeypatch.setattr(summary_leakage, "run_summary_leakage_audit",
+                            lambda *args, **kwargs: real)
+        flags = []
+    else:
+        from tests.audits.conftest import CANARY_CONFIG
+
+        target = tmp_path / "c.toml"
+        target.write_text(CANARY_CONFIG.replace("[privacy]\nenabled = true\nepsilon = 8.0\n",
+                                                ""))
+        real = canary.run_canary_audit(load_config(target), num_canaries=40)
+        doc = real.to_json()
+        monkeypatch.setattr(canary, "run_canary_audit", lambda *args, **kwargs: real)
+        flags = ["--canaries", "40"]
+
+    def no_parse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the document's JSON text was parsed back")
+
+    out_json = tmp_path / "out.json"
+    monkeypatch.setattr(output.json, "loads", no_parse)
+    try:
+        code = main(["audit", command, str(target), *flags, "--json", str(out_json)])
+    finally:
+        monkeypatch.undo()
+    assert code in (0, 1, 3), capsys.readouterr().err
+    assert out_json.read_text() == _old_json_bytes(doc, command)
+    assert output.is_previous_report(out_json, command)
