@@ -462,6 +462,10 @@ class CanaryAuditResult:
     assumptions: list[str] = field(default_factory=list)
     selected_round: int | None = None
     rounds_scored: int = 1
+    #: The modules ``audit canary --import`` imported first, each as
+    #: :meth:`audits.verify.ImportedModule.to_json` gives it (name, file, SHA-256, what it
+    #: registered): code from outside the toolkit that ran during the audit.
+    imported: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:

@@ -31,6 +31,7 @@ process exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -207,6 +208,15 @@ def _write_json(path: Path | None, doc: dict[str, Any], command: str, force: boo
 VERDICT_EXIT = {"consistent": 0, "refuted": 1, "inconclusive": 3}
 
 
+def _print_imported(doc: dict[str, Any]) -> None:
+    """One line per module the audit imported (``--import``), as ``audit verify`` prints them:
+    which code from outside the toolkit ran during the audit."""
+    from audits.verify import imported_text
+
+    for m in doc.get("imported", []):
+        print(f"imported {imported_text(m)}")
+
+
 def _print_audit_summary(doc: dict[str, Any]) -> None:
     claim, (lower, most) = audit_figures(doc["claim_epsilon"], doc["lower_bound"],
                                          doc["certifiable_max"])
@@ -241,7 +251,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     # trusted modules first, before the config names plug-ins (never one inside RUN_DIR)
-    import_trusted_modules(args.imports, target, CLI_AUDIT_OPTIONS)
+    imported = import_trusted_modules(args.imports, target, CLI_AUDIT_OPTIONS)
     if run_dir is None:
         cfg = load_config(target)
     else:  # a run directory's config: plug-ins from PYTHONPATH only (never its own files)
@@ -276,6 +286,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,
                               keystore=keystore, options=CLI_AUDIT_OPTIONS)
+    result = dataclasses.replace(result, imported=[m.to_json() for m in imported])
     b = result.bound
     doc = result.to_json()
     try:  # checked before anything is printed or written
@@ -284,6 +295,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
         print(f"error: the canary audit's result is not strict JSON ({err}); nothing written",
               file=sys.stderr)
         return 2
+    _print_imported(doc)
     print(f"client {result.client_id}, method {result.method}: {result.num_canaries}"
           f" {result.canary_kind} canaries ({result.members} inserted)")
     if result.rounds_scored > 1:
@@ -320,6 +332,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     doc = result.to_json()
+    _print_imported(doc)
     s = result.setting
     # the audited setting exactly: rounding could show more noise, a smaller q or delta
     sigma = "none (non-private)" if s.noise_multiplier is None else repr(s.noise_multiplier)

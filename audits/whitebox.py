@@ -42,7 +42,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -438,6 +438,10 @@ class WhiteboxAuditResult:
     seconds: float
     config_name: str
     assumptions: list[str] = field(default_factory=list)
+    #: The modules imported first (``imports=``, CLI ``--import``), each as
+    #: :meth:`audits.verify.ImportedModule.to_json` gives it (name, file, SHA-256, what it
+    #: registered): code from outside the toolkit that ran during the audit.
+    imported: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -472,7 +476,7 @@ class WhiteboxAuditResult:
             member_mean_score=self.member_mean_score,
             non_member_mean_score=self.non_member_mean_score,
             mean_inclusions_per_member=self.mean_inclusions, seconds=round(self.seconds, 2),
-            assumptions=list(self.assumptions),
+            assumptions=list(self.assumptions), imported=list(self.imported),
         )
 
 
@@ -621,7 +625,8 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
     imported first as ``audit verify --import`` imports them
     (:func:`audits.verify.import_trusted_modules`: from PYTHONPATH or the installed packages,
     never from ``run_dir``), so that a plug-in method, dataset or model they register can be
-    rebuilt. Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path.
+    rebuilt; the result names each (``imported``: file, SHA-256, what it registered).
+    Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path.
     Raises :class:`WhiteboxAuditError` when the directory or its config is missing or
     invalid, a module of ``imports`` cannot be imported (naming it), or the config names an
     entry this process has not registered (naming ``imports``).
@@ -637,7 +642,7 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
         raise WhiteboxAuditError(f"{options['imports']} takes a list of module names, got the"
                                  f" string {imports!r:.80}")
     try:  # before the config names plug-ins
-        import_trusted_modules(imports, run, options)
+        imported = import_trusted_modules(imports, run, options)
     except AuditError as err:
         raise WhiteboxAuditError(str(err)) from None
     try:
@@ -660,7 +665,8 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
             results = json.loads(results_path.read_text())
         except (OSError, ValueError, RecursionError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
-    result = run_whitebox_audit(cfg, results=results, run_dir=run, options=options, **kwargs)
+    result = replace(run_whitebox_audit(cfg, results=results, run_dir=run, options=options,
+                                        **kwargs), imported=[m.to_json() for m in imported])
     try:
         return result, write_audit_json(run, result.to_json())
     except OSError as err:

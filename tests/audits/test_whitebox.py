@@ -638,3 +638,53 @@ def test_import_registers_a_plug_in_method_before_the_config_is_read(tmp_path, c
     finally:
         METHODS.unregister("byo_local_i")
         sys.modules.pop("byo_local_i_module", None)
+
+
+def test_whitebox_and_canary_name_the_modules_they_imported(tmp_path, capsys, monkeypatch):
+    """`audit verify --import` prints each module it imported (file, SHA-256, what it
+    registered) and records it in its report; `audit whitebox` and `audit canary` imported
+    them silently, so nothing showed that code from outside the toolkit ran during the audit.
+    They now print the same line and record the same entry: whitebox.json (and its --json
+    copy), canary.json and canary's --json."""
+    import hashlib
+    import sys
+
+    from secure_fedora.core.registry import METHODS
+    from tests.audits.conftest import CANARY_CONFIG
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(CANARY_CONFIG.replace('["local"]', '["byo_local_n"]'))
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    module_file = trusted / "byo_local_n_module.py"
+    module_file.write_text("from secure_fedora.core.registry import METHODS\n"
+                           "METHODS.register('byo_local_n', METHODS.get('local'))\n")
+    digest = hashlib.sha256(module_file.read_bytes()).hexdigest()
+    monkeypatch.syspath_prepend(str(trusted))
+    line = (f"imported byo_local_n_module ({module_file}, sha256 {digest}): mechanisms none;"
+            " config entries method 'byo_local_n'")
+    try:
+        for audit, flags in (("whitebox", ["--canaries", "100"]),
+                             ("canary", ["--method", "byo_local_n", "--canaries", "40"])):
+            capsys.readouterr()
+            copy = tmp_path / f"{audit}-copy.json"
+            code = main(["audit", audit, str(run), "--import", "byo_local_n_module", *flags,
+                         "--json", str(copy)])
+            out, err = capsys.readouterr()
+            assert code in (0, 1, 3), err
+            assert out.splitlines()[0] == line, out
+            for path in (run / "audit" / f"{audit}.json", copy):
+                (entry,) = json.loads(path.read_text())["imported"]
+                assert entry["module"] == "byo_local_n_module" and entry["sha256"] == digest
+                assert entry["file"] == str(module_file)
+                assert entry["entries"] == ["method 'byo_local_n'"]
+    finally:
+        METHODS.unregister("byo_local_n")
+        sys.modules.pop("byo_local_n_module", None)
+    # without --import nothing is named, and the record says so
+    capsys.readouterr()
+    (run / "config.toml").write_text(CANARY_CONFIG)
+    assert main(["audit", "whitebox", str(run), "--canaries", "100"]) in (0, 1, 3)
+    assert "imported" not in capsys.readouterr().out
+    assert json.loads((run / "audit" / "whitebox.json").read_text())["imported"] == []
