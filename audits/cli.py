@@ -459,6 +459,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except ReplayAuditError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    for note in result.unchecked:  # what was not checked, as audit canary shows it
+        print(f"warning: {note}", file=sys.stderr)
     s = result.setup
     print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
           f" trials, {result.correct} correct guesses")

@@ -107,6 +107,9 @@ class ReplayAuditResult:
     correct: int
     confidence: float
     setup: dict[str, Any] = field(default_factory=dict)
+    #: What the checks of the run could not check (files that could not be read to look for
+    #: private keys, ...), each as ``audit verify`` words its unchecked warning.
+    unchecked: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The replay.json document (``"audit": "replay"`` first)."""
@@ -149,9 +152,12 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
 
 def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
                   allowlist: Path | None = None
-                  ) -> tuple[float, float, dict[str, Any], list[str]]:
+                  ) -> tuple[float, float, dict[str, Any], list[str], list[str]]:
     """(last epsilon_after, delta, params of the first DP-SGD entry, the mechanisms its
-    releases used in ledger order) of the client's ledger. The claim spans every release, a
+    releases used in ledger order, the texts of the warnings saying what the checks of the
+    run could not check, as ``audit verify`` words them: files that could not be read to
+    look for private keys, with ``allowlist`` a missing published allowlist) of the client's
+    ledger. The claim spans every release, a
     plug-in mechanism's too: its entries verify with the ledger without its code, which only
     ``audit verify --import`` needs (to recompute their sensitivities).
 
@@ -162,22 +168,17 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
     claim and delta are finite and positive, and every DP-SGD entry records the noise mode
     ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
     """
-    from audits.verify import (
-        _private_key_findings,
-        _raise_first,
-        positive_number,
-        verified_ledger_entries,
-    )
+    from audits.verify import positive_number, refuse_private_keys, verified_ledger_entries
 
     rel = f"ledgers/{method}/{client_id}.jsonl"
+    unchecked: list[str] = []
     valid = verified_ledger_entries(
         run_dir, method, client_id, error=ReplayAuditError,
         missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?",
-        allowlist=allowlist)
+        allowlist=allowlist, warnings=unchecked)
     if allowlist is None:  # with one, verified_ledger_entries looked (given_allowlist_findings)
         # a replay needs a DP claim, so no key file is excepted (as audit verify, for a DP run)
-        _raise_first(_private_key_findings(run_dir, dp_claimed=True), ReplayAuditError,
-                     f"{rel} is not trusted")
+        unchecked = refuse_private_keys(run_dir, True, ReplayAuditError, f"{rel} is not trusted")
     dpsgd = [e for e in valid if e.get("mechanism") == "dpsgd"]
     if not dpsgd:
         raise ReplayAuditError(f"ledger {rel} has no DP-SGD entry to replay")
@@ -200,7 +201,7 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
     if "clip_norm" in params:
         positive_number(params["clip_norm"], f"{rel} entry {dpsgd[0]['index']} params.clip_norm",
                         ReplayAuditError)
-    return claim, delta, params, mechanisms
+    return claim, delta, params, mechanisms, unchecked
 
 
 def _anchored_config_problem(run_dir: Path) -> str | None:
@@ -384,8 +385,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         problem = _anchored_config_problem(run_dir)
         if problem is not None:
             raise ReplayAuditError(problem)
-    claim, delta, params, mechanisms = _ledger_claim(run_dir, method, cid, cfg.privacy.noise,
-                                                     allow_path)
+    claim, delta, params, mechanisms, unchecked = _ledger_claim(
+        run_dir, method, cid, cfg.privacy.noise, allow_path)
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
     _check_trials(trials, options)
@@ -456,7 +457,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     }
     return ReplayAuditResult(claim_epsilon=claim, certifiable_max=best, lower_bound=lower,
                              verdict=verdict, trials=trials, correct=correct,
-                             confidence=float(confidence), setup=setup)
+                             confidence=float(confidence), setup=setup, unchecked=unchecked)
 
 
 def write_replay_result(run_dir: str | Path, result: ReplayAuditResult) -> Path:

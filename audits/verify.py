@@ -709,6 +709,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
                             missing: str | None = None,
                             allowlist: str | Path | None = None,
                             options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                            warnings: list[str] | None = None,
                             ) -> list[dict[str, Any]]:
     """The entries of ``RUN_DIR/ledgers/<method>/<client_id>.jsonl`` once it verifies.
 
@@ -728,6 +729,9 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     re-sign it) and a published ``keys/allowlist.json`` that lists a party or a key
     ``allowlist`` does not register are then an error; an ``allowlist`` that is no valid
     allowlist is bad input (:func:`load_given_allowlist`, naming ``options``' argument).
+    The warnings of those two checks (files that could not be read to look for keys, a
+    missing published allowlist: what was not checked) are appended to ``warnings`` when
+    it is given, for the caller to show.
     """
     run_dir = check_path(run_dir, "run_dir", error)
     rel = f"ledgers/{method}/{client_id}.jsonl"
@@ -747,8 +751,10 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
         if not path.exists():
             raise error(missing if missing is not None else f"no ledger {path}")
     if allowlist is not None:
-        _raise_first(given_allowlist_findings(run_dir, allow_path, keys), error,
-                     f"{rel} is not trusted")
+        findings = given_allowlist_findings(run_dir, allow_path, keys)
+        _raise_first(findings, error, f"{rel} is not trusted")
+        if warnings is not None:
+            warnings.extend(f.message for f in findings)
     ident = keys.get(client_id)
     if ident is None:
         raise error(f"{allow_label} has no key for {client_id}: {rel} cannot"

@@ -51,7 +51,8 @@ def test_reproducible_run_is_refuted_and_csprng_run_is_not(runs, capsys):
     assert main(["audit", "replay", str(runs["reproducible"]), "--trials", "40"]) == 1
     doc = json.loads((runs["reproducible"] / "audit" / "replay.json").read_text())
     assert set(doc) == {"audit", "claim_epsilon", "certifiable_max", "lower_bound", "verdict",
-                        "trials", "correct", "confidence", "setup"}
+                        "trials", "correct", "confidence", "setup", "unchecked"}
+    assert doc["unchecked"] == []
     assert doc["audit"] == "replay" and doc["confidence"] == 0.95 and doc["trials"] == 40
     assert 0.5 < doc["claim_epsilon"] < 1.5 < doc["certifiable_max"]
     assert doc["correct"] == 40  # every membership bit recovered by replaying the noise
@@ -574,3 +575,33 @@ def test_the_replay_audit_trains_on_training_threads_and_restores_the_process_s(
     assert run_replay_audit(run, trials=20).correct == 20
     assert len(seen) == 22 and set(seen) == {wanted}
     assert torch.get_num_threads() == before
+
+
+def test_files_the_key_scan_could_not_read_are_shown_not_dropped(runs, tmp_path, capsys):
+    """`audit verify` reports a file of the run that could not be read to look for private
+    keys as an unchecked warning; `audit replay` made the same scan and dropped it silently
+    (with --allowlist and without). It now prints it as `audit canary` prints the scan's
+    warnings and records it in replay.json's `unchecked`, worded as `audit verify` words it."""
+    import os
+    import shutil
+
+    if not os.access("/proc/self/mem", os.F_OK):
+        pytest.skip("needs /proc/self/mem (a regular file whose first bytes cannot be read)")
+    run = shutil.copytree(runs["csprng"], tmp_path / "run")
+    shutil.rmtree(run / "audit", ignore_errors=True)
+    (run / "notes").mkdir()
+    # a link to a file that is regular but cannot be read from its start, even by root
+    (run / "notes" / "mem").symlink_to("/proc/self/mem")
+    text = ("1 file inside the audited directory could not be read to look for private keys"
+            " (notes/mem)")
+    capsys.readouterr()
+    main(["audit", "verify", str(run)])
+    assert f"WARNING run: [private_keys] {text}" in capsys.readouterr().out
+    trusted = tmp_path / "trusted-allowlist.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    for extra in ([], ["--allowlist", str(trusted)]):
+        assert main(["audit", "replay", str(run), "--trials", "8", *extra]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == f"warning: {text}\n", captured.err
+        assert json.loads((run / "audit" / "replay.json").read_text())["unchecked"] == [text]
+    assert run_replay_audit(run, trials=8).unchecked == [text]
