@@ -24,8 +24,9 @@ process exit code.
   certify epsilon above the claim, or there is no claim), 2 on bad input.
 - ``audit leakage CONFIG``: the summary-leakage audit; prints its figures, can write JSON.
 - ``audit replay RUN_DIR``: the config-known audit (replays reproducible noise); writes
-  ``RUN_DIR/audit/replay.json``; exit 0 unless the claim is refuted (1), the run cannot be
-  audited (2) or makes no differential-privacy claim (3, nothing written).
+  ``RUN_DIR/audit/replay.json`` and prints as canary and whitebox do; exit 0 when
+  consistent, 1 when the claim is refuted, 3 when inconclusive or when the run makes no
+  differential-privacy claim (nothing written), 2 when the run cannot be audited.
 """
 
 from __future__ import annotations
@@ -437,14 +438,16 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """``audit replay``: config-known membership inference; 1 iff the claim is refuted."""
+    """``audit replay``: config-known membership inference; exit as canary and whitebox (0
+    consistent, 1 refuted, 3 inconclusive), 3 too for a run without a DP claim, 2 when the run
+    cannot be audited."""
     from audits.replay import (
         NoPrivacyClaimError,
         ReplayAuditError,
         run_replay_audit,
         write_replay_result,
     )
-    from audits.verdict import NO_DP_CLAIM_EXIT
+    from audits.verdict import NO_DP_CLAIM_EXIT, verdict_text
 
     try:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
@@ -464,16 +467,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     s = result.setup
     print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
           f" trials, {result.correct} correct guesses")
-    claim, (lower, most) = audit_figures(result.claim_epsilon, result.lower_bound,
-                                         result.certifiable_max)
-    print(f"  epsilon lower bound {lower} (certifiable max {most}) at confidence"
-          f" {format_exact(result.confidence)}; claimed epsilon {claim} -> {result.verdict}")
+    # the figures and verdict worded as canary and whitebox word them
+    _print_audit_summary({**result.to_json(), "verdict_text": verdict_text(
+        result.verdict, result.claim_epsilon, result.certifiable_max, result.lower_bound)})
     others = [m for m in s.get("claim_mechanisms", []) if m != "dpsgd"]
     if others:  # the claim is the ledger's whole spend, the replay one DP-SGD step of it
         print(f"  the claim also spans the ledger's {', '.join(others)} releases (signed entries,"
               " not replayed)")
-    print(f"  written to {path}")
-    return 1 if result.verdict == "refuted" else 0
+    print(f"  written: {path}")
+    return VERDICT_EXIT[result.verdict]
 
 
 def _import_flag(p: argparse.ArgumentParser, effect: str) -> None:

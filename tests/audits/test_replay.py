@@ -84,6 +84,29 @@ def test_inconclusive_when_the_trials_cannot_reach_the_claim(runs):
     assert result.verdict == "inconclusive"
 
 
+def test_replay_exits_and_words_its_verdict_as_canary_and_whitebox(runs, capsys):
+    """`audit replay` exited 0 for an inconclusive audit (canary and whitebox exit 3: a
+    design that could not refute the claim is no pass) and worded the same figures another
+    way ("epsilon lower bound X (certifiable max Y) ... -> verdict", "written to"). It now
+    exits 3 and prints the claim, certifiable maximum, lower bound and verdict text in the
+    canary's and white-box's lines."""
+    from audits.verdict import audit_figures, verdict_text
+
+    run = runs["reproducible"]
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 3
+    out = capsys.readouterr().out
+    doc = json.loads((run / "audit" / "replay.json").read_text())
+    assert doc["verdict"] == "inconclusive"
+    claim, (lower, most) = audit_figures(doc["claim_epsilon"], doc["lower_bound"],
+                                         doc["certifiable_max"])
+    assert (f"  claimed epsilon {claim}; certifiable maximum {most} (a perfect attacker,"
+            f" confidence 0.95); measured lower bound {lower}\n") in out
+    text = verdict_text("inconclusive", doc["claim_epsilon"], doc["certifiable_max"],
+                        doc["lower_bound"])
+    assert f"  verdict: {text}\n" in out and text.startswith("inconclusive: ")
+    assert f"  written: {run / 'audit' / 'replay.json'}\n" in out
+
+
 def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
     with pytest.raises(ReplayAuditError, match="config.toml"):
         run_replay_audit(tmp_path)
@@ -315,7 +338,7 @@ def test_a_ledger_resigned_with_a_foreign_key_fails_the_independent_allowlist(ru
     run = shutil.copytree(runs["reproducible"], tmp_path / "run")
     _resign_with_a_foreign_key(run)
     # the directory is self-consistent: its own allowlist vouches for the forger's key
-    assert main(["audit", "replay", str(run), "--trials", "8"]) == 0  # inconclusive
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 3  # inconclusive
     capsys.readouterr()
     assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(trusted)]) == 2
     err = capsys.readouterr().err
@@ -399,7 +422,8 @@ def test_replay_with_an_allowlist_compares_the_published_allowlist(runs, tmp_pat
     published = run / "keys" / "allowlist.json"
     keys = load_allowlist(published)
     published.write_bytes(allowlist_bytes({**keys, "auditor": Identity.generate("auditor").public}))
-    assert main(["audit", "replay", str(run), "--trials", "8"]) == 0  # nothing to compare with
+    # nothing to compare with (inconclusive: 8 trials cannot certify the claim)
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 3
     for extra in ([], ["--anchor", str(kept)]):
         capsys.readouterr()
         assert main(["audit", "replay", str(run), "--trials", "8", "--allowlist", str(trusted),
@@ -600,7 +624,7 @@ def test_files_the_key_scan_could_not_read_are_shown_not_dropped(runs, tmp_path,
     trusted = tmp_path / "trusted-allowlist.json"
     shutil.copyfile(run / "keys" / "allowlist.json", trusted)
     for extra in ([], ["--allowlist", str(trusted)]):
-        assert main(["audit", "replay", str(run), "--trials", "8", *extra]) == 0
+        assert main(["audit", "replay", str(run), "--trials", "8", *extra]) == 3  # inconclusive
         captured = capsys.readouterr()
         assert captured.err == f"warning: {text}\n", captured.err
         assert json.loads((run / "audit" / "replay.json").read_text())["unchecked"] == [text]
