@@ -507,6 +507,27 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    " config.toml or anchor, keys taken from RUN_DIR, ...) is an error")
 
 
+#: The exit codes each audit command's --help states (:data:`VERDICT_EXIT`,
+#: :data:`audits.verdict.VERIFICATION_EXIT`).
+VERIFY_EXIT_HELP = ("exit 0: every check holds; 1: verification failed (an error, or with"
+                    " --strict a warning that something was not checked); 3: the run makes no"
+                    " differential-privacy claim and the checks that apply to it hold; 2: the run"
+                    " cannot be audited (bad input)")
+REPORT_EXIT_HELP = ("exit 0: written and verification passed; 1: written, verification failed;"
+                    " 3: written for a run without a differential-privacy claim; 2: nothing"
+                    " written (bad input)")
+AUDIT_EXIT_HELP = ("exit 0: consistent (the audit could have refuted the claim and did not);"
+                   " 1: refuted (the measured lower bound exceeds the claimed epsilon);"
+                   " 3: inconclusive (the design cannot certify epsilon above the claim, or"
+                   " there is no claim); 2: bad input")
+REPLAY_EXIT_HELP = ("exit 0: consistent (the audit could have refuted the claim and did not);"
+                    " 1: refuted (the measured lower bound exceeds the claimed epsilon);"
+                    " 3: inconclusive (the design cannot certify epsilon above the claim), or"
+                    " the run makes no differential-privacy claim (nothing written); 2: the run"
+                    " cannot be audited (bad input)")
+LEAKAGE_EXIT_HELP = "exit 0: the figures were computed (no verdict); 2: bad input"
+CONFIDENCE_HELP = "confidence level of the epsilon lower bound (default 0.95)"
+
 FORCE_HELP = ("replace an existing output file that is not a previous report of this command"
               " (a directory, a link or a non-regular file is never replaced)")
 JSON_FORCE_HELP = FORCE_HELP + "; only with --json (an error without it)"
@@ -528,14 +549,16 @@ def register(subparsers: Any) -> None:
     sub = audit.add_subparsers(dest="audit_command", required=True)
 
     verify = sub.add_parser("verify", help="check ledgers: chain, signatures, independent"
-                            " epsilon, budgets (exit 0 only if all hold)")
+                            " epsilon, budgets (exit 0 only if all hold)",
+                            epilog=VERIFY_EXIT_HELP)
     _verify_options(verify)
     _json_flags(verify, "also write the verification result to this file")
     verify.add_argument("--verbose", action="store_true",
                         help="list every ledger (default: only those with errors or warnings)")
     verify.set_defaults(func=cmd_verify)
 
-    report = sub.add_parser("report", help="write a self-contained HTML report and report.json")
+    report = sub.add_parser("report", help="write a self-contained HTML report and report.json",
+                            epilog=REPORT_EXIT_HELP)
     _verify_options(report)
     report.add_argument("--out", help="output directory (default: RUN_DIR/audit); its"
                         " report.json and report.html are replaced only when they are a previous"
@@ -544,7 +567,8 @@ def register(subparsers: Any) -> None:
     report.set_defaults(func=cmd_report)
 
     canary = sub.add_parser("canary", help="canary membership inference: a lower bound on"
-                            " epsilon (Clopper-Pearson); DP per the config's [privacy]")
+                            " epsilon (Clopper-Pearson); DP per the config's [privacy]",
+                            epilog=AUDIT_EXIT_HELP)
     canary.add_argument("config", help="experiment TOML config, or a run directory (its"
                         " config.toml; the result is then written to RUN_DIR/audit/canary.json)")
     canary.add_argument("--client", type=int, default=0,
@@ -572,7 +596,8 @@ def register(subparsers: Any) -> None:
 
     whitebox = sub.add_parser("whitebox", help="one-run white-box DP-SGD audit (Dirac gradient"
                               " canaries, Steinke-Nasr-Jagielski 2023) of one client with the"
-                              " run's plan; writes RUN_DIR/audit/whitebox.json")
+                              " run's plan; writes RUN_DIR/audit/whitebox.json",
+                              epilog=AUDIT_EXIT_HELP)
     whitebox.add_argument("run_dir", help="run directory (its config.toml; results.json is"
                           " checked against the plan when present)")
     whitebox.add_argument("--client", type=int, default=0,
@@ -598,7 +623,8 @@ def register(subparsers: Any) -> None:
     leakage = sub.add_parser("leakage", help="summary-leakage audit for plain, noised and"
                              " encrypted relatedness",
                              description="With [privacy] enabled = false the noised mode runs"
-                             " only when both --clip-norm and --noise-multiplier are given.")
+                             " only when both --clip-norm and --noise-multiplier are given.",
+                             epilog=LEAKAGE_EXIT_HELP)
     leakage.add_argument("config", help="experiment TOML config")
     leakage.add_argument("--clip-norm", type=float, help="noised mode: row clip norm"
                          " (default: privacy.summary_clip when privacy is enabled)")
@@ -609,14 +635,16 @@ def register(subparsers: Any) -> None:
     leakage.set_defaults(func=cmd_leakage)
 
     replay = sub.add_parser("replay", help="config-known audit: replay the run's noise from its"
-                            " config and infer membership (refutes reproducible-noise runs)")
+                            " config and infer membership (refutes reproducible-noise runs);"
+                            " writes RUN_DIR/audit/replay.json", epilog=REPLAY_EXIT_HELP)
     replay.add_argument("run_dir", help="run directory (config.toml and ledgers/ of a DP run)")
     replay.add_argument("--client", type=int, default=0,
                         help="index of the audited client (default %(default)s)")
     replay.add_argument("--method", help="method whose ledger gives the DP-SGD parameters and"
                         " the claim (default: fedora if run, else the first with ledgers)")
     replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
-                        " perfect attacker to exceed the claim, at most 20000; at most 1000000)")
+                        " perfect attacker to exceed the claim, capped at 20000; at most"
+                        " 1000000 when given)")
     replay.add_argument("--records", type=int,
                         help="client records in the audited step besides the target (default:"
                         " 64, or data.train_per_client - 1 when that is fewer)")
@@ -626,8 +654,8 @@ def register(subparsers: Any) -> None:
                         help="seed of the auditor's coin flips (default %(default)s)")
     replay.add_argument("--allowlist", help="independently registered allowlist.json to check"
                         " the ledger's signatures against (default: RUN_DIR/keys/allowlist.json,"
-                        " which a run re-signed with new keys also replaces); private signing"
-                        " keys inside RUN_DIR are then an error")
+                        " which a run re-signed with new keys also replaces); private keys"
+                        " inside RUN_DIR are an error with it or without")
     replay.add_argument("--anchor", help="a copy of the run's anchor.json kept apart, checked as"
                         " `audit verify --anchor` does: a changed config.toml or results.json,"
                         " or a ledger off its anchored head or length, is an error (default:"

@@ -666,3 +666,27 @@ def test_whitebox_leakage_and_canary_json_are_encoded_once_and_read_as_before(
     assert code in (0, 1, 3), capsys.readouterr().err
     assert out_json.read_text() == _old_json_bytes(doc, command)
     assert output.is_previous_report(out_json, command)
+
+
+@pytest.mark.parametrize("command, codes", [
+    ("verify", ["exit 0: every check holds", "1: verification failed", "3: the run makes no"]),
+    ("report", ["exit 0: written and verification passed", "1: written, verification failed",
+                "3: written for a run without"]),
+    ("canary", ["exit 0: consistent", "1: refuted", "3: inconclusive", "2: bad input"]),
+    ("whitebox", ["exit 0: consistent", "1: refuted", "3: inconclusive", "2: bad input"]),
+    ("replay", ["exit 0: consistent", "1: refuted", "3: inconclusive", "no differential-privacy"
+                " claim (nothing written)", "2: the run cannot be audited"]),
+    ("leakage", ["exit 0: the figures were computed (no verdict)", "2: bad input"])])
+def test_every_audit_help_states_its_exit_codes_and_every_option(command, codes):
+    """A reviewer reading `audit <command> --help` found no exit codes (only the README had
+    them), `--confidence`, `--seed` and `--kind` said nothing, and `audit replay --allowlist`
+    said private keys inside RUN_DIR were an error "then" (with the flag), though replay
+    refuses them with it or without, as `audit verify --allowlist` says."""
+    parser = _subparser(command)
+    text = " ".join(parser.format_help().split())
+    for code in codes:
+        assert code in text, (code, text)
+    for action in parser._actions:
+        assert action.help, f"audit {command} {action.option_strings or action.dest}"
+    if command in ("verify", "replay"):
+        assert "private keys inside RUN_DIR are an error with it or without" in text
