@@ -68,7 +68,8 @@ def verification_verdict_text(verdict: str, ledgers: int, errors: int, warnings:
     """One line for people naming the verdict and its counts (``checks``: how many checks
     applied to a run that makes no DP claim); ``strict`` says "(strict)" after the verdict
     (a check not made counted as an error). VerdictError for an unknown ``verdict``."""
-    counts = f"{ledgers} ledgers, {errors} errors, {warnings} warnings"
+    counts = ", ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in (
+        (ledgers, "ledger"), (errors, "error"), (warnings, "warning")))
     mode = " (strict)" if strict else ""
     if verdict == "passed":
         return f"verification PASSED{mode}: {counts}"

@@ -163,3 +163,16 @@ def test_the_verdict_text_reads_its_figures_in_the_order_the_verdict_compares_th
     assert verdict_text("inconclusive", 1.0, 0.99999, 0.5) == \
         "inconclusive: the audit cannot certify epsilon above 0.9999 (claim 1.0000; measured" \
         " lower bound 0.5000)"
+
+
+def test_the_verification_line_counts_in_the_singular_where_it_is_one():
+    """`audit verify --strict` ended "verification FAILED (strict): 9 ledgers, 1 errors,
+    1 warnings"; a count of one is now singular, every other count plural."""
+    from audits.verdict import verification_verdict_text
+
+    assert verification_verdict_text("failed", 9, 1, 1, strict=True) == \
+        "verification FAILED (strict): 9 ledgers, 1 error, 1 warning"
+    assert verification_verdict_text("passed", 1, 0, 3) == \
+        "verification PASSED: 1 ledger, 0 errors, 3 warnings"
+    assert verification_verdict_text("no_dp_claim", 0, 0, 1).startswith(
+        "no differential-privacy claim: nothing to verify (0 ledgers, 0 errors, 1 warning;")
