@@ -496,7 +496,7 @@ def _reply_entries(results: dict[str, Any] | None) -> dict[str, Any]:
 
 #: The empirical audits the report shows, with the command that produces each one's JSON.
 EMPIRICAL_AUDITS: tuple[tuple[str, str, str], ...] = (
-    ("canary", "canary membership inference (black-box, final model)",
+    ("canary", "canary membership inference (black-box, the client's released models)",
      "secure-fedora audit canary RUN_DIR"),
     ("whitebox", "white-box DP-SGD, one run (Dirac gradient canaries)",
      "secure-fedora audit whitebox RUN_DIR"),
@@ -623,7 +623,8 @@ def _audit_claim_problems(name: str, doc: dict[str, Any], run: Path,
 def _empirical_audits(run: Path, cfg: ExperimentConfig | None,
                       verification: VerificationReport) -> list[dict[str, Any]]:
     """One row per audit from ``RUN_DIR/audit/<name>.json``: ``"not run"`` when the file is
-    absent, ``"unreadable"`` when it is not that audit's document.
+    absent, ``"unreadable"`` when it is not that audit's document; ``attacked``: the
+    ``method/client`` whose claim the document tested (each audit picks its own), else None.
 
     Guarantee: ``status == "run"`` (a verdict shown as the audit's) only when every figure is
     finite, the recorded verdict is the one :func:`audits.verdict.audit_verdict` gives for the
@@ -636,7 +637,7 @@ def _empirical_audits(run: Path, cfg: ExperimentConfig | None,
                                "status": "not run", "claim_epsilon": None,
                                "certifiable_max": None, "lower_bound": None, "verdict": None,
                                "verdict_text": None, "confidence": None,
-                               "recorded_verdict": None, "problems": []}
+                               "recorded_verdict": None, "problems": [], "attacked": None}
         path = run / "audit" / f"{name}.json"
         if path.exists():
             doc = _read_json(path)
@@ -647,6 +648,10 @@ def _empirical_audits(run: Path, cfg: ExperimentConfig | None,
                 rows.append(row)
                 continue
             row["recorded_verdict"] = doc["verdict"]
+            setup = doc.get("setup") if isinstance(doc.get("setup"), dict) else {}
+            method, client = setup.get("method"), setup.get("client", setup.get("client_id"))
+            if isinstance(method, str) and isinstance(client, str):
+                row["attacked"] = f"{method}/{client}"  # whose claim: each audit picks its own
             for key in ("claim_epsilon", "certifiable_max", "lower_bound", "confidence"):
                 row[key] = _finite_or_none(doc.get(key))
             problems = _audit_number_problems(doc)
@@ -1217,11 +1222,11 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         if figures is not None:
             shown_claim, (lower, most) = figures
             claim = claim if a["claim_epsilon"] is None else shown_claim
-        audit_rows.append([_e(a["audit"]), _e(a["title"]), claim, most, lower,
-                           _fmt(a["confidence"]), verdict])
-    parts.append(_table(["audit", "what", "claimed \u03b5", "certifiable max",
-                         "measured lower bound", "confidence", "verdict"], audit_rows,
-                        left=(0, 1, 6)))
+        audit_rows.append([_e(a["audit"]), _e(a["title"]), _e(a.get("attacked") or "\u2013"),
+                           claim, most, lower, _fmt(a["confidence"]), verdict])
+    parts.append(_table(["audit", "what", "attacked (method/client)", "claimed \u03b5",
+                         "certifiable max", "measured lower bound", "confidence", "verdict"],
+                        audit_rows, left=(0, 1, 2, 7)))
 
     acc = report["accuracy"]
     metric_name = metric_label(acc.get("metric"))

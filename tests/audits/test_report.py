@@ -264,8 +264,16 @@ def test_report_shows_the_three_empirical_audits(run_copy, tmp_path):
     assert rows["whitebox"]["lower_bound"] == 0.1
     assert rows["whitebox"]["claim_epsilon"] == fedora
     assert rows["replay"]["status"] == "not run"
+    # each audit picks its own method and client (their claims differ): the rows name them
+    assert rows["canary"]["attacked"] == "local/client-000"
+    assert rows["whitebox"]["attacked"] == "fedora/client-001"
+    assert rows["replay"]["attacked"] is None
     text = _text_of(paths.html.read_text())
     assert "Empirical privacy audits" in text
+    assert "attacked (method/client)" in text
+    html = paths.html.read_text()
+    assert '<td class="l">local/client-000</td>' in html
+    assert '<td class="l">fedora/client-001</td>' in html
     assert f"inconclusive: the audit cannot certify epsilon above {format_down(0.5 * local, 4)}" \
         in text
     assert f"consistent: lower bound 0.1000 <= claim {format_up(fedora, 4)}" in text
