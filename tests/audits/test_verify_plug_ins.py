@@ -314,7 +314,9 @@ def test_replay_needs_no_import_and_says_what_its_claim_spans(run: Path, fresh_a
     result = run_replay_audit(run, trials=40, allowlist=_trusted(run))
     assert result.claim_epsilon == last["epsilon_after"]
     assert result.setup["claim_mechanisms"] == ["dpsgd", MECHANISM]
-    assert main(["audit", "replay", str(run), "--trials", "40"]) == 0
+    # 0 when consistent, 3 when 40 trials cannot certify the claim (as canary and whitebox)
+    assert main(["audit", "replay", str(run), "--trials", "40"]) \
+        == {"consistent": 0, "inconclusive": 3}[result.verdict]
     out = capsys.readouterr().out
     assert f"the claim also spans the ledger's {MECHANISM} releases" in out
     doc = json.loads((run / "audit" / "replay.json").read_text())
