@@ -526,7 +526,6 @@ REPLAY_EXIT_HELP = ("exit 0: consistent (the audit could have refuted the claim 
                     " the run makes no differential-privacy claim (nothing written); 2: the run"
                     " cannot be audited (bad input)")
 LEAKAGE_EXIT_HELP = "exit 0: the figures were computed (no verdict); 2: bad input"
-CONFIDENCE_HELP = "confidence level of the epsilon lower bound (default 0.95)"
 
 FORCE_HELP = ("replace an existing output file that is not a previous report of this command"
               " (a directory, a link or a non-regular file is never replaced)")
