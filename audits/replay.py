@@ -394,9 +394,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     from secure_fedora.learning.devices import threads_applied
     from secure_fedora.runtimes.inprocess import build_clients
 
-    # the run's thread count (training.threads, as its in-process training held it), the
-    # process's own again after
-    with threads_applied(cfg):
+    # the run's thread count (training.threads, as its in-process training held it), else one
+    # (torch's default of every core made each tiny step wait on descheduled workers: 10-30x
+    # slower on a loaded 2-core machine); the process's own again after
+    with threads_applied(cfg, default=1):
         clients = build_clients(cfg)
         data = clients[client]
         if records >= data.num_train:

@@ -83,17 +83,18 @@ def float32_default() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def threads_applied(cfg: ExperimentConfig) -> Iterator[None]:
+def threads_applied(cfg: ExperimentConfig, default: int | None = None) -> Iterator[None]:
     """torch's thread count is ``training.threads`` inside the block (when set; otherwise
-    left as it is) and its default dtype float32 (:func:`float32_default`); the process's own
-    settings again after it, also when the block raises: an in-process run leaves the
-    process's torch as it found it."""
+    ``default``, and when that is None too left as it is) and its default dtype float32
+    (:func:`float32_default`); the process's own settings again after it, also when the block
+    raises: an in-process run leaves the process's torch as it found it."""
+    threads = cfg.training.threads if cfg.training.threads is not None else default
     with float32_default():
-        if cfg.training.threads is None:
+        if threads is None:
             yield
             return
         before = torch.get_num_threads()
-        torch.set_num_threads(cfg.training.threads)
+        torch.set_num_threads(threads)
         try:
             yield
         finally:

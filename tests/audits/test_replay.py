@@ -629,3 +629,30 @@ def test_files_the_key_scan_could_not_read_are_shown_not_dropped(runs, tmp_path,
         assert captured.err == f"warning: {text}\n", captured.err
         assert json.loads((run / "audit" / "replay.json").read_text())["unchecked"] == [text]
     assert run_replay_audit(run, trials=8).unchecked == [text]
+
+
+def test_the_replay_audit_runs_on_one_thread_when_the_config_sets_none(runs, monkeypatch):
+    """Without ``training.threads`` the replay's steps ran on torch's default thread count:
+    each step is a few dozen rows, so on a loaded 2-core machine the second thread's waits
+    made a trial 10-30x slower (20,000 automatic trials took hours); they now run on one
+    thread, and the process's own count is back after."""
+    import torch
+
+    import audits.replay as replay
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    real = replay._Step.release
+
+    def release(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_num_threads())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(replay._Step, "release", release)
+    torch.set_num_threads(2)  # tests/conftest.py runs each test process on one thread
+    try:
+        assert run_replay_audit(runs["reproducible"], trials=10).correct == 10
+        assert len(seen) == 12 and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
