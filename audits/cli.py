@@ -454,7 +454,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                   trials=args.trials, records=args.records,
                                   confidence=args.confidence, seed=args.seed,
                                   allowlist=args.allowlist, anchor=args.anchor,
-                                  options=CLI_AUDIT_OPTIONS)
+                                  options=CLI_AUDIT_OPTIONS,
+                                  progress=lambda line: print(line, file=sys.stderr, flush=True))
         path = write_replay_result(args.run_dir, result)
     except NoPrivacyClaimError as err:
         print(str(err))

@@ -45,7 +45,8 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,12 @@ from torch import Tensor
 from audits.arguments import check_count, check_seed
 from audits.canary import CanaryAuditError, epsilon_lower_bound
 from audits.options import API_AUDIT_OPTIONS
-from audits.verdict import audit_verdict, config_claim_problem, config_rebuild_problem
+from audits.verdict import (
+    audit_figures,
+    audit_verdict,
+    config_claim_problem,
+    config_rebuild_problem,
+)
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -76,13 +82,15 @@ __all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_repl
 
 log = logging.getLogger(__name__)
 
-#: Largest trial count the automatic choice goes to (about a minute for the MLP).
+#: Largest trial count the automatic choice goes to (about 80 s of CPU for the MLP).
 MAX_AUTO_TRIALS = 20_000
-#: Most trials one audit runs (each is two DP-SGD steps; about an hour for the MLP): the
+#: Most trials one audit runs (each is one DP-SGD step; about an hour for the MLP): the
 #: certifiable bound grows only logarithmically, and torch cannot draw the coins of 2**63.
 MAX_TRIALS = 1_000_000
 DEFAULT_RECORDS = 64
 """Records of the audited step besides the target (fewer when the client has fewer)."""
+#: Trials timed before the replay's whole time is estimated (``progress``).
+ESTIMATE_AFTER = 20
 
 
 class ReplayAuditError(ToolkitError, ValueError):
@@ -293,6 +301,52 @@ class _Step:
         return torch.cat([p.grad.reshape(-1) for p in self.module.parameters()]).clone()
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` for people: seconds, minutes or hours, rounded."""
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _fewest_trials_above(claim: float, delta: float, confidence: float) -> int | None:
+    """The fewest even trial count whose :func:`certifiable_max` exceeds ``claim``, or None
+    when :data:`MAX_TRIALS` does not (the bound grows with the count: a bisection)."""
+    if certifiable_max(MAX_TRIALS, delta, confidence) <= claim:
+        return None
+    low, high = 0, MAX_TRIALS // 2  # in pairs of trials: low's bound is not above, high's is
+    while high - low > 1:
+        mid = (low + high) // 2
+        if certifiable_max(2 * mid, delta, confidence) > claim:
+            high = mid
+        else:
+            low = mid
+    return 2 * high
+
+
+def _trials_plan(trials: int, members: int, automatic: bool, claim: float, delta: float,
+                 confidence: float, options: Mapping[str, str]) -> str:
+    """The line said before the trials: how many, why, and whether they can refute the claim
+    (``members``: the coins' heads, which the certifiable maximum is computed from)."""
+    why = (f"automatic: the fewest whose certifiable max exceeds 1.1 x the claim, at most"
+           f" {MAX_AUTO_TRIALS:,}; {options['trials']} sets it") if automatic \
+        else options["trials"]
+    line = f"replaying {trials:,} trials ({why})"
+    if not 0 < members < trials:
+        return line  # the coins fell one way: the replay is refused after the data is built
+    best = epsilon_lower_bound(members, members, 0, trials - members, delta,
+                               confidence).epsilon_lower_bound
+    if best <= claim:
+        claim_s, (_, best_s) = audit_figures(claim, 0.0, best)
+        line += (f"; even a perfect attacker certifies at most {best_s} with them, not above"
+                 f" the claim {claim_s}, so the verdict can only be inconclusive")
+        needed = _fewest_trials_above(claim, delta, confidence)
+        if needed is not None:
+            line += f"; about {needed:,} trials could refute it ({options['trials']})"
+    return line
+
+
 def _check_trials(trials: Any, options: Mapping[str, str]) -> None:
     if isinstance(trials, bool) or not isinstance(trials, int) or not 2 <= trials <= MAX_TRIALS:
         raise ReplayAuditError(f"trials must be an int in [2, {MAX_TRIALS:,}]"
@@ -303,7 +357,8 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
                      trials: int | None = None, records: int | None = None, confidence: float = 0.95,
                      seed: int = 0, allowlist: str | Path | None = None,
                      anchor: str | Path | None = None,
-                     options: Mapping[str, str] = API_AUDIT_OPTIONS) -> ReplayAuditResult:
+                     options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                     progress: Callable[[str], None] | None = None) -> ReplayAuditResult:
     """Replay the run's noise from its config and bound epsilon from membership guesses.
 
     ``run_dir`` must hold ``config.toml`` and the ledgers of a DP run. ``trials`` defaults to
@@ -324,6 +379,13 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     digests, run name, config hash, runtime and methods, every ledger's head and length)
     instead of the run's own anchor.json. Without them the run's own files are used.
     Errors name the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
+
+    ``progress`` (the CLI prints it to stderr): called before the first trial with a line
+    saying how many trials run and why (and, when even a perfect attacker could not refute
+    the claim with that many, that the verdict can only be inconclusive), and, for more than
+    :data:`ESTIMATE_AFTER` trials, once after that many with the estimated time of them all.
+    The steps run on ``training.threads`` torch threads when the config sets it, else on one
+    (the step's batch is a few dozen rows; more threads only wait on each other).
     """
     run_dir = check_path(run_dir, "run_dir", ReplayAuditError)
     from audits.verify import load_given_allowlist
@@ -387,9 +449,14 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
             raise ReplayAuditError(problem)
     claim, delta, params, mechanisms, unchecked = _ledger_claim(
         run_dir, method, cid, cfg.privacy.noise, allow_path)
+    automatic = trials is None
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)
     _check_trials(trials, options)
+    coins = torch.rand(trials, generator=torch.Generator().manual_seed(seed)) < 0.5
+    if progress is not None:
+        progress(_trials_plan(trials, int(coins.sum()), automatic, claim, delta,
+                              float(confidence), options))
 
     from secure_fedora.learning.devices import threads_applied
     from secure_fedora.runtimes.inprocess import build_clients
@@ -419,9 +486,13 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         # Under replay both candidates are deterministic, so the attacker computes them once.
         candidate_out = step.release(x_out, y_out, replayed())
         candidate_in = step.release(x_in, y_in, replayed())
-        coins = torch.rand(trials, generator=torch.Generator().manual_seed(seed)) < 0.5
         guesses = torch.zeros(trials, dtype=torch.bool)
+        start = time.perf_counter()
         for t in range(trials):
+            if progress is not None and t == ESTIMATE_AFTER < trials:
+                per_trial = (time.perf_counter() - start) / t
+                progress(f"  about {_duration(per_trial * trials)} for the {trials:,} trials"
+                         f" ({per_trial * 1e3:.1f} ms a trial over the first {t})")
             member = bool(coins[t])
             observed = step.release(x_in, y_in, victim()) if member \
                 else step.release(x_out, y_out, victim())

@@ -626,7 +626,7 @@ def test_files_the_key_scan_could_not_read_are_shown_not_dropped(runs, tmp_path,
     for extra in ([], ["--allowlist", str(trusted)]):
         assert main(["audit", "replay", str(run), "--trials", "8", *extra]) == 3  # inconclusive
         captured = capsys.readouterr()
-        assert captured.err == f"warning: {text}\n", captured.err
+        assert captured.err.splitlines().count(f"warning: {text}") == 1, captured.err
         assert json.loads((run / "audit" / "replay.json").read_text())["unchecked"] == [text]
     assert run_replay_audit(run, trials=8).unchecked == [text]
 
@@ -656,3 +656,43 @@ def test_the_replay_audit_runs_on_one_thread_when_the_config_sets_none(runs, mon
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_replay_says_how_many_trials_and_how_long_before_running_them(runs, monkeypatch,
+                                                                          capsys):
+    """The automatic trial count ran for as long as it took without a word (20,000 trials at
+    an epsilon-8 claim); the replay now says up front how many trials it runs and why, and
+    after the first few how long all of them should take."""
+    import audits.replay as replay
+
+    said: list[str] = []
+    real = replay._Step.release
+
+    def release(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        said.append("step")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(replay._Step, "release", release)
+    result = run_replay_audit(runs["reproducible"], progress=said.append)
+    assert result.trials == 40 and result.verdict == "refuted"
+    plan, estimate = [line for line in said if line != "step"]
+    assert said.index(plan) == 0  # before the first step
+    assert plan == ("replaying 40 trials (automatic: the fewest whose certifiable max exceeds"
+                    " 1.1 x the claim, at most 20,000; the trials= argument sets it)")
+    # after ESTIMATE_AFTER trials (and the 2 candidates), before the rest
+    assert said.index(estimate) == 2 + replay.ESTIMATE_AFTER + 1
+    assert re.fullmatch(r"  about \d+ (s|min) for the 40 trials \(\d+\.\d ms a trial over the"
+                        r" first 20\)", estimate)
+
+    # too few trials to refute the claim: said before they run, with the count that could
+    assert main(["audit", "replay", str(runs["reproducible"]), "--trials", "8"]) == 3  # inconclusive
+    err = capsys.readouterr().err
+    needed = int(re.search(r"about ([\d,]+) trials could", err)[1].replace(",", ""))
+    assert re.fullmatch(r"replaying 8 trials \(--trials\); even a perfect attacker certifies at"
+                        r" most 0\.0000 with them, not above the claim 0\.\d{4}, so the verdict"
+                        r" can only be inconclusive; about [\d,]+ trials could refute it"
+                        r" \(--trials\)\n", err)
+    claim = json.loads((runs["reproducible"] / "audit" / "replay.json").read_text())[
+        "claim_epsilon"]
+    assert certifiable_max(needed, 1e-3) > claim >= certifiable_max(needed - 2, 1e-3)
+    assert err.count("\n") == 1  # 8 trials: no estimate
