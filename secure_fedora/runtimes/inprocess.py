@@ -149,7 +149,8 @@ def model_record_problem(path: Path, module: torch.nn.Module) -> str | None:
 
 def build_clients(cfg: ExperimentConfig, data: Any = None,
                   own: int | None = None) -> list[ClientData]:
-    """The federation's data, deterministic in ``cfg.seed`` and the data section.
+    """The federation's data, deterministic in ``cfg.seed`` and the data section, built on
+    ``training.threads`` torch threads (when set; the process's own count again after it).
 
     ``data`` (Python API) overrides the config's ``data.dataset`` / ``data.source``: a
     centralized dataset dict or :class:`~secure_fedora.data.partition.LabeledDataset` (split by
@@ -160,6 +161,15 @@ def build_clients(cfg: ExperimentConfig, data: Any = None,
     ``own`` (a Flower node's client): a registered partitioner's rows are checked for that
     client only (:func:`~secure_fedora.data.userdata.call_partitioner`).
     """
+    from secure_fedora.learning.devices import threads_applied
+
+    # Many small tensor ops per client (a rotation per split): on a busy machine each one
+    # that fans out to more threads than the run asked for costs far more than it computes.
+    with threads_applied(cfg):
+        return _build_clients(cfg, data, own)
+
+
+def _build_clients(cfg: ExperimentConfig, data: Any, own: int | None) -> list[ClientData]:
     from secure_fedora.core.plugins import config_dir
     from secure_fedora.data.userdata import (
         FederatedData,
