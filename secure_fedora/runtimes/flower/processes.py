@@ -8,6 +8,12 @@ process group and to every recorded descendant, waits a bounded grace period, an
 sends SIGKILL to whatever is still alive. :func:`stop_all` does this for all processes at
 once: one grace period for all of them, not one each. Only processes started here, or descendants of
 them, are ever signalled. Descendants are found through ``/proc`` (Linux).
+
+A process that dies without stopping them (SIGKILL, out of memory) does not leave them
+running: each one started from the main thread goes through :data:`_DIE_WITH_PARENT`, which has
+Linux send it SIGTERM when that thread ends (``PR_SET_PDEATHSIG``, which follows the starting
+thread, not its process: one started from another thread would be stopped when that thread
+ends, so it gets no such signal).
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +44,19 @@ __all__ = [
 
 class ProcessError(ToolkitError, RuntimeError):
     """A managed process failed to start, exited unexpectedly or did not become ready."""
+
+
+# Runs (``python -I -c``) in front of every managed command, which then replaces it (same pid):
+# prctl(PR_SET_PDEATHSIG, SIGTERM) survives the exec, so the command gets SIGTERM when its
+# starter dies, even by SIGKILL; a starter already gone (the child was re-parented) ends it at
+# once. Done in a launcher, not a preexec_fn, which may deadlock in a process with threads.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -104,16 +126,27 @@ class ManagedProcess:
     known_descendants: set[int] = field(default_factory=set)
 
     def start(self) -> ManagedProcess:
-        """Start the process in a new session, appending stdout and stderr to ``log_path``."""
+        """Start the process in a new session, appending stdout and stderr to ``log_path``;
+        started from the main thread on Linux, it gets SIGTERM when this process ends, even
+        by SIGKILL."""
         if self.popen is not None and self.popen.poll() is None:
             raise ProcessError(f"{self.name} is already running (pid {self.popen.pid})")
+        command = list(self.command)
+        if (
+            sys.platform.startswith("linux")
+            and threading.current_thread() is threading.main_thread()
+        ):
+            # the launcher reports a missing command only in the log: refuse it here
+            if shutil.which(command[0], path=self.env.get("PATH", os.defpath)) is None:
+                raise ProcessError(f"cannot start {self.name} ({command[0]}): no such executable")
+            command = [sys.executable, "-I", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== start {self.name}: {self.shell_line()}\n".encode())
             log.flush()
             try:
                 self.popen = subprocess.Popen(  # noqa: S603 - fixed argument lists, no shell
-                    self.command,
+                    command,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

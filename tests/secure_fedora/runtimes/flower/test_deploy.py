@@ -419,6 +419,46 @@ def test_stop_all_stops_every_process_within_one_grace_period(tmp_path: Path) ->
         assert not Path(f"/proc/{proc.pid}").exists()
 
 
+def test_managed_processes_end_when_the_process_that_started_them_is_killed(
+        tmp_path: Path) -> None:
+    """`deploy local` killed with SIGKILL (no handler runs) left every process it started
+    running in sessions of their own: the SuperLink, the SuperNodes and the log stream ran
+    on forever, and a later `deploy local --resume` in the workdir ran a second federation on
+    the same nodes' state beside them. A managed process now gets SIGTERM when the process
+    that started it dies, however it dies: two started by a parent that is then SIGKILLed are
+    gone within seconds (each ends on SIGTERM as Python's default does)."""
+    import signal
+
+    parent = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from secure_fedora.runtimes.flower.processes import ManagedProcess\n"
+        "tmp = Path(sys.argv[1])\n"
+        "procs = [ManagedProcess(f'c{i}', [sys.executable, '-c', 'import time; time.sleep(120)'],"
+        " tmp / f'c{i}.log', dict(os.environ)).start() for i in range(2)]\n"
+        "print(' '.join(str(p.pid) for p in procs), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    starter = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert starter.stdout is not None
+        kids = [int(pid) for pid in starter.stdout.readline().split()]
+        assert len(kids) == 2 and all(is_alive(pid) for pid in kids)
+        starter.send_signal(signal.SIGKILL)
+        starter.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(is_alive(pid) for pid in kids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        survivors = [pid for pid in kids if is_alive(pid)]
+    finally:
+        starter.kill()
+        for pid in kids:
+            if is_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert survivors == [], "processes outlived the process that started them"
+
+
 def test_a_processs_logged_start_line_restarts_it_when_pasted_into_a_shell(tmp_path: Path) -> None:
     # An operator restarts a killed SuperNode from its log's start line: a node config holding
     # spaces and quotes, and the FLWR_HOME it runs under, must survive the copy.
