@@ -673,6 +673,7 @@ def test_evaluation_reports_name_a_fine_tuned_metric_only_of_a_method_that_fine_
 
     class TunedX(FedAvg):
         name = "tuned_x"
+        finetunes = True  # FedAvg's fine-tuning is not inherited: declared
 
     METHODS.register("tuned_x", TunedX)
     try:
