@@ -573,21 +573,13 @@ def test_a_method_this_process_lacks_is_replayed_with_a_warning(tmp_path, caplog
                for r in caplog.records)
 
 
-def test_the_replay_audit_trains_on_training_threads_and_restores_the_process_s(
-        tmp_path, monkeypatch):
-    """The replay's DP-SGD steps ran on the process's own torch thread count, not the run's
-    ``training.threads`` (which in-process runs, sweeps and the canary audit hold)."""
+
+def _threads_of_each_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets torch's thread count at each DP-SGD step the replay makes."""
     import torch
 
     import audits.replay as replay
 
-    before = torch.get_num_threads()
-    wanted = 2 if before != 2 else 3
-    doc = {**BASE, "data": {**BASE["data"], "train_per_client": 30, "val_per_client": 10},
-           "training": {**BASE["training"], "batch_size": 10, "threads": wanted},
-           "privacy": {**BASE["privacy"], "noise": "reproducible"}}
-    run = _run(tmp_path / "threads", doc)
-    assert torch.get_num_threads() == before
     seen: list[int] = []
     real = replay._Step.release
 
@@ -596,6 +588,23 @@ def test_the_replay_audit_trains_on_training_threads_and_restores_the_process_s(
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(replay._Step, "release", release)
+    return seen
+
+def test_the_replay_audit_trains_on_training_threads_and_restores_the_process_s(
+        tmp_path, monkeypatch):
+    """The replay's DP-SGD steps ran on the process's own torch thread count, not the run's
+    ``training.threads`` (which in-process runs, sweeps and the canary audit hold)."""
+    import torch
+
+
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 3
+    doc = {**BASE, "data": {**BASE["data"], "train_per_client": 30, "val_per_client": 10},
+           "training": {**BASE["training"], "batch_size": 10, "threads": wanted},
+           "privacy": {**BASE["privacy"], "noise": "reproducible"}}
+    run = _run(tmp_path / "threads", doc)
+    assert torch.get_num_threads() == before
+    seen = _threads_of_each_step(monkeypatch)
     assert run_replay_audit(run, trials=20).correct == 20
     assert len(seen) == 22 and set(seen) == {wanted}
     assert torch.get_num_threads() == before
@@ -638,17 +647,9 @@ def test_the_replay_audit_runs_on_one_thread_when_the_config_sets_none(runs, mon
     thread, and the process's own count is back after."""
     import torch
 
-    import audits.replay as replay
 
     before = torch.get_num_threads()
-    seen: list[int] = []
-    real = replay._Step.release
-
-    def release(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(torch.get_num_threads())
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(replay._Step, "release", release)
+    seen = _threads_of_each_step(monkeypatch)
     torch.set_num_threads(2)  # tests/conftest.py runs each test process on one thread
     try:
         assert run_replay_audit(runs["reproducible"], trials=10).correct == 10
