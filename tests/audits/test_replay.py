@@ -596,7 +596,6 @@ def test_the_replay_audit_trains_on_training_threads_and_restores_the_process_s(
     ``training.threads`` (which in-process runs, sweeps and the canary audit hold)."""
     import torch
 
-
     before = torch.get_num_threads()
     wanted = 2 if before != 2 else 3
     doc = {**BASE, "data": {**BASE["data"], "train_per_client": 30, "val_per_client": 10},
@@ -646,7 +645,6 @@ def test_the_replay_audit_runs_on_one_thread_when_the_config_sets_none(runs, mon
     made a trial 10-30x slower (20,000 automatic trials took hours); they now run on one
     thread, and the process's own count is back after."""
     import torch
-
 
     before = torch.get_num_threads()
     seen = _threads_of_each_step(monkeypatch)
