@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import tomli_w
@@ -460,6 +461,16 @@ def test_a_run_states_its_noise_exactly_and_the_ledger_must_hold_that_float(tmp_
     assert f"DP-SGD sigma {drawn!r}, q 0.5," in capsys.readouterr().out
 
 
+
+def _run_of_unregistered_method(tmp_path: Path, method: str) -> Path:
+    """A run directory whose config.toml names ``method``, which no module has registered."""
+    from tests.audits.conftest import CANARY_CONFIG
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(CANARY_CONFIG.replace('["local"]', f'["{method}"]'))
+    return run
+
 def test_an_entry_registered_by_the_runs_own_process_is_refused_saying_what_to_do(
         tmp_path, capsys):
     """The white-box and canary audits of a run directory build the run's data, model and
@@ -467,11 +478,7 @@ def test_an_entry_registered_by_the_runs_own_process_is_refused_saying_what_to_d
     cannot be audited there; both said only "unknown method". They now name the entry and
     what to do (a module in secure_fedora/contrib/, or the audit's Python function called from
     the registering process), in one line, exit 2."""
-    from tests.audits.conftest import CANARY_CONFIG
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(CANARY_CONFIG.replace('["local"]', '["byo_local_w"]'))
+    run = _run_of_unregistered_method(tmp_path, "byo_local_w")
     with pytest.raises(WhiteboxAuditError, match=r"names method 'byo_local_w', which this "
                        r"process has not registered .*secure_fedora/contrib/.*"
                        r"audits\.whitebox\.audit_run_dir"):
@@ -598,11 +605,7 @@ def test_import_registers_a_plug_in_method_before_the_config_is_read(tmp_path, c
     import sys
 
     from secure_fedora.core.registry import METHODS
-    from tests.audits.conftest import CANARY_CONFIG
-
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(CANARY_CONFIG.replace('["local"]', '["byo_local_i"]'))
+    run = _run_of_unregistered_method(tmp_path, "byo_local_i")
     with pytest.raises(WhiteboxAuditError, match=r"method 'byo_local_i', which this process has"
                        r" not registered .*import its module first with the imports= argument"
                        r" of audits\.whitebox\.audit_run_dir"):
