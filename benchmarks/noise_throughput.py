@@ -8,7 +8,12 @@ last row is the ChaCha20 keystream alone for a float32 request (24 bytes per val
 rest of a float32 request's time is the Box-Muller arithmetic. The ``csprng-torch`` rows are
 the device path of CsprngNoise (ChaCha20 in torch integer ops, then the sampler in torch) run
 on the CPU: informational only, it is meant for a GPU and is much slower than OpenSSL here.
+The closing line is the noised relatedness summary's noise on a ``--summary-d`` square
+second moment (default 794, rotated MNIST's 784 pixels and 10 labels): symmetric noise drawn
+on the d(d+1)/2 independent entries (``GaussianMechanism.release_symmetric``, what a release
+does) against d*d i.i.d. values then symmetrized (the same distribution), as a ratio.
 Usage: python benchmarks/noise_throughput.py [--size 118282] [--repeats 30] [--threads 1]
+       [--summary-d 794]
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Callable
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
+from privacy.mechanisms import GaussianMechanism
 from privacy.noise import CsprngNoise, ReproducibleNoise, _chacha20_torch
 
 
@@ -40,6 +46,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=118_282)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summary-d", type=int, default=794)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.size
@@ -67,6 +74,24 @@ def main() -> None:
     t = best_seconds(lambda: _chacha20_torch(os.urandom(32), 0, 0, keystream), repeats)
     print(f"{'csprng-torch':<14} {'keystream 24 B/v':<18} {t * 1e3:>10.3f} {n / t / 1e6:>11.1f}"
           f"  (torch ChaCha20 on the CPU, best of {repeats}; the path a GPU takes)")
+    summary_noise(args.summary_d, args.repeats)
+
+
+def summary_noise(d: int, repeats: int) -> None:
+    """The summary's symmetric noise (d(d+1)/2 draws) against d*d draws symmetrized."""
+    source = CsprngNoise()
+    mech = GaussianMechanism(1.0, 1.0)
+    value = torch.zeros(d, d, dtype=torch.float64)
+
+    def full() -> torch.Tensor:
+        noised = value + source.normal((d, d), mech.std, torch.float64)
+        return (noised + noised.T) / 2
+
+    t_full = best_seconds(full, repeats)
+    t_sym = best_seconds(lambda: mech.release_symmetric(value, source), repeats)
+    print(f"summary noise d = {d} float64 csprng: {d * (d + 1) // 2} symmetric draws"
+          f" {t_sym * 1e3:.1f} ms against {d * d} draws symmetrized {t_full * 1e3:.1f} ms:"
+          f" {t_sym / t_full:.2f}x")
 
 
 if __name__ == "__main__":

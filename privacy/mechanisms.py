@@ -86,6 +86,36 @@ class GaussianMechanism:
         noise = _check_noise(noise)
         return value + noise.normal(value.shape, self.std, value.dtype, device=value.device)
 
+    def release_symmetric(self, value: Tensor, noise: NoiseSource) -> Tensor:
+        """Return ``S + E`` for a square ``value``, ``S = (value + value^T) / 2`` and ``E`` a
+        symmetric noise matrix: diagonal N(0, std^2), strictly upper triangle N(0, std^2 / 2),
+        all independent, mirrored below. The result is exactly symmetric (bit for bit).
+
+        Guarantee: for a value that is symmetric between neighbours (``S`` equals ``value``
+        there), the Gaussian mechanism on its isometric upper-triangle vector (the diagonal,
+        and the off-diagonal entries times sqrt(2): an L2 isometry, so the caller's
+        Frobenius ``sensitivity`` holds for it unchanged) with N(0, std^2) per coordinate,
+        mapped back: accounted as ``(noise_multiplier, 1.0, 1)``, like :meth:`release`.
+        ``E`` has exactly the distribution of ``(G + G^T) / 2`` for ``G`` with i.i.d.
+        N(0, std^2) entries (the symmetrized output of :meth:`release`), from d(d+1)/2 draws
+        instead of d^2: the diagonal's d values first, then the upper triangle row by row."""
+        value = _check_float_tensor("value", value)
+        if value.ndim != 2 or value.shape[0] != value.shape[1]:
+            raise MechanismError(f"value must be a square (d, d) matrix, got shape"
+                                 f" {tuple(value.shape)}")
+        noise = _check_noise(noise)
+        d = int(value.shape[0])
+        diagonal = noise.normal((d,), self.std, value.dtype, device=value.device)
+        upper = noise.normal((d * (d - 1) // 2,), self.std * math.sqrt(0.5), value.dtype,
+                             device=value.device) if d > 1 else None
+        sym_noise = torch.zeros_like(value)
+        if upper is not None:  # row-major fill of the strict upper triangle, then mirrored
+            above = torch.ones(d, d, dtype=torch.bool, device=value.device).triu_(1)
+            sym_noise.masked_scatter_(above, upper)
+            sym_noise = sym_noise + sym_noise.T
+        sym_noise.diagonal().copy_(diagonal)
+        return (value + value.T) / 2 + sym_noise
+
     def record(self, mechanism: str, **params: object) -> MechanismRecord:
         """The accounting record of one release (``sensitivity`` is added to ``params``)."""
         if "sensitivity" in params and params["sensitivity"] != self.sensitivity:
@@ -126,7 +156,8 @@ def second_moment_sensitivity(clip_norm: float, n: int) -> float:
 
 def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
                          noise: NoiseSource, *, n: int | None = None) -> Tensor:
-    """Gaussian mechanism on ``M = clip(Z)^T clip(Z) / n``; returns a symmetric (d, d) matrix.
+    """Gaussian mechanism on ``M = clip(Z)^T clip(Z) / n``; returns an exactly symmetric (d, d)
+    matrix.
 
     Rows of ``z`` (n_rows, d) are clipped to L2 norm ``R = clip_norm``. ``n`` is the public
     normalizer (default ``z.shape[0]``, which is then assumed public: the guarantee protects
@@ -137,15 +168,17 @@ def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
     (equality for ``||z|| = R``): the L2 sensitivity of ``M`` as a d*d vector is exactly
     ``R^2 / n``.
 
-    Noise: ``G`` with i.i.d. N(0, s^2) entries, ``s = noise_multiplier * R^2 / n``, is added
-    to all d*d entries — the Gaussian mechanism with that sensitivity, accounted as
-    ``(noise_multiplier, 1.0, 1)`` — and the result is symmetrized, ``(X + X^T) / 2``, which
-    is post-processing (free). The returned noise ``(G + G^T) / 2`` has variance ``s^2`` on
-    the diagonal and ``s^2 / 2`` off it. (Equivalently: the isometric upper-triangle
-    vectorization, off-diagonal entries times sqrt(2), has the same sensitivity ``R^2 / n``.
-    Adding ``s^2`` noise to each plain upper-triangle entry instead would be equally private
-    but noisier off the diagonal, and ``(G + G^T) / sqrt(2)`` would double the diagonal noise;
-    neither is done.)
+    Noise: the Gaussian mechanism with that sensitivity and ``s = noise_multiplier * R^2 /
+    n``, accounted as ``(noise_multiplier, 1.0, 1)``, on the isometric upper-triangle
+    vectorization of the symmetric ``M`` (off-diagonal entries times sqrt(2), so Frobenius
+    norms and the sensitivity ``R^2 / n`` are unchanged), mapped back: the returned noise is
+    symmetric with variance ``s^2`` on the diagonal and ``s^2 / 2`` off it, all d(d+1)/2
+    entries independent (:meth:`GaussianMechanism.release_symmetric`). That is exactly the
+    distribution of ``(G + G^T) / 2`` for ``G`` with i.i.d. N(0, s^2) entries on all d*d
+    entries (the same mechanism, symmetrized by post-processing), drawn from half the
+    values. (Adding ``s^2`` noise to each plain upper-triangle entry would be equally
+    private but noisier off the diagonal, and ``(G + G^T) / sqrt(2)`` would double the
+    diagonal noise; neither is done.)
     """
     z = _check_float_tensor("z", z)
     if z.ndim != 2:
@@ -160,10 +193,7 @@ def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
             raise MechanismError("z has no rows; pass the public n explicitly")
     sensitivity = second_moment_sensitivity(clip_norm, n)
     zc = clip_rows(z, clip_norm)
-    m = zc.T @ zc / n
-    d = m.shape[0]
-    noised = m + noise.normal((d, d), nm * sensitivity, m.dtype, device=m.device)
-    return (noised + noised.T) / 2
+    return GaussianMechanism(nm, sensitivity).release_symmetric(zc.T @ zc / n, noise)
 
 
 def summary_record(clip_norm: float, noise_multiplier: float, n: int, q: int,

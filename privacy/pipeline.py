@@ -176,6 +176,20 @@ class GaussianNoise:
         return release.replace(payload=noised, records=[*release.records, record])
 
 
+class SymmetricGaussianNoise(GaussianNoise):
+    """Gaussian mechanism on a square payload that is symmetric between neighbours (a second
+    moment): symmetrizes it and adds symmetric noise drawn on its d(d+1)/2 independent
+    entries (:meth:`privacy.mechanisms.GaussianMechanism.release_symmetric`), the output
+    distributed exactly as :class:`GaussianNoise` followed by symmetrization. Same record."""
+
+    def process(self, release: Release) -> Release:
+        """Symmetric noised payload with one more record."""
+        noised = self.mechanism_impl.release_symmetric(
+            _tensor_payload("SymmetricGaussianNoise", release), self.noise)
+        record = self.mechanism_impl.record(self.mechanism, **self.params)
+        return release.replace(payload=noised, records=[*release.records, record])
+
+
 class Transform:
     """Data-independent post-processing of the payload (e.g. top eigenvectors); no record.
 
@@ -590,7 +604,8 @@ def second_moment_stages(clip_norm: float, n: int, q: int, noise_multiplier: flo
                          noise: NoiseSource, mechanism: str = "gaussian_summary") -> list[Any]:
     """The stages of a noised second-moment summary of a 2-D payload ``Z``: clip each row to
     ``clip_norm``, ``M = Z^T Z / n`` (``n`` public), the Gaussian mechanism with sensitivity
-    ``clip_norm^2 / n`` (record ``mechanism``), symmetrize, keep the top-``q`` eigenvectors.
+    ``clip_norm^2 / n`` (record ``mechanism``) with symmetric noise, keep the top-``q``
+    eigenvectors.
     The same computation, bit for bit, as :func:`privacy.mechanisms.noised_second_moment`
     followed by :func:`~privacy.mechanisms.top_eigenvectors` (and the same record as
     :func:`~privacy.mechanisms.summary_record`)."""
@@ -599,8 +614,8 @@ def second_moment_stages(clip_norm: float, n: int, q: int, noise_multiplier: flo
     return [
         ClipRows(clip_norm),
         Transform(lambda z: z.T @ z / n, "second_moment"),
-        GaussianNoise(noise_multiplier, record.params["sensitivity"], noise, mechanism, params),
-        Transform(lambda m: (m + m.T) / 2, "symmetrize"),
+        SymmetricGaussianNoise(noise_multiplier, record.params["sensitivity"], noise, mechanism,
+                               params),
         Transform(lambda m: top_eigenvectors(m, q), "top_eigenvectors"),
     ]
 

@@ -2098,7 +2098,7 @@ def release_stage_names(cfg: ExperimentConfig, method: str, *, signed: bool,
 
     built = {
         "model": [*admission, "CheckExecutedSteps", *leave("model")],
-        "summary": ["ClipRows", "second_moment", "GaussianNoise", "symmetrize",
+        "summary": ["ClipRows", "second_moment", "SymmetricGaussianNoise",
                     "top_eigenvectors", *admission, *leave("summary")],
         "lambda": ["ClampValues", "mean", "GaussianNoise", "RecordParams", "AccountedWith"],
     }

@@ -17,7 +17,7 @@ from privacy.mechanisms import (
     summary_record,
     top_eigenvectors,
 )
-from privacy.noise import ReproducibleNoise
+from privacy.noise import CsprngNoise, ReproducibleNoise
 
 
 def _gen(seed: int = 0) -> ReproducibleNoise:
@@ -102,6 +102,52 @@ def test_second_moment_noise_is_symmetric_with_the_documented_variances():
     assert float(off_t.var()) == pytest.approx(s**2 / 2, rel=0.05)    # 11,700 samples
     rec = summary_record(r, sigma, n, q=1)
     assert rec.params["sensitivity"] == r**2 / n and rec.sample_rate == 1.0
+
+
+class _CountingNoise(ReproducibleNoise):
+    """Counts the normal values drawn."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.drawn = 0
+
+    def normal(self, shape, std, dtype=torch.float32, device=None):  # type: ignore[no-untyped-def]
+        self.drawn += int(torch.Size(shape).numel())
+        return super().normal(shape, std, dtype, device)
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 40])
+def test_second_moment_noise_draws_only_the_independent_entries(d: int) -> None:
+    noise = _CountingNoise(3)
+    m = noised_second_moment(torch.zeros(5, d, dtype=torch.float64), 1.0, 2.0, noise)
+    assert noise.drawn == d * (d + 1) // 2
+    assert m.shape == (d, d) and torch.equal(m, m.T)
+
+
+def test_second_moment_noise_mixes_csprng_draws_with_the_documented_variances() -> None:
+    d, n, r, sigma = 60, 100, 1.0, 2.0
+    s = sigma * r**2 / n
+    m = noised_second_moment(torch.zeros(n, d, dtype=torch.float64), r, sigma, CsprngNoise())
+    iu = torch.triu_indices(d, d, offset=1)
+    off = m[iu[0], iu[1]]
+    assert torch.equal(m, m.T)
+    assert float(torch.diagonal(m).var()) == pytest.approx(s**2, rel=0.35)   # 60 samples
+    assert float(off.var()) == pytest.approx(s**2 / 2, rel=0.06)              # 1,770 samples
+    # Distinct entries are independent draws, not copies of one another.
+    assert len(set(off.tolist())) == off.numel()
+
+
+def test_release_symmetric_symmetrizes_an_asymmetric_value_and_refuses_non_square() -> None:
+    mech = GaussianMechanism(1e-12, 1.0)
+    value = torch.tensor([[1.0, 2.0], [4.0, 3.0]], dtype=torch.float64)
+    out = mech.release_symmetric(value, _gen())
+    assert torch.equal(out, out.T)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 3.0], [3.0, 3.0]],
+                                                 dtype=torch.float64))
+    with pytest.raises(MechanismError, match="square"):
+        mech.release_symmetric(torch.zeros(2, 3), _gen())
+    with pytest.raises(MechanismError, match="NaN"):
+        mech.release_symmetric(torch.full((2, 2), float("nan")), _gen())
 
 
 def test_second_moment_rejects_bad_input():

@@ -593,7 +593,7 @@ def test_each_release_kind_runs_through_its_stages_in_order(tmp_path):
     assert stages["model"] == ["RecordParams", "BudgetGate", "JournalRelease",
                                "CheckExecutedSteps"]
     assert signed == [*stages["model"], "SignEnvelope"]
-    assert stages["summary"] == ["ClipRows", "second_moment", "GaussianNoise", "symmetrize",
+    assert stages["summary"] == ["ClipRows", "second_moment", "SymmetricGaussianNoise",
                                  "top_eigenvectors", "RecordParams", "BudgetGate",
                                  "JournalRelease"]
     assert stages["lambda"] == ["ClampValues", "mean", "GaussianNoise", "RecordParams",
