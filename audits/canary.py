@@ -466,6 +466,10 @@ class CanaryAuditResult:
     #: :meth:`audits.verify.ImportedModule.to_json` gives it (name, file, SHA-256, what it
     #: registered): code from outside the toolkit that ran during the audit.
     imported: list[dict[str, Any]] = field(default_factory=list)
+    #: What ``audit canary RUN_DIR``'s checks of the run could not check (files that could not
+    #: be read to look for private keys, a run without privacy keeping its envelope keys),
+    #: each as ``audit verify`` words its warning; replay.json's ``unchecked`` alike.
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:

@@ -269,6 +269,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    notes: list[str] = []
     if run_dir is not None:  # as audit verify and replay: once, before anything trains
         try:
             notes = refuse_private_keys(run_dir, bool(cfg.privacy.enabled), CanaryAuditError,
@@ -287,7 +288,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,
                               keystore=keystore, options=CLI_AUDIT_OPTIONS)
-    result = dataclasses.replace(result, imported=[m.to_json() for m in imported])
+    result = dataclasses.replace(result, imported=[m.to_json() for m in imported],
+                                 unchecked=list(notes))
     b = result.bound
     doc = result.to_json()
     try:  # checked before anything is printed or written
@@ -332,6 +334,8 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
     except WhiteboxAuditError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    for note in result.unchecked:  # what was not checked, as canary and replay show it
+        print(f"warning: {note}", file=sys.stderr)
     doc = result.to_json()
     _print_imported(doc)
     s = result.setting

@@ -37,7 +37,6 @@ gradient's stability clip. There is no claim; the bound shows what the attack ex
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 import warnings
@@ -101,8 +100,6 @@ __all__ = [
     "run_whitebox_audit",
     "whitebox_setting",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Enough that every evaluation canary guessed right certifies more than epsilon 8 at
 #: delta 1e-5 and confidence 0.95 (16,000 evaluation canaries: 8.11).
@@ -442,6 +439,10 @@ class WhiteboxAuditResult:
     #: :meth:`audits.verify.ImportedModule.to_json` gives it (name, file, SHA-256, what it
     #: registered): code from outside the toolkit that ran during the audit.
     imported: list[dict[str, Any]] = field(default_factory=list)
+    #: What the checks of the run could not check (files that could not be read to look for
+    #: private keys, a run without privacy keeping its envelope keys), each as ``audit
+    #: verify`` words its warning; replay.json's ``unchecked`` alike.
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def verdict(self) -> str:
@@ -477,6 +478,7 @@ class WhiteboxAuditResult:
             non_member_mean_score=self.non_member_mean_score,
             mean_inclusions_per_member=self.mean_inclusions, seconds=round(self.seconds, 2),
             assumptions=list(self.assumptions), imported=list(self.imported),
+            unchecked=list(self.unchecked),
         )
 
 
@@ -518,7 +520,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
     arguments or a plan that cannot be built, and, with ``run_dir``, when private key material
     lies inside it (:func:`audits.verify.refuse_private_keys`, as ``audit verify`` and ``audit
-    replay`` refuse it; its unchecked warnings are logged) or the audited client's ledger
+    replay`` refuse it; what it could not check is the result's ``unchecked``) or the
+    audited client's ledger
     there records another plan (:func:`check_setting_against_ledger`), and, before training,
     when the evaluation part of
     the canaries holds no member or no non-member canary (not measurable); errors name the
@@ -541,10 +544,10 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                  f" {calibration_fraction!r}")
     check_seed(seed, WhiteboxAuditError)
     run_path = None if run_dir is None else check_path(run_dir, "run_dir", WhiteboxAuditError)
+    unchecked: list[str] = []
     if run_path is not None:  # once per audit: each scan reads every file of the run
-        for text in refuse_private_keys(run_path, bool(cfg.privacy.enabled), WhiteboxAuditError,
-                                        f"run directory {run_path} is not trusted"):
-            log.warning("%s", text)
+        unchecked = refuse_private_keys(run_path, bool(cfg.privacy.enabled), WhiteboxAuditError,
+                                        f"run directory {run_path} is not trusted")
     setting = whitebox_setting(cfg, method, client_index, results, options,
                                _ledger_noise(run_path, cfg, method, client_index))
     if run_path is not None:
@@ -607,6 +610,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
         mean_inclusions=float(oracle.inclusions.double().mean()) if oracle.inclusions.numel()
         else 0.0,
         seconds=time.perf_counter() - t0, config_name=cfg.name, assumptions=assumptions,
+        unchecked=list(unchecked),
     )
 
 

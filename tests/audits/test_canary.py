@@ -24,7 +24,7 @@ from audits.canary import (
 from secure_fedora.core.config import parse_config
 from secure_fedora.data.partition import ClientData
 from secure_fedora.runtimes.inprocess import build_clients
-from tests.audits.conftest import canary_run_dir
+from tests.audits.conftest import CANARY_CONFIG, canary_run_dir
 
 
 def test_clopper_pearson_closed_forms():
@@ -547,3 +547,32 @@ def test_cli_canary_refuses_private_keys_inside_the_run_before_training(tmp_path
                                                    " 1 file holds private key material")
     assert "(keys/operator.ed25519.pem)" in err
     assert not (run / "audit").exists()
+
+
+def test_cli_canary_prints_and_records_what_the_key_scan_could_not_check(tmp_path, capsys):
+    """`audit canary RUN_DIR` printed the key scan's warnings (a run without privacy keeping
+    its envelope keys) but canary.json did not record them, as replay.json records them
+    (`unchecked`); canary.json now lists each, worded as the printed `warning:` line."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from secure_fedora.cli import main
+
+    run = canary_run_dir(tmp_path)
+    (run / "config.toml").write_text(CANARY_CONFIG.replace(
+        "[privacy]\nenabled = true\nepsilon = 8.0\n", ""))
+    (run / "keys").mkdir()
+    (run / "keys" / "client-000.ed25519.key").write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+    assert main(["audit", "canary", str(run), "--canaries", "40"]) == 3  # no claim
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "keys/client-000.ed25519.key" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), err
+    doc = json.loads((run / "audit" / "canary.json").read_text())
+    assert doc["unchecked"] == [warnings[0].removeprefix("warning: ")]
+    (run / "keys" / "client-000.ed25519.key").unlink()
+    assert main(["audit", "canary", str(run), "--canaries", "40"]) == 3
+    assert "warning:" not in capsys.readouterr().err
+    assert json.loads((run / "audit" / "canary.json").read_text())["unchecked"] == []

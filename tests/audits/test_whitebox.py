@@ -553,8 +553,7 @@ def _pem_private_key() -> bytes:
         serialization.NoEncryption())
 
 
-def test_private_keys_inside_the_run_are_refused_once_per_audit(tmp_path, capsys, monkeypatch,
-                                                                caplog):
+def test_private_keys_inside_the_run_are_refused_once_per_audit(tmp_path, capsys, monkeypatch):
     """`audit verify` and `audit replay` refuse a run holding private key material (whoever
     holds a signing key can re-sign its ledgers); `audit whitebox` checked the plan against
     that run's ledger without looking. It now refuses it alike, with one scan of the run per
@@ -589,11 +588,31 @@ def test_private_keys_inside_the_run_are_refused_once_per_audit(tmp_path, capsys
     (plain / "keys").mkdir(parents=True)
     (plain / "config.toml").write_text(tomli_w.dumps(_cfg_dict(None)))
     (plain / "keys" / "client-000.ed25519.key").write_bytes(_pem_private_key())
-    with caplog.at_level("WARNING", logger="audits.whitebox"):
-        audit_run_dir(plain, num_canaries=100)
-    assert any("keys/client-000.ed25519.key" in r.getMessage()
-               and "delete keys/*.key before sharing it" in r.getMessage()
-               for r in caplog.records)
+    (note,) = audit_run_dir(plain, num_canaries=100)[0].unchecked
+    assert "keys/client-000.ed25519.key" in note and "delete keys/*.key before sharing it" in note
+
+
+def test_the_key_scans_warnings_are_printed_and_recorded_as_replay_does(tmp_path, capsys):
+    """`audit whitebox` sent what the key scan could not check (a run without privacy keeping
+    its envelope keys) through logging, without the `warning:` prefix with which `audit
+    verify`, `canary` and `replay` print it, and whitebox.json did not record it. It is now a
+    `warning:` line on stderr and whitebox.json's `unchecked`, as replay.json's."""
+    plain = tmp_path / "plain"
+    (plain / "keys").mkdir(parents=True)
+    (plain / "config.toml").write_text(tomli_w.dumps(_cfg_dict(None)))
+    (plain / "keys" / "client-000.ed25519.key").write_bytes(_pem_private_key())
+    assert main(["audit", "whitebox", str(plain), "--canaries", "100"]) == 3  # no claim
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "keys/client-000.ed25519.key" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: "), err
+    assert "delete keys/*.key before sharing it" in warnings[0]
+    doc = json.loads((plain / "audit" / "whitebox.json").read_text())
+    assert doc["unchecked"] == [warnings[0].removeprefix("warning: ")]
+    # a run whose scan found nothing records that nothing was left unchecked
+    (plain / "keys" / "client-000.ed25519.key").unlink()
+    assert main(["audit", "whitebox", str(plain), "--canaries", "100"]) == 3
+    assert "warning:" not in capsys.readouterr().err
+    assert json.loads((plain / "audit" / "whitebox.json").read_text())["unchecked"] == []
 
 
 def test_import_registers_a_plug_in_method_before_the_config_is_read(tmp_path, capsys,
