@@ -200,9 +200,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _write_json(path: Path | None, doc: dict[str, Any], command: str, force: bool) -> None:
     """``doc`` (a document of JSON types: string keys; a NaN or infinity becomes null, named
     by :func:`finite_document`) to the ``--json`` file ``path``, if given, sealed and encoded
-    once by :func:`write_output_file`."""
+    once by :func:`write_output_file`; then a ``written: PATH`` line, as each audit prints
+    the files it wrote."""
     if path is not None:
         write_output_file(path, finite_document(doc), "--json", command, force=force)
+        print(f"  written: {path}")
 
 
 #: Exit status of the canary and white-box audits per verdict (2 is bad input).
@@ -315,8 +317,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
             print(f"error: cannot write {run_dir / 'audit' / 'canary.json'}: {err}",
                   file=sys.stderr)
             return 2
-    if json_path is not None:
-        write_output_file(json_path, doc, "--json", "canary", force=args.force)
+    _write_json(json_path, doc, "canary", args.force)
     return VERDICT_EXIT[doc["verdict"]]
 
 
@@ -453,6 +454,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     )
     from audits.verdict import NO_DP_CLAIM_EXIT, verdict_text
 
+    json_path = _json_option(args, "replay")
     try:
         result = run_replay_audit(args.run_dir, client=args.client, method=args.method,
                                   trials=args.trials, records=args.records,
@@ -460,6 +462,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                                   allowlist=args.allowlist, anchor=args.anchor,
                                   options=CLI_AUDIT_OPTIONS,
                                   progress=lambda line: print(line, file=sys.stderr, flush=True))
+        doc = result.to_json()
         path = write_replay_result(args.run_dir, result)
     except NoPrivacyClaimError as err:
         print(str(err))
@@ -473,13 +476,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
           f" trials, {result.correct} correct guesses")
     # the figures and verdict worded as canary and whitebox word them
-    _print_audit_summary({**result.to_json(), "verdict_text": verdict_text(
+    _print_audit_summary({**doc, "verdict_text": verdict_text(
         result.verdict, result.claim_epsilon, result.certifiable_max, result.lower_bound)})
     others = [m for m in s.get("claim_mechanisms", []) if m != "dpsgd"]
     if others:  # the claim is the ledger's whole spend, the replay one DP-SGD step of it
         print(f"  the claim also spans the ledger's {', '.join(others)} releases (signed entries,"
               " not replayed)")
     print(f"  written: {path}")
+    _write_json(json_path, doc, "replay", args.force)
     return VERDICT_EXIT[result.verdict]
 
 
@@ -664,6 +668,8 @@ def register(subparsers: Any) -> None:
                         " `audit verify --anchor` does: a changed config.toml or results.json,"
                         " or a ledger off its anchored head or length, is an error (default:"
                         " check config.toml against RUN_DIR/anchor.json if present)")
+    _json_flags(replay, "also write the result to this file (default: none; the same"
+                " document as RUN_DIR/audit/replay.json, which is always written)")
     replay.set_defaults(func=cmd_replay)
 
 

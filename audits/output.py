@@ -35,7 +35,7 @@ __all__ = ["REPORT_KEYS", "SEAL_KEY", "check_output_file", "is_previous_report",
            "output_refusal", "seal_document", "seal_report", "write_output_file"]
 
 #: Top-level keys by which each command's JSON report is recognised (the first ones of the
-#: document it writes); canary and white-box reports also carry ``"audit": <name>``.
+#: document it writes); canary, white-box and replay reports also carry ``"audit": <name>``.
 REPORT_KEYS: Mapping[str, frozenset[str]] = {
     "verify": frozenset({"run_dir", "ok", "rel_tol", "independent_accountant", "allowlist",
                          "checks", "clients", "findings"}),
@@ -44,6 +44,8 @@ REPORT_KEYS: Mapping[str, frozenset[str]] = {
     "canary": frozenset({"audit", "claim_epsilon", "certifiable_max", "lower_bound", "verdict"}),
     "whitebox": frozenset({"audit", "claim_epsilon", "certifiable_max", "lower_bound",
                            "verdict"}),
+    "replay": frozenset({"audit", "claim_epsilon", "certifiable_max", "lower_bound", "verdict",
+                         "trials", "correct"}),
 }
 
 #: How ``audit report``'s report.html begins (``audits.report.render_html``).
@@ -112,7 +114,7 @@ def is_previous_report(path: Path, command: str) -> bool:
         doc: Any = json.loads(data)
         if not isinstance(doc, dict) or not REPORT_KEYS[command] <= doc.keys():
             return False
-        if command in ("canary", "whitebox") and doc.get("audit") != command:
+        if command in ("canary", "whitebox", "replay") and doc.get("audit") != command:
             return False
         seal = doc.pop(SEAL_KEY, None)
         return isinstance(seal, dict) and seal.get("tool") == SEAL_TOOL \

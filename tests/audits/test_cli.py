@@ -272,6 +272,19 @@ def test_leakage_on_a_dp_config_uses_each_clients_planned_summary_noise(tmp_path
     assert json.loads(out_json.read_text())["noise_multiplier"] == 2.5
 
 
+def test_leakage_says_which_file_it_wrote(tmp_path, capsys):
+    """`audit leakage --json FILE` wrote FILE without a word, while canary, whitebox and replay
+    print a `written: PATH` line for each file they write; it now prints one too."""
+    cfg_path = noised_fedora_config(tmp_path / "dp.toml", "epsilon = 3.0\ndelta = 1e-3\n")
+    out_json = tmp_path / "leak.json"
+    assert main(["audit", "leakage", str(cfg_path), "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith(f"  written: {out_json}\n") and out.count("written:") == 1
+    assert json.loads(out_json.read_text())["modes"]
+    assert main(["audit", "leakage", str(cfg_path)]) == 0  # without --json nothing is written
+    assert "written:" not in capsys.readouterr().out
+
+
 def test_leakage_on_an_over_budget_dp_config_says_the_run_would_be_refused(tmp_path, capsys):
     """The plan's own error said "nothing was trained", which reads as a report on a run."""
     cfg_path = noised_fedora_config(tmp_path / "over.toml",
@@ -296,7 +309,7 @@ def test_the_recorded_epsilon_is_printed_rounded_up():
     assert _range([2.98341]) == "2.983" and _range([None]) == "n/a"
 
 
-@pytest.mark.parametrize("command", ["verify", "canary", "whitebox", "leakage"])
+@pytest.mark.parametrize("command", ["verify", "canary", "whitebox", "leakage", "replay"])
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_json_option_is_refused_before_the_audit(pristine_run, tmp_path, monkeypatch,
                                                           capsys, command, value):
@@ -304,7 +317,8 @@ def test_an_empty_json_option_is_refused_before_the_audit(pristine_run, tmp_path
     directory: '.'"); canary, whitebox and leakage wrote no file at all for '' (and one named
     by spaces for '  '). --json is now checked first, like --out."""
     monkeypatch.chdir(tmp_path)
-    target = str(pristine_run) if command in ("verify", "whitebox") else "missing.toml"
+    target = str(pristine_run) if command in ("verify", "whitebox", "replay") \
+        else "missing.toml"
     assert main(["audit", command, target, "--json", value]) == 2
     captured = capsys.readouterr()
     assert captured.err == "error: --json is empty: name a file\n" and captured.out == ""

@@ -65,13 +65,14 @@ def test_writing_a_report_never_changes_the_process_umask(pristine_run, tmp_path
         os.umask(mask)
 
 
-@pytest.mark.parametrize("command", ["canary", "whitebox", "leakage"])
+@pytest.mark.parametrize("command", ["canary", "whitebox", "leakage", "replay"])
 def test_another_commands_report_is_not_its_own(pristine_run, tmp_path, capsys, command):
-    """A verify report is not a canary/white-box/leakage report: refused without --force."""
+    """A verify report is not a canary/white-box/leakage/replay report: refused without
+    --force."""
     path = tmp_path / "v.json"
     assert _verify(pristine_run, path) == 0
     before = path.read_bytes()
-    target = str(pristine_run) if command == "whitebox" else "missing.toml"
+    target = str(pristine_run) if command in ("whitebox", "replay") else "missing.toml"
     assert main(["audit", command, target, "--json", str(path)]) == 2
     assert f"not a previous `audit {command}` JSON report" in capsys.readouterr().err
     assert path.read_bytes() == before

@@ -695,3 +695,45 @@ def test_the_replay_says_how_many_trials_and_how_long_before_running_them(runs, 
         "claim_epsilon"]
     assert certifiable_max(needed, 1e-3) > claim >= certifiable_max(needed - 2, 1e-3)
     assert err.count("\n") == 1  # 8 trials: no estimate
+
+
+def test_replay_writes_json_as_the_other_audits_do(runs, tmp_path, monkeypatch, capsys):
+    """`audit replay` had no `--json`, while canary, whitebox, leakage and verify have one.
+    It now writes replay.json's document to the file it names, sealed and encoded once
+    (:mod:`audits.output`), replacing only its own previous report without `--force`, and
+    says it wrote it."""
+    import audits.output as output
+    from audits.output import is_previous_report, seal_document
+
+    run = runs["reproducible"]
+    out_json = tmp_path / "copy.json"
+
+    def no_parse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the document was dumped to text to be parsed back and sealed")
+
+    with monkeypatch.context() as m:
+        m.setattr(output, "seal_report", no_parse)
+        assert main(["audit", "replay", str(run), "--trials", "40", "--json", str(out_json)]) == 1
+    out = capsys.readouterr().out
+    assert out.endswith(f"  written: {run / 'audit' / 'replay.json'}\n  written: {out_json}\n")
+    doc = json.loads((run / "audit" / "replay.json").read_text())
+    assert out_json.read_text() == seal_document(doc, "replay")
+    assert is_previous_report(out_json, "replay") and not is_previous_report(out_json, "canary")
+    # its own previous report is replaced without --force
+    assert main(["audit", "replay", str(run), "--trials", "40", "--json", str(out_json)]) == 1
+    capsys.readouterr()
+    # another file is kept, refused before the replay runs
+    other = tmp_path / "notes.json"
+    other.write_text("{}\n")
+    assert main(["audit", "replay", str(run), "--trials", "40", "--json", str(other)]) == 2
+    captured = capsys.readouterr()
+    assert "not a previous `audit replay` JSON report" in captured.err and captured.out == ""
+    assert other.read_text() == "{}\n"
+    assert main(["audit", "replay", str(run), "--trials", "40", "--force"]) == 2
+    assert "--force needs --json" in capsys.readouterr().err
+    # a run without a DP claim: nothing written there either
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.toml").write_text(tomli_w.dumps({**BASE, "privacy": {"enabled": False}}))
+    assert main(["audit", "replay", str(plain), "--json", str(tmp_path / "p.json")]) == 3
+    assert not (tmp_path / "p.json").exists()

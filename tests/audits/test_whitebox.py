@@ -150,6 +150,8 @@ def test_run_dir_and_cli(tmp_path, capsys):
     assert code == {"consistent": 0, "refuted": 1, "inconclusive": 3}[doc["verdict"]]
     assert doc["verdict"] == "consistent" and doc["setup"]["canaries"] == 500
     assert "certifiable maximum" in out and "verdict: consistent" in out
+    assert out.endswith(f"  written: {run / 'audit' / 'whitebox.json'}\n"
+                        f"  written: {tmp_path / 'copy.json'}\n")  # every file it wrote
     copy = json.loads((tmp_path / "copy.json").read_text())
     assert copy.pop("written_by")["command"] == "whitebox" and copy == doc  # the --json seal
     result, path = audit_run_dir(run, num_canaries=500)

@@ -120,7 +120,7 @@ def test_documented_benchmark_commands_exist_with_their_flags():
 @pytest.mark.parametrize(
     "words, problem",
     [
-        (["audit", "replay", "RUN", "--json", "F"], "has no option --json"),
+        (["audit", "replay", "RUN", "--canaries", "F"], "has no option --canaries"),
         (["keys", "inti", "DIR"], "has no sub-command 'inti'"),
         (["deploy", "certs|local", "--print-commands", "--days", "9"], None),
         (["deploy", "certs|local", "--trials", "9"], "has no option --trials"),
