@@ -25,8 +25,13 @@ process exit code.
 - ``audit leakage CONFIG``: the summary-leakage audit; prints its figures, can write JSON.
 - ``audit replay RUN_DIR``: the config-known audit (replays reproducible noise); writes
   ``RUN_DIR/audit/replay.json`` and prints as canary and whitebox do; exit 0 when
-  consistent, 1 when the claim is refuted, 3 when inconclusive or when the run makes no
-  differential-privacy claim (nothing written), 2 when the run cannot be audited.
+  consistent, 1 when the claim is refuted, 3 when inconclusive (with the automatic trial
+  count that cannot refute the claim: before any trial, nothing written) or when the run
+  makes no differential-privacy claim (nothing written), 2 when the run cannot be audited.
+
+Each audit prints a ``written: PATH`` line for every file it wrote (``RUN_DIR/audit/<audit>.json``
+and the ``--json`` file), and a ``warning: ...`` line on stderr for what its checks of the run
+could not check (also recorded as ``unchecked`` in canary.json, whitebox.json, replay.json).
 """
 
 from __future__ import annotations
@@ -444,9 +449,11 @@ def cmd_leakage(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """``audit replay``: config-known membership inference; exit as canary and whitebox (0
-    consistent, 1 refuted, 3 inconclusive), 3 too for a run without a DP claim, 2 when the run
+    consistent, 1 refuted, 3 inconclusive), 3 too for a run without a DP claim and when the
+    automatic trial count cannot refute the claim (nothing run or written), 2 when the run
     cannot be audited."""
     from audits.replay import (
+        AutomaticTrialsCannotRefuteError,
         NoPrivacyClaimError,
         ReplayAuditError,
         run_replay_audit,
@@ -467,6 +474,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except NoPrivacyClaimError as err:
         print(str(err))
         return NO_DP_CLAIM_EXIT
+    except AutomaticTrialsCannotRefuteError as err:
+        print(f"  verdict: inconclusive: {one_line(err)}; nothing written")
+        return VERDICT_EXIT["inconclusive"]
     except ReplayAuditError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -531,9 +541,10 @@ AUDIT_EXIT_HELP = ("exit 0: consistent (the audit could have refuted the claim a
                    " there is no claim); 2: bad input")
 REPLAY_EXIT_HELP = ("exit 0: consistent (the audit could have refuted the claim and did not);"
                     " 1: refuted (the measured lower bound exceeds the claimed epsilon);"
-                    " 3: inconclusive (the design cannot certify epsilon above the claim), or"
-                    " the run makes no differential-privacy claim (nothing written); 2: the run"
-                    " cannot be audited (bad input)")
+                    " 3: inconclusive (the design cannot certify epsilon above the claim; when"
+                    " the automatic trial count cannot, no trial runs and nothing is written),"
+                    " or the run makes no differential-privacy claim (nothing written); 2: the"
+                    " run cannot be audited (bad input)")
 LEAKAGE_EXIT_HELP = "exit 0: the figures were computed (no verdict); 2: bad input"
 
 FORCE_HELP = ("replace an existing output file that is not a previous report of this command"
@@ -649,10 +660,12 @@ def register(subparsers: Any) -> None:
     replay.add_argument("--client", type=int, default=0,
                         help="index of the audited client (default %(default)s)")
     replay.add_argument("--method", help="method whose ledger gives the DP-SGD parameters and"
-                        " the claim (default: fedora if run, else the first with ledgers)")
-    replay.add_argument("--trials", type=int, help="membership trials (default: enough for a"
-                        " perfect attacker to exceed the claim, capped at 20000; at most"
-                        " 1000000 when given)")
+                        " the claim (default: fedora when RUN_DIR has its ledgers, else the"
+                        " config's first method that has ledgers)")
+    replay.add_argument("--trials", type=int, help="membership trials (default: the fewest for"
+                        " a perfect attacker to exceed 1.1 x the claim, capped at 20000; when"
+                        " 20000 cannot refute the claim, none runs (exit 3) and the count that"
+                        " could is named; at most 1000000 when given, run as asked)")
     replay.add_argument("--records", type=int,
                         help="client records in the audited step besides the target (default:"
                         " 64, or data.train_per_client - 1 when that is fewer)")

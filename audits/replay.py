@@ -77,8 +77,8 @@ from secure_fedora.core.config import (
 )
 from secure_fedora.data.partition import ClientData
 
-__all__ = ["ReplayAuditError", "ReplayAuditResult", "certifiable_max", "run_replay_audit",
-           "trials_for_claim", "write_replay_result"]
+__all__ = ["AutomaticTrialsCannotRefuteError", "ReplayAuditError", "ReplayAuditResult",
+           "certifiable_max", "run_replay_audit", "trials_for_claim", "write_replay_result"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,20 @@ class NoPrivacyClaimError(ReplayAuditError):
     """The run makes no differential-privacy claim (:func:`audits.verify.dp_claim_basis`
     finds none): there is no noise to replay and no claim to test. Not a failure: the CLI
     exits with :data:`audits.verdict.NO_DP_CLAIM_EXIT`, as ``audit verify`` does."""
+
+
+class AutomaticTrialsCannotRefuteError(ReplayAuditError):
+    """The automatic trial count stops at :data:`MAX_AUTO_TRIALS`, and even a perfect
+    attacker could not certify an epsilon above the claim with that many trials: the verdict
+    could only be inconclusive, so no trial is run. ``trials``: the capped count; ``needed``:
+    about how many trials could refute the claim (None when not even :data:`MAX_TRIALS`
+    could). Not a failure of the run: the CLI exits 3 (inconclusive), writing nothing; an
+    explicit ``trials`` runs as asked."""
+
+    def __init__(self, message: str, trials: int, needed: int | None) -> None:
+        super().__init__(message)
+        self.trials = trials
+        self.needed = needed
 
 
 @dataclass
@@ -325,6 +339,20 @@ def _fewest_trials_above(claim: float, delta: float, confidence: float) -> int |
     return 2 * high
 
 
+def _perfect_bound(trials: int, members: int, delta: float, confidence: float) -> float:
+    """The bound a perfect attacker certifies from ``trials`` of which ``members`` are heads
+    (both kinds present)."""
+    return epsilon_lower_bound(members, members, 0, trials - members, delta,
+                               confidence).epsilon_lower_bound
+
+
+def _ask_for(count: int, options: Mapping[str, str]) -> str:
+    """How the caller asks for ``count`` trials: ``--trials N`` on the command line,
+    ``trials=N`` in Python."""
+    flag = options["trials"]
+    return f"{flag} {count}" if flag.startswith("--") else f"trials={count}"
+
+
 def _trials_plan(trials: int, members: int, automatic: bool, claim: float, delta: float,
                  confidence: float, options: Mapping[str, str]) -> str:
     """The line said before the trials: how many, why, and whether they can refute the claim
@@ -335,8 +363,7 @@ def _trials_plan(trials: int, members: int, automatic: bool, claim: float, delta
     line = f"replaying {trials:,} trials ({why})"
     if not 0 < members < trials:
         return line  # the coins fell one way: the replay is refused after the data is built
-    best = epsilon_lower_bound(members, members, 0, trials - members, delta,
-                               confidence).epsilon_lower_bound
+    best = _perfect_bound(trials, members, delta, confidence)
     if best <= claim:
         claim_s, (_, best_s) = audit_figures(claim, 0.0, best)
         line += (f"; even a perfect attacker certifies at most {best_s} with them, not above"
@@ -345,6 +372,30 @@ def _trials_plan(trials: int, members: int, automatic: bool, claim: float, delta
         if needed is not None:
             line += f"; about {needed:,} trials could refute it ({options['trials']})"
     return line
+
+
+def _refuse_capped_trials(trials: int, members: int, claim: float, delta: float,
+                          confidence: float, options: Mapping[str, str]) -> None:
+    """AutomaticTrialsCannotRefuteError when the automatic count ``trials`` is the cap and
+    even a perfect attacker could not certify above ``claim`` with it (``members`` heads):
+    running them would take long and could only end inconclusive."""
+    if trials < MAX_AUTO_TRIALS or not 0 < members < trials:
+        return
+    best = _perfect_bound(trials, members, delta, confidence)
+    if best > claim:
+        return
+    claim_s, (_, best_s) = audit_figures(claim, 0.0, best)
+    needed = _fewest_trials_above(claim, delta, confidence)
+    text = (f"the automatic trial count stops at {MAX_AUTO_TRIALS:,}, and even a perfect"
+            f" attacker certifies at most {best_s} with {trials:,} trials, not above the claim"
+            f" {claim_s}: the verdict could only be inconclusive, so no trial was run; ")
+    if needed is None:
+        text += (f"not even {MAX_TRIALS:,} trials (the most one replay runs) could refute it,"
+                 " so this audit cannot test the claim")
+    else:
+        text += (f"about {needed:,} trials could refute it (each one DP-SGD step): ask for"
+                 f" them with {_ask_for(needed, options)}")
+    raise AutomaticTrialsCannotRefuteError(text, trials, needed)
 
 
 def _check_trials(trials: Any, options: Mapping[str, str]) -> None:
@@ -368,6 +419,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     check (fields, chain, signature) or records a claim that is not a finite positive number,
     and a config.toml that is not the run's (its noise mode differs from the one every DP-SGD
     entry records, or anchor.json records another digest). Does not write anything.
+    With the automatic count, when it stops at :data:`MAX_AUTO_TRIALS` and even a perfect
+    attacker could not certify above the claim with that many, no trial is run:
+    :class:`AutomaticTrialsCannotRefuteError` (a ReplayAuditError) says how many trials could
+    refute it; an explicit ``trials`` runs as asked, whatever it can certify.
 
     ``allowlist`` (CLI ``--allowlist``): an independently registered allowlist.json; the
     ledger's signatures are checked under it instead of the run's ``keys/allowlist.json``
@@ -454,6 +509,9 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         trials = trials_for_claim(claim, delta, confidence)
     _check_trials(trials, options)
     coins = torch.rand(trials, generator=torch.Generator().manual_seed(seed)) < 0.5
+    if automatic:  # before any trial, and before the data is built
+        _refuse_capped_trials(trials, int(coins.sum()), claim, delta, float(confidence),
+                              options)
     if progress is not None:
         progress(_trials_plan(trials, int(coins.sum()), automatic, claim, delta,
                               float(confidence), options))
@@ -505,8 +563,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     tp = int((guesses & coins).sum())
     fp = int((guesses & ~coins).sum())
     bound = epsilon_lower_bound(tp, members, fp, trials - members, delta, confidence)
-    best = epsilon_lower_bound(members, members, 0, trials - members, delta,
-                               confidence).epsilon_lower_bound
+    best = _perfect_bound(trials, members, delta, confidence)
     lower = bound.epsilon_lower_bound
     verdict = audit_verdict(claim, best, lower)
     correct = int((guesses == coins).sum())

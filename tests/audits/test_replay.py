@@ -697,6 +697,63 @@ def test_the_replay_says_how_many_trials_and_how_long_before_running_them(runs, 
     assert err.count("\n") == 1  # 8 trials: no estimate
 
 
+def _no_trial_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test at the first DP-SGD step or data build of a replay."""
+    import audits.replay as replay
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a trial (or the data it needs) was built")
+
+    monkeypatch.setattr(replay._Step, "release", refuse)
+    monkeypatch.setattr("secure_fedora.runtimes.inprocess.build_clients", refuse)
+
+
+@pytest.mark.parametrize("sigma, refutable", [(0.5, True), (0.4, False)])
+def test_an_automatic_count_capped_below_refuting_runs_no_trial(tmp_path, monkeypatch, capsys,
+                                                               sigma, refutable):
+    """The automatic trial count stopped at its 20,000 cap even after saying that those trials
+    could not refute the claim, then ran them all (minutes; epsilon 9 or 14 here). It now
+    stops before any trial: exit 3 (inconclusive), nothing written, saying how many trials
+    could refute the claim and how to ask for them (`--trials N`), or that none could. An
+    explicit count still runs as asked."""
+    import audits.replay as replay
+
+    doc = {**BASE, "privacy": {**BASE["privacy"], "noise": "csprng", "noise_multiplier": sigma}}
+    run = _run(tmp_path / "run", doc)
+    out_json = tmp_path / "copy.json"
+    with monkeypatch.context() as m:
+        _no_trial_may_run(m)
+        assert main(["audit", "replay", str(run)]) == 3
+        out, err = capsys.readouterr()
+        assert main(["audit", "replay", str(run), "--json", str(out_json)]) == 3
+        assert capsys.readouterr() == (out, err)
+        with pytest.raises(replay.AutomaticTrialsCannotRefuteError) as caught:
+            run_replay_audit(run)
+    assert not (run / "audit").exists() and not out_json.exists()
+    assert err == ""  # no "replaying 20,000 trials" plan
+    assert out.startswith("  verdict: inconclusive: the automatic trial count stops at 20,000,"
+                          " and even a perfect attacker certifies at most ") and out.count("\n") == 1
+    assert out.endswith("; nothing written\n") and "no trial was run" in out
+    assert caught.value.trials == replay.MAX_AUTO_TRIALS
+    claim = json.loads((run / "ledgers" / "local" / "client-000.jsonl").read_text()
+                       .splitlines()[-1])["epsilon_after"]
+    assert certifiable_max(replay.MAX_AUTO_TRIALS, 1e-3) < claim
+    if refutable:
+        needed = caught.value.needed
+        assert certifiable_max(needed, 1e-3) > claim >= certifiable_max(needed - 2, 1e-3)
+        assert f"about {needed:,} trials could refute it" in out
+        assert f"ask for them with --trials {needed}\n" in out.replace("; nothing written", "")
+        assert str(caught.value).endswith(f"ask for them with trials={needed}")
+    else:
+        assert caught.value.needed is None and certifiable_max(replay.MAX_TRIALS, 1e-3) < claim
+        assert "not even 1,000,000 trials (the most one replay runs) could refute it" in out
+    # an explicit count runs as asked, however little it can certify
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 3
+    out, err = capsys.readouterr()
+    assert err.startswith("replaying 8 trials (--trials)") and "8 trials, " in out
+    assert json.loads((run / "audit" / "replay.json").read_text())["trials"] == 8
+
+
 def test_replay_writes_json_as_the_other_audits_do(runs, tmp_path, monkeypatch, capsys):
     """`audit replay` had no `--json`, while canary, whitebox, leakage and verify have one.
     It now writes replay.json's document to the file it names, sealed and encoded once
