@@ -597,7 +597,8 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     """
     check_config(cfg, CanaryAuditError)
     if method not in cfg.methods:
-        raise CanaryAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
+        raise CanaryAuditError(f"method {method!r} is not in the config's methods {cfg.methods}:"
+                               f" name one with {options['method']}")
     if isinstance(client_index, bool) or not isinstance(client_index, int) \
             or not 0 <= client_index < cfg.data.num_clients:
         raise CanaryAuditError(

@@ -599,7 +599,8 @@ def register(subparsers: Any) -> None:
                         " mislabeled: the built-in image dataset's test images, each given a"
                         " wrong label (default %(default)s)")
     canary.add_argument("--method", default="local",
-                        help="method to train (from the config; default %(default)s)")
+                        help="method to train, one of the config's (default %(default)s, which"
+                        " the config must run: give --method for a config without it)")
     canary.add_argument("--confidence", type=float, default=0.95,
                         help="confidence of the lower bound (default %(default)s)")
     canary.add_argument("--delta", type=float, default=1e-5,

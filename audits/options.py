@@ -27,6 +27,7 @@ CLI_AUDIT_OPTIONS: Mapping[str, str] = MappingProxyType({
     "keystore": "--keystore",
     "client": "--client",
     "client_index": "--client",
+    "method": "--method",
     "confidence": "--confidence",
     "delta": "--delta",
     "calibration_fraction": "--calibration-fraction",

@@ -275,10 +275,14 @@ def _raise_claim_problem(run_dir: Path, anchor_given: bool, cfg_enabled: bool | 
             " run's; restore the run's config.toml, and run `audit verify`"))
 
 
-def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None) -> str:
+def _choose_method(run_dir: Path, cfg: ExperimentConfig, method: str | None,
+                   options: Mapping[str, str] = API_AUDIT_OPTIONS) -> str:
+    """``method`` when the run's config has it, else (None) fedora when ``run_dir`` holds its
+    ledgers, else the config's first method that has ledgers; ReplayAuditError otherwise."""
     if method is not None:
         if method not in cfg.methods:
-            raise ReplayAuditError(f"method {method!r} is not in the run's methods {cfg.methods}")
+            raise ReplayAuditError(f"method {method!r} is not in the run's methods {cfg.methods}:"
+                                   f" name one with {options['method']}")
         return method
     for name in ("fedora", *cfg.methods):
         if (run_dir / "ledgers" / name).is_dir():
@@ -491,7 +495,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     check_seed(seed, ReplayAuditError)
     if trials is not None:  # a given count is checked before the ledger is read
         _check_trials(trials, options)
-    method = _choose_method(run_dir, cfg, method)
+    method = _choose_method(run_dir, cfg, method, options)
     cid = client_ids(n_clients)[client]
     if anchor is not None:
         from audits.verify import check_anchor

@@ -214,7 +214,8 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
     whether results.json's plan or the config differs from the ledger.
     """
     if method not in cfg.methods:
-        raise WhiteboxAuditError(f"method {method!r} is not in the config's methods {cfg.methods}")
+        raise WhiteboxAuditError(f"method {method!r} is not in the config's methods {cfg.methods}:"
+                                 f" name one with {options['method']}")
     if isinstance(client_index, bool) or not isinstance(client_index, int) \
             or not 0 <= client_index < cfg.data.num_clients:
         raise WhiteboxAuditError(

@@ -704,3 +704,31 @@ def test_every_audit_help_states_its_exit_codes_and_every_option(command, codes)
         assert action.help, f"audit {command} {action.option_strings or action.dest}"
     if command in ("verify", "replay"):
         assert "private keys inside RUN_DIR are an error with it or without" in text
+
+
+def test_each_audit_states_its_own_method_default_and_a_wrong_method_names_the_flag(
+        pristine_run, tmp_path, capsys):
+    """canary, whitebox and replay each pick the attacked method their own way (canary:
+    local; whitebox: local when the config has it, else its first; replay: fedora when its
+    ledgers exist, else the first with ledgers); each `--help` states its own, and a method
+    the config lacks (canary's default local included) was refused without naming --method."""
+    helps = {command: " ".join(_subparser(command).format_help().split())
+             for command in ("canary", "whitebox", "replay")}
+    assert ("--method METHOD method to train, one of the config's (default local, which the"
+            " config must run: give --method for a config without it)") in helps["canary"]
+    assert ("--method METHOD whose plan to audit (default: local when the config has it, else"
+            " its first method)") in helps["whitebox"]
+    assert ("(default: fedora when RUN_DIR has its ledgers, else the config's first method"
+            " that has ledgers)") in helps["replay"]
+    cfg = tmp_path / "fedavg.toml"
+    cfg.write_text('methods = ["fedavg"]\n[data]\nnum_clients = 2\ntrain_per_client = 16\n'
+                   'val_per_client = 8\ntest_per_client = 8\n[training]\nrounds = 1\n')
+    assert main(["audit", "canary", str(cfg), "--canaries", "20"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "method 'local' is not in the config's methods" \
+        " ['fedavg']: name one with --method" in err, err
+    for command in ("whitebox", "replay"):
+        assert main(["audit", command, str(pristine_run), "--method", "nope"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "method 'nope' is not in the" in err
+        assert err.endswith(": name one with --method\n"), err
