@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -49,6 +50,20 @@ logger = logging.getLogger(__name__)
 _NORM_EPS = 1e-6
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+
+#: The reasons for the Opacus fallback already logged in this process: a run builds one DPSGD
+#: per check and per method (a Flower node one per message), so the notice is said once per
+#: reason, not once per build.
+_FALLBACKS_SAID: set[str] = set()
+_FALLBACKS_LOCK = threading.Lock()
+
+
+def _first_time_said(reason: str) -> bool:
+    """Whether ``reason`` is new to this process (and record it)."""
+    with _FALLBACKS_LOCK:
+        new = reason not in _FALLBACKS_SAID
+        _FALLBACKS_SAID.add(reason)
+        return new
 
 
 class DPSGDError(ToolkitError, ValueError):
@@ -117,6 +132,9 @@ class DPSGD:
     never replaced. An empty batch gives noise only. The caller's optimizer then steps.
 
     Use as a context manager or call :meth:`close` to remove the hooks from the model.
+
+    ``mode="auto"`` takes the fused path where it applies, else Opacus's hooks, and logs why
+    (a warning of logger ``privacy.dpsgd``) the first time a reason occurs in the process.
     """
 
     def __init__(self, model: nn.Module, max_grad_norm: float, noise_multiplier: float,
@@ -166,7 +184,7 @@ class DPSGD:
         if self.mode == "fused":
             self._setup_fused(model)
         else:
-            if mode == "auto":
+            if mode == "auto" and _first_time_said(reason):
                 logger.warning(
                     "DPSGD: %s; using Opacus GradSampleModule (hooks) for exact per-sample "
                     "gradients: the same privacy guarantee as the fused path, but slower", reason

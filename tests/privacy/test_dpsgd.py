@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import subprocess
+import sys
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -184,7 +188,10 @@ def test_fused_handles_sequence_inputs_and_reused_layers_exactly():
 
 def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplog):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    # a module name of its own: the notice is said once per reason in a process
+    model = nn.Sequential(OrderedDict(conv_of_the_log_line_test=nn.Conv2d(1, 3, 3),
+                                      relu=nn.ReLU(), flat=nn.Flatten(),
+                                      out=nn.Linear(3 * 4 * 4, 4)))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, 1, 6, 6, generator=g)
     y = torch.randint(0, 4, (8,), generator=g)
@@ -209,6 +216,44 @@ def test_conv_model_uses_opacus_exact_per_sample_gradients_with_a_log_line(caplo
     dp.close()
     with pytest.raises(DPSGDError, match="fused"):
         DPSGD(model, clip, 1.0, 8, ReproducibleNoise(0), mode="fused")
+
+
+def test_the_opacus_fallback_is_said_once_per_reason_in_a_process():
+    """A DP run builds one DPSGD per check and per method (a Flower node one per message), and
+    each build logged the same Opacus fallback notice: a two-method Python API run said it three
+    times. It is now said the first time its reason occurs in the process; another reason is
+    said too, and the log's other warnings are untouched. In a fresh process (this one's
+    earlier tests may have said any reason already)."""
+    script = """
+import logging
+from torch import nn
+from privacy.dpsgd import DPSGD
+from privacy.noise import ReproducibleNoise
+
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append(record.getMessage())
+logging.getLogger().addHandler(Keep())
+logging.getLogger().setLevel(logging.WARNING)
+conv = lambda: nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 2))
+for _ in range(3):
+    DPSGD(conv(), 1.0, 1.0, 8, ReproducibleNoise(0)).close()
+DPSGD(nn.Sequential(nn.Embedding(5, 4), nn.Flatten(), nn.Linear(8, 2)), 1.0, 1.0, 8,
+      ReproducibleNoise(0)).close()
+DPSGD(conv(), 1.0, 1.0, 8, ReproducibleNoise(0)).close()
+logging.getLogger("privacy.dpsgd").warning("another warning")
+logging.getLogger("privacy.dpsgd").warning("another warning")
+import json
+print(json.dumps(records))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=120)
+    said = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(said) == 4, said
+    assert "module '0' (Conv2d)" in said[0] and "using Opacus GradSampleModule" in said[0]
+    assert "module '0' (Embedding)" in said[1] and "using Opacus GradSampleModule" in said[1]
+    assert said[2:] == ["another warning", "another warning"]
 
 
 def test_opacus_path_captures_only_inside_private_steps_and_survives_an_interrupted_pass():
