@@ -1026,9 +1026,8 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
         "",
         f"{name[0].upper() + name[1:]} is each client's test {name} at the reported round named "
         f"on each epsilon's line: the round with the best mean validation {name}, or the final "
-        "round where choosing on private validation data would be an unaccounted release "
-        "(fedavg_ft: the final global model fine-tuned per client, its epoch chosen on the "
-        "client's validation data where the round is, else its last fine-tuning epoch). "
+        "round where choosing on private validation data would be an unaccounted release"
+        f"{_fine_tuned_rows_note(rows)}. "
         f"*{short} mean / min / std*: mean, minimum and sample "
         f"standard deviation over seeds of the client-mean {name}. *worst client*: mean over "
         f"seeds of the lowest client {name}. *clients below Local*: mean over seeds of the "
@@ -1040,6 +1039,36 @@ def rows_to_markdown(cfg: ExperimentConfig, rows: Sequence[SweepRow], metric: st
         "",
     ]
     return "\n".join(lines)
+
+
+def _fine_tuned_rows(rows: Sequence[SweepRow]) -> list[str]:
+    """The rows of the table that are a method's fine-tuned metric: ``<name>_ft`` beside a
+    row ``<name>`` of a registered method that fine-tunes after its last round (FedAvg, or a
+    class built on it declaring ``finetunes``; its ``derived_rows``), in table order."""
+    from secure_fedora.algorithms.config_checks import FedAvgChecks
+    from secure_fedora.core.registry import METHODS
+
+    names = {r.method for r in rows}
+    out = []
+    for r in rows:
+        base = r.method.removesuffix("_ft")
+        if base == r.method or base not in names or base not in METHODS or r.method in out:
+            continue
+        cls = method_class(base)
+        if cls is not None and issubclass(cls, FedAvgChecks) and cls.fine_tunes():
+            out.append(r.method)
+    return out
+
+
+def _fine_tuned_rows_note(rows: Sequence[SweepRow]) -> str:
+    """What the table's fine-tuned rows (:func:`_fine_tuned_rows`) report, as a parenthesis
+    after the reported round's definition; ``""`` for a table without one."""
+    tuned = _fine_tuned_rows(rows)
+    if not tuned:
+        return ""
+    return (f" ({', '.join(tuned)}: the final global model fine-tuned per client, its epoch "
+            "chosen on the client's validation data where the round is, else its last "
+            "fine-tuning epoch)")
 
 
 def _settings_config(cfg: ExperimentConfig, at: Sequence[SweepRow], eps: float | None, seed: int,

@@ -857,6 +857,23 @@ def test_sweep_md_lists_the_fine_tuning_a_method_registered_on_fedavg_states(tmp
     assert "(fedavg_finetuning)" not in md
 
 
+def test_sweep_md_explains_a_fine_tuned_row_only_when_the_table_has_one():
+    """sweep.md's footer defined fedavg_ft ("the final global model fine-tuned per client")
+    in every sweep, also in one of FEDORA and Local, whose table has no such row; it now
+    defines each fine-tuned row the table holds, and none otherwise."""
+    def row(method: str) -> SweepRow:
+        return SweepRow(method=method, epsilon=None, seeds=[0], client_means=[0.5],
+                        client_mins=[0.4], worse_than_local=None, per_client=[[0.4, 0.6]])
+
+    defined = "the final global model fine-tuned per client"
+    for methods in (["fedora", "local"], ["fedavg"], ["fedora", "ditto"]):
+        md = rows_to_markdown(tiny(), [row(m) for m in methods])
+        assert "_ft" not in md and defined not in md
+        assert "would be an unaccounted release. *acc mean / min / std*" in md
+    md = rows_to_markdown(tiny(), [row(m) for m in ("fedora", "fedavg", "fedavg_ft")])
+    assert f"would be an unaccounted release (fedavg_ft: {defined}, its epoch chosen" in md
+
+
 def test_a_null_per_client_figure_is_named_not_read_as_a_number(tmp_path):
     """A cell whose results hold a null per-client figure (strict JSON's NaN or infinity)
     made aggregation raise a TypeError; it is now no number: that row's statistics are n/a,
