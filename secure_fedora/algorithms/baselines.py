@@ -61,6 +61,7 @@ from privacy.accounting import format_exact
 from secure_fedora.algorithms.config_checks import (
     BASELINE_HYPERPARAMETERS,
     BASELINE_NAMES,
+    APFLChecks,
     BaselineChecks,
     BaselineConfigError,
     DittoChecks,
@@ -580,7 +581,7 @@ class Ditto(DittoChecks, _GlobalModelMethod):
         return {}
 
 
-class APFL(_GlobalModelMethod):
+class APFL(APFLChecks, _GlobalModelMethod):
     """APFL (Deng, Kamani, Mahdavi, 2020, "Adaptive Personalized Federated Learning",
     arXiv:2003.13461).
 

@@ -27,6 +27,7 @@ from secure_fedora.core.config import (
 )
 
 __all__ = [
+    "APFLChecks",
     "BASELINE_HYPERPARAMETERS",
     "BASELINE_NAMES",
     "BUILTIN_DECLARATIONS",
@@ -235,6 +236,14 @@ class MethodChecks:
     #: Default: no (a run of such methods only claims neither).
     uses_relatedness: ClassVar[bool] = False
 
+    #: What its clients keep between rounds that DP does not cover, in words: state trained
+    #: or learned without DP noise that never leaves the client (Ditto's personal models).
+    #: In process the run directory's ``checkpoints/`` holds every client's state, so a DP
+    #: run's results.json names it there (``assumptions.checkpoints``). Default: nothing
+    #: (what its clients keep is trained with DP-SGD and accounted, or computed from what
+    #: they released); a method keeping such state must declare it.
+    unreleased_client_state: ClassVar[str] = ""
+
     #: The proximal weights its local objective adds (``w/2 ||theta - anchor||^2`` on the
     #: gradient after clipping, through momentum): the keys of its ``[baselines.<name>]``
     #: section holding each ``w``, or a function ``(cfg) -> {config key: w}``. The config
@@ -436,10 +445,19 @@ class FedProxChecks(BaselineChecks):
 
 
 class DittoChecks(BaselineChecks):
-    """Ditto's config hooks: ``lam`` weighs the personalized model's proximal term."""
+    """Ditto's config hooks: ``lam`` weighs the personalized model's proximal term; its
+    personal models train without noise."""
 
     name = "ditto"
     proximal_weights = ("lam",)
+    unreleased_client_state = "its personal models, trained without noise"
+
+
+class APFLChecks(BaselineChecks):
+    """APFL's config hooks: its personal models and mixing weights learn without noise."""
+
+    name = "apfl"
+    unreleased_client_state = "its personal models and mixing weights alpha, learned without noise"
 
 
 class FedAMPChecks(BaselineChecks):
@@ -472,7 +490,7 @@ BUILTIN_DECLARATIONS: dict[str, type[MethodChecks]] = {
     "fedora": FedoraChecks,
     "fedprox": FedProxChecks,
     "ditto": DittoChecks,
-    "apfl": type("apflChecks", (BaselineChecks,), {"name": "apfl"}),
+    "apfl": APFLChecks,
     "fedamp": FedAMPChecks,
     "ifca": IFCAChecks,
 }

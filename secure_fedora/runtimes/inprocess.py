@@ -312,15 +312,6 @@ NOISE_SOURCE_DESCRIPTIONS = {
 }
 
 
-#: results.json ``assumptions.checkpoints`` of an in-process DP run: its checkpoints hold
-#: what the simulated clients hold, which no ledger accounts.
-CHECKPOINTS_UNDER_DP = (
-    "in process checkpoints/ holds every client's own state between rounds, as the process "
-    "does (a method's client state, e.g. Ditto's and APFL's personal models and APFL's "
-    "alpha, trained without noise): it is the clients' data, not a release, and DP does not "
-    "cover it; hand others the run without checkpoints/, which no audit reads")
-
-
 def _client_generators(cfg: ExperimentConfig, n: int) -> list[torch.Generator]:
     return [client_generator(cfg.seed, i) for i in range(n)]
 
@@ -1844,6 +1835,7 @@ class Simulation:
         from secure_fedora.runtimes.results import (
             TIMING_UNDER_DP,
             build_results,
+            checkpoints_statement,
             client_rows,
             inputs_outside_config_assumption,
         )
@@ -1861,7 +1853,8 @@ class Simulation:
             compute={"device": str(self.device), "threads": torch.get_num_threads()},
             assumptions={
                 **inputs_outside_config_assumption(self.inputs_outside_config),
-                **({"checkpoints": CHECKPOINTS_UNDER_DP, "timing": TIMING_UNDER_DP["in-process"]}
+                **({"checkpoints": checkpoints_statement(self.cfg),
+                    "timing": TIMING_UNDER_DP["in-process"]}
                    if self.cfg.privacy.enabled else {})},
             runtime_keys=runtime_keys or None,
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],

@@ -58,8 +58,8 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, model_selec
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_KEYS", "RESULT_FILES",
-           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "TIMING_UNDER_DP", "build_results", "client_rows",
-           "config_assumptions",
+           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "TIMING_UNDER_DP", "build_results", "checkpoints_statement",
+           "client_rows", "config_assumptions",
            "inputs_outside_config", "inputs_outside_config_assumption", "kept_results",
            "method_entry", "metric_label", "remove_interrupted_result_writes", "rounds_csv_holds",
            "rounds_csv_text", "same_outcomes", "stated_beyond_run", "uses_relatedness",
@@ -207,6 +207,34 @@ TIMING_UNDER_DP = {
 }
 """results.json ``assumptions.timing`` of a DP run, per runtime: the times a run sends and
 writes, which it keeps (they are how a run's cost is read) and no ledger accounts."""
+
+def checkpoints_statement(cfg: ExperimentConfig) -> str:
+    """results.json ``assumptions.checkpoints`` of an in-process DP run of ``cfg``: its
+    ``checkpoints/`` hold every client's state, as the process does, and the statement names
+    each method of the run that keeps client state DP does not cover, with what it keeps (its
+    class's :attr:`~secure_fedora.algorithms.config_checks.MethodChecks.unreleased_client_state`);
+    a run of methods declaring none says what the checkpoints hold instead. (A Flower
+    ServerApp's checkpoint holds only the server's state: a Flower run states none.)"""
+    from secure_fedora.core.registry import METHODS
+
+    kept = {name: METHODS.declared(name, "unreleased_client_state") for name in cfg.methods
+            if name in METHODS}
+    unreleased = {name: text for name, text in kept.items() if text}
+    head = "in process checkpoints/ holds every client's own state between rounds, as the process does"
+    if not unreleased:
+        return (f"{head}: the models its clients trained with DP-SGD (accounted by their ledgers, "
+                "as their releases are) and what the server computed from the releases, beside "
+                "the test metrics and times results.json holds (assumptions.evaluation, "
+                f"assumptions.timing); no method of the run ({', '.join(cfg.methods)}) declares "
+                "client state kept without DP noise (unreleased_client_state)")
+    named = "; ".join(f"{name}: {text}" for name, text in unreleased.items())
+    others = [name for name in cfg.methods if name not in unreleased]
+    rest = (f"; the other methods' ({', '.join(others)}) client state is trained with DP-SGD "
+            "and accounted" if others else "")
+    return (f"{head}, among it state kept without DP noise ({named}): it is the clients' data, "
+            f"not a release, and DP does not cover it{rest}; hand others the run without "
+            "checkpoints/, which no audit reads")
+
 
 CLIENT_ERRORS = {
     "withheld": (

@@ -211,7 +211,7 @@ def test_the_builtin_methods_declare_their_config_hooks_without_importing_them()
         assert cls.name == name and getattr(declaration, "name", name) == name  # hooks read it
         for attribute in ("check_config", "check_hyperparameters", "params", "takes_validation",
                           "cuda_supported", "uses_relatedness", "proximal_weights",
-                          "derived_row_names"):
+                          "derived_row_names", "unreleased_client_state"):
             ours, theirs = registry.declared(declaration, attribute), registry.declared(cls, attribute)
             assert getattr(ours, "__func__", ours) is getattr(theirs, "__func__", theirs)
 

@@ -1357,6 +1357,23 @@ def test_a_dp_run_states_that_its_checkpoints_hold_what_no_ledger_accounts(tmp_p
     assert "checkpoints" not in plain["assumptions"]
 
 
+def test_a_dp_run_without_ditto_or_apfl_states_what_its_checkpoints_hold(tmp_path, tiny_clients):
+    """A DP run of FedAvg stated that its checkpoints/ held "Ditto's and APFL's personal models
+    and APFL's alpha, trained without noise", which it never had. It states what they hold:
+    the models its clients trained with DP-SGD, and that no method of it keeps state without
+    noise; the checkpoint holds exactly the rows the clients trained and uploaded."""
+    privacy = {"enabled": True, "epsilon": 8.0, "delta": 1e-3}
+    cfg = tiny(methods=["fedavg"], training={"rounds": 1}, privacy=privacy,
+               fedavg={"finetune_epochs": 0})
+    sim = Simulation(cfg, tmp_path / "dp", clients=tiny_clients, keystore=tmp_path / "keys")
+    stated = sim.run()["assumptions"]["checkpoints"]
+    assert "personal" not in stated and "Ditto" not in stated and "APFL" not in stated
+    assert "the models its clients trained with DP-SGD" in stated
+    assert "no method of the run (fedavg) declares client state kept without DP noise" in stated
+    held = load_checkpoint(tmp_path / "dp" / "checkpoints" / "fedavg.pt")["method"]
+    assert set(held) >= {"theta", "global"} and "client_states" not in held
+
+
 def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny_clients):
     """A DP run writes how long each method trained and evaluated (results.json) and when each
     release was ledgered (every entry's timestamp): times that can depend on the data through

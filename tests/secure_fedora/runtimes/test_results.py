@@ -257,3 +257,41 @@ def test_kept_results_allow_only_what_a_resume_appended_to_a_run_record(tmp_path
     path.write_text(json.dumps({**made, "events": [{"e": 1}], "security": {"rejections": []}}))
     assert kept_results(path, made, anchored=None, warn=warnings.append, appended=appended) is None
     assert len(warnings) == 4
+
+
+def test_the_checkpoints_statement_names_the_run_s_methods_that_keep_unnoised_state() -> None:
+    """An in-process DP run's ``assumptions.checkpoints`` named Ditto's and APFL's personal
+    models in every DP run, also in one of FedAvg and FEDORA, whose checkpoints hold neither.
+    It now names what each of the run's methods declares it keeps without noise
+    (``unreleased_client_state``: a subclass inherits it, a plug-in declares its own), and a
+    run whose methods declare none says what its checkpoints hold instead."""
+    from secure_fedora.algorithms.baselines import Ditto
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.runtimes.results import checkpoints_statement
+
+    plain = checkpoints_statement(_config(["fedavg", "fedora"], dp=True))
+    assert "Ditto" not in plain and "APFL" not in plain and "personal" not in plain
+    assert "checkpoints/ holds every client's own state" in plain
+    assert "trained with DP-SGD" in plain and "(fedavg, fedora) declares" in plain
+    ditto = checkpoints_statement(_config(["ditto"], dp=True))
+    assert "(ditto: its personal models, trained without noise)" in ditto
+    assert "apfl" not in ditto and "DP does not cover it" in ditto and "other methods" not in ditto
+    both = checkpoints_statement(_config(["fedavg", "apfl"], dp=True))
+    assert "(apfl: its personal models and mixing weights alpha, learned without noise)" in both
+    assert "ditto" not in both and "the other methods' (fedavg) client state" in both
+
+    class MyDitto(Ditto):
+        pass
+
+    class Keeper(FedAvg):
+        unreleased_client_state = "a running mean of its inputs, never noised"
+
+    METHODS.register("myditto_c", MyDitto)
+    METHODS.register("keeper_c", Keeper)
+    try:
+        stated = checkpoints_statement(_config(["myditto_c", "keeper_c"], dp=True))
+        assert "myditto_c: its personal models, trained without noise" in stated
+        assert "keeper_c: a running mean of its inputs, never noised" in stated
+    finally:
+        METHODS.unregister("myditto_c")
+        METHODS.unregister("keeper_c")
