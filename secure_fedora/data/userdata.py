@@ -5,7 +5,8 @@ The function is called with the experiment seed and returns either
 - a centralized labeled dataset ``{"x_train", "y_train", "x_test", "y_test"}`` (numpy arrays
   or tensors; inputs of any shape ``(n, ...)``; labels ``(n,)`` in ``0..C-1``, or multi-hot
   targets ``(n, C)`` for multi-label tasks; bool labels are read as 0/1 (a binary task, e.g.
-  ``training.loss = "bce"``); optional ``"num_classes"``, else ``max label + 1``),
+  ``training.loss = "bce"``); optional ``"num_classes"``, else ``max label + 1``, and then
+  every class of ``0..max label`` must have a row in some split: labels are never remapped),
   which the configured partitioner splits among the clients; or
 - a list of per-client dicts ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` for data
   that is already federated (one dict per client, ``data.num_clients`` of them).
@@ -185,6 +186,8 @@ def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> i
         if found < 2 and not multilabel:
             raise DataError(f"{where}: every label is 0; a classifier needs at least two classes "
                             "(declare 'num_classes' if some classes are absent)")
+        if not multilabel:
+            _refuse_unheld_classes(labels, found, where)
         return found
     if isinstance(declared, bool) or not isinstance(declared, int | np.integer) or declared < 1:
         raise DataError(f"{where}: num_classes must be a positive integer, got {declared!r}")
@@ -198,14 +201,42 @@ def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> i
     return int(declared)
 
 
+def _refuse_unheld_classes(labels: Sequence[torch.Tensor], found: int, where: str) -> None:
+    """Refuse class labels whose count is inferred (the largest label + 1) while a class of
+    ``0..found-1`` has no row in any split: labels 1..C, or a class a filter dropped, would give
+    the model an output, and the run a class, that no client holds. Labels are used as given,
+    never remapped, so the fix is the caller's: relabel, or declare ``num_classes``."""
+    held = torch.zeros(found, dtype=torch.bool)
+    for y in labels:
+        if y.numel():
+            held[torch.unique(y)] = True
+    unheld = [int(c) for c in torch.nonzero(~held).flatten()]
+    if not unheld:
+        return
+    if unheld == [0]:
+        raise DataError(
+            f"{where}: the labels run 1..{found - 1} and no row holds class 0, so they would "
+            f"read as {found} classes (the largest label + 1), one of which no client holds: "
+            f"class labels are 0..C-1 (pass y - 1), or declare num_classes = {found} if class 0 "
+            "belongs to the task though this data has none")
+    shown = ", ".join(map(str, unheld[:10])) + (" ..." if len(unheld) > 10 else "")
+    raise DataError(
+        f"{where}: no row of any split holds class {shown} of 0..{found - 1} (the class count "
+        f"is the largest label + 1, {found}), so the run would count classes no client holds: "
+        "relabel the classes 0..K-1 (numpy.unique(y, return_inverse=True) maps K distinct "
+        f"labels), or declare num_classes = {found} if those classes belong to the task though "
+        "this data has none")
+
+
 def warn_untrained_classes(train_labels: Sequence[torch.Tensor], num_classes: int,
                            where: str) -> list[int]:
     """The classes in ``0..num_classes-1`` that no training row holds (class labels only;
     [] for multi-label targets), logged as one warning when there are any. Such a gap is
     legitimate (a declared class absent from this sample) and so is not refused, but the model
-    then has outputs nothing trains, and a gap is also what mislabelled data looks like (labels
-    1..C, a class dropped by a filter): it is said, never accepted silently. Out-of-range
-    labels are a DataError before this is reached."""
+    then has outputs nothing trains, and a gap is also what mislabelled data looks like (a
+    class dropped from the training split): it is said, never accepted silently. Out-of-range
+    labels, and an inferred class count over a class no split holds (labels 1..C), are a
+    DataError before this is reached."""
     if not train_labels or any(y.dim() != 1 for y in train_labels):
         return []
     counts = sum(torch.bincount(y, minlength=num_classes)[:num_classes] for y in train_labels)

@@ -598,7 +598,10 @@ def test_binary_bce_refuses_more_than_two_classes(plug: str) -> None:
 
 def test_binary_bce_on_labels_1_and_2_says_where_the_third_class_comes_from() -> None:
     """Binary labels {1, 2} were refused as 'the data has 3 classes' while it holds two; the
-    message names the range the count comes from and the relabelling that fixes it."""
+    message names the range the count comes from and the relabelling that fixes it. (Labels
+    1..C without a declared num_classes are refused before the loss is looked at: see
+    test_labels_that_skip_a_class_are_refused_unless_num_classes_is_declared.) With
+    num_classes = 3 declared, class 0 is the task's, and BCE's binary rule refuses it."""
     x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
     y = np.array([1, 2] * 30)
     data = {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
@@ -606,9 +609,13 @@ def test_binary_bce_on_labels_1_and_2_says_where_the_third_class_comes_from() ->
                                           "train_per_client": 10, "val_per_client": 5,
                                           "test_per_client": 5},
            "training": {"loss": "bce"}}
+    with pytest.raises(DataError, match=r"the labels run 1..2 and no row holds class 0, so they "
+                                        r"would read as 3 classes \(the largest label \+ 1\).*"
+                                        r"\(pass y - 1\)"):
+        Experiment(cfg, data=data).check()
     with pytest.raises(DataError, match=r"3 classes \(labels 0..2: the largest label.*relabel a "
                                         r"binary task to 0 and 1"):
-        Experiment(cfg, data=data).check()
+        Experiment(cfg, data={**data, "num_classes": 3}).check()
 
 
 def test_python_api_refuses_to_overwrite_a_finished_run(plug: str, tmp_path: Path) -> None:
@@ -1049,3 +1056,44 @@ def test_a_per_client_split_without_rows_says_what_to_do() -> None:
                                         r"least one row in each split \(or leave the client out "
                                         r"and lower data.num_clients\)$"):
         Experiment(cfg, data=clients).check()
+
+
+def test_labels_that_skip_a_class_are_refused_unless_num_classes_is_declared(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Labels 1..C given to the Python API were read as C + 1 classes (the largest label + 1)
+    with only a logged warning: the model had an output, and the run a class, that no client
+    holds. Labels are used as given (text labels are refused, never mapped), so a class count
+    inferred over a class no row of any split holds is now refused, saying what to pass;
+    declaring num_classes keeps an absent class legitimate (with the warning), and a class held
+    only by test rows is still accepted with it."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 4)).astype(np.float32)
+    y = np.array([1, 2, 3] * 20)
+    cfg = {"methods": ["local"], "data": {"partition": "iid", "num_clients": 2,
+                                          "train_per_client": 10, "val_per_client": 5,
+                                          "test_per_client": 5}}
+    data = {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=r"^data: the labels run 1..3 and no row holds class 0, "
+                                        r"so they would read as 4 classes .*\(pass y - 1\), or "
+                                        r"declare num_classes = 4 if class 0 belongs"):
+        Experiment(cfg, data=data, run_dir=run_dir).run()
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+    clients = [{"train": (x[:20], y[:20]), "val": (x[20:25], y[20:25]),
+                "test": (x[25:30], y[25:30])} for _ in range(2)]
+    with pytest.raises(DataError, match=r"the labels run 1..3 and no row holds class 0"):
+        Experiment(cfg, data=clients).check()
+    gap = np.array([0, 1, 3] * 20)  # class 2 filtered out of every split
+    with pytest.raises(DataError, match=r"no row of any split holds class 2 of 0..3 \(the class "
+                                        r"count is the largest label \+ 1, 4\).*relabel the "
+                                        r"classes 0..K-1"):
+        Experiment(cfg, data={**data, "y_train": gap[:40], "y_test": gap[40:]}).check()
+    results = Experiment(cfg, data=[{k: (a, b - 1) for k, (a, b) in c.items()} for c in clients],
+                         run_dir=tmp_path / "shifted").run()
+    assert len(results["clients"]) == 2  # y - 1, as the message says, runs
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="secure_fedora.data.userdata"):
+        Experiment(cfg, data={**data, "num_classes": 4}).check()
+    assert "1 of its 4 classes have no training row (class 0)" in caplog.text
+    only_in_test = {**data, "y_train": gap[:40], "y_test": np.array([2] * 20)}
+    Experiment(cfg, data=only_in_test).check()
