@@ -30,6 +30,7 @@ __all__ = [
     "attach_neighbours",
     "attach_row",
     "bounded_regularization_weight",
+    "check_summary_determined",
     "client_summary",
     "cosine_sums",
     "embed_subproblem",
@@ -75,20 +76,67 @@ def summary_rows(x: Tensor, y: Tensor, num_classes: int) -> Tensor:
     return torch.cat([flat, onehot], dim=1)
 
 
-def client_summary(x: Tensor, y: Tensor, num_classes: int, q: int = 1) -> Tensor:
+def client_summary(x: Tensor, y: Tensor, num_classes: int, q: int = 1,
+                   client: int | None = None) -> Tensor:
     """Top-``q`` left singular vectors of ``Z^T`` (d x q, orthonormal columns, float64).
 
     No centering (as in the reference). Column signs are fixed so that each column's entry of
     largest magnitude is positive; similarities do not depend on signs, but a deterministic sign
     makes summaries comparable across runs and runtimes.
+
+    RelatednessError where the rows do not determine a top-``q`` subspace (see
+    :func:`check_summary_determined`, naming ``client`` when given): rows of rank below ``q``,
+    or a tie at the ``q``-th singular value, would leave some of the summary's directions to
+    LAPACK's choice.
     """
     z = summary_rows(x, y, num_classes)
     if not 1 <= q <= min(z.shape):
         raise RelatednessError(f"fedora.q = {q}: q must lie in [1, {min(z.shape)}] (at most a "
                                "client's number of rows and of summary features); lower fedora.q")
     # Z^T = U S V^T; the left singular vectors of Z^T are the eigenvectors of Z^T Z.
-    u, _, _ = torch.linalg.svd(z.T, full_matrices=False)
+    u, s, _ = torch.linalg.svd(z.T, full_matrices=False)
+    check_summary_determined(s, q, tuple(z.shape),
+                             "this client" if client is None else f"client {client}")
     return _fix_signs(u[:, :q].contiguous())
+
+
+def check_summary_determined(singular_values: Tensor, q: int, shape: tuple[int, int],
+                             who: str = "this client") -> None:
+    """RelatednessError unless the top-``q`` left singular subspace of ``Z^T`` is unique.
+
+    ``singular_values`` are those of the client's summary rows ``Z`` (``shape`` n x d),
+    descending; ``who`` names the client in the error. The subspace is unique when ``q == d``
+    (all of it) or the ``q``-th singular value exceeds the next one (zero beyond the
+    ``min(n, d)`` computed) by more than the numerical-rank tolerance
+    ``sigma_1 * max(n, d) * eps`` (that of ``torch.linalg.matrix_rank``).
+    Otherwise some summary directions are arbitrary vectors of a null space (rank below ``q``)
+    or of a tied pair, whichever LAPACK returns, and the similarities built on them would not
+    be a function of the data.
+    """
+    n, d = shape
+    if q >= d:
+        return
+    s = singular_values.to(torch.float64)
+    tol = float(s[0]) * max(n, d) * torch.finfo(torch.float64).eps
+    rank = int((s > tol).sum())
+    if rank == 0:  # all-zero inputs with all-zero multi-label targets
+        raise RelatednessError(f"{who}'s summary rows [inputs, labels] are all zero: they "
+                               "span no direction to summarize")
+    if rank < q:
+        raise RelatednessError(
+            f"fedora.q = {q}: {who}'s summary rows [inputs, one-hot labels] span only "
+            f"{rank} direction{'s' if rank != 1 else ''} (the numerical rank of its {n} training "
+            f"rows: e.g. duplicated or all-zero rows), so {q - rank} of its "
+            f"summary's {q} directions would be arbitrary null-space vectors, and its "
+            f"similarities not a function of its data; use fedora.q <= {rank}")
+    after = float(s[q]) if q < s.shape[0] else 0.0
+    if float(s[q - 1]) - after <= tol:
+        raise RelatednessError(
+            f"fedora.q = {q}: {who}'s summary rows [inputs, one-hot labels] have equal "
+            f"singular values {q} and {q + 1} ({float(s[q - 1]):.17g} and {after:.17g}), so "
+            f"their top-{q} subspace is not unique: its last direction would be whichever of "
+            f"the tied ones LAPACK returns, and its similarities not a function of its data; "
+            f"use another fedora.q (one where the singular values differ)")
 
 
 def _fix_signs(u: Tensor) -> Tensor:

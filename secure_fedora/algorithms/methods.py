@@ -294,7 +294,8 @@ DENSE_VIEW_MAX_CLIENTS = 4096
 def plain_overlaps(clients: Sequence[ClientData], num_classes: int, q: int) -> tuple[Tensor, Tensor]:
     """Summaries (N x d x q) and their overlap blocks, computed in the clear (no privacy)."""
     summaries = torch.stack(
-        [fedora.client_summary(c.train_x, c.train_y, num_classes, q) for c in clients]
+        [fedora.client_summary(c.train_x, c.train_y, num_classes, q, client=i)
+         for i, c in enumerate(clients)]
     )
     return summaries, fedora.subspace_overlaps(summaries)
 
@@ -1840,7 +1841,7 @@ class Fedora(FedoraChecks, FederatedMethod):
                                                              ctx.num_classes, ctx.noise[i])}
         c = self.ctx.clients[i]
         x, y = (c.train_x.cpu(), c.train_y.cpu()) if self._blockwise_plain() else (c.train_x, c.train_y)
-        return {KIND_SUMMARY: fedora.client_summary(x, y, self.ctx.num_classes, self.q)}
+        return {KIND_SUMMARY: fedora.client_summary(x, y, self.ctx.num_classes, self.q, client=i)}
 
     def client_setup_many(self, messages: Mapping[int, Payload]) -> dict[int, Payload]:
         """Every client's summary; noised: each client's accounted release through its gate

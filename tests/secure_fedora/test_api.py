@@ -310,3 +310,26 @@ def test_a_built_model_instead_of_a_factory_is_refused_naming_the_argument(tmp_p
                                          r"not a factory"):
         build_user_model(built, (6,), 4, 0, "model.factory 'net:model'")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_client_whose_rows_span_fewer_than_q_directions_is_refused_by_name(tmp_path) -> None:
+    """fedora.q above the rank of a client's summary rows (here 16 copies of one row) was
+    accepted: the summary's extra directions were whichever null-space vectors LAPACK
+    returned, so the similarities, the graph and every FEDORA model depended on them. Such a
+    client is now refused, named, before any model trains; full-rank data is unchanged."""
+    from secure_fedora.algorithms.fedora import RelatednessError
+
+    data = _federated()
+    x, y = data[1]["train"]
+    data[1]["train"] = (x[:1].repeat(16, axis=0), y[:1].repeat(16))
+    config = {"methods": ["fedora"], "training": {"rounds": 1, "batch_size": 8},
+              "data": {"num_clients": 2}, "fedora": {"q": 2, "k": 1}}
+    with pytest.raises(RelatednessError, match=r"^fedora\.q = 2: client 1's summary rows .* "
+                                               r"span only 1 direction .* use fedora\.q <= 1$"):
+        Experiment(config, data=data, model=_mlp, run_dir=tmp_path / "q2").run()
+    assert not (tmp_path / "q2" / "results.json").exists()
+    results = Experiment({**config, "fedora": {"q": 1, "k": 1}}, data=data, model=_mlp,
+                         run_dir=tmp_path / "q1").run()
+    assert results.selected("fedora")["mean"] is not None
+    Experiment(config, data=_federated(), model=_mlp,
+               run_dir=tmp_path / "full").run()

@@ -40,6 +40,31 @@ def test_summary_rejects_bad_input():
         fedora.client_summary(torch.zeros(2, 4), torch.tensor([0, 1]), 2, q=9)
 
 
+def test_summary_refuses_rows_of_rank_below_q():
+    # ten copies of one row: rank 1, so a second direction would be any null-space vector
+    # LAPACK returns (a 1e-7 rescale of the features once moved a cosine sum from 0.89 to 1.26)
+    x = torch.tensor([[0.3, -1.2, 0.7, 2.0]]).repeat(10, 1)
+    y = torch.zeros(10, dtype=torch.long)
+    assert fedora.client_summary(x, y, 3, q=1).shape == (7, 1)
+    with pytest.raises(RelatednessError, match=r"client 4's .* span only 1 direction .* "
+                                               r"use fedora.q <= 1"):
+        fedora.client_summary(x, y, 3, q=2, client=4)
+    with pytest.raises(RelatednessError, match="client 1's .* are all zero"):
+        fedora.client_summary(torch.zeros(4, 3), torch.zeros(4, 2), 2, q=1, client=1)
+
+
+def test_summary_refuses_a_tie_at_the_qth_singular_value():
+    # all-zero inputs, two rows of each class: three equal singular values, no unique top 1
+    x = torch.zeros(6, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(RelatednessError, match="equal singular values 1 and 2"):
+        fedora.client_summary(x, y, 3, q=1)
+    # the top 3 are unique: the span of the classes
+    u = fedora.client_summary(x, y, 3, q=3)
+    assert torch.allclose(u @ u.T, torch.diag(torch.tensor([0.0] * 4 + [1.0] * 3,
+                                                            dtype=torch.float64)), atol=1e-12)
+
+
 def test_similarity_from_principal_angles_by_hand():
     # three 1-d subspaces of R^2 at 0, 60 and 90 degrees
     def unit(deg):
