@@ -62,6 +62,7 @@ from secure_fedora.core.registry import DATASETS, PARTITIONERS
 from secure_fedora.data.partition import ClientData, LabeledDataset
 from secure_fedora.data.sources import fingerprint_clients
 from secure_fedora.learning.client import (
+    ClientUpdateError,
     FlatModel,
     GradientOracle,
     PlainGradient,
@@ -1419,12 +1420,16 @@ class Simulation:
                     name, rnd, (method.train_round(rnd, participants, admit) if admit is not None
                                 else method.train_round(rnd, participants)) if participants
                     else no_reply_statistics())
-            except ToolkitError:
+            except ToolkitError as err:
                 if privacy is not None and participants \
                         and getattr(method, "uploads_begun", None) not in (None, rnd):
                     from secure_fedora.runtimes.rundir import record_stop
 
                     record_stop(self.run_dir, name, rnd)  # a resume may amend from this round
+                if type(err) is ClientUpdateError and not str(err).startswith(f"{name} round "):
+                    # a client's diverged update names its client; the run names where, as
+                    # the Flower server's message does
+                    raise ClientUpdateError(f"{name} round {rnd}: {err}") from err
                 raise
             if not participants:  # nobody sampled: the evaluation is still round rnd's
                 method.last_round = rnd
