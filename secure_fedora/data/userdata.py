@@ -125,9 +125,19 @@ def _inputs(value: Any, where: str) -> torch.Tensor:
                 "every integer there, so ids would change; map them to a smaller range (e.g. an "
                 "index into a vocabulary), give a ready LabeledDataset, whose inputs keep their "
                 "dtype, or, for numeric features that may round, convert them to floats first")
-    x = x.to(torch.float32)
-    _check_finite(x, where)  # after the cast: float64 values beyond float32 become inf
-    return x.contiguous()
+    if torch.is_floating_point(x):
+        _check_finite(x, where)
+    cast = x.to(torch.float32)
+    # float64 values beyond float32's range become infinite in the cast
+    if x.dtype == torch.float64 and not torch.isfinite(cast).all():
+        bad = int((~torch.isfinite(cast)).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        largest = float(x.to(torch.float64).abs().max())
+        raise DataError(
+            f"{where} holds values beyond float32's range (largest magnitude {largest:.3g}, "
+            f"first in row {bad}; float32 reaches {torch.finfo(torch.float32).max:.3g}): inputs "
+            "are converted to float32, where they would be infinite; scale the features "
+            "(e.g. standardize them)")
+    return cast.contiguous()
 
 
 def _labels(value: Any, where: str) -> torch.Tensor:
@@ -137,8 +147,9 @@ def _labels(value: Any, where: str) -> torch.Tensor:
     if y.dim() == 1:
         if torch.is_floating_point(y):
             if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
-                raise DataError(f"{where} holds non-integer labels; class labels must be integers "
-                                "0..C-1")
+                bad = int((~torch.isfinite(y) | (y != y.round())).nonzero()[0, 0])
+                raise DataError(f"{where} holds non-integer labels (first in row {bad}: "
+                                f"{float(y[bad])!r}); class labels must be integers 0..C-1")
         elif y.dtype == torch.bool:  # a binary task's labels: False = 0, True = 1
             return y.to(torch.int64).contiguous()
         elif torch.is_complex(y):

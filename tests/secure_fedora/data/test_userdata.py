@@ -1097,3 +1097,32 @@ def test_labels_that_skip_a_class_are_refused_unless_num_classes_is_declared(
     assert "1 of its 4 classes have no training row (class 0)" in caplog.text
     only_in_test = {**data, "y_train": gap[:40], "y_test": np.array([2] * 20)}
     Experiment(cfg, data=only_in_test).check()
+
+
+def test_non_integer_labels_and_float64_overflow_name_their_row() -> None:
+    """A NaN, infinite or fractional label was refused without saying which row held it, and
+    finite float64 inputs beyond float32's range were called "NaN or infinite values" (they
+    became infinite only in the cast to float32). Both now name the first row and what it
+    holds; NaN inputs keep their message."""
+    from secure_fedora.data.userdata import coerce_user_data
+
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.array([0.0, 1.0] * 10)
+    for bad in (np.nan, np.inf, 1.5):
+        labels = y.copy()
+        labels[7] = bad
+        with pytest.raises(DataError, match=rf"src\['x_train'/'y_train'\] labels holds non-integer "
+                                            rf"labels \(first in row 7: {bad!r}\)"):
+            coerce_user_data({"x_train": x, "y_train": labels, "x_test": x, "y_test": y}, "src")
+    huge = x.copy()
+    huge[5, 1] = 1e39
+    with pytest.raises(DataError, match=r"src\['x_test'/'y_test'\] inputs holds values beyond "
+                                        r"float32's range \(largest magnitude 1e\+39, first in "
+                                        r"row 5; .*scale the features"):
+        coerce_user_data({"x_train": x, "y_train": y, "x_test": huge, "y_test": y}, "src")
+    for not_finite in (np.nan, -np.inf):
+        for dtype in (np.float32, np.float64):
+            bad_x = x.astype(dtype)
+            bad_x[5, 1] = not_finite
+            with pytest.raises(DataError, match=r"NaN or infinite values \(first in row 5\)"):
+                coerce_user_data({"x_train": bad_x, "y_train": y, "x_test": x, "y_test": y}, "src")
