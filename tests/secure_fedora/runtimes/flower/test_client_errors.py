@@ -435,3 +435,42 @@ def test_an_error_beyond_exception_in_a_handler_is_withheld_too(
     log = _client_log(tmp_path, 1)
     assert SECRET in log and "Traceback" in log
     assert SECRET not in _files_text(tmp_path / "res") + capsys.readouterr().out
+
+
+def _duplicated_rows(dataset: Any, d: Any, seed: int) -> list[Any]:
+    """IID clients, client 1's training rows all copies of its first row (rank 1)."""
+    clients = iid_partition(dataset, d.num_clients, d.train_per_client, d.val_per_client,
+                            d.test_per_client, seed)
+    c = clients[1]
+    rows = c.train_x.shape[0]
+    clients[1] = dataclasses.replace(
+        c, train_x=c.train_x[:1].expand(rows, *c.train_x.shape[1:]).clone(),
+        train_y=c.train_y[:1].expand(rows).clone())
+    return clients
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_client_whose_rows_span_fewer_than_q_directions_stops_a_flower_run(
+        tmp_path: Path) -> None:
+    """fedora.q = 2 with client 1's training rows of rank 1: its summary's second direction
+    was whichever null-space vector LAPACK returned, and the run went on with similarities
+    that are no function of the data. The node now refuses its summary (a RelatednessError,
+    its text sent only under "full") and the run stops before any round, writing no results."""
+    PARTITIONERS.register("test-duplicated-rows", _duplicated_rows)
+    try:
+        doc = json.loads(json.dumps(TINY))
+        doc["data"]["partition"] = "test-duplicated-rows"
+        doc["fedora"]["q"] = 2
+        doc["security"] = {"client_errors": "full"}
+        cfg = parse_config(doc)
+        result_dir = tmp_path / "res"
+        result_dir.mkdir()
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=_allow("full"))
+        with pytest.raises(DeployError, match=r"clients \[1\] gave no accepted setup reply .*"
+                           r"RelatednessError: fedora\.q = 2: client 1's summary rows .* span "
+                           r"only 1 direction"):
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        assert not (result_dir / "results.json").exists()
+    finally:
+        PARTITIONERS.unregister("test-duplicated-rows")
