@@ -1426,10 +1426,14 @@ class Simulation:
                     from secure_fedora.runtimes.rundir import record_stop
 
                     record_stop(self.run_dir, name, rnd)  # a resume may amend from this round
-                if type(err) is ClientUpdateError and not str(err).startswith(f"{name} round "):
+                if isinstance(err, ClientUpdateError) and not str(err).startswith(f"{name} round "):
                     # a client's diverged update names its client; the run names where, as
-                    # the Flower server's message does
-                    raise ClientUpdateError(f"{name} round {rnd}: {err}") from err
+                    # the Flower server's message does (the same type and attributes, such
+                    # as a BatchedTrainingError's failed clients)
+                    named = type(err).__new__(type(err))
+                    named.__dict__.update(err.__dict__)
+                    named.args = (f"{name} round {rnd}: {err}",)
+                    raise named from err
                 raise
             if not participants:  # nobody sampled: the evaluation is still round rnd's
                 method.last_round = rnd

@@ -335,14 +335,22 @@ def test_a_client_whose_rows_span_fewer_than_q_directions_is_refused_by_name(tmp
                run_dir=tmp_path / "full").run()
 
 
-def test_a_diverged_client_update_names_the_method_and_round(tmp_path) -> None:
-    """A learning rate that makes round 1's training non-finite stopped the in-process run
-    with "client 0: local training produced non-finite parameters", naming neither the method
-    nor the round (the Flower server's message names the round); it now names both."""
+@pytest.mark.parametrize(("engine", "named"), [
+    ("loop", r"^local round 1: client 0: local training produced non-finite parameters"),
+    ("batched", r"^local round \d: local training produced non-finite parameters for clients"),
+])
+def test_a_diverged_client_update_names_the_method_and_round(tmp_path, engine, named) -> None:
+    """A learning rate that makes training non-finite stopped the in-process run with "client
+    0: local training produced non-finite parameters" (the batched engine: "... for clients
+    [0, 1]"), naming neither the method nor the round (the Flower server's message names the
+    round); it now names both, keeping the error's type and its failed clients."""
+    from secure_fedora.learning.batched import BatchedTrainingError
     from secure_fedora.learning.client import ClientUpdateError
 
     config = {"methods": ["local"], "data": {"num_clients": 2},
-              "training": {"rounds": 2, "batch_size": 8, "lr": 1e5, "weight_decay": 0.0}}
-    with pytest.raises(ClientUpdateError, match=r"^local round 1: client 0: local training "
-                                                r"produced non-finite parameters"):
+              "training": {"rounds": 2, "batch_size": 8, "lr": 1e5, "weight_decay": 0.0,
+                           "engine": engine}}
+    with pytest.raises(ClientUpdateError, match=named) as err:
         Experiment(config, data=_federated(), model=_mlp, run_dir=tmp_path / "run").run()
+    if engine == "batched":
+        assert isinstance(err.value, BatchedTrainingError) and err.value.failed
