@@ -44,7 +44,9 @@
    client of a DP run has a ledger for every method that ran and, when ``config.toml`` enables
    privacy, for every configured method (with or without ``results.json``); the ledger's length (and,
    when recorded, its last-line hash ``ledger_head``) and final epsilon agree with the
-   runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``); a
+   runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``), and
+   every release's noise multiplier (and DP-SGD's sample rate and steps) its plan (check
+   ``results_plan``); a
    DP-SGD entry (or refused DP-SGD record) whose signed ``params.method`` differs from the
    method of its ``ledgers/<method>/`` folder is an error (check ``method_folder``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data. A
@@ -314,6 +316,9 @@ class ClientVerification:
     cross_final_epsilon: float | None = None
     cross_difference: float | None = None
     warned: bool = False
+    #: The Ed25519 public key (hex) its entries' signatures were checked under: the
+    #: client's key in the allowlist in use; None where that allowlist has none for it.
+    signer_key: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable dict of every field."""
@@ -360,6 +365,9 @@ class VerificationReport:
     imported: list[ImportedModule] = field(default_factory=list)
     #: True when every warning that says a check was not made counts as an error.
     strict: bool = False
+    #: Who signed the anchor checked (:func:`anchor_signer`); None without one whose
+    #: signature verifies.
+    anchor_signer: dict[str, Any] | None = None
 
     @property
     def errors(self) -> list[Finding]:
@@ -404,6 +412,7 @@ class VerificationReport:
             "dp_claim_basis": list(self.dp_claim_basis),
             "strict": self.strict,
             "imported": [m.to_json() for m in self.imported],
+            "anchor_signer": self.anchor_signer,
             "rel_tol": self.rel_tol,
             "independent_accountant": self.independent_accountant,
             "allowlist": self.allowlist,
@@ -447,7 +456,9 @@ _CHECKS_FIXED = [
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
     "every DP-SGD entry's noise multiplier, sample rate and steps equal results.json's"
-    " (the client's noise_multiplier, the method's sample_rate and steps_per_round)",
+    " (the client's noise_multiplier, the method's sample_rate and steps_per_round); every"
+    " summary, lambda or plug-in entry's noise multiplier and sample rate equal its"
+    " mechanism's in results.json's exact plan row",
     "every client of a DP run has a ledger for every method that ran or config.toml lists",
     "every ledger ends with one signed close entry (final index, epsilon spent)",
     "every DP-SGD entry and refusal that records its method (params.method) is in that"
@@ -1395,7 +1406,75 @@ def _plan_row_findings(entries: Sequence[dict[str, Any] | None], section: dict[s
                     f" {got!r}, results.json's plan for its budget (epsilon"
                     f" {row['epsilon_budget']!r}, delta {row['delta']!r}) states"
                     f" {row['noise_multiplier']!r}", client_id, i, method)]
-    return []
+    return _planned_fixed_noise_findings(entries, rows, client_id, method)
+
+
+#: One release line of an exact plan row (``privacy.<method>.plan[].releases``), as
+#: :func:`secure_fedora.secure.private.plan_table` writes it: ``"<mechanism> x<steps>
+#: (q=<sample rate>[, sigma=<noise multiplier>])"``, each float in its round-trip form.
+_PLAN_RELEASE_LINE = re.compile(r"(\S+) x\d+ \(q=([^,()]+)(?:, sigma=([^,()]+))?\)")
+
+
+def _planned_fixed_noise(row: dict[str, Any]) -> dict[str, tuple[float, float]] | None:
+    """Per mechanism, the ``(sample_rate, noise_multiplier)`` an exact plan row states for a
+    release of fixed (calibrated) noise: the noised summary, the lambda, a plug-in's; None
+    when its releases list is not the documented one (no figure is then compared)."""
+    lines = row.get("releases")
+    if not isinstance(lines, list):
+        return None
+    out: dict[str, tuple[float, float]] = {}
+    for line in lines:
+        match = _PLAN_RELEASE_LINE.fullmatch(line) if isinstance(line, str) else None
+        if match is None:
+            return None
+        if match[3] is None:  # DP-SGD: its noise is the row's noise_multiplier
+            continue
+        try:
+            out[match[1]] = (float(match[2]), float(match[3]))
+        except ValueError:
+            return None
+    return out
+
+
+def _planned_fixed_noise_findings(entries: Sequence[dict[str, Any] | None],
+                                  rows: Sequence[dict[str, Any]], client_id: str,
+                                  method: str | None) -> list[Finding]:
+    """``results_plan`` errors: an entry of a fixed-noise mechanism (``gaussian_summary``,
+    ``gaussian_lambda``, a plug-in's) whose noise multiplier or sample rate is not the float
+    the exact plan row of its budget states for that mechanism (``releases``: ``sigma=``,
+    ``q=``); the first such entry of each mechanism is named. The plan row is what a report
+    shows as the run's noise for these releases."""
+    findings: list[Finding] = []
+    named: set[str] = set()
+    for i, e in enumerate(entries):
+        if e is None or not isinstance(e.get("params"), dict):
+            continue
+        mech = e.get("mechanism")
+        if mech in ("dpsgd", REFUSAL, REPAIR, CLOSE) or mech in named:
+            continue
+        for row in rows:
+            if row.get("epsilon_budget") != e.get("budget_epsilon") \
+                    or row.get("delta") != e.get("delta"):
+                continue
+            planned = _planned_fixed_noise(row)
+            if planned is None or mech not in planned:
+                continue
+            rate, sigma = planned[mech]
+            got = {"noise_multiplier": e["params"].get("noise_multiplier"),
+                   "sample_rate": e["params"].get("sample_rate")}
+            want = {"noise_multiplier": sigma, "sample_rate": rate}
+            wrong = [k for k in want if got[k] is not None and not _same_number(want[k], got[k],
+                                                                                 True)]
+            if wrong:
+                named.add(mech)
+                findings.append(Finding(
+                    "error", "results_plan", f"the {mech} release records "
+                    + ", ".join(f"{k} {got[k]!r}" for k in wrong)
+                    + f", results.json's plan for its budget (epsilon {row['epsilon_budget']!r},"
+                    f" delta {row['delta']!r}) states "
+                    + ", ".join(f"{k} {want[k]!r}" for k in wrong), client_id, i, method))
+                break
+    return findings
 
 
 def _anchor_rows(results: dict[str, Any] | None, method: str | None) -> dict[str, dict[str, Any]]:
@@ -2914,6 +2993,7 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
         clients.append(_verify_client(path, method, client_id,
                                       ident.verify_key if ident is not None else None,
                                       ctx, float(rel_tol), pld_checkpoints))
+        clients[-1].signer_key = ident.verify_key_hex() if ident is not None else None
         closing = _close_findings(path, method, client_id)
         findings.extend(closing)
         if any(f.severity == "error" for f in closing):
@@ -2956,5 +3036,23 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
                                 " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=checks_done(options), dp_claimed=True,
-        dp_claim_basis=claim_basis,
+        dp_claim_basis=claim_basis, anchor_signer=anchor_signer(run, anchor_path, keys),
     )
+
+
+def anchor_signer(run: Path, anchor: Path | None,
+                  keys: Mapping[str, PublicIdentity]) -> dict[str, Any] | None:
+    """Who signed the anchor a verification checks (``anchor``, the copy kept apart, else the
+    run's own anchor.json): ``{"file", "party_id", "ed25519", "allowlisted"}``, the key in
+    hex and whether ``keys`` (the allowlist in use) registers that key for that party. None
+    when there is no such file or its signature does not verify (a finding says why)."""
+    path = anchor if anchor is not None else run / ANCHOR_FILENAME
+    if not path.is_file():
+        return None
+    doc, _ = _load_anchor(path)
+    if doc is None:
+        return None
+    party, key = doc["signer"]["party_id"], doc["signer"]["ed25519"]
+    registered = keys.get(party)
+    return {"file": str(path), "party_id": party, "ed25519": key,
+            "allowlisted": registered is not None and registered.verify_key_hex() == key}

@@ -2315,3 +2315,33 @@ def test_a_tenseal_secret_context_inside_a_run_is_private_key_material(tmp_path,
 
     monkeypatch.setattr(tenseal, "context_from", never)
     assert private_key_files(found) == (["notes/ckks.bin", "notes/full.bin"], [])
+
+
+def test_an_exact_plan_row_must_state_the_summary_and_lambda_noise_the_ledgers_record(
+        run_copy: Path) -> None:
+    """Found by a hunt: results.json's plan rows state each fixed-noise release's noise
+    (``"gaussian_lambda x3 (q=1.0, sigma=...)"``), which the report shows as the run's plan,
+    but verify compared only DP-SGD's with the ledgers: a plan stating more lambda or summary
+    noise than the ledgers record verified, re-anchored. Now each FEDORA client of that
+    budget gets a results_plan error naming the mechanism; the ledgers' floats pass."""
+    doc = json.loads((run_copy / "results.json").read_text())
+
+    def plan(summary: float, lam: float) -> list[dict]:
+        return [{"epsilon_budget": eps, "delta": 1e-5, "noise_multiplier": 1.2,
+                 "figures": "exact",
+                 "releases": ["dpsgd x20 (q=0.1)", f"gaussian_summary x1 (q=1.0, sigma={summary!r})",
+                              f"gaussian_lambda x4 (q=1.0, sigma={lam!r})"]}
+                for eps in (8.0, 3.0)]
+
+    for summary, lam, flagged in ((5.0, 5.0, []), (5.0, 5.5, ["gaussian_lambda"]),
+                                  (4.0, 5.0, ["gaussian_summary"])):
+        doc["privacy"]["fedora"]["plan"] = plan(summary, lam)  # the fixture's ledgers: 5.0
+        (run_copy / "results.json").write_text(json.dumps(doc))
+        reanchor(run_copy)
+        found = [f for f in verify_run(run_copy).errors if f.check == "results_plan"]
+        assert sorted({f.message.split()[1] for f in found}) == flagged
+        assert sorted(f.client_id for f in found) == (
+            ["client-000", "client-001", "client-002"] if flagged else [])
+    assert "the gaussian_summary release records noise_multiplier 5.0, results.json's plan" \
+        " for its budget (epsilon 8.0, delta 1e-05) states noise_multiplier 4.0" \
+        in next(f.message for f in found if f.client_id == "client-000")
