@@ -286,6 +286,31 @@ def _mechanism_rows(verification: VerificationReport) -> list[dict[str, Any]]:
             for k in sorted(agg)]
 
 
+def _signers(verification: VerificationReport) -> list[dict[str, Any]]:
+    """Who signed what, by key: one row per party whose key the verification checked a
+    signature under (each client's ledgers, the anchor's signer), with its Ed25519 public key
+    (hex; None where the allowlist in use holds none for a client), what it signed,
+    ``verified``: every one of those signatures verifies under that key (no ``signature`` or
+    ``key`` finding for the ledger; the anchor's own), and ``registered``: the allowlist in
+    use registers that key for that party."""
+    bad = {(f.method, f.client_id) for f in verification.findings
+           if f.check in ("signature", "key") and f.client_id is not None}
+    rows: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for c in verification.clients:
+        row = rows.setdefault((c.client_id, c.signer_key), {
+            "party_id": c.client_id, "ed25519": c.signer_key, "signed": [],
+            "verified": c.signer_key is not None, "registered": c.signer_key is not None})
+        row["signed"].append(f"ledger {_label(c.method)}/{c.client_id}")
+        row["verified"] = row["verified"] and (c.method, c.client_id) not in bad
+    out = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] or ""))]
+    signer = verification.anchor_signer
+    if signer is not None:  # given only for an anchor whose signature verifies
+        out.append({"party_id": signer["party_id"], "ed25519": signer["ed25519"],
+                    "signed": [f"anchor {signer['file']}"], "verified": True,
+                    "registered": signer["allowlisted"]})
+    return out
+
+
 #: A release of ``privacy.<method>.plan[].releases``: "<mechanism> x<steps> (...)".
 _PLANNED_RELEASE = re.compile(r"(\S+) x(\d+) \(")
 
@@ -766,6 +791,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "mechanisms": _mechanism_rows(verification),
         "repeated_releases": _repeated_releases(verification, cfg, results),
         "verification": verification.to_json(),
+        "signers": _signers(verification),
         "privacy_plan": _privacy_plan(results),
         "resumes": _resumes(results, cfg),
         "reply_entries": _reply_entries(results),
@@ -1184,6 +1210,18 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         parts.append(_html_list("Modules the auditor imported to recompute plug-in mechanisms:",
                                 [imported_text(m) for m in imported], None))
     parts.append("<ul>" + "".join(f"<li>{_e(c)}</li>" for c in ver["checks"]) + "</ul>")
+    signers = report.get("signers", [])
+    if signers:
+        parts.append("<p>Who signed what (each client's ledgers checked under its key in the"
+                     " allowlist in use; the anchor under the key it names):</p>")
+        parts.append(_table(
+            ["party", "Ed25519 public key", "signed", "signatures verify",
+             "key in the allowlist"],
+            [[_e(r["party_id"]), f"<code>{_e(r['ed25519'] or 'none in the allowlist')}</code>",
+              _e("; ".join(r["signed"])), *(
+                  "<span class=\"ok\">yes</span>" if r[k] else "<span class=\"bad\">no</span>"
+                  for k in ("verified", "registered"))] for r in signers],
+            left=(0, 1, 2)))
     if ver["findings"]:
         parts.append(_table(
             ["severity", "method", "client", "ledger", "entry", "check", "message"],

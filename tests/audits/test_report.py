@@ -1067,3 +1067,33 @@ def test_a_run_without_fedora_states_no_fedora_assumption(tmp_path):
                                               "fedora": {"k": 1}}))
     finally:
         METHODS.unregister("fedora_built_on")
+
+
+def test_the_report_says_which_key_signed_each_ledger_and_the_anchor(run_copy, tmp_path):
+    """Found by a hunt: the report named only the allowlist file, so a reviewer could not
+    tell from it which key signed which ledger or the anchor, nor compare them with keys
+    registered elsewhere. report.json's ``signers`` (and the page) now give, per party, its
+    Ed25519 key, what it signed and whether those signatures verify under it; two swapped
+    ledgers show as not verifying under their clients' keys."""
+    from privacy.identity import load_allowlist
+
+    keys = load_allowlist(run_copy / "keys" / "allowlist.json")
+    anchor = json.loads((run_copy / "anchor.json").read_text())["signer"]
+    rows = build_report(run_copy)["signers"]
+    assert [(r["party_id"], r["ed25519"], r["signed"], r["verified"], r["registered"])
+            for r in rows] == [
+        *((cid, keys[cid].verify_key_hex(), [f"ledger fedora/{cid}", f"ledger local/{cid}"],
+           True, True) for cid in ("client-000", "client-001", "client-002")),
+        ("operator", keys["operator"].verify_key_hex(),
+         [f"anchor {run_copy / 'anchor.json'}"], True, True)]
+    assert anchor == {"party_id": "operator", "ed25519": keys["operator"].verify_key_hex()}
+    ledgers = run_copy / "ledgers" / "fedora"
+    first, second = (ledgers / "client-000.jsonl"), (ledgers / "client-001.jsonl")
+    texts = first.read_bytes(), second.read_bytes()
+    first.write_bytes(texts[1])
+    second.write_bytes(texts[0])
+    paths = write_report(run_copy, tmp_path / "out")
+    rows = json.loads(paths.json.read_text())["signers"]
+    assert [r["verified"] for r in rows] == [False, False, True, True]
+    page = html.unescape(paths.html.read_text())
+    assert "Who signed what" in page and keys["client-002"].verify_key_hex() in page
