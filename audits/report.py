@@ -776,6 +776,10 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "code_version": (results or {}).get("version"),
         "data_fingerprint": (results or {}).get("data_fingerprint"),
         "run_dir": str(run.resolve()),
+        # config.toml's methods, else those with ledgers (a Flower audit folder has no config)
+        "methods": list(cfg.methods) if cfg is not None else sorted(
+            {c.method for c in verification.clients if c.method is not None}) or None,
+        "runtime": (results or {}).get("runtime"),
     }
     privacy_cfg = _privacy_config(cfg)
     assumptions = _assumptions(results, cfg)
@@ -1093,6 +1097,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
             ["config hash (SHA-256)", f"<code>{_e(ident.get('config_hash'))}</code>"],
             ["code version", _e(ident.get("code_version"))],
             ["data fingerprint (SHA-256)", f"<code>{_e(ident.get('data_fingerprint'))}</code>"],
+            ["methods", _e(", ".join(ident.get("methods") or ["unknown"]))],
+            ["runtime", _e(ident.get("runtime") or "unknown")],
         ], left=(0, 1)),
         "<h2 id=\"threat-model\">Threat model and assumptions in force</h2><ul>",
         *(f"<li>{_e(line)}</li>" for line in report["threat_model"]),

@@ -1097,3 +1097,22 @@ def test_the_report_says_which_key_signed_each_ledger_and_the_anchor(run_copy, t
     assert [r["verified"] for r in rows] == [False, False, True, True]
     page = html.unescape(paths.html.read_text())
     assert "Who signed what" in page and keys["client-002"].verify_key_hex() in page
+
+
+def test_the_report_names_the_runs_methods_and_runtime(run_copy, tmp_path):
+    """Found by a hunt: the run identity named no methods and no runtime, so a reviewer read
+    them off the tables (or results.json). Now config.toml's methods (without it, those with
+    ledgers) and results.json's runtime are in report.json's identity and on the page."""
+    doc = json.loads((run_copy / "results.json").read_text())
+    doc["runtime"] = "in-process"
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    reanchor(run_copy)
+    paths = write_report(run_copy, tmp_path / "out")
+    ident = json.loads(paths.json.read_text())["identity"]
+    assert (ident["methods"], ident["runtime"]) == (["fedora", "local"], "in-process")
+    page = html.unescape(paths.html.read_text())
+    assert re.search(r">methods</td><td[^>]*>fedora, local</td>", page)
+    assert re.search(r">runtime</td><td[^>]*>in-process</td>", page)
+    (run_copy / "config.toml").unlink()
+    (run_copy / "ledgers" / "fedora" / "client-000.jsonl").unlink()
+    assert build_report(run_copy)["identity"]["methods"] == ["fedora", "local"]
