@@ -50,6 +50,7 @@ from audits.output import write_output_file  # noqa: E402
 from audits.verdict import VerdictError, audit_figures, audit_verdict, verdict_text  # noqa: E402
 from audits.verify import (  # noqa: E402
     AuditError,
+    ClientVerification,
     VerificationReport,
     dpsgd_claim_problem,
     imported_text,
@@ -236,7 +237,27 @@ def _label(method: str | None) -> str:
     return method if method is not None else "(all)"
 
 
+def _refusal(c: ClientVerification) -> dict[str, Any] | None:
+    """The ledger's first refusal: its round, the release kind refused, the epsilon that
+    release would have brought the client to and the mechanisms it held, as signed; None
+    without one (values not of the documented type are given as None)."""
+    entry = next((e for e in c.series if e.mechanism == "refusal"), None)
+    if entry is None:
+        return None
+    p = entry.params
+    would = p.get("epsilon_would_be")
+    refused = p.get("refused") if isinstance(p.get("refused"), list) else []
+    return {"round": entry.round,
+            "release_kind": p.get("release_kind") if isinstance(p.get("release_kind"), str)
+            else None,
+            "epsilon_would_be": _finite_or_none(would),
+            "mechanisms": [r["mechanism"] for r in refused
+                           if isinstance(r, dict) and isinstance(r.get("mechanism"), str)]}
+
+
 def _budget_rows(verification: VerificationReport) -> list[dict[str, Any]]:
+    """One row per ledger: its budget, recorded and independent epsilon, share used, and
+    ``refusal`` (:func:`_refusal`): when and what its budget refused, None if nothing."""
     rows = []
     for c in verification.clients:
         used = (c.final_epsilon / c.budget_epsilon) if c.budget_epsilon else None
@@ -245,9 +266,22 @@ def _budget_rows(verification: VerificationReport) -> list[dict[str, Any]]:
             "budget_epsilon": c.budget_epsilon, "delta": c.delta, "accountant": c.accountant,
             "recorded_epsilon": c.final_epsilon,
             "independent_epsilon": c.independent_final_epsilon, "budget_used": used,
-            "entries": c.entries, "refused": c.refused, "verified": c.ok,
+            "entries": c.entries, "refused": c.refused, "refusal": _refusal(c),
+            "verified": c.ok,
         })
     return rows
+
+
+def _refused_text(row: dict[str, Any]) -> str:
+    """The budget table's "refused" cell: no, or yes with the round, release and epsilon."""
+    refusal = row.get("refusal")
+    if not row.get("refused") or not isinstance(refusal, dict):
+        return _fmt(row.get("refused"))
+    what = ", ".join(refusal.get("mechanisms") or []) or refusal.get("release_kind") or "a release"
+    would = refusal.get("epsilon_would_be")
+    return _e(f"yes: round {refusal.get('round')} ({what}"
+              + (f", would reach epsilon {format_up(would, 4)}" if would is not None else "")
+              + ")")
 
 
 def _epsilon_series(verification: VerificationReport) -> dict[str, dict[str, list[dict[str, Any]]]]:
@@ -1127,7 +1161,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
           _fmt(r["accountant"]), _fmt_spent(r["recorded_epsilon"], r["budget_epsilon"]),
           _fmt_spent(r["independent_epsilon"], r["budget_epsilon"]),
           _share_up(r["recorded_epsilon"], r["budget_epsilon"], r["budget_used"]),
-          str(r["entries"]), _fmt(r["refused"]),
+          str(r["entries"]), _refused_text(r),
           f"<span class=\"{'ok' if r['verified'] else 'bad'}\">"
           f"{'ok' if r['verified'] else 'FAILED'}</span>"]
          for r in report["budgets"]],

@@ -1116,3 +1116,23 @@ def test_the_report_names_the_runs_methods_and_runtime(run_copy, tmp_path):
     (run_copy / "config.toml").unlink()
     (run_copy / "ledgers" / "fedora" / "client-000.jsonl").unlink()
     assert build_report(run_copy)["identity"]["methods"] == ["fedora", "local"]
+
+
+def test_the_budget_table_says_when_a_budget_ran_out_and_what_it_refused(pristine_run):
+    """Found by a hunt: the budget table said only "refused: yes", so a reviewer had to read
+    the ledger for when a client's budget ran out. Each row's ``refusal`` (and the page) now
+    give the round, the mechanisms refused and the epsilon they would have reached, as the
+    signed refusal entry records them; a row without a refusal has none."""
+    doc = build_report(pristine_run)
+    rows = {(r["method"], r["client_id"]): r for r in doc["budgets"]}
+    refusal = rows["fedora", "client-002"]["refusal"]  # the fixture's budget-3 client
+    entry = next(json.loads(line) for line in
+                 (pristine_run / "ledgers" / "fedora" / "client-002.jsonl").read_text().splitlines()
+                 if json.loads(line)["mechanism"] == "refusal")
+    assert refusal == {"round": entry["round"], "release_kind": "model",
+                       "epsilon_would_be": entry["params"]["epsilon_would_be"],
+                       "mechanisms": ["dpsgd", "gaussian_lambda"]}
+    assert rows["fedora", "client-000"]["refusal"] is None
+    page = html.unescape(render_html(doc, {}))
+    assert (f"yes: round {entry['round']} (dpsgd, gaussian_lambda, would reach epsilon"
+            f" {format_up(entry['params']['epsilon_would_be'], 4)})") in page
