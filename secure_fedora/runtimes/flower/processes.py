@@ -13,12 +13,16 @@ A process that dies without stopping them (SIGKILL, out of memory) does not leav
 running: each one started from the main thread goes through :data:`_DIE_WITH_PARENT`, which has
 Linux send it SIGTERM when that thread ends (``PR_SET_PDEATHSIG``, which follows the starting
 thread, not its process: one started from another thread would be stopped when that thread
-ends, so it gets no such signal).
+ends, so it gets no such signal). What such a signal does not reach (processes started in
+sessions of their own under them) a process record names (:func:`write_process_record`: pid
+and start time of each), so whoever finds the record later can tell whether each one still
+runs (:func:`live_recorded`) and stop it (:func:`stop_recorded`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import shutil
@@ -36,9 +40,17 @@ from privacy.errors import ToolkitError
 __all__ = [
     "ManagedProcess",
     "ProcessError",
+    "ProcessRecordError",
+    "RecordedProcess",
     "descendants",
     "is_alive",
+    "live_recorded",
+    "read_process_record",
+    "recorded",
+    "start_time",
+    "stop_recorded",
     "stop_all",
+    "write_process_record",
 ]
 
 
@@ -90,6 +102,29 @@ def descendants(pid: int) -> list[int]:
         found.append(child)
         stack.extend(tree.get(child, []))
     return found
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (field 3 on), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None
+    if there is no such live process. With the pid it names one process: a pid the kernel
+    gives again later comes with a later start time."""
+    rest = _stat_fields(pid)
+    if rest is None or len(rest) < 20 or rest[0] == "Z":
+        return None
+    try:
+        return int(rest[19])
+    except ValueError:
+        return None
 
 
 def is_alive(pid: int) -> bool:
@@ -263,3 +298,155 @@ def stop_all(processes: Sequence[ManagedProcess], grace: float = 5.0) -> None:
     # ServerApp's checkpoint, a node's release journal and ledger) is written atomically and
     # survives any of them being killed first (the crash-and-resume tests kill each alone).
     _stop_together(list(reversed(list(processes))), grace, signal.SIGTERM)
+
+
+# -- the record of a deployment's processes ---------------------------------------------------
+# A deployment whose starter died without stopping it (SIGKILL, out of memory) may leave
+# processes that no death signal reaches (those its processes start in sessions of their
+# own). The record names every process a deployment started or saw started under them, so the
+# next deployment in the same place finds the ones still running.
+
+#: The ``format`` of a process record file.
+RECORD_FORMAT = "secure-fedora-processes/1"
+
+
+class ProcessRecordError(ProcessError):
+    """A process record file that cannot be read as one (it is left as it is)."""
+
+
+@dataclass(frozen=True)
+class RecordedProcess:
+    """One process as a record names it: its pid and start time (which together name this
+    process, not a later one the kernel gives the same pid), its role and its command."""
+
+    name: str
+    pid: int
+    start_time: int
+    command: tuple[str, ...]
+
+    def alive(self) -> bool:
+        """True while this very process runs: its pid is live with the recorded start time."""
+        return start_time(self.pid) == self.start_time
+
+    def to_json(self) -> dict[str, object]:
+        """The record's entry for this process."""
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "command": list(self.command),
+        }
+
+
+def recorded(name: str, pid: int, command: Sequence[str] | None = None) -> RecordedProcess | None:
+    """``pid`` as a record names it now (``command``, else its /proc command line); None if
+    there is no such live process."""
+    began = start_time(pid)
+    if began is None:
+        return None
+    if command is None:
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        command = [part.decode("utf-8", errors="replace") for part in raw.split(b"\0") if part]
+    return RecordedProcess(name, pid, began, tuple(command))
+
+
+def write_process_record(
+    path: Path, owner: RecordedProcess, processes: Sequence[RecordedProcess]
+) -> None:
+    """Write the record of ``owner`` (the process that started the others) and
+    ``processes`` to ``path`` atomically: a reader finds the previous record or this one,
+    never a part."""
+    doc = {
+        "format": RECORD_FORMAT,
+        "owner": owner.to_json(),
+        "processes": [proc.to_json() for proc in processes],
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(doc, handle, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _entry(value: object, where: str) -> RecordedProcess:
+    if not isinstance(value, dict) or set(value) != {"name", "pid", "start_time", "command"}:
+        raise ValueError(f"{where} is not an entry with name, pid, start_time and command")
+    name, pid, began, command = (value["name"], value["pid"], value["start_time"], value["command"])
+    if (
+        not isinstance(name, str)
+        or not isinstance(command, list)
+        or not all(isinstance(part, str) for part in command)
+    ):
+        raise ValueError(f"{where} has a name or command that is not text")
+    for key, number, least in (("pid", pid, 1), ("start_time", began, 0)):
+        if isinstance(number, bool) or not isinstance(number, int) or number < least:
+            raise ValueError(f"{where} has {key} {number!r}, not an integer >= {least}")
+    return RecordedProcess(name, pid, began, tuple(command))
+
+
+def read_process_record(path: Path) -> tuple[RecordedProcess, list[RecordedProcess]] | None:
+    """The owner and processes the record at ``path`` names; None if there is no record.
+    :class:`ProcessRecordError`, naming the file and leaving it as it is, if it is not a
+    record this module wrote."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ProcessRecordError(f"the process record {path} cannot be read ({err})") from None
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
+            raise ValueError(f'it has no "format": {json.dumps(RECORD_FORMAT)}')
+        if not isinstance(doc.get("processes"), list):
+            raise ValueError('its "processes" is not a list')
+        owner = _entry(doc.get("owner"), "its owner")
+        processes = [_entry(e, f"process entry {i}") for i, e in enumerate(doc["processes"])]
+    except ValueError as err:  # json.JSONDecodeError is one
+        raise ProcessRecordError(
+            f"the process record {path} is not one this toolkit wrote ({err}); it was left as "
+            "it is: check with `ps` that no process it names still runs, then delete it"
+        ) from None
+    return owner, processes
+
+
+def live_recorded(processes: Sequence[RecordedProcess]) -> list[RecordedProcess]:
+    """The recorded processes still running (same pid and start time) and every live
+    descendant of them, each once."""
+    live = [proc for proc in processes if proc.alive()]
+    seen = {proc.pid for proc in live}
+    for proc in list(live):
+        for pid in descendants(proc.pid):
+            child = recorded(f"{proc.name} child", pid)
+            if pid not in seen and child is not None:
+                seen.add(pid)
+                live.append(child)
+    return live
+
+
+def stop_recorded(
+    processes: Sequence[RecordedProcess], grace: float = 5.0
+) -> list[RecordedProcess]:
+    """Stop the recorded processes still running and their descendants: SIGTERM to each,
+    one shared grace period of ``grace`` s, SIGKILL to what is left, then up to
+    :data:`KILL_WAIT` s for them to be gone. A process is signalled only while its pid has
+    the recorded start time (a pid given again to another process is left alone). Returns
+    the ones still running afterwards (none but a process stuck in the kernel)."""
+    targets = live_recorded(processes)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, KILL_WAIT)):
+        for proc in targets:
+            if proc.alive():
+                _signal_pid(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(proc.alive() for proc in targets):
+            time.sleep(0.05)
+    return [proc for proc in targets if proc.alive()]
