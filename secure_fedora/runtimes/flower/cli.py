@@ -5,7 +5,8 @@
 - ``deploy certs --out DIR --host H [--host H ...] [--nodes N] [--days D] [--force]``
 - ``deploy local [--config CONFIG] [--clients N] [--workdir DIR] [--round-timeout S]
   [--run-timeout S] [--threads T] [--key-holder K] [--reproducible-dp-noise]
-  [--compare-methods] [--full-client-errors K ...] [--resume] [--print-commands] [--quiet]``
+  [--compare-methods] [--full-client-errors K ...] [--resume] [--stop-stale] [--print-commands]
+  [--quiet]``
 
 ``deploy local`` without ``--config`` deploys the smoke config the package ships
 (:data:`DEFAULT_CONFIG`, a copy of ``configs/smoke.toml``), and without ``--workdir`` works in
@@ -199,7 +200,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                 reproducible_dp_noise=args.reproducible_dp_noise, key_holder=args.key_holder,
                 max_in_flight=args.max_in_flight, compare_methods=args.compare_methods,
                 full_client_errors=args.full_client_errors, resume=args.resume,
-                client_public_keys=args.client_public_keys):
+                client_public_keys=args.client_public_keys, stop_stale=args.stop_stale):
             print(line)
         if args.client_public_keys is not None:
             allowlist = Path(workdir).expanduser().resolve() / "identities" / "server" / \
@@ -226,6 +227,7 @@ def cmd_local(args: argparse.Namespace) -> int:
                 compare_methods=args.compare_methods,
                 full_client_errors=args.full_client_errors,
                 resume=args.resume,
+                stop_stale=args.stop_stale,
                 progress=lambda msg: console.print(f"[bold]deploy:[/bold] {escape(msg)}"),
                 on_round=on_round,
             )
@@ -324,6 +326,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "appended); refused before anything is written when the checkpoint is another run's, configuration's or "
         "method list's, or when WORKDIR/identities lacks a key or allowlist of the run (a resume "
         "never makes new identities)",
+    )
+    local.add_argument(
+        "--stop-stale", action="store_true",
+        help="stop the processes of an earlier deployment in this workdir that still run "
+        "(WORKDIR/processes.json names them; `deploy local` killed with SIGKILL leaves its "
+        "ServerApp running) with SIGTERM, then SIGKILL after 5 s, before going on; without "
+        "it such a workdir is refused, naming their pids",
     )
     local.add_argument(
         "--print-commands", action="store_true",

@@ -28,6 +28,8 @@ Layout of ``workdir``::
                          anchor.json) written by the ServerApp, and its checkpoint
                          checkpoints/flower-server.pt (``deploy local --resume``)
     run.toml             the run-config overrides passed to ``flwr run``
+    processes.json       while the deployment runs: every process it started or saw started
+                         under them (pid, start time, command; :data:`PROCESS_RECORD`)
 
 Every process gets ``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_UPDATE_CHECK=1``; the
 SuperLink always runs with ``--disable-runtime-dependency-installation`` (and so do the
@@ -81,7 +83,18 @@ from secure_fedora.runtimes.flower.certs import (
     make_certificates,
     make_node_keys,
 )
-from secure_fedora.runtimes.flower.processes import ManagedProcess, ProcessError, stop_all
+from secure_fedora.runtimes.flower.processes import (
+    ManagedProcess,
+    ProcessError,
+    RecordedProcess,
+    descendants,
+    live_recorded,
+    read_process_record,
+    recorded,
+    stop_all,
+    stop_recorded,
+    write_process_record,
+)
 from secure_fedora.runtimes.flower.protocol import (
     DeployError,
     check_apps_know_entries,
@@ -97,11 +110,13 @@ __all__ = [
     "DeployResult",
     "LocalFederation",
     "NODE_IDENTITY_DIR",
+    "PROCESS_RECORD",
     "RoundLines",
     "RunTimeouts",
     "check_new_party_identities",
     "check_party_identities",
     "check_server_identity",
+    "check_stale_processes",
     "default_max_in_flight",
     "deploy_local",
     "flower_env",
@@ -123,6 +138,10 @@ LOOPBACK = "127.0.0.1"
 SUPERLINK_SERVING = "Uvicorn running on"
 #: What a Flower server logs when its port is held by another process.
 PORT_TAKEN = "address already in use"
+#: The workdir's record of the running deployment's processes (removed on a clean stop).
+PROCESS_RECORD = "processes.json"
+#: How long ``--stop-stale`` gives a leftover process after SIGTERM before SIGKILL (seconds).
+STALE_GRACE = 5.0
 
 
 def _port_taken(port: int, who: str) -> DeployError:
@@ -524,6 +543,9 @@ class LocalFederation:
         self.server_state_dir = self.workdir / "server"
         self.logs = self.workdir / "logs"
         self.phases: dict[str, float] = {}
+        self.record_path = self.workdir / PROCESS_RECORD
+        self._recorded: dict[int, RecordedProcess] = {}
+        self._record_written = False
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -611,8 +633,9 @@ class LocalFederation:
         """Write what the processes read, starting none: the TLS certificates (for
         127.0.0.1), the SuperNode keys, the flwr CLI's connection and every party's identity
         directory; choose the ports. With ``resume`` the identities are only loaded, never
-        made. Every refusal (:meth:`check_identities`, :meth:`check_layout`) comes before
-        anything is written."""
+        made. Every refusal (:meth:`check_identities`, :meth:`check_layout`,
+        :func:`check_stale_processes`) comes before anything is written."""
+        check_stale_processes(self.workdir)
         self.check_identities()
         self.check_layout()
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -662,13 +685,45 @@ class LocalFederation:
     def stop(self) -> None:
         """Stop every process started here and their descendants, all together
         (:func:`~secure_fedora.runtimes.flower.processes.stop_all`): one grace period of 5 s
-        for all of them, then SIGKILL to what is left."""
+        for all of them, then SIGKILL to what is left. The process record is removed once no
+        process it names runs."""
         stop_all(self.processes)
+        if self._record_written and not any(p.alive() for p in self._recorded.values()):
+            with contextlib.suppress(FileNotFoundError):
+                self.record_path.unlink()
+            self._record_written = False
 
     def refresh(self) -> None:
-        """Record the current descendants of every started process (for a complete stop)."""
+        """Record the current descendants of every started process (for a complete stop),
+        and in the process record (:data:`PROCESS_RECORD`) those it does not name yet."""
+        seen: list[tuple[str, int]] = []
         for proc in self.processes:
-            proc.refresh_descendants()
+            if proc.running():
+                kids = descendants(proc.pid)
+                proc.known_descendants.update(kids)
+                seen += [(f"{proc.name} child", pid) for pid in kids]
+        self._write_record(seen)
+
+    def _write_record(self, seen: Sequence[tuple[str, int]] = ()) -> None:
+        """Rewrite :data:`PROCESS_RECORD` (atomically) when it does not name every live
+        process started here, seen under one of them now (``seen``: role and pid) or named
+        before and still running: a deployment killed without stopping them leaves the next
+        one in this workdir their pids and start times. Only a process seen under one of
+        ours now is added (a pid remembered from earlier may have been given again)."""
+        current = {pid: entry for pid, entry in self._recorded.items() if entry.alive()}
+        wanted = [(p.name, p.pid, p.command) for p in self.processes if p.running()]
+        for name, pid, command in [*wanted, *((name, pid, None) for name, pid in seen)]:
+            if pid not in current:
+                entry = recorded(name, pid, command)
+                if entry is not None:
+                    current[pid] = entry
+        if self._record_written and current == self._recorded:
+            return
+        owner = recorded("deploy", os.getpid())
+        assert owner is not None  # this very process
+        write_process_record(self.record_path, owner, list(current.values()))
+        self._recorded = current
+        self._record_written = True
 
     # -- pieces ---------------------------------------------------------------------------
     @property
@@ -701,6 +756,7 @@ class LocalFederation:
         )
         proc.start()
         self.processes.append(proc)
+        self._write_record()
         return proc
 
     def _superlink_command(self) -> list[str]:
@@ -1060,6 +1116,60 @@ def default_max_in_flight() -> int:
     return 2 * (os.cpu_count() or 1)
 
 
+def _named(processes: Sequence[RecordedProcess]) -> str:
+    """``superlink child (pid 12: flwr-serverapp), ...``: each process's role, pid and
+    program (the script an interpreter runs)."""
+    def program(command: Sequence[str]) -> str:
+        names = [Path(part).name for part in command[:2]]
+        return names[1] if len(names) > 1 and names[0].startswith("python") else names[0]
+
+    return ", ".join(f"{proc.name} (pid {proc.pid}"
+                     + (f": {program(proc.command)})" if proc.command else ")")
+                     for proc in processes)
+
+
+def check_stale_processes(work: Path, stop: bool = False,
+                          say: Callable[[str], None] | None = None) -> None:
+    """Refuse a workdir whose process record (:data:`PROCESS_RECORD`) names a process still
+    running (the same pid with the same start time: a pid the kernel gave again to another
+    process is not taken for it), as a deployment killed without stopping them leaves them
+    (a ServerApp there would go on writing the run's results and checkpoint beside a new
+    deployment's): :class:`DeployError` naming their pids. With ``stop``, they and their
+    descendants are stopped instead (SIGTERM, :data:`STALE_GRACE` s, SIGKILL) and the record
+    removed, unless the deployment that started them still runs, which is refused either way.
+    A record that cannot be read is refused
+    (:class:`~secure_fedora.runtimes.flower.processes.ProcessRecordError`) and left as it is.
+    Writes nothing but the removal of a record whose processes were all stopped."""
+    path = work / PROCESS_RECORD
+    record = read_process_record(path)
+    if record is None:
+        return
+    owner, processes = record
+    if owner.alive() and owner.pid != os.getpid():
+        raise DeployError(
+            f"the workdir {str(work)!r} is in use by a running deployment (pid {owner.pid}; "
+            f"its record {path}): stop it (Ctrl-C where it runs, or `kill {owner.pid}`: it "
+            "stops every process it started) or use another workdir; nothing was written")
+    live = live_recorded(processes)
+    if not live:
+        return
+    pids = " ".join(str(proc.pid) for proc in live)
+    if not stop:
+        raise DeployError(
+            f"the workdir {str(work)!r} has processes of an earlier deployment still running "
+            f"(its record {path}): {_named(live)}; a deployment beside them would share the "
+            f"nodes' state and the run's results: stop them (`kill {pids}`) or run again with "
+            f"--stop-stale, which stops them (SIGTERM, then SIGKILL after {STALE_GRACE:.0f} s); "
+            "nothing was written")
+    if say is not None:
+        say(f"stopping the earlier deployment's processes still running: {_named(live)}")
+    left = stop_recorded(processes, grace=STALE_GRACE)
+    if left:
+        raise DeployError(f"the earlier deployment's processes {_named(left)} did not stop "
+                          "after SIGKILL; nothing was written")
+    path.unlink()
+
+
 def _refuse_used_workdir(work: Path) -> None:
     """Refuse a workdir that holds an earlier deployment's runs: its clients' releases are in
     the ledgers under ``nodes/``, and a new run there would start fresh ledgers at epsilon 0
@@ -1201,6 +1311,7 @@ def deploy_local(
     compare_methods: bool = False,
     full_client_errors: Sequence[int] = (),
     resume: bool = False,
+    stop_stale: bool = False,
 ) -> DeployResult:
     """Run every method of the config on a local, secured Flower deployment and stop everything afterwards.
 
@@ -1224,12 +1335,16 @@ def deploy_local(
     ``results.json`` and the run status. Raises :class:`DeployError` if any process fails to
     start, the run does not finish in ``timeouts.run`` seconds, or it ends in another state
     than ``finished:completed``. All processes are stopped before returning or raising,
-    including on KeyboardInterrupt.
+    including on KeyboardInterrupt. While they run, ``workdir/processes.json`` names them
+    (:data:`PROCESS_RECORD`); a workdir whose record names processes still running (a
+    deployment killed with SIGKILL leaves its ServerApp) is refused before anything is
+    written, or with ``stop_stale`` they are stopped first (:func:`check_stale_processes`).
     """
     cfg, work, max_in_flight, resumed, amendments = _checked_deployment(
         config, num_clients, workdir, reproducible_dp_noise=reproducible_dp_noise,
         key_holder=key_holder, max_in_flight=max_in_flight, compare_methods=compare_methods,
-        full_client_errors=full_client_errors, resume=resume)
+        full_client_errors=full_client_errors, resume=resume, stop_stale=stop_stale,
+        say=progress)
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
@@ -1290,6 +1405,7 @@ def local_commands(
     full_client_errors: Sequence[int] = (),
     resume: bool = False,
     client_public_keys: Sequence[str | os.PathLike[str]] | None = None,
+    stop_stale: bool = False,
 ) -> list[str]:
     """The commands :func:`deploy_local` with the same arguments runs, in order, as shell
     lines (:meth:`LocalFederation.planned_commands`), starting none of them.
@@ -1303,11 +1419,12 @@ def local_commands(
     directory, kept on its own host, :data:`NODE_IDENTITY_DIR`. Refused then, before anything
     is written: a workdir whose ``identities/`` holds clients' directories (private keys an
     earlier call without ``client_public_keys`` wrote) and, with ``resume``, public key files
-    whose allowlist is not the run's."""
+    whose allowlist is not the run's, and as by :func:`deploy_local`, a workdir whose
+    process record names processes still running (stopped first with ``stop_stale``)."""
     cfg, work, max_in_flight, resumed, amendments = _checked_deployment(
         config, num_clients, workdir, reproducible_dp_noise=reproducible_dp_noise,
         key_holder=key_holder, max_in_flight=max_in_flight, compare_methods=compare_methods,
-        full_client_errors=full_client_errors, resume=resume)
+        full_client_errors=full_client_errors, resume=resume, stop_stale=stop_stale)
     fed = LocalFederation(work, cfg.data.num_clients, timeouts=timeouts,
                           full_client_errors=full_client_errors,
                           client_public_keys=client_public_keys, resume=bool(resumed))
@@ -1331,6 +1448,8 @@ def _checked_deployment(
     compare_methods: bool,
     full_client_errors: Sequence[int],
     resume: bool,
+    stop_stale: bool = False,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[ExperimentConfig, Path, int, int, list[dict[str, Any]]]:
     """What :func:`deploy_local` checks before it writes anything: the config to deploy, the
     resolved workdir, the in-flight window, the resumed run's id (0: none) and its config
@@ -1372,6 +1491,8 @@ def _checked_deployment(
         log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "
                     "keys are in its identity directory %s/<party>",
                     json.dumps(cfg.security.keystore), work / "identities")
+    # before the checkpoint is read: a leftover ServerApp may still be writing it
+    check_stale_processes(work, stop=stop_stale, say=say)
     resumed: int = 0
     amendments: list[dict[str, Any]] = []
     if resume:

@@ -1349,6 +1349,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFedera
     workdir = tmp_path_factory.mktemp("federation")
     with LocalFederation(workdir, 4, timeouts=STARTUP, register=[0, 1, 2]) as fed:
         yield fed
+    assert not fed.record_path.exists(), "the process record outlived a clean stop"
     for proc in fed.processes:
         assert not proc.running(), f"{proc.name} still running after stop"
         assert not any(is_alive(p) for p in proc.known_descendants), f"{proc.name} left children"
@@ -1367,6 +1368,13 @@ def test_unregistered_node_is_refused(federation: LocalFederation) -> None:
     superlink_log = (federation.logs / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in superlink_log
     assert all(federation.nodes[i].process.running() for i in range(3))  # type: ignore[union-attr]
+    # the running deployment's processes are on record, with their start times
+    from secure_fedora.runtimes.flower.processes import read_process_record, start_time
+
+    _, named = read_process_record(federation.record_path) or (None, [])
+    assert federation.superlink is not None
+    assert (federation.superlink.pid, start_time(federation.superlink.pid)) in {
+        (p.pid, p.start_time) for p in named}
 
 
 @pytest.mark.deploy
@@ -1477,6 +1485,7 @@ def test_cli_deploy_local_equals_in_process_runtime_and_stops_everything(
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["status"] == "finished:completed"
     assert _processes_mentioning(str(workdir)) == []  # everything it started is gone
+    assert not (workdir / "processes.json").exists()  # and its record with them
     results = json.loads(Path(report["results"]).read_text())
     run_id = int(report["run_id"])
     assert results["runtime"] == "flower" and results["events"] == []
