@@ -47,6 +47,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,6 @@ from secure_fedora.runtimes.flower.processes import (
     ManagedProcess,
     ProcessError,
     RecordedProcess,
-    descendants,
     live_recorded,
     read_process_record,
     recorded,
@@ -546,6 +546,7 @@ class LocalFederation:
         self.record_path = self.workdir / PROCESS_RECORD
         self._recorded: dict[int, RecordedProcess] = {}
         self._record_written = False
+        self._record_lock = threading.Lock()  # a SuperNode may be restarted from a thread
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -688,20 +689,17 @@ class LocalFederation:
         for all of them, then SIGKILL to what is left. The process record is removed once no
         process it names runs."""
         stop_all(self.processes)
-        if self._record_written and not any(p.alive() for p in self._recorded.values()):
-            with contextlib.suppress(FileNotFoundError):
-                self.record_path.unlink()
-            self._record_written = False
+        with self._record_lock:
+            if self._record_written and not any(p.alive() for p in self._recorded.values()):
+                with contextlib.suppress(FileNotFoundError):
+                    self.record_path.unlink()
+                self._record_written = False
 
     def refresh(self) -> None:
         """Record the current descendants of every started process (for a complete stop),
         and in the process record (:data:`PROCESS_RECORD`) those it does not name yet."""
-        seen: list[tuple[str, int]] = []
-        for proc in self.processes:
-            if proc.running():
-                kids = descendants(proc.pid)
-                proc.known_descendants.update(kids)
-                seen += [(f"{proc.name} child", pid) for pid in kids]
+        seen = [(f"{proc.name} child", pid)
+                for proc in self.processes for pid in proc.refresh_descendants()]
         self._write_record(seen)
 
     def _write_record(self, seen: Sequence[tuple[str, int]] = ()) -> None:
@@ -710,20 +708,22 @@ class LocalFederation:
         before and still running: a deployment killed without stopping them leaves the next
         one in this workdir their pids and start times. Only a process seen under one of
         ours now is added (a pid remembered from earlier may have been given again)."""
-        current = {pid: entry for pid, entry in self._recorded.items() if entry.alive()}
-        wanted = [(p.name, p.pid, p.command) for p in self.processes if p.running()]
-        for name, pid, command in [*wanted, *((name, pid, None) for name, pid in seen)]:
-            if pid not in current:
-                entry = recorded(name, pid, command)
-                if entry is not None:
-                    current[pid] = entry
-        if self._record_written and current == self._recorded:
-            return
-        owner = recorded("deploy", os.getpid())
-        assert owner is not None  # this very process
-        write_process_record(self.record_path, owner, list(current.values()))
-        self._recorded = current
-        self._record_written = True
+        with self._record_lock:
+            current = {pid: entry for pid, entry in self._recorded.items() if entry.alive()}
+            wanted = [(p.name, p.pid, p.command) for p in self.processes
+                      if p.popen is not None and p.running()]
+            for name, pid, command in [*wanted, *((name, pid, None) for name, pid in seen)]:
+                if pid not in current:
+                    entry = recorded(name, pid, command)
+                    if entry is not None:
+                        current[pid] = entry
+            if self._record_written and current == self._recorded:
+                return
+            owner = recorded("deploy", os.getpid())
+            assert owner is not None  # this very process
+            write_process_record(self.record_path, owner, list(current.values()))
+            self._recorded = current
+            self._record_written = True
 
     # -- pieces ---------------------------------------------------------------------------
     @property

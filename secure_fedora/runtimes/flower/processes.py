@@ -227,10 +227,14 @@ class ManagedProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def refresh_descendants(self) -> None:
-        """Remember the current descendants so they can be stopped even after re-parenting."""
-        if self.running():
-            self.known_descendants.update(descendants(self.pid))
+    def refresh_descendants(self) -> list[int]:
+        """Remember the current descendants so they can be stopped even after re-parenting;
+        returns them (none once the process has exited)."""
+        if not self.running():
+            return []
+        found = descendants(self.pid)
+        self.known_descendants.update(found)
+        return found
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process group, the process and every known descendant."""
@@ -364,7 +368,8 @@ def write_process_record(
         "owner": owner.to_json(),
         "processes": [proc.to_json() for proc in processes],
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # one temporary name per process and thread: two writers never share one
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(doc, handle, indent=1)

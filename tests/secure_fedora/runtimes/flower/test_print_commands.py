@@ -49,8 +49,8 @@ def _record_instead_of_running(monkeypatch: pytest.MonkeyPatch, ran: list[str]) 
         def running(self) -> bool:
             return self.name != "serverapp"  # the run's log stream ends: the run is over
 
-        def refresh_descendants(self) -> None:
-            pass
+        def refresh_descendants(self) -> list[int]:
+            return []
 
         def stop(self, grace: float = 5.0, hard: bool = False) -> None:
             pass
