@@ -30,7 +30,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
 )
 from tests.secure_fedora.runtimes.test_amend_resume import write
 
-# the in-process test's config: client 1's round-1 pull (lr * lambda about 3e12) overflows
+# the in-process test's config: client 1's round-1 pull (lr * lambda about 2e6) overflows
 AMENDMENT = {"key": "fedora.max_pull", "from": None, "to": 1.0, "method": "fedora",
              "resumed_at_round": 1, "effective_from_round": 2, "applies_to": {"fedora": 2}}
 
