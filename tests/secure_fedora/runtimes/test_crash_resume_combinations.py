@@ -131,7 +131,7 @@ def test_partial_participation_killed_before_an_unwritten_checkpoint_resumes_exa
 
 # test_amend_resume's setting: with this seed client 1's round-1 pull overflows unbounded
 PULL_DIVERGES = {
-    "name": "pull-diverges", "seed": 2, "methods": ["fedora"],
+    "name": "pull-diverges", "seed": 5, "methods": ["fedora"],
     "data": {"num_clients": 3, "train_per_client": 32, "val_per_client": 4,
              "test_per_client": 16, "groups": 3, "validation": "private"},
     "training": {"rounds": 3, "local_epochs": 4, "batch_size": 8, "lr": 0.05,
