@@ -125,16 +125,21 @@ def test_second_moment_noise_draws_only_the_independent_entries(d: int) -> None:
 
 
 def test_second_moment_noise_mixes_csprng_draws_with_the_documented_variances() -> None:
-    d, n, r, sigma = 60, 100, 1.0, 2.0
+    d, n, r, sigma = 120, 100, 1.0, 2.0
     s = sigma * r**2 / n
-    m = noised_second_moment(torch.zeros(n, d, dtype=torch.float64), r, sigma, CsprngNoise())
     iu = torch.triu_indices(d, d, offset=1)
-    off = m[iu[0], iu[1]]
-    assert torch.equal(m, m.T)
-    assert float(torch.diagonal(m).var()) == pytest.approx(s**2, rel=0.35)   # 60 samples
-    assert float(off.var()) == pytest.approx(s**2 / 2, rel=0.06)              # 1,770 samples
+    diag, off = [], []
+    for _ in range(5):
+        m = noised_second_moment(torch.zeros(n, d, dtype=torch.float64), r, sigma, CsprngNoise())
+        assert torch.equal(m, m.T)
+        diag.append(torch.diagonal(m))
+        off.append(m[iu[0], iu[1]])
+    diag_t, off_t = torch.cat(diag), torch.cat(off)
+    # unseeded draws: each tolerance is about 5 standard errors of the variance estimate
+    assert float(diag_t.var()) == pytest.approx(s**2, rel=0.3)        # 600 samples
+    assert float(off_t.var()) == pytest.approx(s**2 / 2, rel=0.04)    # 35,700 samples
     # Distinct entries are independent draws, not copies of one another.
-    assert len(set(off.tolist())) == off.numel()
+    assert len(set(off_t.tolist())) == off_t.numel()
 
 
 def test_release_symmetric_symmetrizes_an_asymmetric_value_and_refuses_non_square() -> None:
