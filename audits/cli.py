@@ -459,7 +459,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         run_replay_audit,
         write_replay_result,
     )
-    from audits.verdict import NO_DP_CLAIM_EXIT, verdict_text
+    from audits.verdict import NO_DP_CLAIM_EXIT
 
     json_path = _json_option(args, "replay")
     try:
@@ -485,9 +485,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     s = result.setup
     print(f"replay audit of {s['method']}/{s['client']} (noise = {s['noise']}): {result.trials}"
           f" trials, {result.correct} correct guesses")
-    # the figures and verdict worded as canary and whitebox word them
-    _print_audit_summary({**doc, "verdict_text": verdict_text(
-        result.verdict, result.claim_epsilon, result.certifiable_max, result.lower_bound)})
+    _print_audit_summary(doc)  # the figures and verdict worded as canary and whitebox word them
     others = [m for m in s.get("claim_mechanisms", []) if m != "dpsgd"]
     if others:  # the claim is the ledger's whole spend, the replay one DP-SGD step of it
         print(f"  the claim also spans the ledger's {', '.join(others)} releases (signed entries,"

@@ -42,7 +42,6 @@ config-knowing attacker), ``"consistent"`` (not refuted, and the audit had the p
 from __future__ import annotations
 
 import json
-import logging
 import math
 import sys
 import time
@@ -58,6 +57,8 @@ from audits.arguments import check_count, check_seed
 from audits.canary import CanaryAuditError, epsilon_lower_bound
 from audits.options import API_AUDIT_OPTIONS
 from audits.verdict import (
+    VerdictError,
+    audit_document,
     audit_figures,
     audit_verdict,
     config_claim_problem,
@@ -79,8 +80,6 @@ from secure_fedora.data.partition import ClientData
 
 __all__ = ["AutomaticTrialsCannotRefuteError", "ReplayAuditError", "ReplayAuditResult",
            "certifiable_max", "run_replay_audit", "trials_for_claim", "write_replay_result"]
-
-log = logging.getLogger(__name__)
 
 #: Largest trial count the automatic choice goes to (about 80 s of CPU for the MLP).
 MAX_AUTO_TRIALS = 20_000
@@ -129,13 +128,26 @@ class ReplayAuditResult:
     correct: int
     confidence: float
     setup: dict[str, Any] = field(default_factory=dict)
-    #: What the checks of the run could not check (files that could not be read to look for
-    #: private keys, ...), each as ``audit verify`` words its unchecked warning.
+    #: What the checks of the run could not check (a method config.toml names that this
+    #: process has not registered, whose config checks were not run; files that could not be
+    #: read to look for private keys, ...), each as ``audit verify`` words its unchecked warning.
     unchecked: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """The replay.json document (``"audit": "replay"`` first)."""
-        return {"audit": "replay", **asdict(self)}
+        """The replay.json document: the common audit document (:func:`audits.verdict.
+        audit_document`: ``"audit": "replay"`` first, and ``verdict_text`` worded as the CLI
+        prints it) with every field of this result.
+        VerdictError (a ValueError) for a figure the verdict refuses (NaN, negative) or a
+        ``verdict`` other than the one the figures give."""
+        d = asdict(self)
+        common = {k: d.pop(k) for k in ("claim_epsilon", "certifiable_max", "lower_bound",
+                                        "confidence", "setup")}
+        recorded = d.pop("verdict")
+        doc = audit_document("replay", **common, **d)  # its verdict, from the figures
+        if doc["verdict"] != recorded:
+            raise VerdictError(f"verdict {recorded!r:.80} is not what the result's figures give"
+                               f" ({doc['verdict']!r})")
+        return doc
 
 
 def certifiable_max(trials: int, delta: float, confidence: float = 0.95) -> float:
@@ -426,7 +438,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     With the automatic count, when it stops at :data:`MAX_AUTO_TRIALS` and even a perfect
     attacker could not certify above the claim with that many, no trial is run:
     :class:`AutomaticTrialsCannotRefuteError` (a ReplayAuditError) says how many trials could
-    refute it; an explicit ``trials`` runs as asked, whatever it can certify.
+    refute it; an explicit ``trials`` runs as asked, whatever it can certify. What the checks
+    could not check is the result's ``unchecked`` (a method config.toml names that this
+    process has not registered, whose config checks were not run; a file the key scan could
+    not read), worded as ``audit verify`` words it.
 
     ``allowlist`` (CLI ``--allowlist``): an independently registered allowlist.json; the
     ledger's signatures are checked under it instead of the run's ``keys/allowlist.json``
@@ -467,10 +482,12 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
             raise ReplayAuditError(
                 "the replay rebuilds the run's data and model, and its config.toml names "
                 + unregistered_hint(kind, name, "audits.replay.run_replay_audit"))
-    for _kind, name in unknown:  # accepted, never silently (as audit verify warns)
-        log.warning("config.toml names %s: the config checks it declares were not run; the "
-                    "replay reads its ledger only",
-                    unregistered_hint("method", name, "audits.replay.run_replay_audit"))
+    # accepted, never silently (as audit verify warns): what was not checked, as the key
+    # scan's notes are (the result's ``unchecked``, printed by the CLI as a warning line)
+    not_run = [f"config.toml names "
+               f"{unregistered_hint('method', name, 'audits.replay.run_replay_audit')}: the"
+               " config checks it declares were not run; the replay reads its ledger only"
+               for _kind, name in unknown]
     problem = config_rebuild_problem(run_dir, "replay")
     if problem is not None:
         raise ReplayAuditError(problem)
@@ -590,21 +607,24 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     }
     return ReplayAuditResult(claim_epsilon=claim, certifiable_max=best, lower_bound=lower,
                              verdict=verdict, trials=trials, correct=correct,
-                             confidence=float(confidence), setup=setup, unchecked=unchecked)
+                             confidence=float(confidence), setup=setup,
+                             unchecked=[*not_run, *unchecked])
 
 
 def write_replay_result(run_dir: str | Path, result: ReplayAuditResult) -> Path:
     """Write ``RUN_DIR/audit/replay.json`` (atomically, strict JSON); returns its path.
 
-    Raises ReplayAuditError, writing nothing, when a figure is NaN or infinite or ``run_dir``
+    Raises ReplayAuditError, writing nothing, when a figure is NaN or infinite, the verdict
+    is not the one the figures give (:meth:`ReplayAuditResult.to_json`), or ``run_dir``
     is empty (the current directory), only spaces or holds NUL."""
     from secure_fedora.core.files import atomic_write_text
 
     path = check_path(run_dir, "run_dir", ReplayAuditError) / "audit" / "replay.json"
     try:
         text = json.dumps(result.to_json(), indent=2, allow_nan=False)
-    except ValueError as err:  # a NaN or infinity: replay.json stays strict JSON
-        raise ReplayAuditError(f"replay.json would not be strict JSON: {err}") from None
+    except ValueError as err:  # a NaN or infinity, or a verdict its figures do not give
+        raise ReplayAuditError(f"replay.json would not be strict JSON with the verdict its"
+                               f" figures give: {err}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
     return path

@@ -51,7 +51,7 @@ def test_reproducible_run_is_refuted_and_csprng_run_is_not(runs, capsys):
     assert main(["audit", "replay", str(runs["reproducible"]), "--trials", "40"]) == 1
     doc = json.loads((runs["reproducible"] / "audit" / "replay.json").read_text())
     assert set(doc) == {"audit", "claim_epsilon", "certifiable_max", "lower_bound", "verdict",
-                        "trials", "correct", "confidence", "setup", "unchecked"}
+                        "verdict_text", "trials", "correct", "confidence", "setup", "unchecked"}
     assert doc["unchecked"] == []
     assert doc["audit"] == "replay" and doc["confidence"] == 0.95 and doc["trials"] == 40
     assert 0.5 < doc["claim_epsilon"] < 1.5 < doc["certifiable_max"]
@@ -554,10 +554,12 @@ def test_a_method_its_own_process_registered_is_replayed_in_another(tmp_path, ca
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_a_method_this_process_lacks_is_replayed_with_a_warning(tmp_path, caplog):
+def test_a_method_this_process_lacks_is_replayed_with_a_warning(tmp_path, capsys):
     """The replay accepts a method its process has not registered (a tampered config.toml may
     name any well-formed method) and said nothing of it, where `audit verify` warns that its
-    config checks were not run: the replay now warns, naming the method."""
+    config checks were not run; then it warned through logging only (no `warning:` line,
+    nothing in replay.json). It is now recorded in `unchecked` and printed as the key scan's
+    warnings are, naming the method."""
     from secure_fedora.core.registry import METHODS
 
     METHODS.register("byo_local_w", METHODS.get("local"))
@@ -566,12 +568,40 @@ def test_a_method_this_process_lacks_is_replayed_with_a_warning(tmp_path, caplog
                                       "privacy": {**BASE["privacy"], "noise": "csprng"}})
     finally:
         METHODS.unregister("byo_local_w")
-    with caplog.at_level("WARNING", logger="audits.replay"):
-        run_replay_audit(run, trials=8)
-    assert any("method 'byo_local_w', which this process has not registered" in r.getMessage()
-               and "config checks it declares were not run" in r.getMessage()
-               for r in caplog.records)
+    (note,) = run_replay_audit(run, trials=8).unchecked
+    assert "method 'byo_local_w', which this process has not registered" in note
+    assert "config checks it declares were not run" in note
+    capsys.readouterr()
+    assert main(["audit", "replay", str(run), "--trials", "8"]) == 3  # inconclusive
+    err = capsys.readouterr().err
+    assert err.splitlines().count(f"warning: {note}") == 1, err
+    assert json.loads((run / "audit" / "replay.json").read_text())["unchecked"] == [note]
 
+
+def test_replay_json_words_its_verdict_as_the_cli_prints_it(runs, capsys):
+    """canary.json and whitebox.json carry `verdict_text`, the line the CLI prints after
+    `verdict:`; replay.json did not. It now does, its other keys kept."""
+    from audits.replay import ReplayAuditResult, write_replay_result
+    from audits.verdict import VerdictError, verdict_text
+
+    run = runs["csprng"]
+    assert main(["audit", "replay", str(run), "--trials", "40"]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads((run / "audit" / "replay.json").read_text())
+    assert doc["verdict_text"] == verdict_text("consistent", doc["claim_epsilon"],
+                                               doc["certifiable_max"], doc["lower_bound"])
+    assert f"  verdict: {doc['verdict_text']}\n" in out
+    assert set(doc) == {"audit", "claim_epsilon", "certifiable_max", "lower_bound", "verdict",
+                        "verdict_text", "trials", "correct", "confidence", "setup",
+                        "unchecked"}
+    # a verdict the figures do not give is refused, not worded
+    wrong = ReplayAuditResult(claim_epsilon=1.0, certifiable_max=1.6, lower_bound=0.1,
+                              verdict="refuted", trials=40, correct=20, confidence=0.95)
+    with pytest.raises(VerdictError, match="'refuted' is not what"):
+        wrong.to_json()
+    with pytest.raises(ReplayAuditError, match="'refuted' is not what"):
+        write_replay_result(run / "elsewhere", wrong)
+    assert not (run / "elsewhere").exists()
 
 
 def _threads_of_each_step(monkeypatch: pytest.MonkeyPatch) -> list[int]:
