@@ -466,9 +466,9 @@ class CanaryAuditResult:
     #: :meth:`audits.verify.ImportedModule.to_json` gives it (name, file, SHA-256, what it
     #: registered): code from outside the toolkit that ran during the audit.
     imported: list[dict[str, Any]] = field(default_factory=list)
-    #: What ``audit canary RUN_DIR``'s checks of the run could not check (files that could not
-    #: be read to look for private keys, a run without privacy keeping its envelope keys),
-    #: each as ``audit verify`` words its warning; replay.json's ``unchecked`` alike.
+    #: What the key scan of ``run_dir`` (``audit canary RUN_DIR``) could not check (files
+    #: that could not be read to look for private keys, a run without privacy keeping its
+    #: envelope keys), each as ``audit verify`` words its warning; replay.json's alike.
     unchecked: list[str] = field(default_factory=list)
 
     @property
@@ -569,6 +569,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
                      work_dir: str | Path | None = None,
                      every_round: bool = True,
                      keystore: str | Path | None = None,
+                     run_dir: str | Path | None = None,
                      options: Mapping[str, str] = API_AUDIT_OPTIONS) -> CanaryAuditResult:
     """Insert canaries into one client, run the federation, bound epsilon from membership inference.
 
@@ -588,12 +589,20 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     a run does (:mod:`secure_fedora.secure.keystore`): ``keystore`` if given, else the
     config's ``[security] keystore``, else the default one of the config's name.
 
+    ``run_dir`` (``audit canary RUN_DIR``): the run directory whose config.toml ``cfg`` is.
+    Before anything trains it is scanned once for private key material
+    (:func:`audits.verify.refuse_private_keys`, judged under ``cfg``'s privacy as ``audit
+    verify`` judges it): a key inside it is a CanaryAuditError naming the file, and what the
+    scan could not check is the result's ``unchecked``. It is only read: the federation
+    trains in ``work_dir`` or a temporary directory.
+
     Guarantee: with probability ``>= confidence`` (under the independence assumption stated
     in the module docstring) a truly (claim, delta)-DP release yields
     ``epsilon_lower_bound <= claimed_epsilon``. Raises :class:`CanaryAuditError` for a bad
     argument (naming it as ``options`` says; the CLI passes
     :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags), or when the audited client was
-    refused a release (its final model would then not be a release).
+    refused a release (its final model would then not be a release), or when ``run_dir``
+    holds private key material.
     """
     check_config(cfg, CanaryAuditError)
     if method not in cfg.methods:
@@ -619,6 +628,13 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     if keystore is not None:  # before the federation is built
         keystore = check_path(keystore, "keystore", CanaryAuditError)
     private = bool(cfg.privacy.enabled)
+    unchecked: list[str] = []
+    if run_dir is not None:  # once per audit (each scan reads every file), before training
+        from audits.verify import refuse_private_keys
+
+        run_path = check_path(run_dir, "run_dir", CanaryAuditError)
+        unchecked = refuse_private_keys(run_path, private, CanaryAuditError,
+                                        f"run directory {run_path} is not trusted")
     if kind == "mislabeled" and cfg.data.source is not None:
         raise CanaryAuditError("canary kind 'mislabeled' takes images of the built-in dataset's "
                                "test split; with data.source use kind 'noise'")
@@ -684,5 +700,5 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         member_mean_score=float(scores[member].mean()),
         non_member_mean_score=float(scores[~member].mean()),
         dp_source=source, certifiable_max=sa.certifiable_max, assumptions=assumptions,
-        selected_round=selected_round, rounds_scored=len(round_scores),
+        selected_round=selected_round, rounds_scored=len(round_scores), unchecked=unchecked,
     )

@@ -236,9 +236,9 @@ def _print_audit_summary(doc: dict[str, Any]) -> None:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     """``audit canary``: canary membership inference -> epsilon lower bound and verdict."""
-    from audits.canary import CanaryAuditError, run_canary_audit
+    from audits.canary import run_canary_audit
     from audits.verdict import config_claim_problem, config_rebuild_problem, write_audit_json
-    from audits.verify import import_trusted_modules, refuse_private_keys
+    from audits.verify import import_trusted_modules
     from secure_fedora.cli import keystore_flag
     from secure_fedora.core.config import (
         check_overrides_used,
@@ -276,16 +276,6 @@ def cmd_canary(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    notes: list[str] = []
-    if run_dir is not None:  # as audit verify and replay: once, before anything trains
-        try:
-            notes = refuse_private_keys(run_dir, bool(cfg.privacy.enabled), CanaryAuditError,
-                                        f"run directory {run_dir} is not trusted")
-        except CanaryAuditError as err:
-            print(f"error: {one_line(err)}", file=sys.stderr)
-            return 2
-        for note in notes:
-            print(f"warning: {note}", file=sys.stderr)
     # a run directory's config.toml is the run's record, bound to its checkpoints: its unused
     # [security] keystore only warns, as on resume (a config file given is refused)
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore,
@@ -294,9 +284,10 @@ def cmd_canary(args: argparse.Namespace) -> int:
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,
-                              keystore=keystore, options=CLI_AUDIT_OPTIONS)
-    result = dataclasses.replace(result, imported=[m.to_json() for m in imported],
-                                 unchecked=list(notes))
+                              keystore=keystore, run_dir=run_dir, options=CLI_AUDIT_OPTIONS)
+    for note in result.unchecked:  # the key scan's, as whitebox and replay show it
+        print(f"warning: {note}", file=sys.stderr)
+    result = dataclasses.replace(result, imported=[m.to_json() for m in imported])
     b = result.bound
     doc = result.to_json()
     try:  # checked before anything is printed or written

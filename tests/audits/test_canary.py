@@ -576,3 +576,61 @@ def test_cli_canary_prints_and_records_what_the_key_scan_could_not_check(tmp_pat
     assert main(["audit", "canary", str(run), "--canaries", "40"]) == 3
     assert "warning:" not in capsys.readouterr().err
     assert json.loads((run / "audit" / "canary.json").read_text())["unchecked"] == []
+
+
+def test_the_python_canary_audit_of_a_run_directory_scans_it_for_private_keys(
+        tmp_path, capsys, monkeypatch):
+    """`audit canary RUN_DIR` refused a run holding private key material and recorded what
+    its key scan could not check, but the scan was the CLI's own: ``run_canary_audit`` (as
+    whitebox's and replay's Python functions do) never looked. Given ``run_dir`` it now
+    refuses it before anything trains and records the scan's warnings in ``unchecked``; the
+    CLI makes that one scan, not a second."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    import audits.canary as canary
+    import audits.verify as verify
+    from secure_fedora.cli import main
+    from secure_fedora.core.config import load_config
+
+    pem = Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    run = canary_run_dir(tmp_path)
+    (run / "keys").mkdir()
+    (run / "keys" / "operator.ed25519.pem").write_bytes(pem)
+    real_build = canary.build_clients
+
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("the federation was built before the keys were looked for")
+
+    monkeypatch.setattr(canary, "build_clients", no_training)
+    with pytest.raises(CanaryAuditError, match=rf"^run directory {run} is not trusted: 1 file"
+                       r" holds private key material .*\(keys/operator\.ed25519\.pem\)"):
+        run_canary_audit(load_config(run / "config.toml"), num_canaries=40, run_dir=run,
+                         keystore=tmp_path / "keystore")
+    monkeypatch.setattr(canary, "build_clients", real_build)
+
+    # a run without privacy keeping its envelope keys: audited, the scan's warning recorded
+    (run / "keys" / "operator.ed25519.pem").unlink()
+    (run / "config.toml").write_text(CANARY_CONFIG.replace(
+        "[privacy]\nenabled = true\nepsilon = 8.0\n", ""))
+    (run / "keys" / "client-000.ed25519.key").write_bytes(pem)
+    cfg = load_config(run / "config.toml")
+    (note,) = run_canary_audit(cfg, num_canaries=40, run_dir=run).unchecked
+    assert "keys/client-000.ed25519.key" in note
+    assert run_canary_audit(cfg, num_canaries=40).unchecked == []  # no run directory: no scan
+
+    scans: list[object] = []
+    real_scan = verify._private_key_findings
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        scans.append(args[0])
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(verify, "_private_key_findings", counted)
+    capsys.readouterr()
+    assert main(["audit", "canary", str(run), "--canaries", "40"]) == 3  # no claim
+    assert len(scans) == 1  # the CLI's audit scans the run once
+    assert capsys.readouterr().err.splitlines().count(f"warning: {note}") == 1
+    assert json.loads((run / "audit" / "canary.json").read_text())["unchecked"] == [note]
