@@ -11,7 +11,7 @@ process exit code.
   (:data:`audits.verdict.VERIFICATION_EXIT`); 2 when the run cannot be
   audited at all (missing directory, bad arguments): the error is raised to the entry point,
   which prints it as one line.
-- ``audit report RUN_DIR``: writes ``report.html`` and ``report.json`` (default
+- ``audit report RUN_DIR``: writes ``report.json`` and ``report.html`` (default
   ``RUN_DIR/audit``); exit 0 when the report was written *and* verification passed, 1 when it
   was written but verification failed, 3 when it was written for a run that makes no DP
   claim, 2 when nothing could be written.
@@ -29,9 +29,10 @@ process exit code.
   count that cannot refute the claim: before any trial, nothing written) or when the run
   makes no differential-privacy claim (nothing written), 2 when the run cannot be audited.
 
-Each audit prints a ``written: PATH`` line for every file it wrote (``RUN_DIR/audit/<audit>.json``
-and the ``--json`` file), and a ``warning: ...`` line on stderr for what its checks of the run
-could not check (also recorded as ``unchecked`` in canary.json, whitebox.json, replay.json).
+Each command prints a ``written: PATH`` line for every file it wrote
+(``RUN_DIR/audit/<audit>.json``, the ``--json`` file, report.json and report.html), and each
+audit a ``warning: ...`` line on stderr for what its checks of the run could not check (also
+recorded as ``unchecked`` in canary.json, whitebox.json, replay.json).
 """
 
 from __future__ import annotations
@@ -169,10 +170,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
                         pld_checkpoints=args.pld_checkpoints, anchor=args.anchor,
                         options=CLI_AUDIT_OPTIONS, imports=args.imports, strict=args.strict)
     _print_verification(report, sys.stdout, verbose=args.verbose)
-    if json_path is not None:
-        # the document itself: write_output_file seals and encodes it once
-        write_output_file(json_path, finite_document(report.to_json()), "--json", "verify",
-                          force=args.force)
+    _write_json(json_path, report.to_json(), "verify", args.force)
     return VERIFICATION_EXIT[report.verdict]
 
 
@@ -198,7 +196,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                          force=args.force)
     report = paths.verification
     _print_verification(report, sys.stdout)
-    print(f"report: {paths.html}\n        {paths.json}")
+    for path in (paths.json, paths.html):  # in the order written, as each audit names its files
+        print(f"  written: {path}")
     return VERIFICATION_EXIT[report.verdict]
 
 

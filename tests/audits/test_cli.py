@@ -98,10 +98,29 @@ def test_verify_bad_run_dir_exit_two(tmp_path, capsys):
 
 
 def test_report_writes_files(pristine_run, tmp_path, capsys):
+    """`audit report` named its files in a `report:` block of its own, while canary,
+    whitebox, leakage and replay print a `written: PATH` line for each file they write; it
+    now prints one for each of its two files, in the order written."""
     out = tmp_path / "rep"
     assert main(["audit", "report", str(pristine_run), "--out", str(out)]) == 0
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
-    assert "report:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert printed.endswith(f"  written: {out / 'report.json'}\n"
+                            f"  written: {out / 'report.html'}\n")
+    assert printed.count("written:") == 2 and "report:" not in printed
+
+
+def test_verify_says_which_file_it_wrote(pristine_run, tmp_path, capsys):
+    """`audit verify --json FILE` wrote FILE without a word, while the audits print a
+    `written: PATH` line for each file they write; it now prints one too (none without
+    --json, which writes nothing)."""
+    out_json = tmp_path / "v.json"
+    assert main(["audit", "verify", str(pristine_run), "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.endswith(f"  written: {out_json}\n") and printed.count("written:") == 1
+    assert json.loads(out_json.read_text())["ok"] is True
+    assert main(["audit", "verify", str(pristine_run)]) == 0
+    assert "written:" not in capsys.readouterr().out
 
 
 def test_canary_and_leakage_report_bad_configs(tmp_path, capsys):
