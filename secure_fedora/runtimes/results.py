@@ -198,15 +198,22 @@ TIMING_UNDER_DP = {
         "results.json and progress.json hold their averages over the replying clients per "
         "exchange (timing, evaluation_timing; in results.json also timings and "
         "relatedness_timing) and each round's seconds; results.json also holds each method's "
-        "seconds_training and seconds_evaluation and the run's seconds_total; every ledger "
-        "entry carries its UTC time. " + _TIMING_DEPENDS),
+        "seconds_training and seconds_evaluation and the run's seconds_total; the ServerApp "
+        "checkpoint (checkpoints/flower-server.pt) holds them too: the timings, "
+        "relatedness_timing, every round's row (history: its seconds, timing, "
+        "evaluation_timing), each finished method's outcome with its seconds, the method in "
+        "flight's seconds and the run's elapsed time; every ledger entry carries its UTC "
+        "time. " + _TIMING_DEPENDS),
     "in-process": (
         "timing is outside the ledgers: results.json holds each method's seconds_training and "
-        "seconds_evaluation (every client's together) and every ledger entry carries its UTC "
-        "time. " + _TIMING_DEPENDS),
+        "seconds_evaluation (every client's together), each method's checkpoint in "
+        "checkpoints/ holds them too (timing: its training and evaluation seconds so far, "
+        "beside its history of rounds and, once it finished, its outcome) and every ledger "
+        "entry carries its UTC time. " + _TIMING_DEPENDS),
 }
 """results.json ``assumptions.timing`` of a DP run, per runtime: the times a run sends and
-writes, which it keeps (they are how a run's cost is read) and no ledger accounts."""
+writes (results.json, progress.json, the checkpoints), which it keeps (they are how a run's
+cost is read, and a resume goes on from them) and no ledger accounts."""
 
 def checkpoints_statement(cfg: ExperimentConfig) -> str:
     """results.json ``assumptions.checkpoints`` of an in-process DP run of ``cfg``: its

@@ -1378,7 +1378,8 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny
     """A DP run writes how long each method trained and evaluated (results.json) and when each
     release was ledgered (every entry's timestamp): times that can depend on the data through
     the Poisson-sampled batch sizes, which no ledger accounts, and the run said nothing of
-    them. It now states it (``assumptions.timing``), naming what it writes; the times stay."""
+    them. It now states it (``assumptions.timing``), naming what it writes, the checkpoints'
+    copy of the seconds too; the times stay."""
     privacy = {"enabled": True, "epsilon": 8.0, "delta": 1e-3}
     cfg = tiny(methods=["fedavg"], training={"rounds": 1}, privacy=privacy)
     results = Simulation(cfg, tmp_path / "dp", clients=tiny_clients,
@@ -1393,6 +1394,13 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny
         assert key in stated and key in on_disk["methods"]["fedavg"]
     ledger = next((tmp_path / "dp").rglob("client-000.jsonl"))
     assert "UTC time" in stated and '"timestamp"' in ledger.read_text()
+    # the method's checkpoint keeps the same seconds, and the statement said nothing of it
+    held = load_checkpoint(tmp_path / "dp" / "checkpoints" / "fedavg.pt")
+    assert "checkpoints/" in stated
+    for key in ("timing", "history", "outcome"):
+        assert f"{key}" in stated and held[key]
+    assert set(held["timing"]) >= {"training", "evaluation"}
+    assert held["outcome"]["seconds_training"] == on_disk["methods"]["fedavg"]["seconds_training"]
     plain = Simulation(tiny(methods=["fedavg"], training={"rounds": 1}), tmp_path / "plain",
                        clients=tiny_clients).run()
     assert "timing" not in plain["assumptions"]

@@ -25,7 +25,7 @@ from secure_fedora.runtimes.flower.payloads import (
 )
 from secure_fedora.runtimes.flower.protocol import DeployError, RunSettings, check_supported
 from secure_fedora.runtimes.flower.state import ClientRunState, NodeStateError
-from secure_fedora.runtimes.inprocess import build_clients
+from secure_fedora.runtimes.inprocess import build_clients, load_checkpoint
 from secure_fedora.runtimes.results import RESERVED_KEYS, build_results
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
@@ -695,7 +695,8 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path: Path
     averages results.json and progress.json keep with the run's seconds: times that can depend
     on a client's data through its Poisson-sampled batch sizes, which no ledger accounts, and
     results.json said nothing of them. It now states it (``assumptions.timing``), naming what
-    the replies carry and where the run writes it; the timings stay."""
+    the replies carry and where the run writes it, the ServerApp checkpoint too; the timings
+    stay."""
     cfg = with_methods(dp_config(rounds=1), "fedavg")
     result_dir = tmp_path / "res"
     rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
@@ -716,6 +717,15 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path: Path
     for key in ("seconds_training", "seconds_evaluation"):
         assert key in stated and key in results["methods"]["fedavg"]
     assert row["timing"]["replies"] == 3  # averages of what the clients' replies carried
+    # the ServerApp checkpoint keeps them too, and the statement said nothing of it
+    held = load_checkpoint(result_dir / server_app.SERVER_CHECKPOINT)
+    assert "checkpoints/flower-server.pt" in stated
+    for key in ("timings", "relatedness_timing", "history", "elapsed"):
+        assert key in stated and key in held
+    for key in ("seconds", "timing", "evaluation_timing"):
+        assert key in held["history"][0]
+    assert held["outcomes"]["fedavg"]["seconds_training"] == \
+        results["methods"]["fedavg"]["seconds_training"]
     plain = tmp_path / "plain"
     rc = run_config(with_methods(tiny_config(rounds=1), "fedavg"), plain)
     results = server_app.run_federation(InMemoryGrid(plain / "nodes", rc, 3),  # type: ignore[arg-type]
