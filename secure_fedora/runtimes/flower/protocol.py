@@ -262,6 +262,27 @@ def reports_pull_divergence(text: str) -> bool:
     return f"({PULL_DIVERGED}; {WITHHELD_DETAILS})" in text or f"({PULL_DIVERGED}: " in text
 
 
+#: The class names of the client errors that the same message raises again on every try:
+#: its data (DataError), its relatedness summary (RelatednessError, e.g. training rows of rank
+#: below ``fedora.q``), its config or its model fail a check. An exchange that gets one of them
+#: as an error reply stops the run at once instead of asking that client again.
+DETERMINISTIC_CLIENT_ERRORS = frozenset({"DataError", "RelatednessError", "ConfigError",
+                                         "ModelError"})
+
+_ERROR_TEXT = re.compile(r"(?:-?\d+: )?(([A-Za-z_]\w*)(?:: | \(|$).*)", re.DOTALL)
+
+
+def deterministic_client_error(reason: str) -> str | None:
+    """The client's error text (:func:`client_error_text`, in either mode) of an error reply's
+    ``reason`` as the server's exchange records it (``"<code>: <text>"``, or the text alone),
+    when the text's leading class name (the error's own class, not a wrapped cause) is one of
+    :data:`DETERMINISTIC_CLIENT_ERRORS`; ``None`` otherwise (asking again may succeed)."""
+    found = _ERROR_TEXT.fullmatch(reason.strip())
+    if found is None or found.group(2) not in DETERMINISTIC_CLIENT_ERRORS:
+        return None
+    return found.group(1)
+
+
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
                     compare_methods: bool = False) -> None:
     """Refuse, before anything starts, a config the Flower runtime cannot run as written.

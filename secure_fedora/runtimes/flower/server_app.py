@@ -155,6 +155,7 @@ from secure_fedora.runtimes.flower.protocol import (
     RunSettings,
     apply_amendments,
     check_supported,
+    deterministic_client_error,
     reports_pull_divergence,
     round_line,
     wire_round,
@@ -979,7 +980,9 @@ def _take_uploads(
     """Ask the clients of ``sealed`` (client -> its sealed CKKS context) for ``Enc(U_i)``; add
     each accepted upload (and its envelope and size) to ``uploads`` and each client whose
     budget refused its summary (a signed refusal, its text an event) to ``refused``; the others
-    are events or rejections."""
+    are events or rejections. An error reply that the same message raises again on every try
+    (its rows do not determine a summary, its data fails a check) stops the run at once
+    (:func:`_stop_for_refusals`)."""
     cfg = server.cfg
     assert server.schema is not None  # known since the first contact
     layout, q = layout_for(cfg, server.schema), cfg.fedora.q
@@ -994,6 +997,9 @@ def _take_uploads(
     timing.setdefault("encrypted_summary", ex.timing.to_json())
     for node, reason in ex.errors.items():
         server.event(0, client_of[node], node, f"encrypted summary failed: {reason}")
+    _stop_for_refusals(server, server.scope, "encrypted summary",
+                       {client_of[node]: reason for node, reason in ex.errors.items()},
+                       "relatedness needs every client's summary, so the run stops")
     for node in ex.missing:
         server.event(0, client_of[node], node, "no encrypted summary in time")
     for node, reply in ex.replies.items():
@@ -1225,6 +1231,10 @@ class _Replies:
     #: (``sat_out_statistics``), by client index: e.g. an error reply saying FEDORA's pull
     #: diverged (a resume's amendment let them sit the round out instead of stopping the run)
     sat_out: dict[int, str] = field(default_factory=dict)
+    #: each error reply's reason (``"<code>: <client's error text>"``), by client index
+    errors: dict[int, str] = field(default_factory=dict)
+    #: clients that were offline or sent no reply in time (asking again may reach them)
+    unanswered: set[int] = field(default_factory=set)
     timing: ExchangeTiming = field(default_factory=ExchangeTiming)
 
 
@@ -1502,10 +1512,12 @@ def _exchange_payloads(
         online = _online(grid)
     messages: dict[int, Message] = {}
     client_of: dict[int, int] = {}
+    offline: set[int] = set()
     for cid, payload in sorted(payloads.items()):
         node = server.node_of_client[cid]
         if node not in online:
             server.event(rnd, cid, node, f"offline: no {stage} message delivered")
+            offline.add(cid)
             continue
         saw = server.privacy.get(run.name, {}).get(cid, {})
         seen = ({"ledger-entries": saw["ledger_entries"], "ledger-head": saw["ledger_head"]}
@@ -1527,13 +1539,14 @@ def _exchange_payloads(
         )
     ex = _exchange(grid, messages, timeout, server.settings.poll_interval,
                    server.settings.max_in_flight)
-    out = _Replies(timing=ex.timing)
+    out = _Replies(timing=ex.timing, unanswered=offline | {client_of[nd] for nd in ex.missing})
     then = f"counts as not taking part in the {stage} exchange"
     # only a method that pulls (one that reads fedora.max_pull) trains under FEDORA's pull:
     # another's error reply naming it is an error reply like any other
     pulls = stage == "round" and run.name in amendment_readers(server.cfg, "fedora.max_pull")
     for node, reason in sorted(ex.errors.items()):
         server.event(rnd, client_of[node], node, f"error reply ({reason}): {then}")
+        out.errors[client_of[node]] = reason
         if "NodeStateError" in reason:
             # that client refuses every later message: under DP the run cannot finish (its
             # ledger never closes), and going on would spend the other clients' budgets;
@@ -1753,15 +1766,23 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
     without an accepted reply, or one that refused
     its release, stops the run with a DeployError naming the clients and their last events:
     the method would otherwise build its state (FEDORA's relatedness) or its results (a list
-    per client) from part of the federation."""
+    per client) from part of the federation. An error reply that the same message raises
+    again on every try (:func:`_stop_for_refusals`) stops it at once, that client not asked
+    again; the advice to raise the timeouts is given only where a client was offline or sent
+    no reply in time."""
     replies = _exchange_payloads(grid, server, run, stage, rnd, payloads, timeout)
+    stops = f"{stage} needs every client's, so the run stops and no results are written"
+    _stop_for_refusals(server, run.name, f"{stage} reply", replies.errors, stops)
     missed = [c for c in payloads if c not in replies.payloads and c not in replies.refused]
+    unanswered = replies.unanswered
     if missed:
         again = _retry_exchange(grid, server, run, stage, rnd, {c: payloads[c] for c in missed},
                                 timeout)
+        _stop_for_refusals(server, run.name, f"{stage} reply", again.errors, stops)
         replies.payloads.update(again.payloads)
         replies.metrics.update(again.metrics)
         replies.refused |= again.refused
+        unanswered = again.unanswered
     absent = sorted(set(payloads) - set(replies.payloads))
     if absent:
         last = {e["client"]: e["event"] for e in server.events
@@ -1770,10 +1791,32 @@ def _every_reply(grid: Grid, server: _Server, run: _MethodRun, stage: str, rnd: 
         asked = "asked twice" if missed else "asked once"
         raise DeployError(
             f"{run.name}: clients {absent} gave no accepted {stage} reply ({asked}), and the "
-            f"method's {stage} needs every client's, so the run stops and no results are "
-            "written; check those SuperNodes' logs or raise the timeouts"
+            f"method's {stops}; check those SuperNodes' logs"
+            + (" or raise the timeouts" if unanswered & set(absent) else "")
             + (f" (last events: {why})" if why else ""))
     return replies
+
+
+def _stop_for_refusals(server: _Server, scope: str, what: str, errors: Mapping[int, str],
+                       stops: str) -> None:
+    """Stop the run if an error reply of ``errors`` (client index -> its reason) is one the
+    same message raises again on every try (:func:`deterministic_client_error`: the client's
+    data, relatedness summary, config or model failed a check): a DeployError naming the
+    first such client, its node, its error text as its ``client-errors`` lets it tell this
+    server (withheld: the class name and a fixed sentence) and the other refusing clients,
+    ending with ``stops`` (why the run cannot go on without it). Returns otherwise."""
+    refusing = {c: " ".join(text.split())[:MAX_REFUSAL_CHARS] for c, reason in errors.items()
+                if (text := deterministic_client_error(reason)) is not None}
+    if not refusing:
+        return
+    first = min(refusing)
+    others = sorted(set(refusing) - {first})
+    mode = server.client_errors.get(first)
+    raise DeployError(
+        f"{scope}: client {first} (node {server.node_of_client.get(first)}) refused its {what}: "
+        f"{refusing[first]}" + (f" [client-errors: {mode}]" if mode else "")
+        + (f" (clients {others} refused too)" if others else "")
+        + f"; asked again it would refuse again, so it is not asked again; the {stops}")
 
 
 #: The ServerApp's checkpoint, in ``result-dir``: written atomically (SHA-256 checked, bound to

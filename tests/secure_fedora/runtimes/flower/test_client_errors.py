@@ -449,28 +449,106 @@ def _duplicated_rows(dataset: Any, d: Any, seed: int) -> list[Any]:
     return clients
 
 
-@pytest.mark.usefixtures("task_identity")
+@pytest.fixture()
+def duplicated_rows() -> Any:
+    PARTITIONERS.register("test-duplicated-rows", _duplicated_rows)
+    yield
+    PARTITIONERS.unregister("test-duplicated-rows")
+
+
+RANK_FACT = "span only 1 direction"
+
+
+@pytest.mark.usefixtures("task_identity", "duplicated_rows")
+@pytest.mark.parametrize("mode", [None, "full"])
 def test_a_client_whose_rows_span_fewer_than_q_directions_stops_a_flower_run(
-        tmp_path: Path) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str | None) -> None:
     """fedora.q = 2 with client 1's training rows of rank 1: its summary's second direction
     was whichever null-space vector LAPACK returned, and the run went on with similarities
     that are no function of the data. The node now refuses its summary (a RelatednessError,
-    its text sent only under "full") and the run stops before any round, writing no results."""
-    PARTITIONERS.register("test-duplicated-rows", _duplicated_rows)
-    try:
-        doc = json.loads(json.dumps(TINY))
-        doc["data"]["partition"] = "test-duplicated-rows"
-        doc["fedora"]["q"] = 2
-        doc["security"] = {"client_errors": "full"}
-        cfg = parse_config(doc)
-        result_dir = tmp_path / "res"
-        result_dir.mkdir()
-        rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
-        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=_allow("full"))
-        with pytest.raises(DeployError, match=r"clients \[1\] gave no accepted setup reply .*"
-                           r"RelatednessError: fedora\.q = 2: client 1's summary rows .* span "
-                           r"only 1 direction"):
-            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
-        assert not (result_dir / "results.json").exists()
-    finally:
-        PARTITIONERS.unregister("test-duplicated-rows")
+    its text sent only under "full") and the run stops before any round, writing no results.
+    The refusal, which asking again would only repeat, stopped the run only after asking the
+    client twice, advising to "raise the timeouts"; it now stops it at once with the client's
+    text (as its client-errors allows) and no timeout advice."""
+    doc = json.loads(json.dumps(TINY))
+    doc["data"]["partition"] = "test-duplicated-rows"
+    doc["fedora"]["q"] = 2
+    if mode is not None:
+        doc["security"] = {"client_errors": mode}
+    cfg = parse_config(doc)
+    result_dir = tmp_path / "res"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=_allow(mode))
+    shown = (r"RelatednessError: fedora\.q = 2: client 1's summary rows .* span only 1 "
+             r"direction.* \[client-errors: full\]" if mode == "full" else
+             r"RelatednessError \(details withheld; see the client's own log\) "
+             r"\[client-errors: withheld\]")
+    with pytest.raises(DeployError, match=r"^fedora: client 1 \(node 1001\) refused its setup "
+                       rf"reply: {shown}; asked again it would refuse again") as err:
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "timeouts" not in str(err.value)
+    assert "sent again" not in out and out.count("error reply") == 1
+    assert RANK_FACT in _client_log(tmp_path, 1)
+    assert (RANK_FACT in str(err.value)) == (mode == "full")
+    assert not (result_dir / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("fails", [1, 2])
+def test_a_setup_error_that_may_pass_is_asked_again_without_timeout_advice(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        fails: int) -> None:
+    """Client 1's FEDORA setup raises a RuntimeError (not a refusal of its data) ``fails``
+    times. It is still asked again: once, the run goes on; twice, the run stops naming both
+    tries. That stop message advised to "raise the timeouts" though every try was answered
+    with an error; the advice is now given only for a client offline or late."""
+    from secure_fedora.algorithms.methods import Fedora
+
+    real = Fedora.client_setup
+    left = {"fails": fails}
+
+    def client_setup(self: Fedora, i: int, message: Any) -> Any:
+        if i == 1 and left["fails"] > 0:
+            left["fails"] -= 1
+            raise RuntimeError("setup failed (test)")
+        return real(self, i, message)
+
+    monkeypatch.setattr(Fedora, "client_setup", client_setup)
+    cfg = parse_config(json.loads(json.dumps(TINY)))
+    result_dir = tmp_path / "res"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    if fails == 1:
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        assert "setup sent again to clients [1]" in capsys.readouterr().out
+        assert (result_dir / "results.json").exists()
+        return
+    with pytest.raises(DeployError, match=r"clients \[1\] gave no accepted setup reply \(asked "
+                       r"twice\).*check those SuperNodes' logs \(last events: client 1: error "
+                       r"reply \(.*RuntimeError") as err:
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert "timeouts" not in str(err.value)
+
+
+@pytest.mark.usefixtures("task_identity", "duplicated_rows")
+def test_an_encrypted_summary_refusal_stops_the_run_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under encrypted relatedness client 1 (training rows of rank 1, fedora.q = 2) refuses
+    its encrypted summary. The server asked it again before stopping; it now stops at once,
+    naming the client's (withheld) error, without asking again."""
+    doc = json.loads(json.dumps(TINY))
+    doc["data"]["partition"] = "test-duplicated-rows"
+    doc["fedora"].update(q=2, k=1, relatedness="encrypted")
+    cfg = parse_config(doc)
+    rc = run_config(cfg, tmp_path)
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    with pytest.raises(DeployError, match=r"client 1 \(node 1001\) refused its encrypted summary: "
+                       r"RelatednessError \(details withheld; see the client's own log\) "
+                       r"\[client-errors: withheld\]; asked again") as err:
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert "asked again of clients" not in capsys.readouterr().out
+    assert "timeouts" not in str(err.value) and RANK_FACT not in str(err.value)
+    assert RANK_FACT in _client_log(tmp_path, 1)
