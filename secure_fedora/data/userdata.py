@@ -261,6 +261,44 @@ def warn_untrained_classes(train_labels: Sequence[torch.Tensor], num_classes: in
     return absent
 
 
+def warn_unlearnable_rows(clients: Sequence[ClientData], num_classes: int) -> dict[str, int]:
+    """The validation and test rows of the federation as built (after partitioning) whose
+    class no client's training rows hold, counted per split (``{"val": ..., "test": ...}``,
+    empty when there are none or the targets are multi-label), logged as one warning naming
+    the classes. Such rows count in every method's accuracy as any other row (a test row in
+    the reported accuracy, a validation row in model selection and FEDORA's lambda), though
+    no method can learn their class: its output is never trained up, so they are errors
+    unless that output wins by chance, for every method alike. The check on the data
+    as given (:func:`warn_untrained_classes`) misses a class that the given training rows hold
+    but no client draws."""
+    if not clients or any(c.train_y.dim() != 1 for c in clients):
+        return {}
+    trained = torch.zeros(num_classes, dtype=torch.bool)
+    for c in clients:
+        if c.train_y.numel():
+            trained[torch.unique(c.train_y)] = True
+    rows: dict[str, int] = {}
+    unlearned: set[int] = set()
+    for split in ("val", "test"):
+        for c in clients:
+            y = getattr(c, f"{split}_y")
+            hit = ~trained[y] if y.numel() else torch.zeros(0, dtype=torch.bool)
+            if bool(hit.any()):
+                rows[split] = rows.get(split, 0) + int(hit.sum())
+                unlearned.update(int(v) for v in torch.unique(y[hit]))
+    if rows:
+        shown = ", ".join(map(str, sorted(unlearned)[:10])) + (" ..." if len(unlearned) > 10
+                                                                 else "")
+        held = " and ".join(f"{n} {split} row{'s' if n != 1 else ''}"
+                            for split, n in rows.items())
+        log.warning("no client's training rows hold class %s, but %s do: they count in every "
+                    "method's accuracy (validation rows also in model selection and FEDORA's "
+                    "lambda), as errors unless an output nothing trained wins by chance; if "
+                    "that is not intended, give some client training rows of that class or "
+                    "leave those rows out", shown, held)
+    return rows
+
+
 def _ready_labels(y: Any, where: str) -> torch.Tensor:
     """Labels of an already built dataset: int64 ``(n,)`` or float32 ``(n, C)``, non-negative."""
     single = isinstance(y, torch.Tensor) and y.dtype == torch.int64 and y.dim() == 1

@@ -177,7 +177,9 @@ def _build_clients(cfg: ExperimentConfig, data: Any, own: int | None) -> list[Cl
         call_partitioner,
         call_source,
         coerce_user_data,
+        label_space,
         load_source,
+        warn_unlearnable_rows,
     )
 
     d = cfg.data
@@ -209,12 +211,16 @@ def _build_clients(cfg: ExperimentConfig, data: Any, own: int | None) -> list[Cl
             source = coerce_user_data(source, where)
     if isinstance(source, FederatedData):
         _warn_unused_sizes(cfg)
-        return _federated_clients(cfg, source.clients, "the data lists")
-    # a registered partitioner's clients get the same checks (the built-in ones pass them)
-    classes = source.num_classes if isinstance(source, LabeledDataset) else None
-    made = call_partitioner(PARTITIONERS.get(d.partition), source, d, cfg.seed,
-                            f"data.partition {d.partition!r}", classes, own)
-    return _federated_clients(cfg, made, f"data.partition {d.partition!r} made")
+        clients = _federated_clients(cfg, source.clients, "the data lists")
+    else:
+        # a registered partitioner's clients get the same checks (the built-in ones pass them)
+        classes = source.num_classes if isinstance(source, LabeledDataset) else None
+        made = call_partitioner(PARTITIONERS.get(d.partition), source, d, cfg.seed,
+                                f"data.partition {d.partition!r}", classes, own)
+        clients = _federated_clients(cfg, made, f"data.partition {d.partition!r} made")
+    if own is None:  # a Flower node builds its own client's data only: it cannot tell
+        warn_unlearnable_rows(clients, label_space(clients)[0])
+    return clients
 
 
 #: The data keys that only shape a partition: unused by per-client data lists.

@@ -1126,3 +1126,40 @@ def test_non_integer_labels_and_float64_overflow_name_their_row() -> None:
             bad_x[5, 1] = not_finite
             with pytest.raises(DataError, match=r"NaN or infinite values \(first in row 5\)"):
                 coerce_user_data({"x_train": bad_x, "y_train": y, "x_test": x, "y_test": y}, "src")
+
+
+def test_held_out_rows_of_a_class_no_client_trains_on_are_said_to_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The given training rows hold class 3 once, but the partition draws that row into no
+    client's training rows, while test rows of class 3 are drawn: every method's accuracy
+    counted those rows (as errors: nothing trains that output) and nothing was said, the
+    check on the given data seeing class 3 trained. A warning now names the class and the
+    held-out rows holding it, counted per split, on the federation as built."""
+    from secure_fedora.runtimes.inprocess import build_clients
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    y = np.array([0, 1, 2] * 20 + [0, 1, 2, 3] * 5)
+    y[59] = 3  # the train pool's only class-3 row
+    data = {"x_train": x[:60], "y_train": y[:60], "x_test": x[60:], "y_test": y[60:]}
+    cfg = parse_config({"methods": ["local"], "data": {
+        "partition": "iid", "num_clients": 2, "train_per_client": 10, "val_per_client": 5,
+        "test_per_client": 10}})
+    with caplog.at_level("WARNING", logger="secure_fedora.data.userdata"):
+        clients = build_clients(cfg, data)
+    assert not any(bool((c.train_y == 3).any()) for c in clients)  # the case this tests
+    test_rows = sum(int((c.test_y == 3).sum()) for c in clients)
+    val_rows = sum(int((c.val_y == 3).sum()) for c in clients)
+    assert test_rows > 0
+    held = f"{val_rows} val row" + ("s" if val_rows != 1 else "") + " and " if val_rows else ""
+    held += f"{test_rows} test row" + ("s" if test_rows != 1 else "")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no client's training rows hold class 3, but {held} do: they count in every method's "
+        "accuracy (validation rows also in model selection and FEDORA's lambda), as errors "
+        "unless an output nothing trained wins by chance; if that is not intended, give some "
+        "client training rows of that class or leave those rows out"]
+    caplog.clear()
+    every = {**data, "y_train": np.array([0, 1, 2, 3] * 15)}
+    with caplog.at_level("WARNING", logger="secure_fedora.data.userdata"):
+        build_clients(cfg, every)
+    assert not caplog.records  # every class trained by some client: nothing to say
