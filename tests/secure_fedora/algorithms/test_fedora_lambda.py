@@ -221,3 +221,37 @@ def test_unstable_pulls_counts_a_pull_beyond_the_weight_decay_limit(caplog: Any)
         stats = method.round_statistics(1, replies)
     assert stats["unstable_pulls"] == 1.0
     assert "clients [0]" in caplog.text and f"= {2 - 0.1 * 3.0 / 1.9!r}" in caplog.text
+
+
+def test_fedora_trains_as_local_exactly_where_its_gate_stays_closed() -> None:
+    """The definition's consequence, which short runs show as FEDORA scoring what Local scores:
+    every model starts from one initialization, so in round 1 ``phi_i == theta_i``, both
+    validation losses are equal and every gate is closed (lambda 0): each client trains as
+    Local's, bit for bit. From round 2 a client's gate opens exactly where its received
+    ``phi_i`` has the lower validation loss; a client whose gate stays closed still trains
+    as Local's, and one whose gate opened does not."""
+    from secure_fedora.algorithms.methods import Local
+
+    cfg = _config()
+    clients = build_clients(cfg)
+    fed = _fedora(cfg, clients)
+    local = Local.from_config(build_context(cfg, clients), cfg)
+    local.setup()
+    opened: set[int] = set()
+    for rnd in (1, 2, 3):
+        everyone = list(range(6))
+        before = {i: (evaluate(fed.ctx.flat, fed.theta[i], clients[i].val_x,
+                               clients[i].val_y).loss,
+                      evaluate(fed.ctx.flat, fed.phi[i], clients[i].val_x,
+                               clients[i].val_y).loss) for i in everyone}
+        fed.train_round(rnd, everyone)
+        local.train_round(rnd, everyone)
+        for i in everyone:
+            loc, rec = before[i]
+            lam = float(fed.last_lambdas[i])
+            assert (lam > 0) == (loc > rec), (rnd, i, loc, rec, lam)
+            if rnd == 1:
+                assert loc == rec and lam == 0.0, i
+            opened |= {i} if lam > 0 else set()
+            assert torch.equal(fed.theta[i], local.theta[i]) == (i not in opened), (rnd, i)
+    assert opened  # the gate did open for some client, so both branches were checked
