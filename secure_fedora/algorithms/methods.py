@@ -2408,17 +2408,19 @@ def _exclusion_details(excluded: Sequence[int], rejections: Sequence[Any], trans
 
 
 def _enveloped_summaries(transport: Any, summaries: Tensor) -> tuple[Tensor, list[Any]]:
-    """Every client sends its summary in a signed envelope (round 0, float32 on the wire);
-    the server verifies all (each rejection is logged by the transport).
+    """Every client sends its summary in a signed envelope (round 0, float64 on the wire,
+    bit for bit, as a Flower client's setup reply carries it); the server verifies all (each
+    rejection is logged by the transport).
 
     Returns the summaries the server holds (float64; the row of a rejected client is zero and
     must not be used) and the rejections. Fewer than two accepted summaries raise
     :class:`~secure_fedora.algorithms.fedora.RelatednessError` naming the rejected clients.
     """
     n = summaries.shape[0]
-    messages = {i: transport.client_upload(0, i, summaries[i], kind=KIND_SUMMARY) for i in range(n)}
+    messages = {i: transport.client_upload(0, i, summaries[i], kind=KIND_SUMMARY,
+                                           dtype=torch.float64) for i in range(n)}
     accepted, rejections = transport.server_receive(0, messages, tuple(summaries.shape[1:]),
-                                                    kind=KIND_SUMMARY)
+                                                    kind=KIND_SUMMARY, dtype=torch.float64)
     if len(accepted) < 2:
         named = ", ".join(f"client {r.client} ({r.reason})" for r in rejections)
         raise fedora.RelatednessError(

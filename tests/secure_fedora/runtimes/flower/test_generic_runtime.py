@@ -640,6 +640,31 @@ def test_a_reply_that_is_not_the_clients_row_trains_alike_in_both_runtimes(
             KIND_THETA].cpu()), c
 
 
+@pytest.mark.usefixtures("task_identity")
+def test_noised_summaries_in_envelopes_keep_their_bits_as_on_flower(tmp_path: Path) -> None:
+    """Found by a hunt: with ``[security] envelopes`` the in-process runtime sent each
+    client's (float64) summary as float32, so its relatedness differed from the Flower
+    server's (overlaps 6e-9 apart under noised summaries) and so did FEDORA's lambdas and
+    trained rows from round 2 on. The summaries now keep their float64 bits on the wire, as
+    in a Flower reply: every client's row and lambda are the grid's, bit for bit."""
+    cfg = dp_config(rounds=2, noise="reproducible")
+    cfg = parse_config({**cfg.model_dump(mode="json", exclude_none=True),
+                        "security": {"envelopes": True}})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "reproducible-dp-noise": True})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == [] and results["events"] == []
+    sim, outcome = in_process(cfg, tmp_path)
+    assert results["methods"]["fedora"]["final"]["per_client"] == outcome.final["per_client"]
+    lambdas = [r["mean_lambda"] for r in results["rounds"]]
+    assert lambdas == [r["mean_lambda"] for r in sim.history if r["method"] == "fedora"]
+    for c in range(3):
+        state = ClientRunState.load(tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / "fedora"
+                                    / "client.pt", c, 42, config_hash(cfg), "fedora")
+        assert torch.equal(state.algorithm["theta"], sim.methods["fedora"].theta[c]), c
+
+
 #: ``assumptions.evaluation_reports`` of a Flower run in which FedAvg fine-tuned (as it was).
 REPORTS_WITH_FEDAVG = (
     "after each evaluated round every client sends the server its test metric (and its "
