@@ -337,14 +337,16 @@ def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,
             reason = cls.distributed_unsupported(cfg)
         if reason is not None:
             problems.append(reason)
-    for key, value, default in (("data.source", cfg.data.source, None),
-                                ("model.factory", cfg.model.factory, None),
-                                ("training.loss", cfg.training.loss, "cross_entropy")):
+    registered = ("the Flower apps build registered {} only: the built-in ones and those a "
+                  "module in secure_fedora/contrib/ registers")
+    for key, value, default, runs in (
+            ("data.source", cfg.data.source, None, registered.format("datasets")),
+            ("model.factory", cfg.model.factory, None, registered.format("models")),
+            ("training.loss", cfg.training.loss, "cross_entropy",
+             "the Flower apps train with cross_entropy only")):
         if value != default:
-            problems.append(
-                f"{key} = {value!r} (user data, models and losses run in process, "
-                "`secure-fedora run` or the Python API; the Flower apps build the built-in ones)"
-            )
+            problems.append(f"{key} = {value!r} (user data, models and losses run in process, "
+                            f"`secure-fedora run` or the Python API; {runs})")
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 

@@ -243,6 +243,26 @@ def test_unsupported_settings_are_refused_by_name() -> None:
     check_supported(dp_config(noise="reproducible"), reproducible_dp_noise=True)
 
 
+def test_a_refused_user_input_says_what_the_flower_apps_do_run() -> None:
+    """Found by a hunt: every refusal said "the Flower apps build the built-in ones", also of
+    the built-in loss 'bce' (they train with cross_entropy only), and a data source's or model
+    factory's refusal left out the datasets and models of secure_fedora/contrib/, which the
+    apps do build."""
+    data = json.loads(json.dumps(TINY))
+    data["training"]["loss"] = "bce"
+    with pytest.raises(DeployError) as loss:
+        check_supported(parse_config(data))
+    assert "cross_entropy" in str(loss.value) and "built-in ones" not in str(loss.value)
+    data = json.loads(json.dumps(TINY))
+    data["data"] = {**data["data"], "source": "json:loads", "partition": "iid"}
+    data["model"] = {"factory": "json:loads"}
+    with pytest.raises(DeployError) as user:
+        check_supported(parse_config(data))
+    for key in ("data.source", "model.factory"):
+        assert key in str(user.value)
+    assert str(user.value).count("secure_fedora/contrib/") == 2
+
+
 def test_a_dp_deployment_of_several_methods_needs_the_compare_methods_flag(tmp_path: Path) -> None:
     """One deployment of several DP methods gives the server every method's releases of the
     same data; it ran with only a results note. Refused unless compare-methods, which the
