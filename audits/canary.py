@@ -657,7 +657,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         "fedavg": cfg.fedavg.model_copy(update={"finetune_epochs": 0}),
     }))
     cid = client_ids(cfg.data.num_clients)[client_index]
-    # run_method, unlike Simulation.run, leaves torch's threads as they are
+    # run_method trains on these threads itself; the scores made after it, too
     with tempfile.TemporaryDirectory(prefix="canary-audit-") as tmp, threads_applied(audit_cfg):
         run_dir = Path(work_dir) if work_dir is not None else Path(tmp)
         round_scores: list[Tensor] = []

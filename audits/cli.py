@@ -411,6 +411,7 @@ def cmd_leakage(args: argparse.Namespace) -> int:
     """``audit leakage``: reconstruct clients' data directions from relatedness messages."""
     from audits.summary_leakage import run_summary_leakage_audit
     from secure_fedora.core.config import load_config
+    from secure_fedora.learning.devices import threads_applied
     from secure_fedora.runtimes.inprocess import build_clients
 
     json_path = _json_option(args, "leakage")
@@ -425,8 +426,10 @@ def cmd_leakage(args: argparse.Namespace) -> int:
         shown = format_down(nm[0], 4) if len(set(nm)) == 1 \
             else f"{format_down(min(nm), 4)} to {format_down(max(nm), 4)}"
         print(f"noised mode: clip {format_exact(clip)}, noise multiplier {shown} ({source})")
-    report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
-                                       noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
+    # the summaries a run of this config computes: on its threads, in float32
+    with threads_applied(cfg):
+        report = run_summary_leakage_audit(build_clients(cfg), q=cfg.fedora.q, clip_norm=clip,
+                                           noise_multiplier=nm, tau=cfg.fedora.tau, seed=cfg.seed)
     print(f"{'mode':<10} {'image cos':>10} {'prior':>7} {'label cos':>10} {'prior':>7}"
           f" {'identified':>11} {'chance':>7}")
     for row in report.summary_rows():

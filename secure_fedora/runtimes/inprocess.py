@@ -355,8 +355,20 @@ def build_context(
     model's output width, the loss's per-sample shape, AUC's need for both classes (in the
     splits that are scored: not private validation splits under DP) and,
     under DP, that the DP path computes the model's per-sample gradients exactly (errors:
-    DataError, ModelError, PluginError, DPSGDError, each naming the problem).
+    DataError, ModelError, PluginError, DPSGDError, each naming the problem). Built on
+    ``training.threads`` torch threads (when set) with float32 as torch's default dtype; the
+    process's own settings again after it.
     """
+    from secure_fedora.learning.devices import threads_applied
+
+    # its checks compute on the clients' rows: on the run's threads, as the run does
+    with threads_applied(cfg):
+        return _build_context(cfg, clients, oracle, model_factory)
+
+
+def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
+                   oracle: GradientOracle | None,
+                   model_factory: Callable[..., Any] | None) -> MethodContext:
     from secure_fedora.core.plugins import config_dir, import_object
     from secure_fedora.data.userdata import label_space
     from secure_fedora.learning.devices import clients_on, resolve_device, resolve_engine
@@ -1180,8 +1192,17 @@ class Simulation:
     def run_method(self, name: str, resume: bool = False) -> MethodOutcome:
         """Run (or resume) one method to the configured number of rounds; with privacy, a
         finished method's ledgers end with their signed close entry. A ``resume`` that is
-        not a bool is a ConfigError."""
+        not a bool is a ConfigError. As in :meth:`run`, torch runs on ``training.threads``
+        (when set) with float32 as its default dtype while the method runs, and the
+        process's own settings are set back after it (also when it raises): the figures do
+        not depend on what the caller's process had set."""
+        from secure_fedora.learning.devices import threads_applied
+
         check_flag_argument(resume, "resume")
+        with threads_applied(self.cfg):
+            return self._one_method(name, resume)
+
+    def _one_method(self, name: str, resume: bool) -> MethodOutcome:
         if resume:
             self._bind_resume()
         cfg = self.cfg

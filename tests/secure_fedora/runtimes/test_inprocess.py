@@ -893,6 +893,64 @@ def test_the_data_is_built_on_training_threads():
         PARTITIONERS.unregister("test-counting")
         PARTITIONERS.unregister("test-failing")
 
+def test_run_method_runs_on_training_threads_and_float32(tmp_path, tiny_clients):
+    """``Simulation.run_method`` (which the canary audit and the Flower agreement tests call
+    directly) ran on the caller's torch threads and default dtype, unlike ``run``: a plain
+    FEDORA run's figures then depended on what the process had set before. It now runs on
+    ``training.threads`` in float32, the caller's settings again after (also when it
+    raises), with the figures of ``run``."""
+    cfg = tiny(methods=["fedora"], training={"threads": 1})
+    seen = []
+
+    def progress(_name, _rnd, _total):
+        seen.append((torch.get_num_threads(), torch.get_default_dtype()))
+
+    reference = Simulation(cfg, tmp_path / "run", clients=tiny_clients).run()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    try:
+        torch.set_num_threads(2)
+        torch.set_default_dtype(torch.float64)
+        outcome = Simulation(cfg, tmp_path / "method", clients=tiny_clients,
+                             progress=progress).run_method("fedora")
+        assert seen == [(1, torch.float32)] * cfg.training.rounds
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float64)
+        assert outcome.to_json()["selected"] == reference["methods"]["fedora"]["selected"]
+
+        def failing(_name, _rnd, _total):
+            raise RuntimeError("progress failed")
+
+        with pytest.raises(RuntimeError, match="progress failed"):
+            Simulation(cfg, tmp_path / "failing", clients=tiny_clients,
+                       progress=failing).run_method("fedora")
+        assert (torch.get_num_threads(), torch.get_default_dtype()) == (2, torch.float64)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
+
+
+def test_experiment_check_builds_the_model_on_training_threads(tmp_path):
+    """``Experiment.check`` (and every other caller of ``build_context``: the sweep's
+    preflight, the Simulation's checks) built the model and ran its data checks on the
+    caller's thread count; now on ``training.threads``, the caller's count again after."""
+    from secure_fedora.api import Experiment
+    from secure_fedora.learning.models import make_model
+
+    seen = []
+
+    def factory(input_shape, num_classes):
+        seen.append(torch.get_num_threads())
+        return make_model("mlp", num_classes, seed=0, input_shape=input_shape)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cfg = tiny(methods=["local"], training={"threads": 1})
+        Experiment(cfg, model=factory, run_dir=tmp_path / "run").check()
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 class _BatchCentered(torch.nn.Module):
     """Every output depends on the whole batch (the batch mean is subtracted): per-sample
     clipping bounds nothing, so DP-SGD must refuse it."""
@@ -1404,3 +1462,4 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny
     plain = Simulation(tiny(methods=["fedavg"], training={"rounds": 1}), tmp_path / "plain",
                        clients=tiny_clients).run()
     assert "timing" not in plain["assumptions"]
+

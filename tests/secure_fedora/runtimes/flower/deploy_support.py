@@ -193,9 +193,14 @@ def signed_request(security: MessageSecurity, content: RecordDict, message_type:
 def in_process(cfg: ExperimentConfig, tmp_path: Path, method: str = "fedora",
                keystore: Path | None = None) -> tuple[Simulation, Any]:
     """The in-process runtime's run of ``method`` under ``cfg`` (a DP run keeps its keys in
-    ``keystore``, default ``tmp_path/keystore``)."""
-    sim = Simulation(cfg, tmp_path / "inproc", keystore=keystore or tmp_path / "keystore")
-    return sim, sim.run_method(method)
+    ``keystore``, default ``tmp_path/keystore``), on the torch threads a Flower run of ``cfg``
+    uses (``training.threads``, else the run config's default ``num-threads`` of 1) whatever
+    an earlier test left set: the agreement is bit for bit in any test order."""
+    from secure_fedora.learning.devices import threads_applied
+
+    with threads_applied(cfg, default=1):
+        sim = Simulation(cfg, tmp_path / "inproc", keystore=keystore or tmp_path / "keystore")
+        return sim, sim.run_method(method)
 
 
 def with_methods(cfg: ExperimentConfig, *methods: str) -> ExperimentConfig:
