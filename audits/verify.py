@@ -203,10 +203,10 @@ def tolerance_text(rel_tol: float) -> str:
 
 #: How far a runtime's reported ``epsilon_spent`` (results.json's per-client summary, and the
 #: signed anchor's per-ledger row) may lie from the ledger's final ``epsilon_after``, relative
-#: to ``max(1, epsilon)``: the in-process runtime reports the accountant's epsilon over the
-#: whole history rounded up to 6 decimals (``privacy.accounting.round_up``, at most 1e-6
-#: above), the Flower server the float64 value its client reported, and the ledger records
-#: the same accountant's cumulative epsilon release by release (float rounding apart, equal).
+#: to ``max(1, epsilon)``: both runtimes report the float64 value the client's accountant
+#: holds, which the ledger records release by release (float rounding apart, equal); runs
+#: made in process before it was exact state it rounded up to 6 decimals (at most 1e-6
+#: above) and still verify.
 SPENT_TOL = 1e-5
 try:
     _DP_ACCOUNTING_VERSION = importlib.metadata.version("dp-accounting")

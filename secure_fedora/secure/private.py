@@ -1990,7 +1990,9 @@ class FederationPrivacy:
         return fedora.regularization_weight(diff, 0.0)
 
     def summary(self) -> dict[str, Any]:
-        """Per-client spending for results.json."""
+        """Per-client spending for results.json. ``epsilon_spent`` is the accountant's epsilon
+        exactly (the float64 value a Flower client reports and its ledger's close entry
+        states): it is rounded, up, only where it is shown."""
         return {
             "method": self.method,
             **noise_assumptions(self.cfg),
@@ -2003,7 +2005,7 @@ class FederationPrivacy:
             "steps_per_round": self.steps,
             "clients": [
                 {"client": c.client_id, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
-                 "epsilon_spent": round_up(c.epsilon), "noise_multiplier": c.noise_multiplier,
+                 "epsilon_spent": float(c.epsilon), "noise_multiplier": c.noise_multiplier,
                  "refused_at_round": c.refused_at, "ledger_entries": len(c.ledger.entries),
                  "ledger_head": c.ledger.head[1]}
                 for c in self.clients

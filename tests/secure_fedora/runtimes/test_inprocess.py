@@ -1463,3 +1463,37 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny
                        clients=tiny_clients).run()
     assert "timing" not in plain["assumptions"]
 
+
+def test_results_state_the_exact_epsilon_spent_as_flower_does(tmp_path):
+    """results.json's ``epsilon_spent`` in process was the accountant's epsilon rounded up to
+    6 decimals, while a Flower server states the float64 value its client reported: the same
+    field meant two things. Both now state the exact value, the one each client's ledger
+    closes with and reports (:func:`~secure_fedora.secure.private.ledger_report`)."""
+    from torch import nn
+
+    from secure_fedora.api import Experiment
+
+    def model(shape, k):
+        return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, k))
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 4, generator=gen), torch.randint(0, 3, (200,), generator=gen)
+    data = {"x_train": x[:150], "y_train": y[:150], "x_test": x[150:], "y_test": y[150:]}
+    config = {"name": "exact-spent", "methods": ["local"],
+              "training": {"rounds": 2, "batch_size": 8},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 20,
+                       "val_per_client": 5, "test_per_client": 5},
+              "privacy": {"enabled": True, "epsilon": 4.0, "delta": 1e-3}}
+    run_dir = tmp_path / "run"
+    results = Experiment(config, data=data, model=model, run_dir=run_dir).run()
+    on_disk = json.loads((run_dir / "results.json").read_text())["privacy"]["local"]["clients"]
+    anchored = json.loads((run_dir / "anchor.json").read_text())["ledgers"]
+    for row in on_disk:
+        lines = (run_dir / "ledgers" / "local" / f"{row['client']}.jsonl").read_text().splitlines()
+        close = json.loads(lines[-1])
+        assert close["mechanism"] == "close"
+        spent = close["params"]["epsilon_spent"]
+        assert round(spent, 6) != spent  # else the rounding would not show
+        assert row["epsilon_spent"] == spent == anchored[f"local/{row['client']}"]["epsilon_spent"]
+    assert [r["epsilon_spent"] for r in results["privacy"]["local"]["clients"]] == \
+        [r["epsilon_spent"] for r in on_disk]
