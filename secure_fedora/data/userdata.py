@@ -212,16 +212,26 @@ def _num_classes(labels: Sequence[torch.Tensor], declared: Any, where: str) -> i
     return int(declared)
 
 
+def _held_classes(labels: Sequence[torch.Tensor], num_classes: int) -> torch.Tensor:
+    """Which of the classes ``0..num_classes-1`` some row of ``labels`` holds (a bool mask)."""
+    held = torch.zeros(num_classes, dtype=torch.bool)
+    for y in labels:
+        if y.numel():
+            held[torch.unique(y)] = True
+    return held
+
+
+def _shown_classes(classes: Sequence[int]) -> str:
+    """The first ten of ``classes``, comma-separated, `` ...`` when there are more."""
+    return ", ".join(map(str, classes[:10])) + (" ..." if len(classes) > 10 else "")
+
+
 def _refuse_unheld_classes(labels: Sequence[torch.Tensor], found: int, where: str) -> None:
     """Refuse class labels whose count is inferred (the largest label + 1) while a class of
     ``0..found-1`` has no row in any split: labels 1..C, or a class a filter dropped, would give
     the model an output, and the run a class, that no client holds. Labels are used as given,
     never remapped, so the fix is the caller's: relabel, or declare ``num_classes``."""
-    held = torch.zeros(found, dtype=torch.bool)
-    for y in labels:
-        if y.numel():
-            held[torch.unique(y)] = True
-    unheld = [int(c) for c in torch.nonzero(~held).flatten()]
+    unheld = [int(c) for c in torch.nonzero(~_held_classes(labels, found)).flatten()]
     if not unheld:
         return
     if unheld == [0]:
@@ -230,7 +240,7 @@ def _refuse_unheld_classes(labels: Sequence[torch.Tensor], found: int, where: st
             f"read as {found} classes (the largest label + 1), one of which no client holds: "
             f"class labels are 0..C-1 (pass y - 1), or declare num_classes = {found} if class 0 "
             "belongs to the task though this data has none")
-    shown = ", ".join(map(str, unheld[:10])) + (" ..." if len(unheld) > 10 else "")
+    shown = _shown_classes(unheld)
     raise DataError(
         f"{where}: no row of any split holds class {shown} of 0..{found - 1} (the class count "
         f"is the largest label + 1, {found}), so the run would count classes no client holds: "
@@ -253,7 +263,7 @@ def warn_untrained_classes(train_labels: Sequence[torch.Tensor], num_classes: in
     counts = sum(torch.bincount(y, minlength=num_classes)[:num_classes] for y in train_labels)
     absent = [int(c) for c in torch.nonzero(counts == 0).flatten()]
     if absent:
-        shown = ", ".join(map(str, absent[:10])) + (" ..." if len(absent) > 10 else "")
+        shown = _shown_classes(absent)
         log.warning("%s: %d of its %d classes have no training row (class %s): the model has "
                     "an output for each that nothing trains; if that is not intended, relabel "
                     "the classes 0..K-1 or declare the num_classes the task has",
@@ -273,10 +283,7 @@ def warn_unlearnable_rows(clients: Sequence[ClientData], num_classes: int) -> di
     but no client draws."""
     if not clients or any(c.train_y.dim() != 1 for c in clients):
         return {}
-    trained = torch.zeros(num_classes, dtype=torch.bool)
-    for c in clients:
-        if c.train_y.numel():
-            trained[torch.unique(c.train_y)] = True
+    trained = _held_classes([c.train_y for c in clients], num_classes)
     rows: dict[str, int] = {}
     unlearned: set[int] = set()
     for split in ("val", "test"):
@@ -287,8 +294,7 @@ def warn_unlearnable_rows(clients: Sequence[ClientData], num_classes: int) -> di
                 rows[split] = rows.get(split, 0) + int(hit.sum())
                 unlearned.update(int(v) for v in torch.unique(y[hit]))
     if rows:
-        shown = ", ".join(map(str, sorted(unlearned)[:10])) + (" ..." if len(unlearned) > 10
-                                                                 else "")
+        shown = _shown_classes(sorted(unlearned))
         held = " and ".join(f"{n} {split} row{'s' if n != 1 else ''}"
                             for split, n in rows.items())
         log.warning("no client's training rows hold class %s, but %s do: they count in every "
