@@ -1383,6 +1383,12 @@ def _plan_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, 
     return findings
 
 
+def _budget_rows(rows: Sequence[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan rows of the budget (epsilon and delta) a ledger entry records."""
+    return [row for row in rows if row.get("epsilon_budget") == entry.get("budget_epsilon")
+            and row.get("delta") == entry.get("delta")]
+
+
 def _plan_row_findings(entries: Sequence[dict[str, Any] | None], section: dict[str, Any] | None,
                        client_id: str, method: str | None) -> list[Finding]:
     """``results_plan`` error: a plan row stating its figures exactly (``"figures": "exact"``)
@@ -1396,9 +1402,8 @@ def _plan_row_findings(entries: Sequence[dict[str, Any] | None], section: dict[s
         if e is None or e.get("mechanism") != "dpsgd" or not isinstance(e.get("params"), dict):
             continue
         got = e["params"].get("noise_multiplier")
-        for row in rows:
-            if row.get("epsilon_budget") != e.get("budget_epsilon") \
-                    or row.get("delta") != e.get("delta") or "noise_multiplier" not in row:
+        for row in _budget_rows(rows, e):
+            if "noise_multiplier" not in row:
                 continue
             if got is not None and not _same_number(row["noise_multiplier"], got, True):
                 return [Finding(
@@ -1452,10 +1457,7 @@ def _planned_fixed_noise_findings(entries: Sequence[dict[str, Any] | None],
         mech = e.get("mechanism")
         if mech in ("dpsgd", REFUSAL, REPAIR, CLOSE) or mech in named:
             continue
-        for row in rows:
-            if row.get("epsilon_budget") != e.get("budget_epsilon") \
-                    or row.get("delta") != e.get("delta"):
-                continue
+        for row in _budget_rows(rows, e):
             planned = _planned_fixed_noise(row)
             if planned is None or mech not in planned:
                 continue
