@@ -694,7 +694,10 @@ class AccountantChoice:
     """Which accountant a run uses and why (written to the plan and results.json).
 
     ``comparison`` holds, per distinct budget, the epsilon of the same plan under each
-    candidate and the DP-SGD noise each would calibrate (None where it cannot).
+    candidate (``<name>_epsilon_of_plan``), the plan's releases (``plan_releases``: enough to
+    recompute both), and the DP-SGD noise each candidate would calibrate
+    (``<name>_noise_multiplier``) with every other noise of its plan
+    (``<name>_noise_by_mechanism``), None where it cannot calibrate.
     """
 
     name: str
@@ -715,6 +718,23 @@ def _plan_epsilon_or_none(releases: Sequence[PlannedRelease], delta: float, nois
         return round_up(plan_epsilon(releases, delta, noise, accountant))
     except AccountingSizeError:
         return None
+
+
+def plan_noise_by_mechanism(plan: ClientPlan) -> dict[str, float]:
+    """Every noise multiplier of ``plan``, by the mechanism name its ledger entries record
+    (``"dpsgd"``, ``"gaussian_summary"``, ``"gaussian_lambda"``, each plug-in's), in the
+    plan's release order: the figures an accountant comparison row states per candidate."""
+    return {r.mechanism: plan.noise_for(r.mechanism) for r in plan.releases}  # type: ignore[misc]
+
+
+def plan_release_rows(plan: ClientPlan) -> list[dict[str, Any]]:
+    """``plan``'s releases as results.json states them in an accountant comparison row
+    (``plan_releases``): per release, its mechanism, sample rate, steps (how many times it is
+    released over the run) and noise multiplier, DP-SGD's filled in, each the exact float;
+    composing them is exactly what both ``*_epsilon_of_plan`` of the row account."""
+    return [{"mechanism": r.mechanism, "sample_rate": r.sample_rate, "steps": r.steps,
+             "noise_multiplier": plan.dpsgd_noise if r.noise_multiplier is None
+             else r.noise_multiplier} for r in plan.releases]
 
 
 #: Candidates of ``privacy.accountant = "auto"``, in order of preference on a tie.
@@ -749,6 +769,8 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
         for name in AUTO_CANDIDATES:
             plan = plans[name]
             row[f"{name}_noise_multiplier"] = None if plan is None else plan.dpsgd_noise
+            row[f"{name}_noise_by_mechanism"] = None if plan is None else \
+                plan_noise_by_mechanism(plan)
         reference = plans["rdp"] or plans["pld"]
         if reference is not None:
             for name in AUTO_CANDIDATES:
@@ -756,6 +778,7 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
                 row[f"{name}_epsilon_of_plan"] = _plan_epsilon_or_none(
                     reference.releases, b.delta, reference.dpsgd_noise, name)
             row["plan"] = "rdp-calibrated" if plans["rdp"] is not None else "pld-calibrated"
+            row["plan_releases"] = plan_release_rows(reference)
         if plans["pld"] is None or row.get("pld_epsilon_of_plan") is None or (
                 plans["rdp"] is not None
                 and row["pld_epsilon_of_plan"] > row["rdp_epsilon_of_plan"]):

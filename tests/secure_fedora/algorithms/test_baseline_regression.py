@@ -22,7 +22,9 @@ they were rounded to nearest, so they may differ from the recording in the sixth
 multipliers (its rows' and the accountant comparison's, also as quoted in the choice's reason)
 are now the exact floats the ledgers record, where the recording rounded them to six decimals,
 and the rows say so (``"figures": "exact"``). ``privacy.<method>.reply_entries`` (what the
-method's DP replies may carry, and why) is new: it must be the method's declaration.
+method's DP replies may carry, and why) is new: it must be the method's declaration; so are
+the accountant comparison rows' ``plan_releases`` and ``<name>_noise_by_mechanism``, which
+must agree with the DP-SGD noise the rows recorded.
 """
 
 from __future__ import annotations
@@ -98,6 +100,18 @@ def _assert_shown_epsilons_close(got, expected, path=""):  # type: ignore[no-unt
             _assert_shown_epsilons_close(a, b, f"{path}[{i}]")
 
 
+def _pop_choice_plan(row):  # type: ignore[no-untyped-def]
+    """Remove from an accountant comparison row what the recording did not state (each
+    candidate's noise by mechanism, the plan's releases), checking it agrees with what it
+    did: each candidate's DP-SGD noise, and the plan's DP-SGD noise that of its candidate."""
+    for name in ("rdp", "pld"):
+        noise = row.pop(f"{name}_noise_by_mechanism")
+        assert noise is None or noise["dpsgd"] == row[f"{name}_noise_multiplier"]
+    (dpsgd,) = [r for r in row.pop("plan_releases") if r["mechanism"] == "dpsgd"]
+    calibrated = row["plan"].removesuffix("-calibrated")
+    assert dpsgd["noise_multiplier"] == row[f"{calibrated}_noise_multiplier"]
+
+
 def _assert_rows_reproduced(got, expected):  # type: ignore[no-untyped-def]
     """Each evaluated row bit for bit where this machine's float kernels are the recording's;
     on another instruction set (AVX2 against AVX-512: MKL picks other GEMM kernels, so the
@@ -133,6 +147,8 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
     assert got["final"] == expected["final"]
     for method, body in got["privacy"].items():  # recorded before it was stated
         assert body.pop("reply_entries") == declared_reply_entries(method, config(name, variant))
+        for row in (body.get("accountant_choice") or {}).get("comparison", []):  # new as well
+            _pop_choice_plan(row)
     assert _shown_epsilons_rounded(got["privacy"]) == _shown_epsilons_rounded(expected["privacy"])
     _assert_shown_epsilons_close(got["privacy"], expected["privacy"])
     changed = CHANGED_STATS.get(name, set())

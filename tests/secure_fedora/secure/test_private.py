@@ -953,3 +953,37 @@ print("ok")
                          timeout=300, cwd=Path(__file__).resolve().parents[3])
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
     assert len(list((tmp_path / "ledgers").glob("*.jsonl"))) == 80
+
+
+def test_the_auto_accountant_rows_state_every_noise_and_release_their_epsilons_are_of(
+        tmp_path, clients):
+    """Found by a reviewer hunt: a comparison row's ``*_epsilon_of_plan`` is of the whole plan
+    (DP-SGD, summary, lambda) but the row stated DP-SGD's noise only. It now states the plan's
+    releases (``plan_releases``: mechanism, sample rate, steps, noise) and every noise of each
+    candidate's plan (``<name>_noise_by_mechanism``); composing the releases gives both
+    epsilons, the chosen candidate's noises are the ones the ledgers record, and verify
+    recomputes the rows without a finding."""
+    from audits.verify import verify_run
+    from privacy.accounting import round_up
+
+    cfg = dp_config(methods=["fedora"], training={"rounds": 1}, data={"validation": "private"})
+    section = Simulation(cfg, tmp_path, clients=clients).run()["privacy"]["fedora"]
+    choice = section["accountant_choice"]
+    (row,) = choice["comparison"]
+    releases = [PlannedRelease(**r) for r in row["plan_releases"]]
+    assert [r.mechanism for r in releases] == ["dpsgd", "gaussian_summary", "gaussian_lambda"]
+    assert [r.steps for r in releases] == [4, 1, 1]  # 1 round of ceil(1 / q 0.25); once; once
+    for name in ("rdp", "pld"):
+        assert row[f"{name}_epsilon_of_plan"] == round_up(plan_epsilon(releases, 1e-3,
+                                                                       accountant=name))
+    calibrated = row["plan"].removesuffix("-calibrated")
+    assert {r.mechanism: r.noise_multiplier for r in releases} == \
+        row[f"{calibrated}_noise_by_mechanism"]
+    chosen = row[f"{choice['accountant']}_noise_by_mechanism"]
+    assert chosen["dpsgd"] == row[f"{choice['accountant']}_noise_multiplier"]
+    for path in _ledgers(tmp_path, "fedora"):
+        for e in read_ledger(path):
+            if e["mechanism"] != "close":
+                assert e["params"]["noise_multiplier"] == chosen[e["mechanism"]]
+    report = verify_run(tmp_path, allowlist=tmp_path / "keys" / "allowlist.json")
+    assert report.ok and not [f for f in report.findings if f.check == "accountant_choice"]

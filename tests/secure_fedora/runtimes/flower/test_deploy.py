@@ -618,6 +618,13 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     assert fed["selected"]["per_client"] == outcome.selected["per_client"]
     assert fed["final"]["per_client"] == outcome.final["per_client"]
     spent = {row["client"]: row["epsilon_spent"] for row in sim.privacy["fedora"]["clients"]}
+    # the accountant choice's rows, with every noise and release their epsilons are of
+    assert privacy["accountant_choice"] == sim.privacy["fedora"]["accountant_choice"]
+    for row in privacy["accountant_choice"]["comparison"]:
+        assert [r["mechanism"] for r in row["plan_releases"]] == \
+            ["dpsgd", "gaussian_summary", "gaussian_lambda"]
+        assert sorted(row["pld_noise_by_mechanism"]) == sorted(row["rdp_noise_by_mechanism"]) \
+            == ["dpsgd", "gaussian_lambda", "gaussian_summary"]
     ours = privacy["clients"]
     for c, cid in enumerate(client_ids(3)):
         assert ours[c]["epsilon_spent"] == pytest.approx(spent[cid], abs=1e-6)  # 6 digits there
@@ -646,6 +653,7 @@ def test_grid_dp_run_equals_in_process_dp_run_and_ledgers_verify(tmp_path: Path)
     allow = identities / "server" / "allowlist.json"
     report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")
     assert not [f for f in report.errors if f.check.startswith("anchor")], report.errors
+    assert not [f for f in report.findings if f.check == "accountant_choice"]  # recomputed
     cut = audit / "ledgers" / "fedora" / "client-001.jsonl"
     cut.write_text("".join(x + "\n" for x in cut.read_text().splitlines()[:-3]))
     report = verify_run(audit, allowlist=allow, anchor=result_dir / "anchor.json")

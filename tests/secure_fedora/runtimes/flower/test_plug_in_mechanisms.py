@@ -82,6 +82,11 @@ def test_a_plug_in_mechanism_runs_alike_on_the_grid_and_in_process(tmp_path: Pat
     assert [{**r, "release_stages": None} for r in mine["plan"]] == \
         [{**r, "release_stages": None} for r in theirs["plan"]]
     assert any(r.startswith(f"{MECHANISM} x2") for r in mine["plan"][0]["releases"])
+    # the accountant choice states the plug-in's noise under each candidate, alike
+    assert mine["accountant_choice"] == theirs["accountant_choice"]
+    (row,) = mine["accountant_choice"]["comparison"]
+    assert [r["mechanism"] for r in row["plan_releases"]] == ["dpsgd", MECHANISM]
+    assert row["pld_noise_by_mechanism"][MECHANISM] < row["rdp_noise_by_mechanism"][MECHANISM]
     for c, cid in enumerate(client_ids(3)):
         # the grid states the spend unrounded, in process rounded up to 6 decimals
         assert mine["clients"][c]["epsilon_spent"] == pytest.approx(
