@@ -46,7 +46,11 @@
    when recorded, its last-line hash ``ledger_head``) and final epsilon agree with the
    runtime's per-client summary in ``results.json`` (``privacy[<method>].clients``), and
    every release's noise multiplier (and DP-SGD's sample rate and steps) its plan (check
-   ``results_plan``); a
+   ``results_plan``); each comparison row of ``accountant = "auto"``
+   (``privacy[<method>].accountant_choice``) has both ``*_epsilon_of_plan`` recomputed
+   from its ``plan_releases`` with dp_accounting (within ``rel_tol``; check
+   ``accountant_choice``; rows written before they stated their releases: an unchecked
+   warning); a
    DP-SGD entry (or refused DP-SGD record) whose signed ``params.method`` differs from the
    method of its ``ledgers/<method>/`` folder is an error (check ``method_folder``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data. A
@@ -455,6 +459,10 @@ _CHECKS_FIXED = [
     "Gaussian summary/lambda sensitivities match their clip parameters",
     "config.toml matches results.json config_hash",
     "ledger length and final epsilon equal results.json's per-client privacy summary",
+    "each accountant comparison row of accountant \"auto\" (results.json's"
+    " accountant_choice): both epsilons of its plan recomputed from its plan_releases, which"
+    " carry the noise its calibrated candidate states; the chosen candidate's noise is the"
+    " method's plan's; the chosen accountant is the one the rows choose",
     "every DP-SGD entry's noise multiplier, sample rate and steps equal results.json's"
     " (the client's noise_multiplier, the method's sample_rate and steps_per_round); every"
     " summary, lambda or plug-in entry's noise multiplier and sample rate equal its"
@@ -1476,6 +1484,173 @@ def _planned_fixed_noise_findings(entries: Sequence[dict[str, Any] | None],
                     f" delta {row['delta']!r}) states "
                     + ", ".join(f"{k} {want[k]!r}" for k in wrong), client_id, i, method))
                 break
+    return findings
+
+
+#: The candidates of ``privacy.accountant = "auto"`` whose epsilons a comparison row states
+#: (``<name>_epsilon_of_plan``), and the ``plan`` value naming each one's calibrated plan.
+CHOICE_CANDIDATES: dict[str, str] = {"rdp-calibrated": "rdp", "pld-calibrated": "pld"}
+#: What a recorded ``*_epsilon_of_plan`` may exceed its recomputation by beyond ``rel_tol``:
+#: the runtime rounds it up to 6 decimals.
+_CHOICE_ROUNDING = 1e-6
+
+
+def _choice_row_releases(row: dict[str, Any]
+                         ) -> tuple[list[tuple[float, float, int]], str | None]:
+    """The ``(noise_multiplier, sample_rate, steps)`` of each release a comparison row's
+    ``plan_releases`` states, or a problem with them (then no release)."""
+    lines = row.get("plan_releases")
+    if not isinstance(lines, list) or not lines:
+        return [], f"plan_releases must be a non-empty list, got {lines!r:.80}"
+    out: list[tuple[float, float, int]] = []
+    for k, line in enumerate(lines):
+        if not isinstance(line, dict) or not isinstance(line.get("mechanism"), str):
+            return [], f"plan_releases[{k}] must be an object naming its mechanism, got {line!r:.80}"
+        problems = _release_problems(line)
+        if problems:
+            return [], f"plan_releases[{k}] ({line['mechanism']}): " + "; ".join(
+                p.replace("params.", "").replace("params lacks", "lacks") for p in problems)
+        out.append((float(line["noise_multiplier"]), float(line["sample_rate"]),
+                    int(line["steps"])))
+    return out, None
+
+
+def _choice_row_noise_problem(row: dict[str, Any]) -> str | None:
+    """Where a comparison row's ``plan_releases`` do not carry the noise its own candidate
+    states for the plan it names (``plan``: ``<name>_noise_by_mechanism``, DP-SGD's also
+    ``<name>_noise_multiplier``): the plan both epsilons are of must be that candidate's."""
+    name = CHOICE_CANDIDATES.get(row.get("plan"))  # type: ignore[arg-type]
+    if name is None:
+        return f"plan must be one of {sorted(CHOICE_CANDIDATES)}, got {row.get('plan')!r:.80}"
+    stated = row.get(f"{name}_noise_by_mechanism")
+    if not isinstance(stated, dict):
+        return f"{name}_noise_by_mechanism must be an object, got {stated!r:.80}"
+    for line in row["plan_releases"]:
+        mech, sigma = line["mechanism"], line["noise_multiplier"]
+        want = stated.get(mech)
+        if mech == "dpsgd" and row.get(f"{name}_noise_multiplier") != want:
+            return (f"{name}_noise_multiplier {row.get(f'{name}_noise_multiplier')!r} is not"
+                    f" {name}_noise_by_mechanism's dpsgd {want!r}")
+        if not _number(want) or float(want) != float(sigma):
+            return (f"plan_releases' {mech} noise_multiplier {sigma!r} is not the"
+                    f" {name}-calibrated plan's ({name}_noise_by_mechanism: {want!r})")
+    return None
+
+
+def _choice_row_plan_problem(row: dict[str, Any], chosen: Any,
+                             section: dict[str, Any] | None) -> str | None:
+    """Where the noise a comparison row states for the chosen accountant's plan
+    (``<chosen>_noise_by_mechanism``) is not what the method's exact plan row of that budget
+    states (``noise_multiplier``, each release line's ``sigma=``): that plan row is held to
+    the ledgers (``results_plan``), so the chosen candidate's row must be the run's plan."""
+    stated = row.get(f"{chosen}_noise_by_mechanism") if chosen in ("rdp", "pld") else None
+    if not isinstance(stated, dict) or not _states_exact_figures(section):
+        return None
+    plan = [r for r in (section or {}).get("plan", []) if isinstance(r, dict)
+            and r.get("figures") == "exact" and r.get("prv_refine", True) is True]
+    for plan_row in _budget_rows(plan, {"budget_epsilon": row.get("epsilon_budget"),
+                                        "delta": row.get("delta")}):
+        want = {**(_planned_fixed_noise(plan_row) or {}),
+                "dpsgd": (None, plan_row.get("noise_multiplier"))}
+        for mech, sigma in stated.items():
+            if mech in want and not _same_number(want[mech][1], sigma, True):
+                return (f"{chosen}_noise_by_mechanism states {mech} noise {sigma!r}, the"
+                        f" method's plan for this budget (the {chosen} plan the run used)"
+                        f" {want[mech][1]!r}")
+    return None
+
+
+def _chosen_by_rows(rows: Sequence[dict[str, Any]]) -> str:
+    """The accountant ``privacy.accountant = "auto"`` takes for these comparison rows: PLD
+    when it calibrates every budget and its epsilon of each row's plan is at most RDP's
+    (where RDP calibrates), else RDP (:func:`secure_fedora.secure.private.choose_accountant`)."""
+    for row in rows:
+        pld_eps, rdp_eps = row.get("pld_epsilon_of_plan"), row.get("rdp_epsilon_of_plan")
+        if row.get("pld_noise_multiplier") is None or not _number(pld_eps) or (
+                row.get("rdp_noise_multiplier") is not None
+                and (not _number(rdp_eps) or pld_eps > rdp_eps)):
+            return "rdp"
+    return "pld"
+
+
+def _accountant_choice_findings(section: dict[str, Any] | None, method: str | None,
+                                rel_tol: float) -> list[Finding]:
+    """``accountant_choice`` findings for a method's results.json privacy section: each
+    comparison row of ``privacy.accountant = "auto"`` that states its plan's releases
+    (``plan_releases``) has both ``*_epsilon_of_plan`` recomputed from them with
+    dp_accounting (RDP; PLD pessimistic, rechecked at finer discretizations before failing),
+    and an error names the row and key that is off by more than ``rel_tol`` (plus the
+    runtime's rounding up to 6 decimals), releases that are not the noise its calibrated
+    candidate states, or a chosen accountant the rows do not choose. A row written before
+    rows stated their releases gets one unchecked warning; a None epsilon (beyond the
+    discretized accountant's memory guard) is not recomputed."""
+    choice = (section or {}).get("accountant_choice")
+    if not isinstance(choice, dict) or not choice.get("comparison"):
+        return []  # a configured accountant: nothing was compared
+    rows = choice["comparison"]
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        return [Finding("error", "accountant_choice", "results.json's accountant_choice."
+                        f"comparison must be a list of objects, got {rows!r:.80}", None, None,
+                        method)]
+    findings: list[Finding] = []
+
+    def err(i: int, message: str) -> None:
+        row = rows[i]
+        findings.append(Finding(
+            "error", "accountant_choice", f"accountant_choice.comparison[{i}] (epsilon"
+            f" {row.get('epsilon_budget')!r}, delta {row.get('delta')!r}): {message}",
+            None, None, method))
+
+    old = [i for i, row in enumerate(rows) if "plan_releases" not in row and "plan" in row]
+    for i, row in enumerate(rows):
+        if "plan_releases" not in row:
+            continue
+        delta = row.get("delta")
+        if not _number(delta) or not 0 < delta < 1:
+            err(i, f"delta must be in (0, 1), got {delta!r:.80}")
+            continue
+        releases, problem = _choice_row_releases(row)
+        problem = problem or _choice_row_noise_problem(row)
+        if problem is not None:
+            err(i, problem)
+            continue
+        problem = _choice_row_plan_problem(row, choice.get("accountant"), section)
+        if problem is not None:
+            err(i, problem)
+        pld_eps, rdp_eps = _final_epsilons(releases, float(delta))
+        for name, independent in (("rdp", rdp_eps), ("pld", pld_eps)):
+            key = f"{name}_epsilon_of_plan"
+            recorded = row.get(key)
+            if recorded is None or independent is None:
+                continue  # the discretized accountant's memory guard: neither evaluates it
+            if not _number(recorded):
+                err(i, f"{key} must be a number or null, got {recorded!r:.80}")
+                continue
+
+            def agrees(value: float, recorded: float = float(recorded)) -> bool:
+                return value * (1 - rel_tol) <= recorded <= value * (1 + rel_tol) \
+                    + _CHOICE_ROUNDING
+            if name == "pld" and not agrees(independent):
+                independent = finer_pld_epsilon(releases, float(delta), independent, agrees)
+            if not agrees(independent):
+                shown, by = format_ordered(float(recorded), independent)
+                err(i, f"{key} is {shown}, but its plan_releases compose to epsilon {by}"
+                    f" ({name.upper()}, dp_accounting), off by more than"
+                    f" {tolerance_text(rel_tol)}")
+    if old:
+        findings.append(Finding(
+            "warning", "accountant_choice", f"accountant_choice.comparison row(s)"
+            f" {', '.join(map(str, old))} state no plan_releases (a run written before they"
+            " were recorded): their *_epsilon_of_plan were not recomputed", None, None,
+            method, unchecked=True))
+    chosen = choice.get("accountant")
+    if not any(f.severity == "error" for f in findings) \
+            and all(r.get("plan") in CHOICE_CANDIDATES for r in rows) \
+            and chosen != _chosen_by_rows(rows):
+        findings.append(Finding(
+            "error", "accountant_choice", f"accountant_choice names {chosen!r}, but its"
+            f" comparison rows choose {_chosen_by_rows(rows)!r} (PLD only where it is at"
+            " least as tight for every budget)", None, None, method))
     return findings
 
 
@@ -3007,6 +3182,10 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
                     for f in _anchor_check(run, anchor_path, found, keys, allow_path is not None,
                                            results=results, cfg=cfg, options=options))
     findings.extend(_model_record_findings(run, found, results))
+    for method in sorted({m for m, _ in found} | set((results or {}).get("privacy") or {}),
+                         key=str):
+        findings.extend(_accountant_choice_findings(_results_section(results, method), method,
+                                                    rel_tol))
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods

@@ -2345,3 +2345,105 @@ def test_an_exact_plan_row_must_state_the_summary_and_lambda_noise_the_ledgers_r
     assert "the gaussian_summary release records noise_multiplier 5.0, results.json's plan" \
         " for its budget (epsilon 8.0, delta 1e-05) states noise_multiplier 4.0" \
         in next(f.message for f in found if f.client_id == "client-000")
+
+
+def _with_choice(run: Path, edit=None) -> dict:  # type: ignore[no-untyped-def]
+    """Write into ``run``'s results.json (re-anchored) the accountant choice that
+    ``privacy.accountant = "auto"`` makes for FEDORA under ``run``'s config with calibrated
+    noise (DP-SGD, summary and lambda: each candidate's plan differs in all three), passed
+    through ``edit`` (a function of the choice's JSON, in place); return what was written."""
+    import tomllib
+
+    from privacy.accounting import PrivacyBudget
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.secure.private import choose_accountant
+
+    data = tomllib.loads((run / "config.toml").read_text())
+    data["privacy"] = {**data["privacy"], "accountant": "auto"}
+    data["privacy"].pop("noise_multiplier")
+    budgets = [PrivacyBudget(8.0, 1e-5), PrivacyBudget(3.0, 1e-5)]
+    choice = choose_accountant(parse_config(data), METHOD, budgets).to_json()
+    if edit is not None:
+        edit(choice)
+    doc = json.loads((run / "results.json").read_text())
+    doc["privacy"][METHOD]["accountant_choice"] = choice
+    (run / "results.json").write_text(json.dumps(doc))
+    reanchor(run)
+    return choice
+
+
+def _choice_findings(run: Path) -> list:  # type: ignore[type-arg]
+    return [f for f in verify_run(run).findings if f.check == "accountant_choice"]
+
+
+def test_the_auto_accountant_comparison_rows_recompute_from_what_results_json_records(
+        run_copy: Path) -> None:
+    """Found by a reviewer hunt: the comparison rows of ``accountant = "auto"`` state each
+    candidate's epsilon of the plan, computed over DP-SGD, the summary and the lambda, but
+    recorded only DP-SGD's noise, so no one could recompute them from results.json. Each row
+    now states the plan's releases and every calibrated noise of both candidates; verify
+    recomputes both epsilons with dp_accounting and they agree."""
+    choice = _with_choice(run_copy)
+    for row in choice["comparison"]:
+        assert [r["mechanism"] for r in row["plan_releases"]] == \
+            ["dpsgd", "gaussian_summary", "gaussian_lambda"]
+        # 4 rounds of ceil(1 epoch / q 0.1) DP-SGD steps; one summary; a lambda per round
+        assert [r["steps"] for r in row["plan_releases"]] == [40, 1, 4]
+        for name in ("rdp", "pld"):
+            noise = row[f"{name}_noise_by_mechanism"]
+            assert sorted(noise) == ["dpsgd", "gaussian_lambda", "gaussian_summary"]
+            assert noise["dpsgd"] == row[f"{name}_noise_multiplier"]  # the key scripts read
+    assert _choice_findings(run_copy) == []
+
+
+@pytest.mark.parametrize(("edit", "named"), [
+    (lambda row: row.update(pld_epsilon_of_plan=row["pld_epsilon_of_plan"] * 0.9),
+     "pld_epsilon_of_plan is"),
+    (lambda row: row.update(rdp_epsilon_of_plan=row["rdp_epsilon_of_plan"] * 1.1),
+     "rdp_epsilon_of_plan is"),
+    # more summary noise than the plan held, stated coherently: the epsilons no longer follow
+    (lambda row: [r.update(noise_multiplier=r["noise_multiplier"] * 4)
+                  for r in row["plan_releases"] if r["mechanism"] == "gaussian_summary"]
+     and row["rdp_noise_by_mechanism"].update(
+         gaussian_summary=row["rdp_noise_by_mechanism"]["gaussian_summary"] * 4),
+     "rdp_epsilon_of_plan is"),
+    # the plan's lambda noise is not the RDP-calibrated plan's it names
+    (lambda row: row["plan_releases"][2].update(noise_multiplier=1.0),
+     "plan_releases' gaussian_lambda noise_multiplier 1.0 is not the rdp-calibrated plan's"),
+    (lambda row: row["plan_releases"][0].update(steps=0), "plan_releases[0] (dpsgd): steps"),
+])
+def test_a_tampered_auto_accountant_comparison_row_is_an_error_naming_row_and_key(
+        run_copy: Path, edit, named: str) -> None:  # type: ignore[no-untyped-def]
+    _with_choice(run_copy, lambda choice: edit(choice["comparison"][1]))
+    found = _choice_findings(run_copy)
+    assert found and {(f.severity, f.method) for f in found} == {("error", METHOD)}, found
+    assert all(f.message.startswith("accountant_choice.comparison[1] (epsilon 8.0,"
+                                    " delta 1e-05): ") for f in found), found
+    assert any(named in f.message for f in found), found
+
+
+def test_an_auto_accountant_choice_its_rows_do_not_make_is_an_error(run_copy: Path) -> None:
+    """The rows say PLD is tighter for every budget; a choice naming RDP is refused."""
+    _with_choice(run_copy, lambda choice: choice.update(accountant="rdp"))
+    (found,) = _choice_findings(run_copy)
+    assert found.severity == "error"
+    assert "accountant_choice names 'rdp', but its comparison rows choose 'pld'" in found.message
+
+
+def test_comparison_rows_written_before_they_stated_their_plan_still_verify_unchecked(
+        run_copy: Path) -> None:
+    """A results.json written before the rows stated their releases and noises (the earlier
+    keys only) still verifies: one unchecked warning says the epsilons were not recomputed
+    (an error under strict)."""
+    def older(choice: dict) -> None:
+        for row in choice["comparison"]:
+            for key in ("plan_releases", "rdp_noise_by_mechanism", "pld_noise_by_mechanism"):
+                del row[key]
+    _with_choice(run_copy, older)
+    report = verify_run(run_copy)
+    (found,) = [f for f in report.findings if f.check == "accountant_choice"]
+    assert found.severity == "warning" and found.unchecked and found.method == METHOD
+    assert "row(s) 0, 1 state no plan_releases" in found.message
+    assert report.ok
+    assert any(f.check == "accountant_choice"
+               for f in verify_run(run_copy, strict=True).errors)
