@@ -172,3 +172,193 @@ def test_every_option_has_help_and_states_its_default():
         ):
             missing.append(f"{command} {flag}: default {action.default!r} not stated")
     assert not missing, "\n".join(missing)
+
+
+_SECTIONS = ("data", "model", "training", "evaluation", "fedora", "fedavg", "privacy", "security")
+# Names shaped like `section.key` that the docs use for something else, each said there.
+_NOT_CONFIG_KEYS = {
+    "fedora.attach_new_client",  # the function of secure_fedora/algorithms/fedora.py
+    "security.rejections",  # a results.json entry
+    "privacy.noise_seed",  # documented as removed (the config refuses it)
+}
+
+
+def _config_fields() -> dict[str, set[str]]:
+    from secure_fedora.core.config import ExperimentConfig
+
+    return {
+        name: set(ExperimentConfig.model_fields[name].annotation.model_fields) for name in _SECTIONS
+    }
+
+
+def _documented_config_keys(text: str) -> Iterator[tuple[int, str, str]]:
+    """(line, section, key) of each `section.key` and `[section] key` a code span shows; not
+    a file name (`fedora.py`, `model.json`) nor a longer dotted name's tail."""
+    for line, span in _code_spans(text):
+        for found in re.finditer(
+            rf"(?<![\w./<\[-])({'|'.join(_SECTIONS)})\.([a-z_]+)(?![\w(])", span
+        ):
+            if found.group(2) not in ("py", "json", "toml"):
+                yield line, found.group(1), found.group(2)
+        for found in re.finditer(rf"\[({'|'.join(_SECTIONS)})\]\s+([a-z_]+)", span):
+            yield line, found.group(1), found.group(2)
+
+
+def test_documented_config_keys_exist():
+    """Every `section.key` and `[section] key` README.md and docs/ show is a key of that
+    section of the config schema (a renamed key left in the docs would mislead a user), or
+    a privacy module (`privacy.accounting`)."""
+    import importlib.util
+
+    fields, checked, problems = _config_fields(), 0, []
+    for name in DOCS:
+        for line, section, key in _documented_config_keys((ROOT / name).read_text()):
+            checked += 1
+            dotted = f"{section}.{key}"
+            if key in fields[section] or dotted in _NOT_CONFIG_KEYS:
+                continue
+            if section == "privacy" and importlib.util.find_spec(dotted) is not None:
+                continue
+            problems.append(f"{name}:{line}: {dotted} is no config key")
+    assert checked >= 100, f"only {checked} config keys found: the extraction broke"
+    assert not problems, "\n".join(problems)
+
+
+def test_the_config_key_check_catches_a_misspelt_key():
+    """The check above is not vacuous: a key the schema lacks is found, a file name is not."""
+    found = {
+        (s, k)
+        for _, s, k in _documented_config_keys(
+            "`fedora.propagation_tol`, `[privacy] noise_multipler`, `fedora.py`, `model.json`"
+        )
+    }
+    assert found == {("fedora", "propagation_tol"), ("privacy", "noise_multipler")}
+    fields = _config_fields()
+    assert all(k not in fields[s] for s, k in found)
+    from secure_fedora.core.config import ConfigError, ExperimentConfig
+
+    with pytest.raises(ValueError, match="noise_seed was removed"):
+        ExperimentConfig.model_validate({"privacy": {"noise_seed": 1}})
+    assert issubclass(ConfigError, ValueError)
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` is an importable module or an attribute path below one."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            if not hasattr(obj, part):
+                return False
+            obj = getattr(obj, part)
+        return True
+    return False
+
+
+def _parameters(dotted: str) -> list[str]:
+    """The parameter names of the callable ``dotted`` names (``self`` left out)."""
+    import importlib
+    import inspect
+
+    module, _, attribute = dotted.rpartition(".")
+    while True:
+        try:
+            obj = importlib.import_module(module)
+            break
+        except ImportError:
+            module, _, head = module.rpartition(".")
+            attribute = f"{head}.{attribute}"
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return [p for p in inspect.signature(obj).parameters if p not in ("self", "cls")]
+
+
+def test_documented_python_names_exist():
+    """Every dotted Python name of the toolkit README.md and docs/ show
+    (`secure_fedora.learning.tasks.Task`, `audits.report.PLOT_CLIENTS_MAX`,
+    `privacy.mechanisms.MECHANISMS`) imports: a module or an attribute of one; one shown
+    called with plain names (`Task(name, per_sample, metric_name)`) takes those parameters
+    first, in that order (README named `Task`'s third `metric`: a keyword call failed)."""
+    privacy_keys = _config_fields()["privacy"]
+    checked, problems = 0, []
+    for name in DOCS:
+        for line, span in _code_spans((ROOT / name).read_text()):
+            for found in re.finditer(
+                r"(?<![\w.\[/-])((?:secure_fedora|privacy|audits)(?:\.[A-Za-z_]\w*)+)"
+                r"(?:\(([a-z_]\w*(?:, [a-z_]\w*)*)\))?",
+                span,
+            ):
+                dotted = found.group(1)
+                parts = dotted.split(".")
+                if parts[0] == "privacy" and (
+                    parts[1] in privacy_keys or dotted in _NOT_CONFIG_KEYS
+                ):
+                    continue  # a config key, checked above
+                if parts[-1] in ("py", "json", "toml", "md"):
+                    continue  # a file name
+                checked += 1
+                if not _resolves(dotted):
+                    problems.append(f"{name}:{line}: {dotted} does not import")
+                elif found.group(2):
+                    shown = found.group(2).split(", ")
+                    taken = _parameters(dotted)[: len(shown)]
+                    if taken != shown:
+                        problems.append(f"{name}:{line}: {dotted} takes {taken}, not {shown}")
+    assert checked >= 30, f"only {checked} names found: the extraction broke"
+    assert not problems, "\n".join(problems)
+
+
+def _heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings."""
+    return {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+\s+(.*)$", text, flags=re.M)
+    }
+
+
+def test_documented_repository_paths_and_links_exist():
+    """Every repository path README.md and docs/ show in a code span (`tests/...`,
+    `docs/results/...`, `audits/output.py`) and every relative link exists, and every
+    link to a heading (`#audits`, `docs/performance.md#main-job-runs`) names one."""
+    roots = (
+        "docs",
+        "tests",
+        "secure_fedora",
+        "configs",
+        "benchmarks",
+        "examples",
+        "privacy",
+        "audits",
+        ".ci",
+    )
+    checked, problems = 0, []
+    for name in DOCS:
+        text = (ROOT / name).read_text()
+        for line, span in _code_spans(text):
+            if span.lstrip().startswith("# "):
+                continue  # a code block's comment naming a file to create
+            for path in re.findall(rf"(?<![\w/.-])((?:{'|'.join(roots)})/[\w./-]*)", span):
+                path = path.rstrip(".")
+                checked += 1
+                if not (ROOT / path).exists():
+                    problems.append(f"{name}:{line}: no {path}")
+        for found in re.finditer(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            target, anchor = found.group(1), found.group(2)
+            line = text.count("\n", 0, found.start()) + 1
+            if target.startswith(("http://", "https://")):
+                continue
+            checked += 1
+            file = (ROOT / name).parent / target if target else ROOT / name
+            if not file.exists():
+                problems.append(f"{name}:{line}: link to missing {target}")
+            elif (
+                anchor and file.suffix == ".md" and anchor not in _heading_anchors(file.read_text())
+            ):
+                problems.append(f"{name}:{line}: {target}#{anchor} names no heading")
+    assert checked >= 100, f"only {checked} paths found: the extraction broke"
+    assert not problems, "\n".join(problems)
