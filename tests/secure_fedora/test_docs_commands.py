@@ -1,8 +1,16 @@
 """The command lines README.md and docs/ show name sub-commands and flags that exist, and
-every `--help` states the default of each option that has one."""
+every `--help` states the default of each option that has one; the config keys, Python names,
+paths and links they show exist; README's multi-host recipe's file-writing steps run as
+written (the main job, the suite and the Flower processes are run elsewhere: too long here)."""
 
 import argparse
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -362,3 +370,71 @@ def test_documented_repository_paths_and_links_exist():
                 problems.append(f"{name}:{line}: {target}#{anchor} names no heading")
     assert checked >= 100, f"only {checked} paths found: the extraction broke"
     assert not problems, "\n".join(problems)
+
+
+def _real_machine_steps(text: str) -> dict[int, list[str]]:
+    """The shell blocks of README's "Real machines (Flower)" steps, by step number."""
+    section = text.split("## Real machines (Flower)", 1)[1].split("\n## ", 1)[0]
+    steps: dict[int, list[str]] = {}
+    for step in re.finditer(r"^(\d+)\. (.*?)(?=^\d+\. |\Z)", section, flags=re.M | re.S):
+        blocks = re.findall(r"```sh\n(.*?)```", step.group(2), flags=re.S)
+        steps[int(step.group(1))] = [textwrap.dedent(b) for b in blocks]
+    return steps
+
+
+@pytest.mark.slow
+def test_readmes_real_machine_steps_1_to_3_run_as_written(tmp_path: Path) -> None:
+    """README's multi-host recipe, steps 1-3 (each client's `keys party`, the operator's
+    `deploy local --print-commands --client-public-keys` and `deploy certs`, each node's
+    `keys install`), run as written with its placeholders filled in for 3 clients on this
+    host, and write the files the steps name: node keys, the server's identity and
+    allowlist, run.toml, the flwr CLI's config, and no client's private key on the server."""
+    steps = _real_machine_steps((ROOT / "README.md").read_text())
+    assert [len(steps[n]) for n in (1, 2, 3)] == [1, 1, 1], steps
+    cli = f"{sys.executable} -m secure_fedora.cli "
+    config = tmp_path / "config.toml"
+    smoke = (ROOT / "configs" / "smoke.toml").read_text()
+    config.write_text(smoke.replace("num_clients = 8", "num_clients = 3"))
+    fed = tmp_path / "fed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def run(block: str, node: int | None = None) -> None:
+        script = block.replace("secure-fedora ", cli)
+        if node is not None:
+            script = script.replace("/srv/fed-node", str(tmp_path / f"node-{node}"))
+            script = re.sub(r"\bCID\b", f"client-{node:03d}", script)
+        script = script.replace("/srv/fed", str(fed)).replace("LINK_HOST", "localhost")
+        script = re.sub(r"\bCONFIG\b", str(config), script)
+        out = subprocess.run(
+            ["bash", "-euc", script],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, f"{script}\n{out.stdout[-2000:]}{out.stderr[-2000:]}"
+
+    (tmp_path / "PUB").mkdir()
+    for i in range(3):  # step 1, on each node host; its public file sent to the operator
+        run(steps[1][0], node=i)
+        public = tmp_path / f"node-{i}" / "identity" / f"client-{i:03d}.public.json"
+        shutil.copy(public, tmp_path / "PUB")
+    run(steps[2][0])  # step 2, on LINK_HOST
+    for i in range(3):
+        assert (fed / "keys" / f"node-{i}").is_file() and (fed / "keys" / f"node-{i}.pub").is_file()
+    assert (fed / "identities" / "server" / "allowlist.json").is_file()
+    assert sorted(p.name for p in (fed / "identities").iterdir()) == ["server"]
+    assert f'result-dir = "{fed}/results"' in (fed / "run.toml").read_text()
+    assert "address = " in (fed / "flwr" / "cli" / "config.toml").read_text()
+    assert {"ca.crt", "server.crt", "server.key"} <= {p.name for p in (fed / "certs").iterdir()}
+    allowlist = json.loads((fed / "identities" / "server" / "allowlist.json").read_text())
+    assert sorted(allowlist["parties"]) == ["client-000", "client-001", "client-002", "server"]
+    for i in range(3):  # step 3: the allowlist copied to node host I, then installed there
+        shutil.copy(
+            fed / "identities" / "server" / "allowlist.json",
+            tmp_path / f"node-{i}" / "allowlist.json",
+        )
+        run(steps[3][0], node=i)
+        installed = tmp_path / f"node-{i}" / "identity" / "allowlist.json"
+        assert json.loads(installed.read_text()) == allowlist
