@@ -713,13 +713,13 @@ def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditEr
     ``error`` with one line naming the argument (``options``), what is wrong and what to give.
     The one check of ``audit verify``, ``audit replay`` and their Python functions."""
     path = check_path(allowlist, "allowlist", error, "file")
+    give = "; give the allowlist.json registered for the run's parties"
     if not path.is_file():
-        raise error(f"allowlist {path} {_not_a_file(path)}")
+        raise error(f"{options['allowlist']}: allowlist {path} {_not_a_file(path)}{give}")
     try:
         keys = load_allowlist(path)
     except IdentityError as exc:
-        raise error(f"{options['allowlist']}: {exc}; give the allowlist.json registered for "
-                    "the run's parties") from None
+        raise error(f"{options['allowlist']}: {exc}{give}") from None
     return path, keys
 
 

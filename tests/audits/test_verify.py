@@ -2099,6 +2099,31 @@ def test_a_malformed_given_allowlist_is_bad_input_and_a_damaged_own_one_a_failur
         assert "[allowlist]" in capsys.readouterr().out
 
 
+def test_a_missing_or_directory_given_allowlist_names_the_flag_and_what_to_give(
+        run_copy, tmp_path, capsys):
+    """`audit verify|report|replay --allowlist FILE` with FILE missing or a directory said
+    "error: allowlist FILE does not exist", naming neither `--allowlist` nor what to give,
+    unlike a FILE that is no allowlist. Now the same line for both: the flag (the argument
+    in Python), what is wrong with FILE, what to give; exit 2, nothing written."""
+    from audits.cli import main
+
+    give = "; give the allowlist.json registered for the run's parties"
+    for bad, problem in ((tmp_path / "missing.json", "does not exist"),
+                         (tmp_path, "is a directory")):
+        with pytest.raises(AuditError, match=rf"^the allowlist= argument: allowlist "
+                                             rf"{re.escape(str(bad))} {problem}.*{give}$"):
+            verify_run(run_copy, allowlist=bad)
+        for command in (["verify"], ["report", "--out", str(tmp_path / "report")],
+                        ["replay"]):
+            capsys.readouterr()
+            assert main(["audit", *command, str(run_copy), "--allowlist", str(bad)]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == "" and captured.err.count("\n") == 1, captured
+            assert captured.err.startswith(f"error: --allowlist: allowlist {bad} {problem}")
+            assert captured.err.endswith(f"{give}\n")
+        assert not (tmp_path / "report").exists() and not (run_copy / "audit").exists()
+
+
 def test_a_run_of_a_method_its_own_process_registered_verifies_in_another(tmp_path, capsys):
     """A method registered by a user's script or notebook (not a module of
     secure_fedora/contrib/) ran in that process, but `audit verify RUN_DIR`, a process that
