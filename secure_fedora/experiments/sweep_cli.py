@@ -30,6 +30,15 @@ def parse_epsilon(text: str) -> float | None:
     return value
 
 
+def _flag_of(message: str) -> str:
+    """The flag a sweep argument's error is about: the first of seed, epsilon and method
+    it mentions (:func:`~secure_fedora.experiments.sweep.plan_cells` names the argument)."""
+    found = {message.find(word): flag for word, flag in
+             (("seed", "--seeds"), ("epsilon", "--epsilons"), ("method", "--methods"))
+             if word in message}
+    return found[min(found)] if found else "--methods, --seeds or --epsilons"
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run ``secure-fedora sweep``; returns 0, or raises :class:`SweepError` (or another
     toolkit error) for a sweep that cannot run (the entry point prints it, exit code 2)."""
@@ -38,7 +47,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from privacy.errors import ToolkitError
     from secure_fedora.core.config import check_path_argument, load_config
     from secure_fedora.core.errors import one_line
-    from secure_fedora.experiments.sweep import Cell, SweepError, check_sweep, run_sweep
+    from secure_fedora.experiments.sweep import (
+        Cell,
+        SweepError,
+        check_sweep,
+        plan_cells,
+        run_sweep,
+    )
     from secure_fedora.runtimes.summary import progress_bars
 
     if args.out is not None:
@@ -50,6 +65,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         args.out = str(default_sweep_dir(cfg))
     methods = args.methods or list(_literal_methods())
     seeds = args.seeds if args.seeds is not None else [cfg.seed]
+    try:  # a bad argument is named by its flag, as every command names it
+        plan_cells(methods, args.epsilons, seeds)
+    except SweepError as err:
+        raise SweepError(f"{err} ({_flag_of(str(err))})") from None
     check_sweep(cfg, args.out, methods, seeds, args.epsilons)  # before any progress bar
     err_console = Console(stderr=True)
     with progress_bars(err_console, args.quiet) as progress:

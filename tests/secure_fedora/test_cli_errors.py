@@ -403,3 +403,21 @@ def test_sweep_refuses_bad_arguments_before_drawing_anything(tmp_path, capsys, f
     assert main(["sweep", str(config), "--out", str(out), *flags]) == 2
     assert message in one_error_line(capsys.readouterr().err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--seeds", "-1"], "--seeds"),
+    (["--seeds", "1", "1"], "--seeds"),
+    (["--epsilons", "1", "1"], "--epsilons"),
+    (["--epsilons", "none", "inf"], "--epsilons"),
+    (["--methods", "local", "local"], "--methods"),
+])
+def test_a_bad_sweep_argument_is_named_by_its_flag(tmp_path, capsys, flags, flag):
+    """README: a command's bad argument is named by its flag (`audit replay --trials 1`:
+    "... (--trials)"); `sweep --seeds -1` said "seeds must be non-negative integers ...",
+    naming no flag. Now the line ends with the flag, and nothing is drawn or written."""
+    config = write_config(tmp_path / "c.toml", TINY)
+    out = tmp_path / "sweep"
+    assert main(["sweep", str(config), "--out", str(out), *flags]) == 2
+    assert one_error_line(capsys.readouterr().err).endswith(f" ({flag})")
+    assert not out.exists()
