@@ -11,15 +11,19 @@ on the CPU: informational only, it is meant for a GPU and is much slower than Op
 The closing line is the noised relatedness summary's noise on a ``--summary-d`` square
 second moment (default 794, rotated MNIST's 784 pixels and 10 labels): symmetric noise drawn
 on the d(d+1)/2 independent entries (``GaussianMechanism.release_symmetric``, what a release
-does) against d*d i.i.d. values then symmetrized (the same distribution), as a ratio.
+does) against d*d i.i.d. values then symmetrized (the same distribution), as a ratio. After it,
+the whole summary release of one client (``privacy.pipeline.second_moment_stages``: clip
+``--summary-rows`` rows, second moment, symmetric noise, top-``--summary-q`` eigenvectors) with
+each stage's CPU time, the median of ``--repeats`` releases.
 Usage: python benchmarks/noise_throughput.py [--size 118282] [--repeats 30] [--threads 1]
-       [--summary-d 794]
+       [--summary-d 794] [--summary-rows 48] [--summary-q 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -28,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from privacy.mechanisms import GaussianMechanism
 from privacy.noise import CsprngNoise, ReproducibleNoise, _chacha20_torch
+from privacy.pipeline import Release, second_moment_stages
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -47,6 +52,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summary-d", type=int, default=794)
+    parser.add_argument(
+        "--summary-rows",
+        type=int,
+        default=48,
+        help="rows of the summary release (48: a client at 1,000 clients)",
+    )
+    parser.add_argument("--summary-q", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     n = args.size
@@ -75,6 +87,7 @@ def main() -> None:
     print(f"{'csprng-torch':<14} {'keystream 24 B/v':<18} {t * 1e3:>10.3f} {n / t / 1e6:>11.1f}"
           f"  (torch ChaCha20 on the CPU, best of {repeats}; the path a GPU takes)")
     summary_noise(args.summary_d, args.repeats)
+    summary_release(args.summary_d, args.summary_rows, args.summary_q, args.repeats)
 
 
 def summary_noise(d: int, repeats: int) -> None:
@@ -92,6 +105,40 @@ def summary_noise(d: int, repeats: int) -> None:
     print(f"summary noise d = {d} float64 csprng: {d * (d + 1) // 2} symmetric draws"
           f" {t_sym * 1e3:.1f} ms against {d * d} draws symmetrized {t_full * 1e3:.1f} ms:"
           f" {t_sym / t_full:.2f}x")
+
+
+
+def summary_release(d: int, rows: int, q: int, repeats: int) -> None:
+    """One client's whole summary release, stage by stage (CPU time, median of ``repeats``):
+    rows of uniform inputs and one-hot labels in ``d`` columns, as a client's summary rows."""
+    gen = torch.Generator().manual_seed(0)
+    labels = min(10, d)
+    z = torch.cat(
+        [
+            torch.rand(rows, d - labels, generator=gen, dtype=torch.float64),
+            torch.nn.functional.one_hot(
+                torch.randint(0, labels, (rows,), generator=gen), labels
+            ).to(torch.float64),
+        ],
+        dim=1,
+    )
+    source = CsprngNoise()
+    stages = second_moment_stages(1.0, rows, q, 1.0, source)
+    names = ["clip", "second moment", "symmetric noise", "top-q eigenvectors"]
+    times: list[list[float]] = [[] for _ in stages]
+    for k in range(repeats + 1):  # the first release warms up
+        release = Release("summary", z, 0)
+        for stage, spent in zip(stages, times, strict=True):
+            t0 = time.process_time()
+            release = stage.process(release)
+            if k:
+                spent.append(time.process_time() - t0)
+    medians = [statistics.median(t) * 1e3 for t in times]
+    parts = ", ".join(f"{name} {ms:.1f}" for name, ms in zip(names, medians, strict=True))
+    print(
+        f"summary release d = {d}, {rows} rows, q = {q}, float64 csprng, CPU ms (median of"
+        f" {repeats}): {parts}; total {sum(medians):.1f} ms"
+    )
 
 
 if __name__ == "__main__":

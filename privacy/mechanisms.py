@@ -17,6 +17,7 @@ the noise is a function of a seed and gives no guarantee against anyone who know
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Callable, Mapping
@@ -56,9 +57,58 @@ def _check_float_tensor(name: str, value: object) -> Tensor:
         raise MechanismError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if not value.is_floating_point():
         raise MechanismError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-    if not bool(torch.isfinite(value).all()):
+    if not _all_finite(value):
         raise MechanismError(f"{name} contains NaN or infinite values")
     return value
+
+
+def _all_finite(value: Tensor) -> bool:
+    """True iff every entry of the floating-point ``value`` is finite (no NaN, no +-inf); the
+    screen of ``secure_fedora.core.tensors.all_finite``, which this lower layer cannot import.
+
+    Exact: a sum is NaN or infinite whenever an addend is (IEEE arithmetic propagates both),
+    so a finite sum proves every entry finite in one reduction without a temporary; only a
+    sum that is not finite (a non-finite entry, or finite entries whose sum overflows) is
+    decided entry by entry."""
+    flat = value.detach()
+    if math.isfinite(float(flat.sum())):
+        return True
+    return bool(torch.isfinite(flat).all())
+
+
+def _exactly_symmetric(m: Tensor) -> bool:
+    """True iff the square float ``m`` equals its transpose bit for bit (so that
+    ``(m + m^T) / 2`` would return ``m`` itself: the comparison is of the stored bits, which
+    tells ``-0.0`` from ``0.0``)."""
+    bits = {
+        torch.float64: torch.int64,
+        torch.float32: torch.int32,
+        torch.float16: torch.int16,
+        torch.bfloat16: torch.int16,
+    }.get(m.dtype)
+    if bits is None:
+        return False
+    m = m.detach()
+    return torch.equal(m.view(bits), m.mT.view(bits))
+
+
+def _symmetrized(m: Tensor) -> Tensor:
+    """``(m + m^T) / 2`` of the finite square ``m``, bit for bit; ``m`` itself (no copy) where
+    it is exactly symmetric already, and halves summed (``m / 2 + m^T / 2``, finite) where
+    the plain sum would overflow."""
+    if _exactly_symmetric(m):
+        return m
+    sym = (m + m.mT).div_(2)
+    if not _all_finite(sym):  # entries beyond half the largest float: halve first
+        sym = (m / 2).add_(m.mT / 2)
+    return sym
+
+
+@functools.lru_cache(maxsize=1)
+def _strict_upper_mask(d: int, device: torch.device) -> Tensor:
+    """The (d, d) boolean mask of the strict upper triangle (read-only). The last one is kept
+    (d^2 bytes): every client's summary in a run has the same d."""
+    return torch.ones(d, d, dtype=torch.bool, device=device).triu_(1)
 
 
 class GaussianMechanism:
@@ -89,7 +139,9 @@ class GaussianMechanism:
     def release_symmetric(self, value: Tensor, noise: NoiseSource) -> Tensor:
         """Return ``S + E`` for a square ``value``, ``S = (value + value^T) / 2`` and ``E`` a
         symmetric noise matrix: diagonal N(0, std^2), strictly upper triangle N(0, std^2 / 2),
-        all independent, mirrored below. The result is exactly symmetric (bit for bit).
+        all independent, mirrored below. The result is exactly symmetric (bit for bit). ``S``
+        is ``value`` itself where that is symmetric bit for bit (the same values), and
+        ``value / 2 + value^T / 2`` where the sum would overflow.
 
         Guarantee: for a value that is symmetric between neighbours (``S`` equals ``value``
         there), the Gaussian mechanism on its isometric upper-triangle vector (the diagonal,
@@ -110,11 +162,11 @@ class GaussianMechanism:
                              device=value.device) if d > 1 else None
         sym_noise = torch.zeros_like(value)
         if upper is not None:  # row-major fill of the strict upper triangle, then mirrored
-            above = torch.ones(d, d, dtype=torch.bool, device=value.device).triu_(1)
-            sym_noise.masked_scatter_(above, upper)
+            sym_noise.masked_scatter_(_strict_upper_mask(d, value.device), upper)
             sym_noise = sym_noise + sym_noise.T
         sym_noise.diagonal().copy_(diagonal)
-        return (value + value.T) / 2 + sym_noise
+        # noise + value, the sum of value + noise (IEEE addition commutes), in place
+        return sym_noise.add_(_symmetrized(value))
 
     def record(self, mechanism: str, **params: object) -> MechanismRecord:
         """The accounting record of one release (``sensitivity`` is added to ``params``)."""
@@ -193,7 +245,7 @@ def noised_second_moment(z: Tensor, clip_norm: float, noise_multiplier: float,
             raise MechanismError("z has no rows; pass the public n explicitly")
     sensitivity = second_moment_sensitivity(clip_norm, n)
     zc = clip_rows(z, clip_norm)
-    return GaussianMechanism(nm, sensitivity).release_symmetric(zc.T @ zc / n, noise)
+    return GaussianMechanism(nm, sensitivity).release_symmetric((zc.T @ zc).div_(n), noise)
 
 
 def summary_record(clip_norm: float, noise_multiplier: float, n: int, q: int,
@@ -213,8 +265,11 @@ def top_eigenvectors(m: Tensor, q: int) -> Tensor:
 
     Columns are ordered by decreasing eigenvalue, unit norm, and sign-normalized so that the
     entry of largest absolute value in each column is positive (first such entry on ties).
-    ``m`` is symmetrized as ``(m + m^T) / 2`` first. Post-processing: no privacy cost. Same
-    dtype and device as ``m`` (float32 or float64), without autograd history.
+    ``m`` is symmetrized as ``(m + m^T) / 2`` first (a matrix that is symmetric bit for bit,
+    as :meth:`GaussianMechanism.release_symmetric` returns, is used as it is: the same
+    values; where the sum would overflow, as ``m / 2 + m^T / 2``). Post-processing: no
+    privacy cost. Same dtype and device as ``m`` (float32 or float64), without autograd
+    history. MechanismError for NaN or infinite entries, a non-square ``m`` or a bad ``q``.
 
     Exact (to working precision) on every device. On the CPU only the q wanted eigenpairs are
     computed (LAPACK ``?syevr`` through scipy, bisection and inverse iteration), with the BLAS
@@ -231,7 +286,7 @@ def top_eigenvectors(m: Tensor, q: int) -> Tensor:
     d = m.shape[0]
     if isinstance(q, bool) or not isinstance(q, int) or not (1 <= q <= d):
         raise MechanismError(f"q must be an int in [1, {d}], got {q!r}")
-    sym = (m.detach() + m.detach().T) / 2
+    sym = _symmetrized(m.detach())
     if sym.device.type == "cpu":
         top = _top_eigenvectors_cpu(sym, q)
     else:
@@ -248,14 +303,17 @@ _blas_controller: Any = None
 
 
 def _top_eigenvectors_cpu(sym: Tensor, q: int) -> Tensor:
-    """The top-q eigenvectors of the exactly symmetric CPU tensor ``sym``, decreasing order."""
+    """The top-q eigenvectors of the exactly symmetric CPU tensor ``sym`` (not modified),
+    decreasing order."""
     global _blas_controller
     import numpy as np  # imported here: keeps the command line's start-up light
     import scipy.linalg
     from threadpoolctl import ThreadpoolController
 
     d = sym.shape[0]
-    a = np.array(sym.numpy(), order="F")  # a private copy that LAPACK may overwrite
+    # A private copy that LAPACK may overwrite, in Fortran order: for the symmetric ``sym``
+    # that is the transpose's C order, a straight copy instead of a transposing one.
+    a = np.array(sym.numpy().T, order="F")
     # A threaded BLAS sums in an order that depends on its thread count, and the process's
     # count differs between runtimes (each Flower ClientApp vs one in-process run): one thread
     # makes the release a function of the input alone. The lock keeps concurrent callers
@@ -276,7 +334,7 @@ def _top_eigenvectors_cpu(sym: Tensor, q: int) -> Tensor:
                 # inverse iteration failed to converge for some vector (LAPACK info > 0):
                 # the full, always-convergent divide-and-conquer solver, equally exact.
                 _, vecs = scipy.linalg.eigh(
-                    np.array(sym.numpy(), order="F"),
+                    np.array(sym.numpy().T, order="F"),
                     driver="evd",
                     overwrite_a=True,
                     check_finite=False,

@@ -613,7 +613,7 @@ def second_moment_stages(clip_norm: float, n: int, q: int, noise_multiplier: flo
     params = {k: v for k, v in record.params.items() if k != "sensitivity"}
     return [
         ClipRows(clip_norm),
-        Transform(lambda z: z.T @ z / n, "second_moment"),
+        Transform(lambda z: (z.T @ z).div_(n), "second_moment"),
         SymmetricGaussianNoise(noise_multiplier, record.params["sensitivity"], noise, mechanism,
                                params),
         Transform(lambda m: top_eigenvectors(m, q), "top_eigenvectors"),

@@ -409,3 +409,61 @@ def test_a_plug_in_mechanism_registered_again_says_to_unregister_it_first() -> N
             MECHANISMS.unregister(builtin)
         with pytest.raises(MechanismError, match="already registered$"):
             MECHANISMS.register(MechanismSpec(builtin, "x"))
+
+
+def test_finite_checks_refuse_every_non_finite_entry_and_accept_sums_that_overflow():
+    huge = torch.tensor([1e308, 1e308, -1e308, 1e308], dtype=torch.float64)  # sums to inf
+    assert torch.equal(GaussianMechanism(1e-300, 1.0).release(huge, _gen()), huge)
+    assert clip_rows(torch.full((2, 3), 6e4, dtype=torch.float16), 1.0).isfinite().all()
+    for bad in ([float("inf"), -float("inf")], [float("nan"), 1.0], [1.0, -float("inf")]):
+        with pytest.raises(MechanismError, match="NaN or infinite"):
+            GaussianMechanism(1.0, 1.0).release(torch.tensor(bad), _gen())
+        with pytest.raises(MechanismError, match="NaN or infinite"):
+            clip_rows(torch.tensor([bad]), 1.0)
+        with pytest.raises(MechanismError, match="NaN or infinite"):
+            noised_second_moment(torch.tensor([bad, [0.5, 0.5]]), 1.0, 1.0, _gen())
+
+
+@pytest.mark.parametrize(
+    ("dtype", "digest"),
+    [
+        (torch.float32, "46c0b32cbea9b3da84f151d7070f0ab4037be38516e25465abc4acd1efaf31f2"),
+        (torch.float64, "01a1f87d8a6735c8368f68d3258bada46327f9a1547c2c7629edfc18e1088a64"),
+    ],
+)
+def test_release_symmetric_of_an_asymmetric_value_is_bit_identical_to_the_pinned_one(dtype, digest):
+    import hashlib
+
+    # pinned with the code before the summary path skipped its repeated work
+    value = torch.arange(49, dtype=dtype).reshape(7, 7) / 8
+    out = GaussianMechanism(2.0, 0.5).release_symmetric(value, ReproducibleNoise(9))
+    assert hashlib.sha256(out.numpy().tobytes()).hexdigest() == digest
+    assert torch.equal(value, torch.arange(49, dtype=dtype).reshape(7, 7) / 8)  # untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_eigenvectors_of_a_matrix_and_of_its_symmetrization_are_bit_identical(dtype):
+    m = torch.randn(40, 40, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    sym = (m + m.T) / 2
+    assert torch.equal(top_eigenvectors(m, 3), top_eigenvectors(sym, 3))
+    assert torch.equal(top_eigenvectors(m.T, 3), top_eigenvectors(sym, 3))  # a strided view
+    before = sym.clone()
+    top_eigenvectors(sym, 3)
+    assert torch.equal(sym, before)  # the input is never overwritten (LAPACK gets a copy)
+
+
+def test_summaries_of_entries_beyond_half_the_largest_float_are_exact():
+    # (m + m^T) / 2 overflows there: it used to hand LAPACK infinities and return a (3, 0)
+    # tensor; a symmetric matrix is used as it is, an asymmetric one symmetrized by halves.
+    m = torch.tensor(
+        [[1e308, 1e307, 0.0], [1e307, 3e307, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64
+    )
+    expected = torch.linalg.eigh(m / 1e308).eigenvectors[:, -1:]
+    expected = expected * torch.sign(expected[expected.abs().argmax()])
+    torch.testing.assert_close(top_eigenvectors(m, 1), expected)
+    skewed = m.clone()
+    skewed[0, 1], skewed[1, 0] = 1.5e307, 0.5e307
+    torch.testing.assert_close(top_eigenvectors(skewed, 1), expected)
+    out = GaussianMechanism(1e-300, 1.0).release_symmetric(m, _gen())
+    assert torch.equal(out, out.T) and bool(out.isfinite().all())
+    torch.testing.assert_close(out, m)

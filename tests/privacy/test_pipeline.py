@@ -528,3 +528,84 @@ def test_a_release_accounted_with_an_admitted_one_is_matched_to_its_entry_once(t
         other_m.run(Release("lambda", torch.zeros(19, dtype=torch.float64), 1))
     with pytest.raises(PipelineError, match="no admitted release"):
         AccountedWith(None, gate.ledger, set()).process(Release("lambda", torch.zeros(1), 1, [lam]))
+
+
+# -- the summary path, bit for bit ---------------------------------------------------------
+
+
+def _exact_rows(n: int, d: int) -> torch.Tensor:
+    """Small integers (row norms below the clip 32, n a power of two): clipping, ``Z^T Z`` and
+    ``/ n`` are exact in any summation order, so the noised matrix depends only on the noise."""
+    g = torch.Generator().manual_seed(11)
+    return torch.randint(-3, 4, (n, d), generator=g).to(torch.float64)
+
+
+def _old_top_eigenvectors(m: torch.Tensor, q: int) -> torch.Tensor:
+    """top_eigenvectors as written before the summary path skipped its repeated work:
+    symmetrize, a Fortran-order copy, ?syevr on one BLAS thread, signs fixed."""
+    import numpy as np
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
+
+    d = m.shape[0]
+    sym = (m + m.T) / 2
+    with threadpool_limits(limits=1, user_api="blas"):
+        _, vecs = scipy.linalg.eigh(
+            np.array(sym.numpy(), order="F"),
+            subset_by_index=[d - q, d - 1],
+            driver="evr",
+            overwrite_a=True,
+            check_finite=False,
+        )
+    top = torch.from_numpy(vecs[:, ::-1].copy())
+    signs = torch.sign(top[top.abs().argmax(dim=0), torch.arange(q)])
+    signs[signs == 0] = 1
+    return (top * signs).contiguous()
+
+
+# sha256 of the noised second moment's bytes, computed with the code before the summary path
+# skipped its repeated checks and symmetrizations (ReproducibleNoise(5), the rows above).
+_NOISED_SECOND_MOMENT = {
+    1: "1d587dd4c210b5a9eb30105d2481a04b2389a7443468378a66de4e78bae8b524",
+    2: "52c3c5a74ab52edef8100d923e4a067d4dc50c3afd8bb52c0d442f9d02afbe33",
+    60: "5d78b72621589008c30ffac26d14429987cab72376c2c33c024add65d2dc78a8",
+}
+
+
+@pytest.mark.parametrize("d", [1, 2, 60])
+def test_summary_release_and_its_ledger_entry_are_bit_identical_to_the_pinned_ones(tmp_path, d):
+    import hashlib
+
+    n, q, sigma = 32, min(2, d), 2.0
+    z = _exact_rows(n, d)
+    stages = second_moment_stages(32.0, n, q, sigma, ReproducibleNoise(5))
+    noised = ReleasePipeline(stages[:3], require_gate=False).run(Release("summary", z, 0))
+    assert hashlib.sha256(noised.payload.numpy().tobytes()).hexdigest() == _NOISED_SECOND_MOMENT[d]
+    gate = _gate(tmp_path)
+    stages = second_moment_stages(32.0, n, q, sigma, ReproducibleNoise(5))
+    out = ReleasePipeline([*stages, gate]).run(Release("summary", z, 0))
+    assert torch.equal(out.payload, _old_top_eigenvectors(noised.payload, q))
+    (entry,) = read_ledger(tmp_path / "c1.jsonl")
+    assert {k: v for k, v in entry.items() if k not in ("timestamp", "signature")} == {
+        "accountant": "rdp",
+        "budget_epsilon": 5.0,
+        "client_id": "c1",
+        "delta": DELTA,
+        "epsilon_after": Accountant().epsilon_after(DELTA, sigma, 1.0, 1),
+        "index": 0,
+        "mechanism": "gaussian_summary",
+        "prev_hash": "0" * 64,
+        "round": 0,
+        "params": {
+            "accountant_params": gate.accountant.parameters,
+            "clip_norm": 32.0,
+            "n": n,
+            "neighbouring": "add/remove one row, n public",
+            "noise_multiplier": sigma,
+            "q": q,
+            "release_kind": "summary",
+            "sample_rate": 1.0,
+            "sensitivity": 32.0,
+            "steps": 1,
+        },
+    }
