@@ -158,6 +158,7 @@ from privacy.accounting import (
     format_spent,
     plan_epsilon,
 )
+from privacy.envelope import NONCE_FILE_SUFFIX, nonce_file_problem
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS, MechanismError
@@ -2710,11 +2711,56 @@ def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:
     :func:`_interrupted_creations`)."""
     if not ledger_dir.is_dir():
         return []
-    found: list[tuple[str | None, Path]] = [(None, p) for p in sorted(ledger_dir.glob("*.jsonl"))]
+    found: list[tuple[str | None, Path]] = [(None, p) for p in _ledger_files(ledger_dir)]
     for sub in sorted(p for p in ledger_dir.iterdir()
                       if p.is_dir() and not _CREATING.fullmatch(p.name)):
-        found.extend((sub.name, p) for p in sorted(sub.glob("*.jsonl")))
+        found.extend((sub.name, p) for p in _ledger_files(sub))
     return found
+
+
+def _ledger_files(folder: Path) -> list[Path]:
+    """The ``*.jsonl`` files of ``folder`` that are ledgers: all but ``*.nonces.jsonl``
+    (:func:`_nonce_file_findings`)."""
+    return sorted(p for p in folder.glob("*.jsonl") if not p.name.endswith(NONCE_FILE_SUFFIX))
+
+
+def _nonce_file_findings(ledger_dir: Path) -> list[Finding]:
+    """One finding per ``*.nonces.jsonl`` in ``ledgers/`` or ``ledgers/<method>/`` (not
+    verified as a ledger): a warning for a nonce state file (a receiver's replay-protection
+    memory, which a Flower node keeps beside its ledger; it records no release, so nothing
+    in it bears on the privacy claim), an error for a file so named that holds anything
+    else, which nothing writes there."""
+    if not ledger_dir.is_dir():
+        return []
+    folders = [ledger_dir] + sorted(p for p in ledger_dir.iterdir()
+                                    if p.is_dir() and not _CREATING.fullmatch(p.name))
+    out = []
+    for folder in folders:
+        method = None if folder == ledger_dir else folder.name
+        for path in sorted(folder.glob("*" + NONCE_FILE_SUFFIX)):
+            rel = path.relative_to(ledger_dir.parent).as_posix()
+            try:
+                lines, _ = _read_lines(path)
+            except AuditError as exc:
+                problem: str | None = str(exc)
+            else:
+                problem = nonce_file_problem(lines)
+            if problem is None:
+                out.append(Finding(
+                    "warning", "nonce_file",
+                    f"{rel} is a nonce state file (the replay-protection memory of the"
+                    f" messages a party accepted, kept beside a Flower node's ledger), not a"
+                    " privacy ledger: it records no release, so it is not verified and"
+                    " changes no epsilon; it does not belong in ledgers/ (copy only"
+                    " <client>.jsonl there)", None, None, method))
+            else:
+                out.append(Finding(
+                    "error", "nonce_file",
+                    f"{rel} is named as a nonce state file (a party's replay-protection"
+                    f" memory), but {problem}: it is neither that nor verified as a ledger;"
+                    " find out what wrote it (a ledger is <client>.jsonl)",
+                    None, None, method))
+    return out
 
 
 def _interrupted_creations(ledger_dir: Path) -> list[Finding]:
@@ -3137,6 +3183,7 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
     ledger_dir = run / "ledgers"
     found = _discover(ledger_dir)
     findings.extend(_interrupted_creations(ledger_dir))
+    findings.extend(_nonce_file_findings(ledger_dir))
     claim_basis = dp_claim_basis(run, cfg.privacy.enabled if cfg is not None else None,
                                  results, anchor_path is not None)
     findings.extend(_private_key_findings(run, bool(claim_basis)))  # with a claim or without

@@ -76,6 +76,7 @@ __all__ = [
     "EnvelopeVerifier",
     "FutureRoundError",
     "MalformedEnvelopeError",
+    "NONCE_FILE_SUFFIX",
     "NonFiniteTensorError",
     "NonceJournal",
     "NonceMemoryLostError",
@@ -96,6 +97,7 @@ __all__ = [
     "decode_message",
     "encode_message",
     "make_envelope",
+    "nonce_file_problem",
 ]
 
 ENVELOPE_VERSION = 2
@@ -469,6 +471,45 @@ def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     return envelope, bytes(view[8 + hlen :])
 
 
+#: How a nonce state file is named: ``<party>.nonces.jsonl`` (one receiver's) or
+#: ``clients.nonces.jsonl`` (a shared :class:`NonceJournal`).
+NONCE_FILE_SUFFIX = ".nonces.jsonl"
+_NONCE_KEYS = frozenset({"floor", "s", "r", "n", "to"})
+
+
+def _nonce_record(line: str) -> dict[str, Any]:
+    """One parsed nonce state line (``json``/``KeyError``/``TypeError``/``ValueError`` when
+    it is not one)."""
+    rec = json.loads(line)
+    if not isinstance(rec, dict):
+        raise TypeError("a record must be a JSON object")
+    if "floor" in rec:
+        rec["floor"] = int(rec["floor"])
+    else:
+        rec["s"], rec["n"], rec["r"] = str(rec["s"]), str(rec["n"]), int(rec["r"])
+    if "to" in rec and not isinstance(rec["to"], str):
+        raise TypeError("'to' must be a party id")
+    return rec
+
+
+def nonce_file_problem(lines: Sequence[str]) -> str | None:
+    """Why ``lines`` (a file's lines, without their newlines) are not the content of a nonce
+    state file (a receiver's replay-protection memory: ``{"floor": round}`` and
+    ``{"s": sender, "r": round, "n": nonce}`` records, optionally tagged ``"to"``); None when
+    every non-blank line is such a record and holds no other field. Reads nothing itself."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = _nonce_record(line)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            return f"line {number} is not a nonce record ({type(exc).__name__}: {exc})"
+        extra = sorted(set(rec) - _NONCE_KEYS)
+        if extra:
+            return f"line {number} has fields {extra} that no nonce record holds"
+    return None
+
+
 class _NonceFile:
     """An append-only JSON-lines file of nonce records; each append is one write + one fsync.
 
@@ -503,18 +544,9 @@ class _NonceFile:
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise TypeError("a record must be a JSON object")
-                if "floor" in rec:
-                    rec["floor"] = int(rec["floor"])
-                else:
-                    rec["s"], rec["n"], rec["r"] = str(rec["s"]), str(rec["n"]), int(rec["r"])
-                if "to" in rec and not isinstance(rec["to"], str):
-                    raise TypeError("'to' must be a party id")
+                records.append(_nonce_record(line))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise EnvelopeStateError(f"corrupt nonce state {path} line {number}: {exc}") from exc
-            records.append(rec)
         return records
 
     def rewrite(self, records: Sequence[dict[str, Any]]) -> None:

@@ -1136,3 +1136,20 @@ def test_the_budget_table_says_when_a_budget_ran_out_and_what_it_refused(pristin
     page = html.unescape(render_html(doc, {}))
     assert (f"yes: round {entry['round']} (dpsgd, gaussian_lambda, would reach epsilon"
             f" {format_up(entry['params']['epsilon_would_be'], 4)})") in page
+
+
+def test_a_nonce_file_among_the_ledgers_is_one_line_of_the_report(run_copy, tmp_path):
+    """A client's ``.nonces.jsonl`` copied into ``ledgers/fedora/`` made the report list a
+    client 'client-001.nonces' in its budget table with a dozen errors; the report now shows
+    one warning saying what the file is, and its budget table holds the real ledgers only."""
+    from tests.audits.test_verify import _real_nonce_file
+
+    _real_nonce_file(run_copy / "ledgers" / "fedora" / "client-001.nonces.jsonl")
+    paths = write_report(run_copy, tmp_path / "report")
+    doc = json.loads(paths.json.read_text())
+    assert doc["verification"]["ok"]
+    assert not any(r["client_id"].endswith(".nonces") for r in doc["budgets"])
+    [noted] = [f for f in doc["verification"]["findings"] if f["check"] == "nonce_file"]
+    assert noted["severity"] == "warning"
+    page = html.unescape(paths.html.read_text())
+    assert "ledgers/fedora/client-001.nonces.jsonl is a nonce state file" in page

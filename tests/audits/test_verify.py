@@ -2472,3 +2472,62 @@ def test_comparison_rows_written_before_they_stated_their_plan_still_verify_unch
     assert report.ok
     assert any(f.check == "accountant_choice"
                for f in verify_run(run_copy, strict=True).errors)
+
+
+def _real_nonce_file(path: Path) -> None:
+    """A client's replay-protection memory as a Flower node writes it: a verifier that kept
+    its accepted nonces in ``path`` accepted two of the server's messages."""
+    from privacy.envelope import EnvelopeVerifier, make_envelope
+    from privacy.identity import Identity
+
+    server = Identity.generate("server")
+    verifier = EnvelopeVerifier({"server": server.public}, "client-001", state_path=path)
+    for rnd in (1, 2):
+        verifier.verify(make_envelope(server, "client-001", rnd, "model", b"w"), b"w", rnd)
+
+
+@pytest.mark.parametrize("where", ["fedora", None])
+def test_a_nonce_file_among_the_ledgers_is_one_clear_warning_not_a_ledger(run_copy, where):
+    """A client's ``.nonces.jsonl`` copied into ``ledgers/`` was verified as the ledger of a
+    client 'client-001.nonces': about a dozen generic errors (not in the allowlist, not
+    canonical, missing fields, no close entry, not in the anchor) and a failed run. It is now
+    one warning saying what the file is and why it does not belong there; the run's own
+    ledgers verify as before."""
+    folder = run_copy / "ledgers" / where if where else run_copy / "ledgers"
+    _real_nonce_file(folder / "client-001.nonces.jsonl")
+    report = verify_run(run_copy, allowlist=run_copy / "keys" / "allowlist.json")
+    assert report.ok
+    assert not any(c.client_id.endswith(".nonces") for c in report.clients)
+    assert not any(f.client_id and f.client_id.endswith(".nonces") for f in report.findings)
+    [noted] = [f for f in report.findings if f.check == "nonce_file"]
+    assert noted.severity == "warning" and noted.method == where
+    rel = f"ledgers/{where + '/' if where else ''}client-001.nonces.jsonl"
+    assert noted.message.startswith(f"{rel} is a nonce state file (the replay-protection")
+    assert "not a privacy ledger: it records no release" in noted.message
+    assert "it does not belong in ledgers/" in noted.message
+
+
+def test_a_file_named_as_a_nonce_file_that_holds_ledger_entries_is_an_error(run_copy):
+    """A real ledger renamed ``<client>.nonces.jsonl`` is no nonce file: one error naming
+    the line that is not a nonce record (and the ledger it replaced is missing)."""
+    folder = run_copy / "ledgers" / "fedora"
+    (folder / "client-001.jsonl").rename(folder / "client-001.nonces.jsonl")
+    report = verify_run(run_copy)
+    assert not report.ok
+    [noted] = [f for f in report.findings if f.check == "nonce_file"]
+    assert noted.severity == "error"
+    assert "but line 1 is not a nonce record" in noted.message
+    assert "find out what wrote it" in noted.message
+    assert any(f.check == "missing_ledger" and f.client_id == "client-001"
+               for f in report.errors)
+
+
+@pytest.mark.parametrize("name,content", [("client-001.jsonl.tmp", "half a line"),
+                                          ("README", "notes\n"), ("empty", "")])
+def test_a_stray_file_that_is_not_jsonl_is_not_read_as_a_ledger(run_copy, name, content):
+    """Only ``*.jsonl`` files in ``ledgers/`` are ledgers: a ``.tmp``, a README or an empty
+    file beside them is not read and changes no finding (an empty ``*.jsonl`` is an empty
+    ledger, an error)."""
+    clean = [str(f) for f in verify_run(run_copy).findings]
+    (run_copy / "ledgers" / "fedora" / name).write_text(content)
+    assert [str(f) for f in verify_run(run_copy).findings] == clean
