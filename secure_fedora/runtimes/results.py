@@ -49,6 +49,8 @@ from typing import Any
 
 from secure_fedora import __version__
 from secure_fedora.algorithms.contract import (
+    REPLY_LAMBDA,
+    ROUND,
     FederatedAlgorithm,
     declared_reply_entries,
     method_class,
@@ -59,7 +61,7 @@ from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_KEYS", "RESULT_FILES",
            "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "TIMING_UNDER_DP", "build_results", "checkpoints_statement",
-           "client_rows", "config_assumptions",
+           "client_errors_statement", "client_rows", "config_assumptions", "releases_lambda",
            "inputs_outside_config", "inputs_outside_config_assumption", "kept_results",
            "method_entry", "metric_label", "remove_interrupted_result_writes", "rounds_csv_holds",
            "rounds_csv_text", "same_outcomes", "stated_beyond_run", "uses_relatedness",
@@ -150,7 +152,7 @@ def _run_assumptions(cfg: ExperimentConfig) -> dict[str, Any]:
             "data_fingerprint": FINGERPRINT_UNDER_DP}
            if dp else {}),
         **({"methods_compared": METHODS_COMPARED} if dp and len(cfg.methods) > 1 else {}),
-        "client_errors": CLIENT_ERRORS[cfg.security.client_errors],
+        "client_errors": client_errors_statement(cfg),
     }
 
 
@@ -248,10 +250,7 @@ CLIENT_ERRORS = {
         "withheld ([security] client_errors): an error or refusal text a client sends the "
         "server names only the error's class (and its direct cause's), with the fixed sentence "
         "\"details withheld; see the client's own log\"; its full text stays in the client's "
-        "own log. For a non-finite result of FEDORA's unstable pull the text adds the fixed "
-        "tag \"FEDORA's pull diverged\": lr * lambda reached the pull's stability limit (a "
-        "fact of the lambda a round reply carries) and the loss and its gradient at the start "
-        "of that training were finite on the client's first training examples. Whether a client "
+        "own log.{pull} Whether a client "
         "errs or refuses, and with which class, can depend on its data and is outside the "
         "ledgers. A refused release's budget text (what its ledger records) is sent whole. In "
         "process no client's text leaves the process"),
@@ -260,12 +259,45 @@ CLIENT_ERRORS = {
         "whose node agrees (node config client-errors = \"full\") reach the server whole; they "
         "are not accounted releases and can name facts of its data (a label value, a split "
         "size, a loss at some step); every other node sends the withheld text (the error's "
-        "class, a fixed sentence and, for a diverged pull, its fixed tag). In process "
+        "class, a fixed sentence{pull}). In process "
         "no client's text leaves the process"),
 }
 """results.json ``assumptions.client_errors``: what ``[security] client_errors`` lets a
 client's error texts tell the server (the same statement in both runtimes; on Flower
-``assumptions.client_errors_by_client`` says what each client's node did)."""
+``assumptions.client_errors_by_client`` says what each client's node did); ``{pull}`` is
+where :data:`CLIENT_ERRORS_PULL` goes (:func:`client_errors_statement`)."""
+
+CLIENT_ERRORS_PULL = {
+    "withheld": (
+        " For a non-finite result of FEDORA's unstable pull the text adds the fixed "
+        "tag \"FEDORA's pull diverged\": lr * lambda reached the pull's stability limit (a "
+        "fact of the lambda a round reply carries) and the loss and its gradient at the start "
+        "of that training were finite on the client's first training examples."),
+    "full": " and, for a diverged pull, its fixed tag",
+}
+"""What :data:`CLIENT_ERRORS` adds for a run of a method whose round reply carries FEDORA's
+``lambda`` (:func:`releases_lambda`): only its pull can diverge and so tag an error text."""
+
+
+def releases_lambda(cfg: ExperimentConfig) -> bool:
+    """Whether a method of ``cfg`` declares FEDORA's ``lambda`` among its round reply's entries
+    (:meth:`FederatedAlgorithm.reply_entries`, the contract both runtimes enforce: FEDORA or a
+    method built on it); a factory that names no class declares nothing."""
+    for name, cls in _declaring_classes(cfg.methods):
+        with method_hook(name, "reply_entries(cfg, 'round')"):
+            entries = cls.reply_entries(cfg, ROUND)
+        if REPLY_LAMBDA in entries:
+            return True
+    return False
+
+
+def client_errors_statement(cfg: ExperimentConfig) -> str:
+    """results.json ``assumptions.client_errors`` of a run of ``cfg`` (both runtimes): its
+    :data:`CLIENT_ERRORS` text, naming FEDORA's pull-divergence tag and the lambda it
+    reveals only when a method of the run releases lambdas (:func:`releases_lambda`)."""
+    mode = cfg.security.client_errors
+    return CLIENT_ERRORS[mode].format(pull=CLIENT_ERRORS_PULL[mode] if releases_lambda(cfg)
+                                      else "")
 
 INPUTS_OUTSIDE_CONFIG = {
     "data": "given through the Python API (Experiment(data=...)), not by config.toml",

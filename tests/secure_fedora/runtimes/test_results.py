@@ -295,3 +295,42 @@ def test_the_checkpoints_statement_names_the_run_s_methods_that_keep_unnoised_st
     finally:
         METHODS.unregister("myditto_c")
         METHODS.unregister("keeper_c")
+
+
+@pytest.mark.parametrize("mode", ["withheld", "full"])
+def test_only_a_run_of_a_method_that_releases_lambda_states_fedoras_pull_tag(mode) -> None:
+    """results.json's ``assumptions.client_errors`` said that an error text can carry
+    FEDORA's pull-divergence tag, "a fact of the lambda a round reply carries", in every
+    run, also in one of Local or FedAvg alone, whose replies carry no lambda. It is now
+    stated exactly when a method of the run declares ``lambda`` among its round reply's
+    entries (FEDORA, or a method built on it under its own name)."""
+    from secure_fedora.algorithms.methods import Fedora
+
+    def stated(methods: list[str]) -> str:
+        cfg = parse_config({"methods": methods, "data": {"num_clients": 3},
+                            "privacy": {"enabled": True, "epsilon": 5.0},
+                            "fedora": {"relatedness": "noised"},
+                            "security": {"client_errors": mode}})
+        return _build(cfg, {})["assumptions"]["client_errors"]
+
+    tag = "FEDORA's pull diverged" if mode == "withheld" else "for a diverged pull, its fixed tag"
+    for methods in (["local"], ["fedavg"], ["fedavg", "ditto"]):
+        text = stated(methods)
+        assert tag not in text and "lambda" not in text and "pull" not in text
+        assert text.startswith(mode)
+    for methods in (["fedora"], ["local", "fedora"]):
+        assert tag in stated(methods)
+    if mode == "withheld":
+        assert "(a fact of the lambda a round reply carries)" in stated(["fedora"])
+        assert "own log. Whether a client errs" in stated(["local"])
+    else:
+        assert "(the error's class, a fixed sentence). In process" in stated(["local"])
+
+    class MyFedora(Fedora):
+        pass
+
+    METHODS.register("myfedora_l", MyFedora)
+    try:
+        assert tag in stated(["myfedora_l"])
+    finally:
+        METHODS.unregister("myfedora_l")

@@ -369,13 +369,21 @@ def test_the_withheld_statement_names_every_fixed_text_a_withheld_client_sends()
         f"{PULL_DIVERGED}; {WITHHELD})",
         f"from ClientUpdateError) ({PULL_DIVERGED}; {WITHHELD})",
     }
-    stated = config_assumptions(_config(None))["client_errors"]
-    assert stated == config_assumptions(_config("withheld"))["client_errors"]
+    def fedora(mode: str | None) -> Any:  # the pull's tag: stated where a method has a pull
+        doc = json.loads(json.dumps(TINY))
+        doc["methods"] = ["fedora"]
+        if mode is not None:
+            doc["security"] = {"client_errors": mode}
+        return parse_config(doc)
+
+    stated = config_assumptions(fedora(None))["client_errors"]
+    assert stated == config_assumptions(fedora("withheld"))["client_errors"]
     for part in (WITHHELD, PULL_DIVERGED):
         assert f'"{part}"' in stated
     assert "direct cause's" in stated and "outside the ledgers" in stated
-    full = config_assumptions(_config("full"))["client_errors"]
+    full = config_assumptions(fedora("full"))["client_errors"]
     assert "for a diverged pull, its fixed tag" in full
+    assert PULL_DIVERGED not in config_assumptions(_config(None))["client_errors"]
 
 
 #: What the plug-in below raises with: a fact its client's data could hold.
