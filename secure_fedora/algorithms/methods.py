@@ -121,6 +121,16 @@ KEY_STEPS = REPLY_STEPS
 KEY_NUM_EXAMPLES = REPLY_NUM_EXAMPLES
 """Reply entry: the client's number of training examples (FedAvg's aggregation weight)."""
 KEY_LAMBDA = REPLY_LAMBDA
+
+#: Why FEDORA's setup reply may carry the summary, per ``[fedora] relatedness`` (a DP run
+#: admits only the noised modes; the others are a run without DP's).
+SUMMARY_REASONS = {
+    "noised": "noised: the 'summary' release",
+    "noised+encrypted": "noised and encrypted: the 'summary' release, accounted on the noised"
+                        " summary, uploaded CKKS-encrypted",
+    "plain": "plain: in the clear, without DP",
+    "encrypted": "encrypted: CKKS-encrypted, without DP",
+}
 """Reply entry: FEDORA's regularization weight ``lambda_i`` of the round (0-d float64)."""
 
 log = logging.getLogger("secure_fedora.algorithms.methods")
@@ -1798,11 +1808,12 @@ class Fedora(FedoraChecks, FederatedMethod):
 
     @classmethod
     def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
-        """Setup: the summary (noised: the 'summary' release). Round: the DP-SGD model, the
-        step count and ``lambda`` (private validation: noised, in the 'model' release;
-        public: computed on validation data the config declares public)."""
+        """Setup: the summary, as ``[fedora] relatedness`` releases it (noised: the 'summary'
+        release; noised+encrypted: that release, uploaded CKKS-encrypted). Round: the DP-SGD
+        model, the step count and ``lambda`` (private validation: noised, in the 'model'
+        release; public: computed on validation data the config declares public)."""
         if stage == SETUP:
-            return {KIND_SUMMARY: "the relatedness summary (noised: the 'summary' release)"}
+            return {KIND_SUMMARY: f"the relatedness summary ({SUMMARY_REASONS[cfg.fedora.relatedness]})"}
         if stage == ROUND:
             why = ("noised, accounted in the 'model' release (gaussian_lambda)"
                    if cfg.data.validation == "private" else

@@ -379,3 +379,25 @@ def test_power_iteration_beyond_its_bound_names_exact_modes():
     g = fedora.topk_graph(torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64), k=1)
     with pytest.raises(RelatednessError, match="'dense' or 'factored'"):
         fedora.propagation_matrix_power(g, 0.9, max_iter=5)
+
+
+@pytest.mark.parametrize("relatedness", ["noised", "noised+encrypted"])
+def test_the_summary_reply_states_every_protection_its_relatedness_mode_applies(relatedness):
+    """FEDORA's setup reply declared its summary "noised: the 'summary' release" in every
+    mode, so a noised+encrypted run (results.json's reply_entries, the audit report's table
+    of what leaves each client) did not say that the upload is CKKS-encrypted. The reason now
+    names both there; the noised mode's is unchanged. A built-in reason either way."""
+    from secure_fedora.algorithms.contract import declared_reply_entries
+    from secure_fedora.core.config import parse_config
+
+    cfg = parse_config({"methods": ["fedora"], "data": {"num_clients": 3},
+                        "fedora": {"relatedness": relatedness},
+                        "privacy": {"enabled": True, "epsilon": 8.0}})
+    summary = declared_reply_entries("fedora", cfg)["setup"]["summary"]
+    assert summary["built_in"]
+    if relatedness == "noised":
+        assert summary["reason"] == "the relatedness summary (noised: the 'summary' release)"
+    else:
+        assert summary["reason"].startswith("the relatedness summary (noised and encrypted: the"
+                                            " 'summary' release")
+        assert "CKKS-encrypted" in summary["reason"]
