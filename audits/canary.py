@@ -86,6 +86,7 @@ __all__ = [
     "insert_canaries",
     "make_canaries",
     "run_canary_audit",
+    "run_config_problem",
     "split_audit",
     "split_audit_rounds",
 ]
@@ -563,6 +564,42 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, fl
     return claim, delta, len(entries)
 
 
+def run_config_problem(run_dir: Path, cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg`` is not the config of the run in ``run_dir`` (None: it is): its
+    :func:`~secure_fedora.core.config.config_hash` must be the ``config_hash`` the run's
+    results.json records, or, without a readable one, that of the run's config.toml. A run
+    directory holding neither cannot show which config it ran, which is a problem too."""
+    import json
+
+    from secure_fedora.core.config import ConfigError, config_hash, load_run_config
+
+    actual = config_hash(cfg)
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        results = None
+    recorded = results.get("config_hash") if isinstance(results, dict) else None
+    if isinstance(recorded, str):
+        if recorded == actual:
+            return None
+        return (f"the config hashes to {actual[:16]}..., but {run_dir / 'results.json'} records"
+                f" config_hash {recorded[:16]}...: it is not the config this run ran (another"
+                " run's, or config.toml changed after the run); audit the run with its own,"
+                " unchanged config.toml")
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return (f"{run_dir} holds no results.json recording a config_hash and no config.toml:"
+                " the config cannot be checked to be this run's; give the run's own directory")
+    try:
+        own, _ = load_run_config(path)
+    except ConfigError as err:
+        return f"{path} is not a valid config ({err}), so the config cannot be checked against it"
+    if config_hash(own) != actual:
+        return (f"the config is not {path} (their config hashes differ): audit the run with its"
+                " own config.toml")
+    return None
+
+
 def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canaries: int = 300,
                      kind: str = "noise", method: str = "local", confidence: float = 0.95,
                      delta: float = 1e-5, seed: int = 0,
@@ -589,8 +626,10 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
     a run does (:mod:`secure_fedora.secure.keystore`): ``keystore`` if given, else the
     config's ``[security] keystore``, else the default one of the config's name.
 
-    ``run_dir`` (``audit canary RUN_DIR``): the run directory whose config.toml ``cfg`` is.
-    Before anything trains it is scanned once for private key material
+    ``run_dir`` (``audit canary RUN_DIR``): the run directory whose config.toml ``cfg`` is;
+    a ``cfg`` that is not its config (:func:`run_config_problem`: the ``config_hash``
+    results.json records, else config.toml's) is a CanaryAuditError saying so, before
+    anything trains. Before anything trains it is also scanned once for private key material
     (:func:`audits.verify.refuse_private_keys`, judged under ``cfg``'s privacy as ``audit
     verify`` judges it): a key inside it is a CanaryAuditError naming the file, and what the
     scan could not check is the result's ``unchecked``. It is only read: the federation
@@ -633,6 +672,9 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         from audits.verify import refuse_private_keys
 
         run_path = check_path(run_dir, "run_dir", CanaryAuditError)
+        problem = run_config_problem(run_path, cfg)
+        if problem is not None:
+            raise CanaryAuditError(problem)
         unchecked = refuse_private_keys(run_path, private, CanaryAuditError,
                                         f"run directory {run_path} is not trusted")
     if kind == "mislabeled" and cfg.data.source is not None:

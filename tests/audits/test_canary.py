@@ -634,3 +634,46 @@ def test_the_python_canary_audit_of_a_run_directory_scans_it_for_private_keys(
     assert len(scans) == 1  # the CLI's audit scans the run once
     assert capsys.readouterr().err.splitlines().count(f"warning: {note}") == 1
     assert json.loads((run / "audit" / "canary.json").read_text())["unchecked"] == [note]
+
+
+def test_a_config_that_is_not_the_run_s_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """``run_canary_audit(cfg, run_dir=RUN)`` trusted that ``cfg`` was RUN's config: another
+    config (another run's, or config.toml edited after the run) was audited as RUN, its
+    claim and key scan attributed to it. ``cfg`` must now hash to the ``config_hash`` RUN's
+    results.json records (else to RUN's config.toml); a mismatch is a CanaryAuditError before
+    anything trains, and `audit canary RUN` refuses an edited config.toml the same way."""
+    import audits.canary as canary
+    from secure_fedora.cli import main
+    from secure_fedora.core.config import config_hash, load_config
+
+    def no_training(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("reached training")
+
+    monkeypatch.setattr(canary, "build_clients", no_training)
+    run = canary_run_dir(tmp_path)
+    own = load_config(run / "config.toml")
+    other = parse_config({**own.model_dump(mode="json"), "seed": own.seed + 1})
+    # without results.json: config.toml is the run's record
+    with pytest.raises(CanaryAuditError, match=r"^the config is not .*config\.toml \(their"
+                       r" config hashes differ\)"):
+        run_canary_audit(other, num_canaries=40, run_dir=run)
+    with pytest.raises(AssertionError, match="reached training"):  # its own config passes
+        run_canary_audit(own, num_canaries=40, run_dir=run)
+    # results.json's config_hash decides where it is recorded
+    (run / "results.json").write_text(json.dumps({"config_hash": config_hash(own)}))
+    with pytest.raises(CanaryAuditError, match=r"records config_hash [0-9a-f]{16}\.\.\.: it is"
+                       r" not the config this run ran"):
+        run_canary_audit(other, num_canaries=40, run_dir=run)
+    with pytest.raises(AssertionError, match="reached training"):
+        run_canary_audit(own, num_canaries=40, run_dir=run)
+    (run / "config.toml").write_text("seed = 9\n" + CANARY_CONFIG)  # edited after the run
+    capsys.readouterr()
+    assert main(["audit", "canary", str(run), "--canaries", "40"]) == 2
+    assert "it is not the config this run ran" in capsys.readouterr().err
+    # a directory that records no config at all cannot show that cfg is its config
+    (run / "results.json").unlink()
+    (run / "config.toml").unlink()
+    (run / "ledgers").mkdir()
+    with pytest.raises(CanaryAuditError, match="holds no results.json recording a config_hash"
+                       " and no config.toml"):
+        run_canary_audit(own, num_canaries=40, run_dir=run)
