@@ -111,6 +111,13 @@ THREAT_MODEL_WITHOUT_DP = [
 ]
 
 
+#: Under the report's privacy plan: its planned epsilon (results.json ``planned_epsilon``) is
+#: the plan rounded up, where the per-client budgets table shows each ledger's exact spend.
+PLANNED_EPSILON_NOTE = ("planned \u03b5 is the plan's epsilon rounded up (results.json"
+                        " planned_epsilon, 6 decimals); the recorded \u03b5 of the per-client"
+                        " budgets is the ledger's exact epsilon (both shown rounded up)")
+
+
 def _threat_model(assumptions: dict[str, Any]) -> list[str]:
     """The threat model for the run: the DP one, unless its results (or config) say that
     differential privacy was off, which claims no budget, ledger or accounted release."""
@@ -462,7 +469,8 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
 
     Guarantee: ``events`` holds every event results.json records: the in-process runtime's
     per method (``privacy.<method>.events``) and a runtime's run-level ones (``events``: on
-    Flower a refused release, an error reply, a missed exchange, each naming its method)."""
+    Flower a refused release, an error reply, a missed exchange, each naming its method);
+    ``note`` (:data:`PLANNED_EPSILON_NOTE`) where there is a plan row."""
     plan: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     privacy = (results or {}).get("privacy")
@@ -477,7 +485,7 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
                 if isinstance(ev, dict):
                     events.append({"method": method, **ev})
     events.extend(ev for ev in _list((results or {}).get("events")) if isinstance(ev, dict))
-    return {"plan": plan, "events": events}
+    return {"plan": plan, "events": events, **({"note": PLANNED_EPSILON_NOTE} if plan else {})}
 
 
 def _resumes(results: dict[str, Any] | None,
@@ -1191,6 +1199,7 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
              for r in plan["plan"]],
             left=(0, 9),
         ))
+        parts.append(f"<p class=\"muted\">{_e(PLANNED_EPSILON_NOTE)}</p>")
     if plan["events"]:
         parts.append("<p>Budget and participation events:</p>" + _table(
             ["method", "round", "client", "event", "detail"],

@@ -43,7 +43,8 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
     shown figure claims more privacy than the plan holds; the planned epsilon at the budget's
     decimals where it has more, so it reads above the budget exactly when it is); budget, delta and sample rate, and
     the releases in the caption, exactly as results.json states them (one line per row, in
-    the rows' order and labelled with its budget, where the rows' releases differ)."""
+    the rows' order and labelled with its budget, where the rows' releases differ); the
+    caption's last line says that the planned epsilon is rounded up, the spent one exact."""
     from privacy.accounting import format_down, format_spent
 
     table = Table(title=f"privacy plan: {rows[0]['method']}" if rows else "privacy plan")
@@ -69,7 +70,14 @@ def privacy_plan_table(rows: list[dict[str, Any]]) -> Table:
         table.caption += f"\naccountant: {rows[0].get('accountant_reason', rows[0]['accountant'])}"
     for kind, stages in (rows[0].get("release_stages") or {}).items() if rows else ():
         table.caption += f"\n{kind} release: {' -> '.join(stages)}"
+    table.caption += f"\n{PLANNED_EPS_NOTE}"
     return table
+
+
+#: The plan table's last caption line: how its "planned eps" relates to the spend a run
+#: reports (results.json ``epsilon_spent``, the ledgers' ``epsilon_after``).
+PLANNED_EPS_NOTE = ("planned eps: the plan's epsilon rounded up; the epsilon a client spends"
+                    " (results.json epsilon_spent, its ledger) is exact")
 
 
 def add_keystore_flag(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,9 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
   client replies may carry in each exchange, ``setup``/``round``/``finalize`` -> entry ->
   ``{reason, built_in}`` (:func:`~secure_fedora.algorithms.contract.declared_reply_entries`:
   ``built_in`` false is the method's own claim, declared and not verified);
+  ``privacy.<name>.epsilon_figures`` (each runtime's section,
+  :data:`~secure_fedora.secure.private.EPSILON_FIGURES`): the plan rows' ``planned_epsilon``
+  is rounded up, the clients' ``epsilon_spent`` exact;
 * ``non_finite_values``, only where a figure was NaN or infinite: the document is strict JSON
   (no ``NaN``/``Infinity``), such a figure is ``null`` and this key maps its JSON Pointer
   (RFC 6901, :func:`~secure_fedora.core.files.json_pointer`) to the value it held

@@ -138,7 +138,7 @@ from secure_fedora.learning.client import DIVERGED_HINT, ClientUpdateError
 from secure_fedora.learning.dp import DPGradient, check_per_sample_gradients  # noqa: F401 (re-exported)
 from secure_fedora.learning.tasks import CROSS_ENTROPY
 
-__all__ = ["ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
+__all__ = ["EPSILON_FIGURES", "ClientPrivacy", "DPGradient", "FederationPrivacy", "StepCountMismatchError",
            "UndeclaredReleaseError", "check_mechanism_tables", "plug_in_mechanism",
            "check_ledgers_present", "client_noise_sources", "create_ledger_dir",
            "create_ledgers_in", "interrupted_ledger_creations",
@@ -1033,6 +1033,12 @@ def pull_warning(rows: Sequence[Mapping[str, Any]]) -> str | None:
             f"{sum(r['lambda_releases'] for r in risks):g} lambda releases are expected to "
             "push a client away from phi, which can make its parameters non-finite and stop "
             "the run; set fedora.max_pull = 1 (post-processing: the privacy cost is unchanged)")
+
+
+#: results.json ``privacy.<method>.epsilon_figures`` (both runtimes): why a plan row's
+#: ``planned_epsilon`` and a client's ``epsilon_spent`` differ where they are "the same".
+EPSILON_FIGURES = ("plan[].planned_epsilon is the plan's epsilon rounded up to 6 decimals "
+                   "(never below it); clients[].epsilon_spent is the exact epsilon spent")
 
 
 def plan_table(cfg: ExperimentConfig, method: str, budgets: Sequence[PrivacyBudget],
@@ -2023,6 +2029,7 @@ class FederationPrivacy:
             "accountant_choice": None if self.accountant_choice is None
             else self.accountant_choice.to_json(),
             "plan": self.plan_rows(),
+            "epsilon_figures": EPSILON_FIGURES,
             "release_stages": self.declared_release_stages(),
             "sample_rate": self.sample_rate,
             "steps_per_round": self.steps,

@@ -1153,3 +1153,28 @@ def test_a_nonce_file_among_the_ledgers_is_one_line_of_the_report(run_copy, tmp_
     assert noted["severity"] == "warning"
     page = html.unescape(paths.html.read_text())
     assert "ledgers/fedora/client-001.nonces.jsonl is a nonce state file" in page
+
+
+def test_the_report_says_the_planned_epsilon_is_rounded_up_and_the_recorded_one_exact(
+        pristine_run, tmp_path):
+    """The report's privacy plan (planned epsilon, rounded up) and its per-client budgets
+    (each ledger's exact epsilon) showed two figures for "the same" spend with nothing saying
+    which is which; the plan now says it, in the page and in report.json."""
+    doc = json.loads((pristine_run / "results.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(pristine_run, run)
+    shutil.copytree(pristine_run.parent / f"{pristine_run.name}-keystore",
+                    tmp_path / "run-keystore")
+    for method, section in doc["privacy"].items():
+        section["plan"] = [{"method": method, "clients": 3, "epsilon_budget": 8.0,
+                            "delta": 1e-5, "noise_multiplier": 1.2, "sample_rate": 0.1,
+                            "steps_per_round": 5, "rounds": 4, "planned_epsilon": 7.5,
+                            "releases": ["dpsgd x20 (q=0.1)"]}]
+    (run / "results.json").write_text(json.dumps(doc, indent=2))
+    reanchor(run)
+    paths = write_report(run, tmp_path / "report")
+    note = json.loads(paths.json.read_text())["privacy_plan"]["note"]
+    assert note.startswith("planned \u03b5 is the plan's epsilon rounded up")
+    assert "the recorded \u03b5 of the per-client budgets is the ledger's exact epsilon" in note
+    assert note in html.unescape(paths.html.read_text())
+    assert "note" not in build_report(pristine_run)["privacy_plan"]  # no plan rows: no note

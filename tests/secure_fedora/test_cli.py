@@ -646,3 +646,19 @@ def test_an_override_key_that_is_no_bare_key_is_named_quoted(tmp_path, capsys):
                       '\n[privacy.overrides.""]\nepsilon = 1.0\n')
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
     assert 'privacy.overrides."": not a client index in [0, 8)' in capsys.readouterr().err
+
+
+def test_the_printed_plan_says_its_planned_epsilon_is_rounded_up_and_the_spend_exact():
+    """The printed plan showed "planned eps" rounded up, and results.json then the exact
+    epsilon_spent: two numbers for "the same" figure. The caption's last line says which is
+    which (the releases line stays first)."""
+    from secure_fedora.cli import PLANNED_EPS_NOTE, privacy_plan_table
+
+    row = {"method": "fedavg", "clients": 4, "epsilon_budget": 3.0, "delta": 1e-5,
+           "noise_multiplier": 1.1, "sample_rate": 0.25, "steps_per_round": 4, "rounds": 3,
+           "planned_epsilon": 2.98341, "releases": ["dpsgd x12 (q=0.25)"]}
+    lines = str(privacy_plan_table([row]).caption).splitlines()
+    assert lines[0] == "releases per client: dpsgd x12 (q=0.25)"
+    assert lines[-1] == PLANNED_EPS_NOTE == (
+        "planned eps: the plan's epsilon rounded up; the epsilon a client spends (results.json"
+        " epsilon_spent, its ledger) is exact")

@@ -2415,6 +2415,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     """``privacy.<name>``: each client's spending as it last reported it (signed), and the
     stages each of its releases passes on its node (every reply signed by its pipeline)."""
     from secure_fedora.secure.private import (
+        EPSILON_FIGURES,
         client_budget,
         noise_assumptions,
         plan_table,
@@ -2454,6 +2455,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
         "accountant": choice.name,
         "accountant_choice": choice.to_json(),
         "plan": table,
+        "epsilon_figures": EPSILON_FIGURES,
         "release_stages": stages,
         "sample_rate": sample_rate_for(cfg),
         "steps_per_round": steps_per_round(cfg),

@@ -987,3 +987,22 @@ def test_the_auto_accountant_rows_state_every_noise_and_release_their_epsilons_a
                 assert e["params"]["noise_multiplier"] == chosen[e["mechanism"]]
     report = verify_run(tmp_path, allowlist=tmp_path / "keys" / "allowlist.json")
     assert report.ok and not [f for f in report.findings if f.check == "accountant_choice"]
+
+
+def test_results_say_the_planned_epsilon_is_rounded_up_and_the_spent_one_exact(tmp_path, clients):
+    """results.json showed privacy.<method>.plan[].planned_epsilon (the plan, rounded up to 6
+    decimals) beside clients[].epsilon_spent (exact) with nothing saying why the two differ;
+    the section now says it (``epsilon_figures``), and the values and keys are unchanged."""
+    from privacy.accounting import round_up
+    from secure_fedora.secure.private import EPSILON_FIGURES
+
+    cfg = dp_config(methods=["local"], training={"rounds": 1})
+    section = Simulation(cfg, tmp_path, clients=clients).run()["privacy"]["local"]
+    assert section["epsilon_figures"] == EPSILON_FIGURES == (
+        "plan[].planned_epsilon is the plan's epsilon rounded up to 6 decimals (never below"
+        " it); clients[].epsilon_spent is the exact epsilon spent")
+    (plan,) = section["plan"]
+    for row in section["clients"]:
+        assert round_up(row["epsilon_spent"]) == plan["planned_epsilon"] != row["epsilon_spent"]
+    assert json.loads((tmp_path / "results.json").read_text())["privacy"]["local"][
+        "epsilon_figures"] == EPSILON_FIGURES

@@ -197,3 +197,20 @@ def test_a_round_reply_whose_ledger_went_back_stops_the_run_with_the_same_check(
                                           r"its round reply of round 1: "):
         _run(tmp_path)
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_privacy_section_says_the_planned_epsilon_is_rounded_up_the_spent_one_exact(
+        tmp_path: Path) -> None:
+    """results.json put the plan's planned_epsilon (rounded up to 6 decimals) beside each
+    client's exact epsilon_spent with nothing saying why "the same" figure differs; the
+    section now says so (``epsilon_figures``, as the in-process runtime's), values unchanged."""
+    from privacy.accounting import round_up
+    from secure_fedora.secure.private import EPSILON_FIGURES
+
+    section = _run(tmp_path)["privacy"]["fedora"]
+    assert section["epsilon_figures"] == EPSILON_FIGURES
+    assert "planned_epsilon is the plan's epsilon rounded up" in EPSILON_FIGURES
+    assert "epsilon_spent is the exact epsilon spent" in EPSILON_FIGURES
+    (plan,) = section["plan"]
+    assert all(round_up(r["epsilon_spent"]) <= plan["planned_epsilon"] for r in section["clients"])
