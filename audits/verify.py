@@ -2740,11 +2740,11 @@ def _nonce_file_findings(ledger_dir: Path) -> list[Finding]:
         for path in sorted(folder.glob("*" + NONCE_FILE_SUFFIX)):
             rel = path.relative_to(ledger_dir.parent).as_posix()
             try:
-                lines, _ = _read_lines(path)
+                lines, torn = _read_lines(path)
             except AuditError as exc:
                 problem: str | None = str(exc)
-            else:
-                problem = nonce_file_problem(lines)
+            else:  # a torn last line is dropped, as the node that wrote it drops it
+                problem = nonce_file_problem(lines[:-1] if torn else lines)
             if problem is None:
                 out.append(Finding(
                     "warning", "nonce_file",

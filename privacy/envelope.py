@@ -502,7 +502,7 @@ def nonce_file_problem(lines: Sequence[str]) -> str | None:
             continue
         try:
             rec = _nonce_record(line)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             return f"line {number} is not a nonce record ({type(exc).__name__}: {exc})"
         extra = sorted(set(rec) - _NONCE_KEYS)
         if extra:

@@ -2531,3 +2531,18 @@ def test_a_stray_file_that_is_not_jsonl_is_not_read_as_a_ledger(run_copy, name, 
     clean = [str(f) for f in verify_run(run_copy).findings]
     (run_copy / "ledgers" / "fedora" / name).write_text(content)
     assert [str(f) for f in verify_run(run_copy).findings] == clean
+
+
+def test_a_nonce_file_with_a_torn_last_line_is_still_a_nonce_file(run_copy):
+    """A node killed while appending to its nonce file leaves a last line without its
+    newline, which the node drops when it reads the file: a copy of it is the same warning,
+    and a line that is no nonce record (here: nested past JSON's recursion limit) an error."""
+    path = run_copy / "ledgers" / "fedora" / "client-001.nonces.jsonl"
+    _real_nonce_file(path)
+    with path.open("a") as fh:
+        fh.write('{"s": "server", "r": 3, "n"')
+    [noted] = [f for f in verify_run(run_copy).findings if f.check == "nonce_file"]
+    assert noted.severity == "warning"
+    path.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    [noted] = [f for f in verify_run(run_copy).findings if f.check == "nonce_file"]
+    assert noted.severity == "error" and "line 1 is not a nonce record" in noted.message
