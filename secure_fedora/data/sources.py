@@ -24,7 +24,7 @@ import hashlib
 import importlib.util
 import math
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -292,10 +292,7 @@ def rotate_images(
 _FINGERPRINT_FIELDS = ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
 
 
-def fingerprint_clients(clients: Iterable[ClientData]) -> str:
-    """SHA-256 hex digest over every client's id and the dtype, shape and bytes of its six
-    tensors, in the given order. Equal digests mean bit-identical federated data; ``meta`` is
-    not hashed (it is derived bookkeeping)."""
+def _legacy_digest(clients: Iterable[ClientData]) -> str:
     digest = hashlib.sha256(b"secure-fedora/clients/v1\n")
     count = 0
     for client in clients:
@@ -313,3 +310,42 @@ def fingerprint_clients(clients: Iterable[ClientData]) -> str:
             digest.update(tensor.numpy().tobytes())
     digest.update(f"clients {count}\n".encode())
     return digest.hexdigest()
+
+
+def fingerprint_client(client: ClientData) -> str:
+    """SHA-256 hex digest of one client: its id and the dtype, shape and bytes of its six
+    tensors (``meta`` is not hashed: it is derived bookkeeping). Equal digests mean
+    bit-identical data for that client; computed where the client's data is."""
+    return _legacy_digest([client])
+
+
+def combine_fingerprints(fingerprints: Sequence[tuple[int, str]]) -> str:
+    """The federation's data fingerprint from each client's :func:`fingerprint_client`, as
+    ``(client id, digest)`` pairs in client order: a SHA-256 over the ids and digests and
+    their count. Whoever holds the per-client digests computes it without the data (a
+    Flower server from what its clients report); raises :class:`DataError` on a digest that
+    is not 64 lowercase hex digits."""
+    digest = hashlib.sha256(b"secure-fedora/clients/v2\n")
+    for client_id, value in fingerprints:
+        if not (isinstance(value, str) and len(value) == 64
+                and all(c in "0123456789abcdef" for c in value)):
+            raise DataError(f"client {client_id}: data fingerprint {value!r} is not a SHA-256 "
+                            "hex digest")
+        digest.update(f"client {int(client_id)} {value}\n".encode())
+    digest.update(f"clients {len(fingerprints)}\n".encode())
+    return digest.hexdigest()
+
+
+def fingerprint_clients(clients: Iterable[ClientData]) -> str:
+    """The data fingerprint of the federation ``clients`` (in the given order): the
+    :func:`combine_fingerprints` of each client's :func:`fingerprint_client`. Equal digests
+    mean bit-identical federated data in the same order; both runtimes record it in
+    results.json (the Flower server from the digests its clients report)."""
+    return combine_fingerprints([(int(c.client_id), fingerprint_client(c)) for c in clients])
+
+
+def legacy_fingerprint_clients(clients: Iterable[ClientData]) -> str:
+    """The data fingerprint checkpoints and sweep cells recorded before
+    :func:`fingerprint_clients` combined per-client digests: one SHA-256 over every client's
+    tensors in order. Read only to accept a resume of such a run on the same data."""
+    return _legacy_digest(clients)

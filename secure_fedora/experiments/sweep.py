@@ -66,7 +66,7 @@ from secure_fedora.core.config import (  # noqa: E402
 from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.core.plugins import derived_config, one_run  # noqa: E402
 from secure_fedora.data.partition import ClientData  # noqa: E402
-from secure_fedora.data.sources import fingerprint_clients  # noqa: E402
+from secure_fedora.data.sources import fingerprint_clients, legacy_fingerprint_clients  # noqa: E402
 from secure_fedora.experiments.sweep_cli import (  # noqa: E402,F401  (the command line's home)
     NON_PRIVATE_WORDS,
     _literal_methods,
@@ -499,11 +499,14 @@ def _entries_problem(entries: dict[str, Any], method: str) -> str | None:
 
 
 def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
-               fingerprint: Callable[[], str]) -> dict[str, Any]:
+               fingerprint: Callable[[], str],
+               legacy_fingerprint: Callable[[], str] | None = None) -> dict[str, Any]:
     """A finished cell's ``cell.json``, refused (SweepError) when unreadable, written for
     another configuration (its config hash is none of ``expected_hashes``) or on other data
     (its data fingerprint is not ``fingerprint()``, the fingerprint of the data the cell would
-    be run on now, computed as the run computes it). A cell on other data is not run again: it
+    be run on now, computed as the run computes it; nor ``legacy_fingerprint()``, that data's
+    fingerprint as cells written before per-client digests were combined recorded it). A cell
+    on other data is not run again: it
     was trained (and, with DP, spent its budget) on the data it records."""
     try:
         doc = json.loads(path.read_text())
@@ -525,7 +528,7 @@ def _read_cell(path: Path, cell: Cell, expected_hashes: Iterable[str],
         )
     current = fingerprint()
     recorded = doc.get("data_fingerprint")
-    if recorded != current:
+    if recorded != current and (legacy_fingerprint is None or recorded != legacy_fingerprint()):
         raise SweepError(
             f"cell {cell.key} in {path.parent} was run on other data (data fingerprint "
             f"{recorded!s:.12} != {current:.12} of the data now): the data changed since the "
@@ -775,7 +778,8 @@ def run_sweep(
         legacy = _legacy_hashes(cfg, cell, configs[cell], legacy_epsilons)
         if marker.exists():
             docs[cell] = _read_cell(marker, cell, [config_hash(configs[cell]), *legacy],
-                                    lambda cell=cell: fingerprint_for(cell))
+                                    lambda cell=cell: fingerprint_for(cell),
+                                    lambda cell=cell: legacy_fingerprint_clients(clients_for(cell)))
         else:
             configs[cell] = _resume_config(out, cell, configs[cell], legacy)
             pending.append(cell)

@@ -185,6 +185,12 @@ FINGERPRINT_UNDER_DP = (
     "results.json only with those who may know which data was used")
 """results.json ``assumptions.data_fingerprint`` of a DP run."""
 
+FLOWER_FINGERPRINT_UNDER_DP = (
+    "data_fingerprint is null: under DP no client sends the server a hash of its data (it "
+    "would let the server confirm a guess of that data, outside the ledgers); each node's "
+    "partition file (state-dir/partitions) holds its own client's SHA-256")
+"""results.json ``assumptions.data_fingerprint`` of a Flower DP run."""
+
 METHODS_COMPARED = (
     "each method is a separate experiment on the same clients' data: its epsilon holds for its "
     "own releases alone; deploying several of them against one server composes their budgets")

@@ -103,6 +103,7 @@ from secure_fedora.core.config import ExperimentConfig, model_selection
 from secure_fedora.core.crashpoints import InjectedCrash
 from secure_fedora.core.files import remove_interrupted_writes
 from secure_fedora.data.partition import ClientData
+from secure_fedora.data.sources import fingerprint_client
 from secure_fedora.learning.client import evaluate, name_resume_command
 from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
@@ -1008,7 +1009,10 @@ def hello(message: Message, context: Context) -> Message:
     client's error texts are (``client-errors``), so that the run's results and a stop at
     first contact can say it per client. An accepted reply states the device this client
     resolved (``device``: ``[training] device``, "auto" resolved on this node) and the torch
-    thread count it runs on (``threads``), which results.json's ``compute`` records."""
+    thread count it runs on (``threads``), which results.json's ``compute`` records; without
+    DP it also states its data's SHA-256 (``data-fingerprint``,
+    :func:`~secure_fedora.data.sources.fingerprint_client`), of which the server makes
+    results.json's ``data_fingerprint``; under DP it states none."""
     started = time.time()
     # the reply carries the hello's epoch (its envelope round): the server accepts no other
     settings, node, security, request = _open_request(message, context, HELLO_SCOPE)
@@ -1041,6 +1045,11 @@ def hello(message: Message, context: Context) -> Message:
         "client-errors": _client_errors_mode(context),
         "device": device.type, "threads": torch.get_num_threads(),
     }
+    if not settings.experiment.privacy.enabled:
+        # without DP the server records the data fingerprint (results.json) from these;
+        # under DP a hash of the data would let the server confirm a guess of it, outside
+        # the ledgers, so none is sent
+        info["data-fingerprint"] = fingerprint_client(client)
     for key in ("rotation_degrees", "group", "classes"):
         value = client.meta.get(key)
         if isinstance(value, bool | int | float | str) or (

@@ -122,6 +122,7 @@ from secure_fedora.algorithms.contract import (
 from secure_fedora.core.config import MAX_THREADS, ExperimentConfig, model_selection
 from secure_fedora.core.crashpoints import crash_point
 from secure_fedora.core.files import strict_json
+from secure_fedora.data.sources import combine_fingerprints
 from secure_fedora.learning.client import PULL_DIVERGED, PULL_RESUME_HINT
 from secure_fedora.learning.client import PULL_RESUME_COMMAND as IN_PROCESS_RESUME
 from secure_fedora.learning.models import model_fingerprint
@@ -456,6 +457,9 @@ class _Server:
     # a resume from a checkpoint that did not record ``client_compute`` (an older ServerApp's):
     # what the clients stated before it is unknown
     compute_before_resume_unknown: bool = False
+    # without DP, each client's data fingerprint as its hello reply states it (results.json's
+    # data_fingerprint combines them); a later statement must be the same
+    data_fingerprints: dict[int, str] = field(default_factory=dict)
     schema: DataSchema | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
@@ -1360,10 +1364,17 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
     the server cannot tell. So does one without ``device`` and ``threads`` (results.json
     states the compute the clients stated, never a guess); each accepted reply's pair is
     recorded in ``server.client_compute``, and a client stating another pair than before (a
-    node that took it over mid-run) is an event."""
+    node that took it over mid-run) is an event. Without DP each reply states its data's
+    SHA-256 (``data-fingerprint``; one without it stops the run as outdated); a client stating
+    another than before in the run (this first contact or one before a resume) stops it, its
+    data having changed. Under DP a reply that states one is malformed: the client must not
+    send a hash of its data to this server."""
+    dp = server.cfg.privacy.enabled
     refused: dict[int, str] = {}
     outdated: list[int] = []
     outdated_compute: list[int] = []
+    outdated_fingerprint: list[int] = []
+    changed: dict[int, tuple[str, str]] = {}
     for cid, (reply, env) in sorted(replies.items()):
         if "refusal" in reply.content:
             record = reply.content["refusal"]
@@ -1387,6 +1398,9 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
         if isinstance(info, ConfigRecord) and not {"device", "threads"} <= set(info.keys()):
             outdated_compute.append(cid)
             continue
+        if isinstance(info, ConfigRecord) and not dp and "data-fingerprint" not in info:
+            outdated_fingerprint.append(cid)
+            continue
         try:
             shape = info["input-shape"]
             if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
@@ -1403,10 +1417,22 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             problem = _compute_problem(device, threads)
             if problem is not None:
                 raise ValueError(problem)
+            fingerprint = None
+            if dp and "data-fingerprint" in info:
+                raise ValueError("data-fingerprint under DP (a hash of the client's data, "
+                                 "which it must not send)")
+            if not dp:
+                fingerprint = info["data-fingerprint"]
+                combine_fingerprints([(cid, fingerprint)])  # a SHA-256 hex digest, or DataError
         except (KeyError, TypeError, ValueError) as err:
             server.reject(0, cid, server.node_of_client.get(cid),
                           _malformed(env, f"hello reply malformed ({err})"), "not identified")
             continue
+        if fingerprint is not None:
+            before = server.data_fingerprints.setdefault(cid, fingerprint)
+            if before != fingerprint:
+                changed[cid] = (before, fingerprint)
+                continue
         schemas[cid] = schema
         server.sizes[cid] = sizes
         server.client_errors[cid] = str(errors)
@@ -1437,6 +1463,22 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             f"contact without device and threads: {_OUTDATED_COMPUTE}. Update secure-fedora on "
             "those SuperNodes and start the run again; the run stops before any method message "
             "or release")
+    if outdated_fingerprint:
+        raise DeployError(
+            f"clients {outdated_fingerprint} (nodes "
+            f"{[server.node_of_client.get(c) for c in outdated_fingerprint]}) answered the "
+            "first contact without data-fingerprint: a ClientApp older than this server's "
+            "protocol (results.json cannot state the data fingerprint). Update secure-fedora on "
+            "those SuperNodes and start the run again; the run stops before any further message")
+    if changed:
+        first = min(changed)
+        before, now = changed[first]
+        raise DeployError(
+            f"client {first} (node {server.node_of_client.get(first)}) reports other data than "
+            f"before in this run (data fingerprint {now:.12} != {before:.12})"
+            + (f" (clients {sorted(set(changed) - {first})} too)" if len(changed) > 1 else "")
+            + ": its data changed, so the run cannot continue on it; restore that data, or "
+            "start a new run")
 
 
 def _compute_text(stated: Mapping[str, Any]) -> str:
@@ -2078,6 +2120,7 @@ def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
         "client_errors": dict(server.client_errors),
         "client_compute": {c: [dict(s) for s in v] for c, v in server.client_compute.items()},
         "compute_before_resume_unknown": server.compute_before_resume_unknown,
+        "data_fingerprints": dict(server.data_fingerprints),
         "events": server.events,
         "rejections": server.rejections,
         "privacy": server.privacy,
@@ -2107,6 +2150,9 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
     server.client_compute = {c: [dict(s) for s in stated] for c, stated in (compute or {}).items()}
     server.compute_before_resume_unknown = compute is None or bool(
         state.get("compute_before_resume_unknown", False))
+    # what the clients' hellos stated before (absent: an older checkpoint, nothing to compare)
+    server.data_fingerprints = {int(c): str(v) for c, v in
+                                state.get("data_fingerprints", {}).items()}
     server.events = list(state["events"])
     server.rejections = list(state["rejections"])
     server.privacy = {name: dict(rows) for name, rows in state["privacy"].items()}
@@ -2483,6 +2529,7 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     checkpointed round."""
     from secure_fedora.runtimes.plots import write_plots
     from secure_fedora.runtimes.results import (
+        FLOWER_FINGERPRINT_UNDER_DP,
         TIMING_UNDER_DP,
         build_results,
         check_method_assumptions,
@@ -2585,11 +2632,14 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
             "remembered on disk"
         ),
         "data": "the server holds no client data; clients report split sizes and the data "
-                "schema at first contact",
+                "schema at first contact" + (
+                    "" if cfg.privacy.enabled else ", and each its data's SHA-256, of which "
+                    "data_fingerprint is made"),
         "evaluation_reports": evaluation_reports_statement(outcomes),
     }
     if cfg.privacy.enabled:
         assumptions["timing"] = TIMING_UNDER_DP["flower"]
+        assumptions["data_fingerprint"] = FLOWER_FINGERPRINT_UNDER_DP
     if cfg.privacy.enabled and len(cfg.methods) > 1:  # allowed only with compare-methods
         assumptions["methods_on_one_server"] = (
             "a comparison deployment (compare-methods): the server received every method's "
@@ -2606,6 +2656,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         privacy={name: _privacy_section(server, name) for name in cfg.methods}
         if cfg.privacy.enabled else None,
         clients=client_rows([server.sizes[c] for c in range(n)]),
+        data_fingerprint=None if cfg.privacy.enabled else combine_fingerprints(
+            [(c, server.data_fingerprints[c]) for c in range(n)]),
         compute=_compute_statement(server.client_compute, n,
                                    server.compute_before_resume_unknown),
         assumptions=assumptions,

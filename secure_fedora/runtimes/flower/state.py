@@ -62,7 +62,7 @@ from torch import Tensor
 from privacy.durable import fsync_dir, move_tail_aside, write_all_and_fsync
 from privacy.errors import ToolkitError
 from secure_fedora.data.partition import ClientData
-from secure_fedora.data.sources import fingerprint_clients
+from secure_fedora.data.sources import fingerprint_client
 from secure_fedora.runtimes.inprocess import CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = [
@@ -89,7 +89,7 @@ def save_partition(path: Path, client: ClientData, data_digest: str) -> None:
         "format": _PARTITION_FORMAT,
         "client_id": int(client.client_id),
         "data_digest": data_digest,
-        "fingerprint": fingerprint_clients([client]),
+        "fingerprint": fingerprint_client(client),
         "meta": json.dumps(client.meta, sort_keys=True, default=str),
         "tensors": {
             name: getattr(client, name)
@@ -126,7 +126,7 @@ def load_partition(path: Path, client_id: int, data_digest: str) -> ClientData:
         client = ClientData(client_id=client_id, meta=meta, **state["tensors"])
     except Exception as err:  # DataError or a wrong field set
         raise NodeStateError(f"{path} holds malformed tensors: {err}") from None
-    if fingerprint_clients([client]) != state.get("fingerprint"):
+    if fingerprint_client(client) != state.get("fingerprint"):
         raise NodeStateError(f"{path}: tensors do not match their recorded fingerprint")
     return client
 

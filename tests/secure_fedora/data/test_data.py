@@ -288,6 +288,21 @@ def test_fingerprint_detects_any_change() -> None:
     assert fingerprint_clients(clients[:1]) != base
 
 
+def test_fingerprint_is_made_from_per_client_digests_without_the_data() -> None:
+    from secure_fedora.data.sources import combine_fingerprints, fingerprint_client
+
+    clients = [make_client(0, 0.1), make_client(1, 0.2)]
+    digests = [(0, fingerprint_client(clients[0])), (1, fingerprint_client(clients[1]))]
+    assert combine_fingerprints(digests) == fingerprint_clients(clients)
+    assert combine_fingerprints(digests[::-1]) != fingerprint_clients(clients)
+    assert combine_fingerprints([(0, digests[1][1]), (1, digests[0][1])]) != \
+        fingerprint_clients(clients)
+    with pytest.raises(DataError, match="client 1: data fingerprint 'ABC' is not a SHA-256"):
+        combine_fingerprints([digests[0], (1, "ABC")])
+    with pytest.raises(DataError, match="is not a SHA-256"):
+        combine_fingerprints([(0, digests[0][1].upper())])
+
+
 def test_fingerprint_rejects_non_tensor_fields() -> None:
     client = make_client(3, 0.0)
     client.train_x = [[0.0]]  # type: ignore[assignment]

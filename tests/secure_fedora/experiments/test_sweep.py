@@ -636,6 +636,30 @@ def test_a_finished_cell_on_other_data_is_refused_not_mixed(tmp_path, monkeypatc
     assert cell.read_text() == before
 
 
+def test_a_cell_with_the_earlier_single_hash_data_fingerprint_is_reused_on_the_same_data(
+        tmp_path, monkeypatch):
+    """A cell written when the data fingerprint was one hash over all clients' tensors (before
+    it combined per-client digests) is reused on the same data, not refused as other data."""
+    from secure_fedora.data.sources import legacy_fingerprint_clients
+
+    path = _plugin_project(tmp_path, "sweep_plugin_legacy_fp", "changing")
+    (path.parent / "sweep_plugin_legacy_fp.py").write_text(CHANGING)
+    cfg = load_config(path)
+    monkeypatch.setenv("SWEEP_DATA_VERSION", "0")
+    run_sweep(cfg, tmp_path / "sweep", ["local"], [0])
+    cell = tmp_path / "sweep/cells/local/eps-none/seed-0/cell.json"
+    doc = json.loads(cell.read_text())
+    legacy = legacy_fingerprint_clients(build_clients(cell_config(cfg, Cell("local", None, 0))))
+    assert doc["data_fingerprint"] != legacy
+    doc["data_fingerprint"] = legacy
+    cell.write_text(json.dumps(doc))
+    again = run_sweep(cfg, tmp_path / "sweep", ["local"], [0])
+    assert again.skipped == ["local/eps-none/seed-0"] and again.ran == []
+    monkeypatch.setenv("SWEEP_DATA_VERSION", "1")
+    with pytest.raises(SweepError, match="local/eps-none/seed-0 .* was run on other data"):
+        run_sweep(cfg, tmp_path / "sweep", ["local"], [0])
+
+
 def test_a_non_private_cell_does_not_depend_on_the_configs_epsilon(tmp_path):
     """A non-private cell kept [privacy] epsilon in its config hash: changing only that
     epsilon refused the finished non-private cells ("another configuration"), although the

@@ -1497,3 +1497,43 @@ def test_results_state_the_exact_epsilon_spent_as_flower_does(tmp_path):
         assert row["epsilon_spent"] == spent == anchored[f"local/{row['client']}"]["epsilon_spent"]
     assert [r["epsilon_spent"] for r in results["privacy"]["local"]["clients"]] == \
         [r["epsilon_spent"] for r in on_disk]
+
+
+def test_a_checkpoint_with_the_earlier_single_hash_data_fingerprint_resumes_on_the_same_data(
+        tmp_path):
+    """The data fingerprint combines per-client digests (so a Flower server can make it from
+    what its clients report); a checkpoint written when it was one hash over all clients'
+    tensors resumes on the same data, and is still refused on other data."""
+    import numpy as np
+
+    from secure_fedora.api import Experiment
+    from secure_fedora.data.sources import fingerprint_clients, legacy_fingerprint_clients
+    from secure_fedora.runtimes.inprocess import build_clients, load_checkpoint, save_checkpoint
+    from tests.secure_fedora.core.crash_support import crashes_at
+
+    def seeded(seed, shift=0.0):
+        rng = np.random.default_rng(seed)
+        x = rng.normal(size=(60, 4)).astype(np.float32) + np.float32(shift)
+        y = (x[:, 0] > shift).astype(np.int64)
+        return {"x_train": x[:40], "y_train": y[:40], "x_test": x[40:], "y_test": y[40:]}
+
+    config = {"methods": ["local"], "training": {"rounds": 2, "batch_size": 8, "checkpoint_every": 1},
+              "data": {"partition": "iid", "num_clients": 2, "train_per_client": 12,
+                       "val_per_client": 4, "test_per_client": 5}}
+    run_dir = tmp_path / "run"
+    with crashes_at("checkpoint_written"):
+        Experiment(config, data=seeded(0), run_dir=run_dir).run()
+    path = run_dir / "checkpoints" / "local.pt"
+    state = load_checkpoint(path)
+    clients = build_clients(Experiment(config, data=seeded(0), run_dir=tmp_path / "x").config,
+                            seeded(0))
+    assert state["data_fingerprint"] == fingerprint_clients(clients)
+    state["data_fingerprint"] = legacy_fingerprint_clients(clients)
+    assert state["data_fingerprint"] != fingerprint_clients(clients)
+    save_checkpoint(path, state)
+    kept = path.read_bytes()
+    with pytest.raises(CheckpointError, match="another data fingerprint"):
+        Experiment(config, data=seeded(0, shift=0.5), run_dir=run_dir).run(resume=True)
+    assert path.read_bytes() == kept
+    results = Experiment(config, data=seeded(0), run_dir=run_dir).run(resume=True)
+    assert results["data_fingerprint"] == fingerprint_clients(clients)
