@@ -107,6 +107,8 @@ __all__ = [
     "array_record_to_tensor",
     "check_apps_know_entries",
     "client_error_text",
+    "deterministic_class",
+    "deterministic_client_error",
     "pull_diverged",
     "reports_pull_divergence",
     "effective_client_errors",
@@ -228,15 +230,22 @@ def client_error_text(err: BaseException, mode: str) -> str:
     validation the noised, accounted one), which the server needs to stop the run; and, as the
     training error names the pull only then, that the loss and its gradient at the start of
     that training were finite on the client's first training examples (else it names their
-    scale, and the text is the plain withheld one)."""
+    scale, and the text is the plain withheld one). In either mode the class names are
+    followed by a fixed verdict tag where the error's own class name alone would misstate
+    whether asking again can pass (:func:`deterministic_class`): ``[refuses again: <class>]``
+    (one of :data:`DETERMINISTIC_CLIENT_ERRORS`) for an error of a subclass of one of them or
+    wrapping one (a plug-in's), ``[may pass if asked again]`` for one of them that wraps a
+    transient error (:data:`TRANSIENT_CLIENT_ERRORS`)."""
     from secure_fedora.learning.client import PULL_DIVERGED
 
     name = type(err).__name__
+    tag = _verdict_tag(err)
     if mode == "full":
-        return f"{name}: {err}"
+        return f"{name}{tag}: {err}"
     cause = err.__cause__
     if cause is not None:
         name += f" (from {type(cause).__name__})"
+    name += tag
     if pull_diverged(err):
         return f"{name} ({PULL_DIVERGED}; {WITHHELD_DETAILS})"
     return f"{name} ({WITHHELD_DETAILS})"
@@ -269,18 +278,86 @@ def reports_pull_divergence(text: str) -> bool:
 DETERMINISTIC_CLIENT_ERRORS = frozenset({"DataError", "RelatednessError", "ConfigError",
                                          "ModelError"})
 
-_ERROR_TEXT = re.compile(r"(?:-?\d+: )?(([A-Za-z_]\w*)(?:: | \(|$).*)", re.DOTALL)
+#: What makes a client error one that asking again may pass, wherever it is in the error's
+#: cause chain: the node's files or network (OSError: a timeout, a lost connection, a file
+#: not there yet) or its memory.
+TRANSIENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, MemoryError)
+
+#: The verdict tags :func:`client_error_text` adds after the class names.
+_REFUSES_AGAIN = "refuses again: "
+_MAY_PASS = "may pass if asked again"
+
+_ERROR_TEXT = re.compile(
+    r"(?:-?\d+: )?(([A-Za-z_]\w*)(?: \(from [A-Za-z_]\w*\))?"
+    rf"(?: \[(?:{_REFUSES_AGAIN}([A-Za-z_]\w*)|({_MAY_PASS}))\])?(?:: | \(|$).*)", re.DOTALL)
+
+
+def _deterministic_classes() -> dict[str, type[BaseException]]:
+    from secure_fedora.algorithms.fedora import RelatednessError
+    from secure_fedora.core.config import ConfigError
+    from secure_fedora.data.sources import DataError
+    from secure_fedora.learning.models import ModelError
+
+    classes = {"DataError": DataError, "RelatednessError": RelatednessError,
+               "ConfigError": ConfigError, "ModelError": ModelError}
+    assert set(classes) == DETERMINISTIC_CLIENT_ERRORS
+    return classes
+
+
+def _transient(err: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    return isinstance(err, TRANSIENT_CLIENT_ERRORS) or (oom is not None and isinstance(err, oom))
+
+
+def deterministic_class(err: BaseException) -> str | None:
+    """Which of :data:`DETERMINISTIC_CLIENT_ERRORS` makes ``err`` an error the same message
+    raises again on every try, following its cause chain (``raise ... from``): the first
+    error in it that is an instance of one of those classes (a subclass, e.g. a plug-in's own
+    ``DataError``, or one a wrapper such as ``ClientHalfError`` or ``PluginError`` carries as
+    its cause) names it. ``None`` when none is, or when any error in the chain is transient
+    (:data:`TRANSIENT_CLIENT_ERRORS`, or torch's out-of-memory error): a ``ConfigError`` that
+    reports a plug-in's timeout may pass if asked again."""
+    classes = _deterministic_classes()
+    chain: list[BaseException] = []
+    current: BaseException | None = err
+    while current is not None and all(current is not e for e in chain) and len(chain) < 64:
+        chain.append(current)
+        current = current.__cause__
+    if any(_transient(e) for e in chain):
+        return None
+    for e in chain:
+        for name, cls in classes.items():
+            if isinstance(e, cls):
+                return name
+    return None
+
+
+def _verdict_tag(err: BaseException) -> str:
+    """The verdict tag of ``err``'s text: empty where its own class name tells it."""
+    verdict = deterministic_class(err)
+    own = type(err).__name__ in DETERMINISTIC_CLIENT_ERRORS
+    if verdict is not None and not own:
+        return f" [{_REFUSES_AGAIN}{verdict}]"
+    if verdict is None and own:
+        return f" [{_MAY_PASS}]"
+    return ""
 
 
 def deterministic_client_error(reason: str) -> str | None:
     """The client's error text (:func:`client_error_text`, in either mode) of an error reply's
     ``reason`` as the server's exchange records it (``"<code>: <text>"``, or the text alone),
-    when the text's leading class name (the error's own class, not a wrapped cause) is one of
-    :data:`DETERMINISTIC_CLIENT_ERRORS`; ``None`` otherwise (asking again may succeed)."""
+    when the client's verdict (:func:`deterministic_class`) is that the same message raises it
+    again: its verdict tag ``[refuses again: <class>]`` names one of
+    :data:`DETERMINISTIC_CLIENT_ERRORS`, or, without a tag, its leading class name (the
+    error's own) is one of them. ``None`` otherwise (asking again may succeed), also for the
+    tag ``[may pass if asked again]``."""
     found = _ERROR_TEXT.fullmatch(reason.strip())
-    if found is None or found.group(2) not in DETERMINISTIC_CLIENT_ERRORS:
+    if found is None or found.group(4) is not None:
         return None
-    return found.group(1)
+    named = found.group(3) if found.group(3) is not None else found.group(2)
+    return found.group(1) if named in DETERMINISTIC_CLIENT_ERRORS else None
 
 
 def check_supported(cfg: ExperimentConfig, reproducible_dp_noise: bool = False,

@@ -560,3 +560,122 @@ def test_an_encrypted_summary_refusal_stops_the_run_at_once(
     assert "asked again of clients" not in capsys.readouterr().out
     assert "timeouts" not in str(err.value) and RANK_FACT not in str(err.value)
     assert RANK_FACT in _client_log(tmp_path, 1)
+
+
+class _PluginDataError(DataError):
+    """A plug-in's own data error (a subclass of the toolkit's)."""
+
+
+def _wrapped_data_error() -> BaseException:
+    try:
+        try:
+            raise _PluginDataError("rows of client 1 are bad")
+        except _PluginDataError as inner:
+            raise RuntimeError("plug-in dataset failed") from inner
+    except RuntimeError as outer:
+        err = ClientHalfError("method 'fedora': client 1's client_setup failed")
+        err.__cause__ = outer
+        return err
+
+
+def _config_error_from_timeout() -> BaseException:
+    from secure_fedora.core.config import ConfigError
+
+    err = ConfigError("privacy: mechanism 'x': its record_params raised TimeoutError")
+    err.__cause__ = TimeoutError("server did not answer")
+    return err
+
+
+def _plug_in_error_from_os_error() -> BaseException:
+    from secure_fedora.core.plugins import PluginError
+
+    err = PluginError("method 'x': its assumptions(cfg) raised OSError")
+    err.__cause__ = OSError("disk not mounted")
+    return err
+
+
+@pytest.mark.parametrize("make, verdict", [
+    (lambda: DataError("labels 0..17"), "DataError"),
+    (lambda: _PluginDataError("bad"), "DataError"),
+    (_wrapped_data_error, "DataError"),
+    (_config_error_from_timeout, None),
+    (_plug_in_error_from_os_error, None),
+    (lambda: RuntimeError("DataError: a message that only names the class"), None),
+    (lambda: MemoryError(), None),
+])
+@pytest.mark.parametrize("mode", ["withheld", "full"])
+def test_the_server_follows_the_clients_verdict_through_wrapped_errors(
+        make: Any, verdict: str | None, mode: str) -> None:
+    """A plug-in's error of a subclass of DataError, RelatednessError, ConfigError or
+    ModelError, or one wrapping such an error (a ClientHalfError around it), was asked again
+    as if it might pass, its class name not being one of those; one of those classes wrapping
+    a timeout or an OSError must still be asked again. The client's text now carries its
+    verdict where the class name alone would misstate it, and the server follows it."""
+    from secure_fedora.runtimes.flower.protocol import (
+        client_error_text,
+        deterministic_class,
+        deterministic_client_error,
+    )
+
+    err = make()
+    assert deterministic_class(err) == verdict
+    text = client_error_text(err, mode)
+    assert (deterministic_client_error(f"2: {text}") is not None) == (verdict is not None)
+    assert (deterministic_client_error(text) == text) == (verdict is not None)
+    if mode == "full":
+        assert str(err) in text  # the message is sent whole after the class name and tag
+
+
+def test_a_text_without_a_verdict_tag_is_judged_by_its_class_name() -> None:
+    """What an older ClientApp sends (no tag): its leading class name decides, as before."""
+    from secure_fedora.runtimes.flower.protocol import deterministic_client_error
+
+    assert deterministic_client_error("2: DataError: found 0..17") == "DataError: found 0..17"
+    assert deterministic_client_error(f"RelatednessError ({WITHHELD})") is not None
+    assert deterministic_client_error("2: ClientHalfError (from DataError) (x)") is None
+    assert deterministic_client_error("2: ConfigError [may pass if asked again]: t") is None
+    assert deterministic_client_error("2: PluginError [refuses again: OSError]: t") is None
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("error", ["wrapped", "transient"])
+def test_a_plug_in_error_wrapping_a_data_error_stops_the_run_at_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        error: str) -> None:
+    """Client 1's FEDORA setup raises (once) a RuntimeError from a plug-in's DataError
+    subclass: the run stops at once, not asking again; a ConfigError from a TimeoutError is
+    asked again, and the run goes on."""
+    from secure_fedora.algorithms.methods import Fedora
+
+    real = Fedora.client_setup
+    left = {"fails": 1}
+
+    def client_setup(self: Fedora, i: int, message: Any) -> Any:
+        if i == 1 and left["fails"] > 0:
+            left["fails"] -= 1
+            if error == "wrapped":
+                try:
+                    raise _PluginDataError("rows of client 1 are bad")
+                except _PluginDataError as inner:
+                    raise RuntimeError("plug-in dataset failed") from inner
+            raise _config_error_from_timeout()
+        return real(self, i, message)
+
+    monkeypatch.setattr(Fedora, "client_setup", client_setup)
+    cfg = parse_config(json.loads(json.dumps(TINY)))
+    result_dir = tmp_path / "res"
+    result_dir.mkdir()
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    if error == "transient":
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+        assert "setup sent again to clients [1]" in capsys.readouterr().out
+        assert (result_dir / "results.json").exists()
+        return
+    with pytest.raises(DeployError, match=r"^fedora: client 1 \(node 1001\) refused its setup "
+                       r"reply: ClientHalfError \(from RuntimeError\) \[refuses again: "
+                       r"DataError\] \(details withheld; see the client's own log\).*asked "
+                       r"again it would refuse again"):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert "sent again" not in capsys.readouterr().out
+    assert not (result_dir / "results.json").exists()
