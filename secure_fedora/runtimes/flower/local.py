@@ -1240,8 +1240,16 @@ def _resumed_run(work: Path, cfg: ExperimentConfig
     results = work / "results"
     path = results / SERVER_CHECKPOINT
     if not path.is_file():
-        raise ResumeRefused(f"--resume: {path} does not exist, so {work} holds no run to resume "
-                            "(start one without --resume, in a new workdir)")
+        missing = f"--resume: {path} does not exist, so {work} holds no run to resume"
+        try:  # what a new run in this workdir is refused for (releases or results on record)
+            _refuse_used_workdir(work)
+        except DeployError as err:
+            raise ResumeRefused(f"{missing}, and a new run cannot start there either: {err}; "
+                                "nothing was written") from None
+        # e.g. a deployment killed before the ServerApp's first checkpoint: nothing released
+        raise ResumeRefused(f"{missing} (no run there reached its first checkpoint or released "
+                            "anything): run the same command without --resume, which starts "
+                            "the run anew in this workdir; nothing was written")
     try:
         binding = checkpoint_binding(path)
     except CheckpointError as err:

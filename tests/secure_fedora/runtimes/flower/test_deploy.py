@@ -1630,3 +1630,41 @@ def test_deploy_local_refuses_privacy_overrides_without_privacy(
         deploy_local(parse_config(doc), 3, work, max_in_flight=0, resume=True)
     assert [r for r in caplog.records if "privacy.overrides (\"-1\") is unused" in r.getMessage()]
     assert not work.exists()
+
+
+def test_resume_of_a_deployment_killed_at_start_up_names_what_works(tmp_path: Path) -> None:
+    """`deploy local` killed (SIGKILL) before the ServerApp's first checkpoint leaves a
+    workdir with the parties' files but no checkpoint and no release. `--resume` there was
+    refused saying to start the run "in a new workdir", while a plain `deploy local` in the
+    same workdir is accepted: the refusal now says that. Where releases are on record, a
+    plain run is refused too, and the refusal says so and to use a new workdir."""
+    from secure_fedora.runtimes.flower.local import _checked_deployment
+
+    work = tmp_path / "w"
+    for part in ("identities/server", "certs", "results", "nodes/node-0/partitions"):
+        (work / part).mkdir(parents=True)
+    (work / "nodes/node-0/partitions/0123456789abcdef.pt").write_bytes(b"partition")
+    (work / "run.toml").write_text("experiment = '{}'\n")
+    before = file_tree(tmp_path)
+
+    def check(resume: bool) -> Any:
+        return _checked_deployment(tiny_config(), 3, work, reproducible_dp_noise=False,
+                                   key_holder=0, max_in_flight=0, compare_methods=False,
+                                   full_client_errors=(), resume=resume)
+
+    with pytest.raises(server_app.ResumeRefused) as refused:
+        check(resume=True)
+    text = str(refused.value)
+    assert "holds no run to resume" in text and "new workdir" not in text
+    assert "run the same command without --resume" in text
+    assert check(resume=False)[1] == work  # what the refusal says to do is accepted
+    assert file_tree(tmp_path) == before
+    journal = work / "nodes/node-0/runs/7/releases.jsonl"
+    journal.parent.mkdir(parents=True)
+    journal.write_text('{"release": 1}\n')
+    with pytest.raises(server_app.ResumeRefused, match=r"holds no run to resume, and a new "
+                       r"run cannot start there either: .*releases of run\(s\) 7.*use a new "
+                       r"workdir"):
+        check(resume=True)
+    with pytest.raises(DeployError, match="use a new workdir"):
+        check(resume=False)
