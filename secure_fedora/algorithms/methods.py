@@ -1763,7 +1763,8 @@ class Fedora(FedoraChecks, FederatedMethod):
         """``fedora.q`` at most the summary width (input features + classes: the columns of
         every client's summary rows) and, where a summary is the plain SVD of a client's
         training rows (``relatedness`` without "noised"), at most every client's number of
-        training rows."""
+        training rows. ``q`` equal to the width with ``k < N - 1`` runs, with a warning: every
+        summary is then the whole space, so the top-k neighbours are a tie-break."""
         q = cfg.fedora.q
         width = facts.input_size + facts.num_classes
         if q > width:
@@ -1779,6 +1780,17 @@ class Fedora(FedoraChecks, FederatedMethod):
                     f"fedora.q = {q} is above client {client}'s {fewest} training rows (fedora."
                     f"relatedness {cfg.fedora.relatedness!r} takes a summary's directions from "
                     f"them); use fedora.q <= {fewest}")
+        n = len(facts.train_sizes) or cfg.data.num_clients
+        if q == width and cfg.fedora.k < n - 1:
+            # Every summary then spans all of R^width: each cosine sum is width, every
+            # similarity ties, and the top-k cut falls inside the tie.
+            log.warning(
+                "fedora.q = %d equals the summary width %d (%d input features + %d classes): "
+                "every client's summary spans the whole space, so all similarities are equal "
+                "and each client's fedora.k = %d neighbours among the other %d are picked by "
+                "tie-breaking (or rounding), not by its data; use fedora.q < %d, or fedora.k "
+                "= %d to keep every other client", q, width, facts.input_size,
+                facts.num_classes, cfg.fedora.k, n - 1, width, n - 1)
 
     @classmethod
     def distributed_unsupported(cls, cfg: Any) -> str | None:

@@ -1209,7 +1209,8 @@ class Simulation:
         if resume:
             self._bind_resume()
         cfg = self.cfg
-        if data_checked([name]):
+        # check_data() already asked every configured method (its warnings said once)
+        if data_checked([name]) and not (self._data_checked and name in cfg.methods):
             check_data_facts([name], cfg, data_facts(self.clients))
         ctx = self.context_factory(cfg, self.clients)
         check_model_sizes([name], cfg, ctx.flat.num_params, ctx.init.dtype)

@@ -628,6 +628,55 @@ def test_fedora_q_is_checked_against_the_data_facts(relatedness, q, train, messa
             check_data_facts(["fedora"], cfg, _facts(train))
 
 
+@pytest.mark.parametrize("q, k, train, warned", [
+    (10, 1, (40, 40, 40), True),  # q = width 10: every summary is all of R^10
+    (10, 2, (40, 40, 40), False),  # k = N - 1 keeps every other client: no tie to break
+    (9, 1, (40, 40, 40), False),
+    (10, 2, (40, 40, 40, 40), True),
+])
+def test_fedora_q_at_the_summary_width_warns_that_the_graph_is_a_tie_break(caplog, q, k, train,
+                                                                          warned):
+    """With fedora.q equal to the summary width every client's summary spans the whole space:
+    all similarities are equal, so with k < N - 1 the neighbours are picked by tie-breaking,
+    not by the data. The run goes on (the graph is still a valid top-k graph) but says so."""
+    from secure_fedora.algorithms.contract import check_data_facts
+
+    cfg = _config("fedora", dp=False, fedora={"q": q, "k": k})
+    with caplog.at_level("WARNING", logger="secure_fedora.algorithms.methods"):
+        check_data_facts(["fedora"], cfg, _facts(train))
+    hits = [r.getMessage() for r in caplog.records if "equals the summary width" in r.getMessage()]
+    if warned:
+        assert hits == [f"fedora.q = 10 equals the summary width 10 (6 input features + 4 "
+                        f"classes): every client's summary spans the whole space, so all "
+                        f"similarities are equal and each client's fedora.k = {k} neighbours "
+                        f"among the other {len(train) - 1} are picked by tie-breaking (or "
+                        f"rounding), not by its data; use fedora.q < 10, or fedora.k = "
+                        f"{len(train) - 1} to keep every other client"]
+    else:
+        assert hits == []
+
+
+def test_fedora_q_at_the_summary_width_runs_and_warns_once(tmp_path, caplog):
+    """A run with fedora.q at the summary width (2 features + 2 classes) and k < N - 1 trains
+    and says once that its neighbours are a tie-break (its data checks run once per run)."""
+    from secure_fedora.api import Experiment
+
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(n, 2, generator=gen), torch.arange(n) % 2
+
+    data = [{"train": split(8), "val": split(4), "test": split(4)} for _ in range(3)]
+    cfg = {"methods": ["fedora", "local"], "fedora": {"q": 4, "k": 1},
+           "data": {"num_clients": 3},
+           "training": {"rounds": 1, "local_epochs": 1, "batch_size": 4}}
+    with caplog.at_level("WARNING", logger="secure_fedora.algorithms.methods"):
+        results = Experiment(cfg, data=data, run_dir=tmp_path / "run").run()
+    hits = [r for r in caplog.records if "equals the summary width 4" in r.getMessage()]
+    assert len(hits) == 1
+    assert [len(n) for n in results["methods"]["fedora"]["extra"]["graph_neighbours"]] == [1] * 3
+
+
 def test_a_plug_in_refusing_the_data_is_refused_before_anything_is_written(tmp_path, register):
     """A method's check_data hook is asked with the data's facts before any method runs or any
     ledger, key or run directory is made; a plain ValueError is a ConfigError naming it."""
