@@ -36,6 +36,7 @@ import pytest
 
 from secure_fedora.algorithms.contract import declared_reply_entries
 from secure_fedora.runtimes.inprocess import build_clients
+from secure_fedora.secure.private import EPSILON_FIGURES
 from tests.secure_fedora.algorithms.baseline_regression import (
     FIXTURES,
     METHODS,
@@ -147,6 +148,7 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
     assert got["final"] == expected["final"]
     for method, body in got["privacy"].items():  # recorded before it was stated
         assert body.pop("reply_entries") == declared_reply_entries(method, config(name, variant))
+        assert body.pop("epsilon_figures") == EPSILON_FIGURES  # stated after the recording
         for row in (body.get("accountant_choice") or {}).get("comparison", []):  # new as well
             _pop_choice_plan(row)
     assert _shown_epsilons_rounded(got["privacy"]) == _shown_epsilons_rounded(expected["privacy"])
