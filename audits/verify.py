@@ -50,7 +50,13 @@
    (``privacy[<method>].accountant_choice``) has both ``*_epsilon_of_plan`` recomputed
    from its ``plan_releases`` with dp_accounting (within ``rel_tol``; check
    ``accountant_choice``; rows written before they stated their releases: an unchecked
-   warning); a
+   warning); each plan row (``privacy[<method>].plan``) has ``planned_epsilon_rdp`` and
+   ``planned_epsilon_pld`` recomputed from its ``releases`` the same way, and its
+   ``planned_epsilon`` is the value of the accountant it names (RDP, PLD: that key's; PRV:
+   not below the pessimistic PLD by more than ``rel_tol``; check ``plan_epsilon``; rows
+   written before they stated these: an unchecked warning); every budget a client's ledger
+   or results.json client row states has a plan row and, under ``"auto"``, a comparison row
+   (check ``plan_coverage``; a results.json stating no plan is not held to one); a
    DP-SGD entry (or refused DP-SGD record) whose signed ``params.method`` differs from the
    method of its ``ledgers/<method>/`` folder is an error (check ``method_folder``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data. A
@@ -464,6 +470,9 @@ _CHECKS_FIXED = [
     " accountant_choice): both epsilons of its plan recomputed from its plan_releases, which"
     " carry the noise its calibrated candidate states; the chosen candidate's noise is the"
     " method's plan's; the chosen accountant is the one the rows choose",
+    "each plan row of results.json: planned_epsilon_rdp and planned_epsilon_pld recomputed"
+    " from its releases, planned_epsilon its accountant's; every budget a ledger or client"
+    " row states has a plan row (and an accountant comparison row)",
     "every DP-SGD entry's noise multiplier, sample rate and steps equal results.json's"
     " (the client's noise_multiplier, the method's sample_rate and steps_per_round); every"
     " summary, lambda or plug-in entry's noise multiplier and sample rate equal its"
@@ -1148,12 +1157,16 @@ class _RunContext:
     # results.json's per-client summary rows by method, indexed once (see summary_row)
     _rows: dict[str | None, dict[str, dict[str, Any]]] = field(default_factory=dict, repr=False)
 
-    def summary_row(self, method: str | None, client_id: str) -> dict[str, Any] | None:
-        """The results.json summary row of ``client_id`` (:func:`_anchor_rows`), from an index
-        of ``method``'s rows built on its first call (one pass over them, not one per ledger)."""
+    def summary_rows(self, method: str | None) -> dict[str, dict[str, Any]]:
+        """results.json's summary rows of ``method`` by client (:func:`_anchor_rows`), indexed
+        on the first call (one pass over them, not one per ledger)."""
         if method not in self._rows:
             self._rows[method] = _anchor_rows(self.results, method)
-        return self._rows[method].get(client_id)
+        return self._rows[method]
+
+    def summary_row(self, method: str | None, client_id: str) -> dict[str, Any] | None:
+        """The results.json summary row of ``client_id`` (:meth:`summary_rows`)."""
+        return self.summary_rows(method).get(client_id)
 
 
 def _load_results(run_dir: Path, findings: list[Finding]) -> dict[str, Any] | None:
@@ -1426,7 +1439,9 @@ def _plan_row_findings(entries: Sequence[dict[str, Any] | None], section: dict[s
 #: One release line of an exact plan row (``privacy.<method>.plan[].releases``), as
 #: :func:`secure_fedora.secure.private.plan_table` writes it: ``"<mechanism> x<steps>
 #: (q=<sample rate>[, sigma=<noise multiplier>])"``, each float in its round-trip form.
-_PLAN_RELEASE_LINE = re.compile(r"(\S+) x\d+ \(q=([^,()]+)(?:, sigma=([^,()]+))?\)")
+_PLAN_RELEASE_LINE = re.compile(
+    r"(?P<mech>\S+) x(?P<steps>\d+) \(q=(?P<q>[^,()]+)(?:, sigma=(?P<sigma>[^,()]+))?\)"
+)
 
 
 def _planned_fixed_noise(row: dict[str, Any]) -> dict[str, tuple[float, float]] | None:
@@ -1441,10 +1456,10 @@ def _planned_fixed_noise(row: dict[str, Any]) -> dict[str, tuple[float, float]] 
         match = _PLAN_RELEASE_LINE.fullmatch(line) if isinstance(line, str) else None
         if match is None:
             return None
-        if match[3] is None:  # DP-SGD: its noise is the row's noise_multiplier
+        if match["sigma"] is None:  # DP-SGD: its noise is the row's noise_multiplier
             continue
         try:
-            out[match[1]] = (float(match[2]), float(match[3]))
+            out[match["mech"]] = (float(match["q"]), float(match["sigma"]))
         except ValueError:
             return None
     return out
@@ -1574,6 +1589,44 @@ def _chosen_by_rows(rows: Sequence[dict[str, Any]]) -> str:
     return "pld"
 
 
+def _stated_epsilon_problem(
+    key: str,
+    recorded: Any,
+    name: str,
+    independent: float | None,
+    releases: Sequence[tuple[float, float, int]],
+    delta: float,
+    rel_tol: float,
+    source: str,
+    upper: bool = True,
+) -> str | None:
+    """Why ``recorded`` (results.json's ``key``, rounded up to 6 decimals) is not the epsilon
+    of ``releases`` at ``delta`` under ``name`` ("rdp", or "pld": pessimistic, rechecked at
+    finer discretizations before failing) that dp_accounting gives (``independent``), within
+    ``rel_tol`` plus the rounding (``upper`` False: only a value below it is one); None where
+    it is, and where either is None (beyond the discretized accountant's memory guard: neither
+    evaluates it)."""
+    if recorded is None or independent is None:
+        return None
+    if not _number(recorded):
+        return f"{key} must be a number or null, got {recorded!r:.80}"
+
+    def agrees(value: float, recorded: float = float(recorded)) -> bool:
+        return value * (1 - rel_tol) <= recorded and (
+            not upper or recorded <= value * (1 + rel_tol) + _CHOICE_ROUNDING
+        )
+
+    if name == "pld" and not agrees(independent):
+        independent = finer_pld_epsilon(releases, delta, independent, agrees)
+    if agrees(independent):
+        return None
+    shown, by = format_ordered(float(recorded), independent)
+    return (
+        f"{key} is {shown}, but {source} compose to epsilon {by} ({name.upper()},"
+        f" dp_accounting), off by more than {tolerance_text(rel_tol)}"
+    )
+
+
 def _accountant_choice_findings(section: dict[str, Any] | None, method: str | None,
                                 rel_tol: float) -> list[Finding]:
     """``accountant_choice`` findings for a method's results.json privacy section: each
@@ -1621,23 +1674,18 @@ def _accountant_choice_findings(section: dict[str, Any] | None, method: str | No
         pld_eps, rdp_eps = _final_epsilons(releases, float(delta))
         for name, independent in (("rdp", rdp_eps), ("pld", pld_eps)):
             key = f"{name}_epsilon_of_plan"
-            recorded = row.get(key)
-            if recorded is None or independent is None:
-                continue  # the discretized accountant's memory guard: neither evaluates it
-            if not _number(recorded):
-                err(i, f"{key} must be a number or null, got {recorded!r:.80}")
-                continue
-
-            def agrees(value: float, recorded: float = float(recorded)) -> bool:
-                return value * (1 - rel_tol) <= recorded <= value * (1 + rel_tol) \
-                    + _CHOICE_ROUNDING
-            if name == "pld" and not agrees(independent):
-                independent = finer_pld_epsilon(releases, float(delta), independent, agrees)
-            if not agrees(independent):
-                shown, by = format_ordered(float(recorded), independent)
-                err(i, f"{key} is {shown}, but its plan_releases compose to epsilon {by}"
-                    f" ({name.upper()}, dp_accounting), off by more than"
-                    f" {tolerance_text(rel_tol)}")
+            problem = _stated_epsilon_problem(
+                key,
+                row.get(key),
+                name,
+                independent,
+                releases,
+                float(delta),
+                rel_tol,
+                "its plan_releases",
+            )
+            if problem is not None:
+                err(i, problem)
     if old:
         findings.append(Finding(
             "warning", "accountant_choice", f"accountant_choice.comparison row(s)"
@@ -1652,6 +1700,220 @@ def _accountant_choice_findings(section: dict[str, Any] | None, method: str | No
             "error", "accountant_choice", f"accountant_choice names {chosen!r}, but its"
             f" comparison rows choose {_chosen_by_rows(rows)!r} (PLD only where it is at"
             " least as tight for every budget)", None, None, method))
+    return findings
+
+
+#: What a plan row (``privacy.<method>.plan[]``) must state for its planned epsilons to be
+#: recomputed; a row written before one of them has its epsilons unchecked.
+_PLAN_EPSILON_FIELDS: tuple[str, ...] = (
+    "delta",
+    "noise_multiplier",
+    "releases",
+    "accountant",
+    "planned_epsilon",
+    "planned_epsilon_rdp",
+    "planned_epsilon_pld",
+)
+
+
+def _plan_row_releases(row: dict[str, Any]) -> tuple[list[tuple[float, float, int]], str | None]:
+    """The ``(noise_multiplier, sample_rate, steps)`` of each release line of a plan row
+    (``"<mechanism> x<steps> (q=<rate>[, sigma=<noise>])"``, DP-SGD's noise the row's
+    ``noise_multiplier``), or a problem with them (then no release)."""
+    lines = row["releases"]
+    if not isinstance(lines, list) or not lines:
+        return [], f"releases must be a non-empty list of release lines, got {lines!r:.80}"
+    out: list[tuple[float, float, int]] = []
+    for k, line in enumerate(lines):
+        match = _PLAN_RELEASE_LINE.fullmatch(line) if isinstance(line, str) else None
+        if match is None:
+            return [], (
+                f"releases[{k}] must read '<mechanism> x<steps> (q=<sample rate>[,"
+                f" sigma=<noise multiplier>])', got {line!r:.80}"
+            )
+        try:
+            params = {
+                "sample_rate": float(match["q"]),
+                "steps": int(match["steps"]),
+                "noise_multiplier": row["noise_multiplier"]
+                if match["sigma"] is None
+                else float(match["sigma"]),
+            }
+        except ValueError:
+            return [], f"releases[{k}] states a q or sigma that is no number, got {line!r:.80}"
+        problems = _release_problems(params)
+        if problems:  # DP-SGD's noise_multiplier is the row's
+            return [], f"releases[{k}] ({match['mech']}): " + "; ".join(
+                p.replace("params.", "") for p in problems
+            )
+        out.append(
+            (float(params["noise_multiplier"]), float(params["sample_rate"]), int(params["steps"]))
+        )
+    return out, None
+
+
+def _plan_epsilon_findings(
+    section: dict[str, Any] | None, method: str | None, rel_tol: float
+) -> list[Finding]:
+    """``plan_epsilon`` findings for a method's results.json plan rows
+    (``privacy.<method>.plan``): each row's ``planned_epsilon_rdp`` and
+    ``planned_epsilon_pld`` are recomputed from its ``releases`` (DP-SGD's noise its
+    ``noise_multiplier``) at its ``delta`` with dp_accounting, within ``rel_tol`` plus the
+    runtime's rounding up to 6 decimals (as :func:`_accountant_choice_findings`), and its
+    ``planned_epsilon`` must be the value of the accountant it names (``accountant``): that
+    key's exactly for RDP and PLD, and for PRV not below the pessimistic PLD by more than
+    ``rel_tol``. An error names the row and key; rows written before they stated every field
+    (:data:`_PLAN_EPSILON_FIELDS`) get one unchecked warning."""
+    plan = (section or {}).get("plan")
+    if plan is None:
+        return []
+    if not isinstance(plan, list) or not all(isinstance(r, dict) for r in plan):
+        return [
+            Finding(
+                "error",
+                "plan_epsilon",
+                f"results.json's plan must be a list of objects, got {plan!r:.80}",
+                None,
+                None,
+                method,
+            )
+        ]
+    findings: list[Finding] = []
+
+    def err(i: int, message: str) -> None:
+        row = plan[i]
+        findings.append(
+            Finding(
+                "error",
+                "plan_epsilon",
+                f"plan[{i}] (epsilon {row.get('epsilon_budget')!r},"
+                f" delta {row.get('delta')!r}): {message}",
+                None,
+                None,
+                method,
+            )
+        )
+
+    old: dict[int, list[str]] = {}
+    for i, row in enumerate(plan):
+        missing = [k for k in _PLAN_EPSILON_FIELDS if k not in row]
+        if missing:
+            old[i] = missing
+            continue
+        delta = row["delta"]
+        if not _number(delta) or not 0 < delta < 1:
+            err(i, f"delta must be in (0, 1), got {delta!r:.80}")
+            continue
+        releases, problem = _plan_row_releases(row)
+        if problem is not None:
+            err(i, problem)
+            continue
+        pld_eps, rdp_eps = _final_epsilons(releases, float(delta))
+        independent = {"rdp": rdp_eps, "pld": pld_eps}
+        for name in ("rdp", "pld"):
+            key = f"planned_epsilon_{name}"
+            problem = _stated_epsilon_problem(
+                key,
+                row[key],
+                name,
+                independent[name],
+                releases,
+                float(delta),
+                rel_tol,
+                "its releases",
+            )
+            if problem is not None:
+                err(i, problem)
+        chosen, stated = row["accountant"], row["planned_epsilon"]
+        if chosen not in ACCOUNTANTS:
+            err(i, f"accountant must be one of {ACCOUNTANTS}, got {chosen!r:.80}")
+        elif not _number(stated):
+            err(i, f"planned_epsilon must be a number, got {stated!r:.80}")
+        elif chosen != "prv" and _number(row[f"planned_epsilon_{chosen}"]):
+            if float(stated) != float(row[f"planned_epsilon_{chosen}"]):
+                err(
+                    i,
+                    f"planned_epsilon is {stated!r}, but the plan's accountant {chosen!r}"
+                    f" gives planned_epsilon_{chosen} {row[f'planned_epsilon_{chosen}']!r}",
+                )
+        else:  # PRV (dp_accounting has none: its PLD bounds it), or the key stated null
+            name = "pld" if chosen == "prv" else chosen
+            # PRV's bound adds its discretization error (absolute: 0.01 for a run ledgered
+            # before PRV refined it), so only a value below the pessimistic PLD is wrong
+            problem = _stated_epsilon_problem(
+                "planned_epsilon",
+                stated,
+                name,
+                independent[name],
+                releases,
+                float(delta),
+                rel_tol,
+                "its releases",
+                upper=chosen != "prv",
+            )
+            if problem is not None:
+                err(i, f"{problem} (its accountant: {chosen!r})")
+    if old:
+        fields = sorted({k for missing in old.values() for k in missing})
+        findings.append(
+            Finding(
+                "warning",
+                "plan_epsilon",
+                f"plan row(s) {', '.join(map(str, old))} state no"
+                f" {', '.join(fields)} (a run written before they were recorded): their planned"
+                " epsilons were not recomputed",
+                None,
+                None,
+                method,
+                unchecked=True,
+            )
+        )
+    return findings
+
+
+def _plan_coverage_findings(
+    section: dict[str, Any] | None,
+    method: str | None,
+    budgets: Mapping[str, Mapping[tuple[Any, Any], str]],
+) -> list[Finding]:
+    """``plan_coverage`` errors: a client of ``method`` whose budget ``(epsilon, delta)``
+    (``budgets``: client id -> each budget -> where it is stated) no row of results.json's
+    plan states, or, where the accountant was chosen (``accountant_choice.comparison``), no
+    comparison row: its noise and planned epsilon are then stated nowhere. A results.json
+    stating no plan (a run written before it) is not held to one."""
+    tables: list[tuple[str, list[Any]]] = []
+    plan = (section or {}).get("plan")
+    if isinstance(plan, list):
+        tables.append((f"privacy.{method}.plan" if method is not None else "privacy.plan", plan))
+    choice = (section or {}).get("accountant_choice")
+    if (
+        isinstance(choice, dict)
+        and isinstance(choice.get("comparison"), list)
+        and choice["comparison"]
+    ):
+        tables.append(("accountant_choice.comparison", choice["comparison"]))
+    findings: list[Finding] = []
+    for where, rows in tables:
+        covered = {
+            (r["epsilon_budget"], r["delta"])
+            for r in rows
+            if isinstance(r, dict) and _number(r.get("epsilon_budget")) and _number(r.get("delta"))
+        }
+        for client_id in sorted(budgets):
+            for (eps, delta), source in budgets[client_id].items():
+                if (eps, delta) not in covered:
+                    findings.append(
+                        Finding(
+                            "error",
+                            "plan_coverage",
+                            f"no row of results.json's {where} states"
+                            f" the client's budget (epsilon {eps!r}, delta {delta!r}; {source}):"
+                            " its planned noise and epsilon are stated nowhere",
+                            client_id,
+                            None,
+                            method,
+                        )
+                    )
     return findings
 
 
@@ -3231,8 +3493,24 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
     findings.extend(_model_record_findings(run, found, results))
     for method in sorted({m for m, _ in found} | set((results or {}).get("privacy") or {}),
                          key=str):
-        findings.extend(_accountant_choice_findings(_results_section(results, method), method,
-                                                    rel_tol))
+        section = _results_section(results, method)
+        findings.extend(_accountant_choice_findings(section, method, rel_tol))
+        findings.extend(_plan_epsilon_findings(section, method, rel_tol))
+        budgets: dict[str, dict[tuple[Any, Any], str]] = {}
+        for c in clients:
+            if c.method == method and _number(c.budget_epsilon) and _number(c.delta):
+                budgets.setdefault(c.client_id, {})[(c.budget_epsilon, c.delta)] = (
+                    "its ledger records it"
+                )
+        for cid, row in ctx.summary_rows(method).items():
+            if _number(row.get("epsilon_budget")) and _number(row.get("delta")):
+                budgets.setdefault(cid, {}).setdefault(
+                    (row["epsilon_budget"], row["delta"]), "results.json's client row states it"
+                )
+        findings.extend(
+            replace(f, ledger=ledger_at.get((f.method, f.client_id)))
+            for f in _plan_coverage_findings(section, method, budgets)
+        )
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})
         finished = [m for m in cfg.methods
