@@ -164,7 +164,7 @@ from privacy.accounting import (
     format_spent,
     plan_epsilon,
 )
-from privacy.envelope import NONCE_FILE_SUFFIX, nonce_file_problem
+from privacy.envelope import ledger_files, nonce_file_problem, nonce_files
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS, MechanismError
@@ -2973,17 +2973,11 @@ def _discover(ledger_dir: Path) -> list[tuple[str | None, Path]]:
     :func:`_interrupted_creations`)."""
     if not ledger_dir.is_dir():
         return []
-    found: list[tuple[str | None, Path]] = [(None, p) for p in _ledger_files(ledger_dir)]
+    found: list[tuple[str | None, Path]] = [(None, p) for p in ledger_files(ledger_dir)]
     for sub in sorted(p for p in ledger_dir.iterdir()
                       if p.is_dir() and not _CREATING.fullmatch(p.name)):
-        found.extend((sub.name, p) for p in _ledger_files(sub))
+        found.extend((sub.name, p) for p in ledger_files(sub))
     return found
-
-
-def _ledger_files(folder: Path) -> list[Path]:
-    """The ``*.jsonl`` files of ``folder`` that are ledgers: all but ``*.nonces.jsonl``
-    (:func:`_nonce_file_findings`)."""
-    return sorted(p for p in folder.glob("*.jsonl") if not p.name.endswith(NONCE_FILE_SUFFIX))
 
 
 def _nonce_file_findings(ledger_dir: Path) -> list[Finding]:
@@ -2999,7 +2993,7 @@ def _nonce_file_findings(ledger_dir: Path) -> list[Finding]:
     out = []
     for folder in folders:
         method = None if folder == ledger_dir else folder.name
-        for path in sorted(folder.glob("*" + NONCE_FILE_SUFFIX)):
+        for path in nonce_files(folder):
             rel = path.relative_to(ledger_dir.parent).as_posix()
             try:
                 lines, torn = _read_lines(path)

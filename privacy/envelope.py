@@ -96,8 +96,10 @@ __all__ = [
     "commit_batches",
     "decode_message",
     "encode_message",
+    "ledger_files",
     "make_envelope",
     "nonce_file_problem",
+    "nonce_files",
 ]
 
 ENVELOPE_VERSION = 2
@@ -475,6 +477,21 @@ def decode_message(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 #: ``clients.nonces.jsonl`` (a shared :class:`NonceJournal`).
 NONCE_FILE_SUFFIX = ".nonces.jsonl"
 _NONCE_KEYS = frozenset({"floor", "s", "r", "n", "to"})
+
+
+def nonce_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The nonce state files (``*`` + :data:`NONCE_FILE_SUFFIX`) directly in ``folder``,
+    sorted: a party's replay-protection memory, which a Flower node keeps beside its ledger
+    and which records no release. Reads only; [] for a folder that does not exist."""
+    return [p for p in sorted(Path(folder).glob("*.jsonl")) if p.name.endswith(NONCE_FILE_SUFFIX)]
+
+
+def ledger_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The ledgers directly in ``folder`` (``ledgers/`` or ``ledgers/<method>/``), sorted: its
+    ``*.jsonl`` files but the nonce state files (:func:`nonce_files`), which are never
+    ledgers. Reads only; [] for a folder that does not exist."""
+    return [p for p in sorted(Path(folder).glob("*.jsonl"))
+            if not p.name.endswith(NONCE_FILE_SUFFIX)]
 
 
 def _nonce_record(line: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from privacy.accounting import format_exact
 from privacy.durable import ensure_descriptors
+from privacy.envelope import ledger_files
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 from secure_fedora import __version__
@@ -1065,7 +1066,7 @@ class Simulation:
             if not path.is_file():
                 # the record is created with the ledgers (one rename): ledgers without it
                 # mean it was lost, and a run resumed without it fails `audit verify`
-                if path.parent.is_dir() and any(path.parent.glob("*.jsonl")):
+                if path.parent.is_dir() and ledger_files(path.parent):
                     raise CheckpointError(
                         f"{path} is missing (it is created with the method's ledgers, which "
                         "are there): the record of the model the ledgers' releases come from "

@@ -553,10 +553,11 @@ def record_stop(run_dir: Path, method: str, rnd: int) -> None:
 
 def _last_admitted_round(run_dir: Path, method: str) -> int:
     """The latest round of any release entry in ``method``'s ledgers (0: none)."""
+    from privacy.envelope import ledger_files
     from privacy.ledger import read_ledger
 
     rounds = [0]
-    for ledger in (run_dir / "ledgers" / method).glob("*.jsonl"):
+    for ledger in ledger_files(run_dir / "ledgers" / method):
         rounds += [int(e["round"]) for e in read_ledger(ledger)
                    if isinstance(e.get("round"), int) and "mechanism" in e]
     return max(rounds)
@@ -615,20 +616,24 @@ def amended_value(amendments: list[dict[str, Any]], key: str, base: Any, method:
 
 
 def _records_releases(run_dir: Path, method: str) -> bool:
-    """True when ``method``'s ledgers or release journals in ``run_dir`` hold any bytes."""
+    """True when ``method``'s ledgers or release journals in ``run_dir`` hold any bytes (a
+    nonce state file, ``*.nonces.jsonl``, is no ledger and records no release)."""
+    from privacy.envelope import ledger_files
+
     folder = run_dir / "ledgers" / method
     if not folder.is_dir():
         return False
     return any(p.is_file() and p.stat().st_size > 0
-               for pattern in ("*.jsonl", "*.journal") for p in folder.glob(pattern))
+               for p in [*ledger_files(folder), *folder.glob("*.journal")])
 
 
 def _closed_ledgers(run_dir: Path, method: str) -> bool:
     """True when a ledger of ``method`` in ``run_dir`` ends with its close entry: the method
     finished, and its outcome checkpoint (written before the close entries) existed."""
+    from privacy.envelope import ledger_files
     from privacy.ledger import CLOSE, LedgerError, read_ledger
 
-    for ledger in sorted((run_dir / "ledgers" / method).glob("*.jsonl")):
+    for ledger in ledger_files(run_dir / "ledgers" / method):
         try:
             entries = read_ledger(ledger)
         except LedgerError:
@@ -699,6 +704,47 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
 _RUN_OUTPUTS = {"results.json": False, "rounds.csv": False, "plots": True, "checkpoints": True}
 
 
+def _nonce_note(run_dir: Path) -> str:
+    """A sentence naming the nonce state files in ``ledgers/`` and ``ledgers/<method>/`` (""
+    when there are none), which are not ledgers and record no release."""
+    from privacy.envelope import nonce_files
+
+    root = run_dir / "ledgers"
+    if not root.is_dir() or root.is_symlink():
+        return ""
+    found = [*nonce_files(root), *(p for sub in sorted(root.iterdir()) if sub.is_dir()
+                                   for p in nonce_files(sub))]
+    if not found:
+        return ""
+    shown = ", ".join(p.relative_to(run_dir).as_posix() for p in found[:3])
+    return (f"; {shown}{' and more' if len(found) > 3 else ''}"
+            f" {'is a nonce state file' if len(found) == 1 else 'are nonce state files'} (a"
+            " Flower node's replay-protection memory), not ledgers: they record no release")
+
+
+def _refuse_nonce_only_folders(run_dir: Path, cfg: ExperimentConfig, resume: str) -> None:
+    """RunDirError for a configured method's ledger folder that holds nonce state files
+    (``*.nonces.jsonl``) but no ledger: a DP run creates a method's folder holding every
+    client's ledger, so its ledgers were lost or the folder is not this run's, and the nonce
+    files (which record no release) cannot stand in for them. Reads only."""
+    from privacy.envelope import ledger_files, nonce_files
+
+    for method in cfg.methods:
+        folder = run_dir / "ledgers" / method
+        if not folder.is_dir() or ledger_files(folder):
+            continue
+        found = nonce_files(folder)
+        if found:
+            raise RunDirError(
+                f"{resume}: {folder} holds {', '.join(p.name for p in found[:3])}"
+                f"{' and more' if len(found) > 3 else ''} but no ledger: a nonce state file"
+                " (*.nonces.jsonl, a Flower node's replay-protection memory) is not a ledger"
+                " and records no release, and this run creates a method's ledger folder with"
+                " every client's ledger, so its ledgers were lost or the folder is not this"
+                " run's; restore the ledgers from a copy, or move the folder away, then"
+                " resume; nothing was written")
+
+
 def _start_again(run_dir: Path, resume: str) -> str:
     """What to do instead of resuming a directory with nothing to resume from: a directory that
     that is empty (a run killed before it wrote anything) may take a run without ``resume``."""
@@ -733,6 +779,7 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
                               "move it away, then resume")
     if cfg.privacy.enabled:  # only a DP run uses a key store: its damaged record is refused
         recorded_keystore_extension(run_dir, resume)
+        _refuse_nonce_only_folders(run_dir, cfg, resume)
     stored = run_dir / CONFIG_COPY
     if not stored.is_file():
         if config_copy_required:
@@ -840,6 +887,7 @@ def _check_checkpoints(run_dir: Path, cfg: ExperimentConfig, bound: bool = False
         raise RunDirError(
             f"{resume}: {run_dir / 'checkpoints'} holds no checkpoint of {cfg.methods[0]!r}; "
             f"there is nothing to resume from ({_start_again(run_dir, resume)})"
+            f"{_nonce_note(run_dir)}"
         )
     expected_order = list(cfg.methods[: len(present)])
     if present != expected_order:

@@ -58,6 +58,7 @@ from typing import Any
 import tomli_w
 import tomllib
 
+from privacy.envelope import NONCE_FILE_SUFFIX
 from privacy.errors import ToolkitError
 from privacy.identity import (
     ALLOWLIST_FILENAME,
@@ -1177,7 +1178,9 @@ def _refuse_used_workdir(work: Path) -> None:
     from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
 
     def nonempty(pattern: str) -> list[Path]:
-        return [f for f in work.glob(pattern) if f.is_file() and f.stat().st_size > 0]
+        # a node's nonce state (``*.nonces.jsonl``, beside its ledger) records no release
+        return [f for f in work.glob(pattern) if f.is_file() and f.stat().st_size > 0
+                and not f.name.endswith(NONCE_FILE_SUFFIX)]
 
     # releases on record: a node's journal or ledger with a line, or a finished run's results
     released = nonempty("nodes/node-*/runs/*/releases.jsonl") \

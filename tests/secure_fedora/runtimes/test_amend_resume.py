@@ -284,3 +284,16 @@ def test_an_amendment_made_in_the_last_round_is_refused(tmp_path):
     assert _snapshot(run) == before
     out = Simulation(cfg, run, keystore=keys).run(resume=True)
     assert out.get("config_amendments") in (None, [])
+
+
+def test_a_nonce_file_beside_the_ledgers_is_not_read_for_the_amended_round(tmp_path):
+    """A node's nonce state file (its last line torn, as a crash leaves it) in the method's
+    ledger folder was read as a ledger: the torn line stopped the resume with a ledger error.
+    It records no release: only the ledgers decide the round."""
+    ledgers = tmp_path / "ledgers" / "fedora"
+    ledgers.mkdir(parents=True)
+    (ledgers / "client-000.jsonl").write_text(json.dumps({"mechanism": "dpsgd", "round": 4}) + "\n")
+    nonces = ledgers / "client-000.nonces.jsonl"
+    nonces.write_text('{"floor":1}\n{"n":"00ff","r":9,"s":"serv')
+    assert amendment_round(tmp_path, "fedora", 3, private=True) == 5
+    assert nonces.read_text() == '{"floor":1}\n{"n":"00ff","r":9,"s":"serv'

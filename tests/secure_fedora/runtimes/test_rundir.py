@@ -1031,3 +1031,54 @@ def test_an_out_that_is_a_symbolic_link_loop_is_named_so_not_missing(tmp_path, c
         err = " ".join(capsys.readouterr().err.split())
         assert f"{out} is a symbolic link loop" in err and "does not exist" not in err, err
     assert snapshot(tmp_path) == before
+
+
+_NONCES = '{"floor":1}\n{"n":"00ff","r":1,"s":"server"}\n'
+
+
+def test_a_nonce_file_in_a_dp_ledger_folder_is_no_ledger_on_resume(tmp_path, capsys):
+    """A Flower node's ``<client>.nonces.jsonl`` (replay-protection memory) copied into a DP
+    run's ``ledgers/<method>/``, with no ledger beside it, was taken for a ledger holding
+    releases: the resume went on, to be refused as if the ledgers' model record had been
+    lost. It is not a ledger (as `audit verify` reads it): the resume is refused saying what
+    the file is, and nothing is written or removed."""
+    run_dir = tmp_path / "run"
+    (run_dir / "ledgers" / "local").mkdir(parents=True)
+    config = write_config(run_dir / "config.toml", DP)
+    (run_dir / "ledgers" / "local" / "client-000.nonces.jsonl").write_text(_NONCES)
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "client-000.nonces.jsonl but no ledger" in err
+    assert "is not a ledger and records no release" in err
+    assert snapshot(run_dir) == before
+
+
+def test_a_nonce_file_at_the_top_of_ledgers_is_named_when_nothing_can_be_resumed(tmp_path,
+                                                                                    capsys):
+    """With nothing to resume from, a ``*.nonces.jsonl`` among the ledgers is named as what
+    it is (a replay-protection memory, no ledger) instead of passing in silence."""
+    run_dir = tmp_path / "run"
+    (run_dir / "ledgers").mkdir(parents=True)
+    config = write_config(run_dir / "config.toml", DP)
+    (run_dir / "ledgers" / "client-000.nonces.jsonl").write_text(_NONCES)
+    before = snapshot(run_dir)
+    assert run(config, run_dir, "--resume") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing to resume from" in err
+    assert ("ledgers/client-000.nonces.jsonl is a nonce state file (a Flower node's"
+            " replay-protection memory), not ledgers: they record no release") in err
+    assert snapshot(run_dir) == before
+
+
+def test_a_nonce_file_beside_a_runs_ledgers_does_not_stop_its_resume(plain_run, tmp_path):
+    """A nonce state file in a method's ledger folder that holds no ``model.json`` was read as
+    that method's ledgers, so the resume was refused as if the record of their model had been
+    lost. It is not a ledger: the resume goes on and leaves the file as it was."""
+    config, source = plain_run
+    run_dir = copy_run(source, tmp_path)
+    stray = run_dir / "ledgers" / "fedavg" / "client-000.nonces.jsonl"
+    stray.parent.mkdir(parents=True)
+    stray.write_text(_NONCES)
+    assert run(config, run_dir, "--resume") == 0
+    assert stray.read_text() == _NONCES

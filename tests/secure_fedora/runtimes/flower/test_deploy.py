@@ -1286,6 +1286,11 @@ def test_deploy_local_refuses_a_workdir_of_an_earlier_deployment(tmp_path: Path)
     (fresh / "identities").mkdir(parents=True)
     (fresh / "nodes" / "node-0" / "runs" / "77").mkdir(parents=True)
     (fresh / "nodes" / "node-0" / "runs" / "77" / "releases.jsonl").write_text("")
+    # a node's nonce state beside its (empty) ledger: messages accepted, nothing released
+    (fresh / "nodes" / "node-0" / "runs" / "77" / "fedora").mkdir()
+    (fresh / "nodes" / "node-0" / "runs" / "77" / "fedora" / "client-000.jsonl").write_text("")
+    (fresh / "nodes" / "node-0" / "runs" / "77" / "fedora" / "client-000.nonces.jsonl"
+     ).write_text('{"floor":1}\n')
     (fresh / "results").mkdir()
     (fresh / "results" / "failure.json").write_text("{}")
     _refuse_used_workdir(fresh)
