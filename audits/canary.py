@@ -59,7 +59,7 @@ from torch import Tensor
 
 from audits.arguments import check_config, check_count, check_open_fraction, check_seed
 from audits.options import API_AUDIT_OPTIONS
-from audits.verdict import audit_document, audit_verdict
+from audits.verdict import audit_document, audit_verdict, run_config_problem
 from privacy.accounting import format_exact
 from privacy.errors import ToolkitError
 from privacy.identity import client_ids
@@ -562,42 +562,6 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str) -> tuple[float, fl
                             CanaryAuditError)
     delta = positive_number(entries[-1]["delta"], f"{rel} last delta", CanaryAuditError)
     return claim, delta, len(entries)
-
-
-def run_config_problem(run_dir: Path, cfg: ExperimentConfig) -> str | None:
-    """Why ``cfg`` is not the config of the run in ``run_dir`` (None: it is): its
-    :func:`~secure_fedora.core.config.config_hash` must be the ``config_hash`` the run's
-    results.json records, or, without a readable one, that of the run's config.toml. A run
-    directory holding neither cannot show which config it ran, which is a problem too."""
-    import json
-
-    from secure_fedora.core.config import ConfigError, config_hash, load_run_config
-
-    actual = config_hash(cfg)
-    try:
-        results = json.loads((run_dir / "results.json").read_text())
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        results = None
-    recorded = results.get("config_hash") if isinstance(results, dict) else None
-    if isinstance(recorded, str):
-        if recorded == actual:
-            return None
-        return (f"the config hashes to {actual[:16]}..., but {run_dir / 'results.json'} records"
-                f" config_hash {recorded[:16]}...: it is not the config this run ran (another"
-                " run's, or config.toml changed after the run); audit the run with its own,"
-                " unchanged config.toml")
-    path = run_dir / "config.toml"
-    if not path.is_file():
-        return (f"{run_dir} holds no results.json recording a config_hash and no config.toml:"
-                " the config cannot be checked to be this run's; give the run's own directory")
-    try:
-        own, _ = load_run_config(path)
-    except ConfigError as err:
-        return f"{path} is not a valid config ({err}), so the config cannot be checked against it"
-    if config_hash(own) != actual:
-        return (f"the config is not {path} (their config hashes differ): audit the run with its"
-                " own config.toml")
-    return None
 
 
 def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canaries: int = 300,

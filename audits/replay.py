@@ -63,6 +63,7 @@ from audits.verdict import (
     audit_verdict,
     config_claim_problem,
     config_rebuild_problem,
+    run_config_problem,
 )
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
@@ -434,7 +435,9 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     run that is not private, a missing ledger, bad arguments, a ledger that fails its integrity
     check (fields, chain, signature) or records a claim that is not a finite positive number,
     and a config.toml that is not the run's (its noise mode differs from the one every DP-SGD
-    entry records, or anchor.json records another digest). Does not write anything.
+    entry records, anchor.json records another digest, or its config hash is not the
+    ``config_hash`` results.json records: :func:`audits.verdict.run_config_problem`). Does not
+    write anything.
     With the automatic count, when it stops at :data:`MAX_AUTO_TRIALS` and even a perfect
     attacker could not certify above the claim with that many, no trial is run:
     :class:`AutomaticTrialsCannotRefuteError` (a ReplayAuditError) says how many trials could
@@ -525,6 +528,10 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
             raise ReplayAuditError(problem)
     claim, delta, params, mechanisms, unchecked = _ledger_claim(
         run_dir, method, cid, cfg.privacy.noise, allow_path)
+    # an anchor pins config.toml's bytes; without one, results.json's config_hash does
+    problem = run_config_problem(run_dir, cfg)
+    if problem is not None:
+        raise ReplayAuditError(problem)
     automatic = trials is None
     if trials is None:
         trials = trials_for_claim(claim, delta, confidence)

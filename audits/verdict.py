@@ -25,17 +25,20 @@ import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from audits.arguments import check_open_fraction
 from privacy.accounting import format_against, format_down
 from privacy.errors import ToolkitError
 from privacy.paths import check_path
 
+if TYPE_CHECKING:
+    from secure_fedora.core.config import ExperimentConfig
+
 __all__ = ["AUDIT_NAMES", "NO_DP_CLAIM_EXIT", "VERDICTS", "VERIFICATION_EXIT",
            "VERIFICATION_VERDICTS", "VerdictError", "audit_document", "audit_figures", "audit_verdict",
-           "config_claim_problem", "config_rebuild_problem", "verdict_text", "verification_verdict",
-           "verification_verdict_text", "write_audit_json"]
+           "config_claim_problem", "config_rebuild_problem", "run_config_problem", "verdict_text",
+           "verification_verdict", "verification_verdict_text", "write_audit_json"]
 
 AUDIT_NAMES: tuple[str, ...] = ("canary", "whitebox", "replay")
 VERDICTS: tuple[str, ...] = ("refuted", "consistent", "inconclusive")
@@ -262,3 +265,39 @@ def config_claim_problem(run_dir: str | Path, privacy_enabled: bool, audit: str)
             f" ({'; '.join(basis)}): config.toml was changed after the run; restore the run's"
             f" config.toml (`audit {audit}` would audit it as a non-private run), and run"
             " `audit verify`")
+
+
+def run_config_problem(run_dir: Path, cfg: ExperimentConfig) -> str | None:
+    """Why ``cfg`` is not the config of the run in ``run_dir`` (None: it is): its
+    :func:`~secure_fedora.core.config.config_hash` must be the ``config_hash`` the run's
+    results.json records, or, without a readable one, that of the run's config.toml. A run
+    directory holding neither cannot show which config it ran, which is a problem too. The
+    canary, white-box and replay audits refuse a ``run_dir`` with such a ``cfg`` (their
+    Python functions and CLI alike) before anything trains. Reads only."""
+    from secure_fedora.core.config import ConfigError, config_hash, load_run_config
+
+    actual = config_hash(cfg)
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        results = None
+    recorded = results.get("config_hash") if isinstance(results, dict) else None
+    if isinstance(recorded, str):
+        if recorded == actual:
+            return None
+        return (f"the config hashes to {actual[:16]}..., but {run_dir / 'results.json'} records"
+                f" config_hash {recorded[:16]}...: it is not the config this run ran (another"
+                " run's, or config.toml changed after the run); audit the run with its own,"
+                " unchanged config.toml")
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        return (f"{run_dir} holds no results.json recording a config_hash and no config.toml:"
+                " the config cannot be checked to be this run's; give the run's own directory")
+    try:
+        own, _ = load_run_config(path)
+    except ConfigError as err:
+        return f"{path} is not a valid config ({err}), so the config cannot be checked against it"
+    if config_hash(own) != actual:
+        return (f"the config is not {path} (their config hashes differ): audit the run with its"
+                " own config.toml")
+    return None

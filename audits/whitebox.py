@@ -56,6 +56,7 @@ from audits.verdict import (
     audit_verdict,
     config_claim_problem,
     config_rebuild_problem,
+    run_config_problem,
     write_audit_json,
 )
 from audits.verify import (
@@ -519,7 +520,9 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     canary needs a coordinate of its own).
     Guarantee: if the audited DP-SGD is (claim, delta)-DP, the lower bound exceeds the claim
     with probability at most ``1 - confidence``. Raises :class:`WhiteboxAuditError` for bad
-    arguments or a plan that cannot be built, and, with ``run_dir``, when private key material
+    arguments or a plan that cannot be built, and, with ``run_dir``, when ``cfg`` is not the
+    run's config (:func:`audits.verdict.run_config_problem`: the ``config_hash`` results.json
+    records, else config.toml's; checked before anything trains), when private key material
     lies inside it (:func:`audits.verify.refuse_private_keys`, as ``audit verify`` and ``audit
     replay`` refuse it; what it could not check is the result's ``unchecked``) or the
     audited client's ledger
@@ -553,6 +556,10 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                _ledger_noise(run_path, cfg, method, client_index))
     if run_path is not None:
         check_setting_against_ledger(setting, run_path)
+        # after the ledger check, whose refusal rests on signed entries and says more
+        problem = run_config_problem(run_path, cfg)
+        if problem is not None:
+            raise WhiteboxAuditError(problem)
     # the run's thread count (training.threads, as its in-process training held it), the
     # process's own again after
     with threads_applied(cfg):

@@ -824,3 +824,22 @@ def test_replay_writes_json_as_the_other_audits_do(runs, tmp_path, monkeypatch, 
     (plain / "config.toml").write_text(tomli_w.dumps({**BASE, "privacy": {"enabled": False}}))
     assert main(["audit", "replay", str(plain), "--json", str(tmp_path / "p.json")]) == 3
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_config_toml_that_is_not_the_runs_is_refused_without_an_anchor(runs, tmp_path):
+    """Without anchor.json nothing tied config.toml to the run: one edited after the run (its
+    seed, from which the replay derives the noise) was replayed as the run's. Its config hash
+    must be the ``config_hash`` results.json records, as the canary audit requires."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["reproducible"], run)
+    shutil.rmtree(run / "audit", ignore_errors=True)  # another test's audit of the run
+    (run / "anchor.json").unlink()
+    (run / "config.toml").write_text(tomli_w.dumps({**BASE, "seed": 6,
+                                                    "privacy": {**BASE["privacy"],
+                                                                "noise": "reproducible"}}))
+    with pytest.raises(ReplayAuditError, match=r"records config_hash .*: it is not the config"
+                                               r" this run ran"):
+        run_replay_audit(run, trials=8)
+    assert not (run / "audit").exists()

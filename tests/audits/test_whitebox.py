@@ -712,3 +712,30 @@ def test_whitebox_and_canary_name_the_modules_they_imported(tmp_path, capsys, mo
     assert main(["audit", "whitebox", str(run), "--canaries", "100"]) in (0, 1, 3)
     assert "imported" not in capsys.readouterr().out
     assert json.loads((run / "audit" / "whitebox.json").read_text())["imported"] == []
+
+
+def test_a_config_that_is_not_the_runs_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    """``run_whitebox_audit(cfg, run_dir=RUN)`` with another config than RUN's trained and
+    bounded the wrong setting (the canary audit already refused it). It now refuses a config
+    whose hash is not the ``config_hash`` RUN's results.json records (else config.toml's),
+    as the canary audit does, before any data is built."""
+    from secure_fedora.core.config import config_hash
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tomli_w.dumps(_cfg_dict(3.0)))
+    (run / "results.json").write_text(json.dumps(
+        {"config_hash": config_hash(parse_config(_cfg_dict(3.0)))}))
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("the audit built the data of a config that is not the run's")
+
+    monkeypatch.setattr(whitebox, "build_clients", no_training)
+    other = parse_config({**_cfg_dict(3.0), "seed": 7})
+    with pytest.raises(WhiteboxAuditError, match=r"records config_hash .*: it is not the config"
+                                                 r" this run ran"):
+        run_whitebox_audit(other, run_dir=run, num_canaries=100)
+    (run / "results.json").unlink()  # without results.json, config.toml decides
+    with pytest.raises(WhiteboxAuditError, match=r"the config is not .*config.toml"):
+        run_whitebox_audit(other, run_dir=run, num_canaries=100)
+    assert not (run / "audit").exists()
