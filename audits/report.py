@@ -65,13 +65,16 @@ from privacy.accounting import (  # noqa: E402
     format_up,
 )
 from privacy.ckks import parameter_notes  # noqa: E402
+from privacy.errors import ToolkitError  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path, path_problem  # noqa: E402
+from secure_fedora.algorithms.contract import REPLY_LAMBDA, ROUND  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
 from secure_fedora.core.files import finite_document  # noqa: E402
 from secure_fedora.runtimes.results import (  # noqa: E402
     config_assumptions,
     metric_label,
+    releases_lambda,
     uses_relatedness,
 )
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
@@ -99,6 +102,18 @@ THREAT_MODEL = [
     "Neighbouring relation: add/remove one training record (the relation of the accountants).",
 ]
 
+#: :data:`THREAT_MODEL` for a DP run whose methods release no ``lambda`` (no method declares
+#: FEDORA's lambda among its round reply's entries): the same text without it.
+THREAT_MODEL_WITHOUT_LAMBDA = [
+    THREAT_MODEL[0],
+    "What leaves client i: its relatedness summary (FEDORA, once), its model (every round it"
+    " takes part in) and its public training-set size and step count; with DP on, each"
+    " data-dependent one is the output of an accounted mechanism (DP-SGD for models, the"
+    " Gaussian mechanism for noised summaries). Published evaluation metrics, and on Flower the"
+    " evaluation reports, are listed with the assumptions below.",
+    *THREAT_MODEL[2:],
+]
+
 #: The threat model of a run whose results state ``differential_privacy: false``: no budget,
 #: accountant or ledger stands behind what leaves a client.
 THREAT_MODEL_WITHOUT_DP = [
@@ -118,11 +133,36 @@ PLANNED_EPSILON_NOTE = ("planned \u03b5 is the plan's epsilon rounded up (result
                         " budgets is the ledger's exact epsilon (both shown rounded up)")
 
 
-def _threat_model(assumptions: dict[str, Any]) -> list[str]:
+def _threat_model(assumptions: dict[str, Any], lambda_released: bool | None) -> list[str]:
     """The threat model for the run: the DP one, unless its results (or config) say that
-    differential privacy was off, which claims no budget, ledger or accounted release."""
-    off = assumptions.get("differential_privacy") is False
-    return list(THREAT_MODEL_WITHOUT_DP if off else THREAT_MODEL)
+    differential privacy was off, which claims no budget, ledger or accounted release. The
+    DP one names FEDORA's lambda unless ``lambda_released`` is False (:func:`_releases_lambda`:
+    no method of the run releases it); where that is unknown (None) it stays named."""
+    if assumptions.get("differential_privacy") is False:
+        return list(THREAT_MODEL_WITHOUT_DP)
+    return list(THREAT_MODEL_WITHOUT_LAMBDA if lambda_released is False else THREAT_MODEL)
+
+
+def _releases_lambda(results: dict[str, Any] | None, cfg: ExperimentConfig | None
+                     ) -> bool | None:
+    """Whether a method of the run releases FEDORA's ``lambda``: as results.json's
+    ``privacy.<method>.reply_entries`` declare it (the contract both runtimes enforced), else
+    as the registered classes of config.toml's methods declare it
+    (:func:`~secure_fedora.runtimes.results.releases_lambda`); None when neither tells (no
+    declarations, a method this process has not registered)."""
+    declared = _reply_entries(results)
+    if any(r["stage"] == ROUND and r["entry"] == REPLY_LAMBDA for r in declared["entries"]):
+        return True
+    stated = (results or {}).get("privacy")
+    if declared["entries"] and not declared["not_stated"] and isinstance(stated, dict) \
+            and (cfg is None or set(cfg.methods) <= set(stated)):
+        return False  # every method's declarations are stated, and none is lambda
+    if cfg is None:
+        return None
+    try:
+        return releases_lambda(cfg)
+    except (ToolkitError, ValueError):  # an unregistered method, or its hook refused
+        return None
 
 
 class ReportError(AuditError):
@@ -829,7 +869,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "report_version": REPORT_VERSION,
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "identity": identity,
-        "threat_model": _threat_model(assumptions),
+        "threat_model": _threat_model(assumptions, _releases_lambda(results, cfg)),
         "assumptions": assumptions,
         "privacy_config": privacy_cfg,
         "budgets": _budget_rows(verification),

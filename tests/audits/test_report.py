@@ -1178,3 +1178,32 @@ def test_the_report_says_the_planned_epsilon_is_rounded_up_and_the_recorded_one_
     assert "the recorded \u03b5 of the per-client budgets is the ledger's exact epsilon" in note
     assert note in html.unescape(paths.html.read_text())
     assert "note" not in build_report(pristine_run)["privacy_plan"]  # no plan rows: no note
+
+
+def test_the_threat_model_names_lambda_only_for_a_run_whose_methods_release_it(
+        tmp_path, pristine_run):
+    """Every DP report's threat model said FEDORA's lambda leaves each client, also for a run
+    of methods that release none. It now names lambda only where a method of the run
+    declares it (results.json's reply_entries, else config.toml's methods), keeping it where
+    that cannot be told; the rest of the text is unchanged."""
+    from .conftest import build_run_dir
+
+    lam = "FEDORA's lambda (with private validation data)"
+    fedora = build_report(pristine_run)["threat_model"]
+    assert lam in " ".join(fedora) and "noised lambda" in " ".join(fedora)
+    local = build_run_dir(tmp_path / "local", methods=("local",))
+    threat = build_report(local)["threat_model"]
+    assert "lambda" not in " ".join(threat)
+    assert len(threat) == len(fedora) and [threat[0], *threat[2:]] == [fedora[0], *fedora[2:]]
+    assert "its model (every round it takes part in) and its public training-set size" \
+        in threat[1] and "(DP-SGD for models, the Gaussian mechanism for noised summaries)." \
+        in threat[1]
+    config = (local / "config.toml").read_bytes()
+    (local / "config.toml").unlink()  # a Flower result directory: results.json tells
+    assert build_report(local)["threat_model"] == threat
+    results = json.loads((local / "results.json").read_text())
+    del results["privacy"]["local"]["reply_entries"]  # an older run's results.json
+    (local / "results.json").write_text(json.dumps(results))
+    assert lam in " ".join(build_report(local)["threat_model"])  # cannot tell: named
+    (local / "config.toml").write_bytes(config)  # config.toml's methods tell
+    assert build_report(local)["threat_model"] == threat
