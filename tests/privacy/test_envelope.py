@@ -665,3 +665,17 @@ def test_a_refused_or_withdrawn_message_leaves_the_state_file_unchanged(parties,
     for receiver in (v, EnvelopeVerifier(allow, "server", state_path=state)):
         with pytest.raises(ReplayedNonceError):
             receiver.verify(good, b"x", 5)
+
+
+def test_a_ledger_folder_splits_into_ledgers_and_nonce_state_files(tmp_path):
+    """``ledger_files`` and ``nonce_files`` split a ledger folder's ``*.jsonl`` in one place:
+    a ``<party>.nonces.jsonl`` (replay-protection memory) is never a ledger, and other files
+    are neither."""
+    from privacy.envelope import ledger_files, nonce_files
+
+    for name in ("client-001.jsonl", "client-000.jsonl", "client-000.nonces.jsonl",
+                 "model.json", "client-000.journal", "client-000.jsonl.tmp"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in ledger_files(tmp_path)] == ["client-000.jsonl", "client-001.jsonl"]
+    assert [p.name for p in nonce_files(tmp_path)] == ["client-000.nonces.jsonl"]
+    assert ledger_files(tmp_path / "missing") == [] == nonce_files(tmp_path / "missing")
