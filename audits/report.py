@@ -68,13 +68,20 @@ from privacy.ckks import parameter_notes  # noqa: E402
 from privacy.errors import ToolkitError  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path, path_problem  # noqa: E402
-from secure_fedora.algorithms.contract import REPLY_LAMBDA, ROUND  # noqa: E402
+from secure_fedora.algorithms.contract import (  # noqa: E402
+    REPLY_LAMBDA,
+    REPLY_NUM_EXAMPLES,
+    REPLY_STEPS,
+    ROUND,
+    SETUP,
+    declared_reply_entries,
+)
+from secure_fedora.algorithms.messages import KIND_SUMMARY, KIND_THETA  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
 from secure_fedora.core.files import finite_document  # noqa: E402
 from secure_fedora.runtimes.results import (  # noqa: E402
     config_assumptions,
     metric_label,
-    releases_lambda,
     uses_relatedness,
 )
 from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
@@ -88,43 +95,20 @@ REPORT_VERSION = 1
 #: client; the tables and report.json keep every client.
 PLOT_CLIENTS_MAX = 50
 
-THREAT_MODEL = [
+#: The threat model's statements beside what leaves a client (:func:`_leaves_client`).
+THREAT_MODEL_SERVER = (
     "The server is honest-but-curious: it follows the protocol and tries to learn about client"
-    " data from what it receives. Clients do not trust it to enforce their budgets.",
-    "What leaves client i: its relatedness summary (FEDORA, once), its model (every round it"
-    " takes part in), FEDORA's lambda (with private validation data) and its public training-set"
-    " size and step count; with DP on, each data-dependent one is the output of an accounted"
-    " mechanism (DP-SGD for models, the Gaussian mechanism for noised summaries and noised"
-    " lambda). Published evaluation metrics, and on Flower the evaluation reports, are listed"
-    " with the assumptions below.",
+    " data from what it receives.")
+THREAT_MODEL_BUDGETS = [
     "Each client enforces its own (epsilon, delta) budget and refuses any release that would"
     " exceed it; every release is written to its signed, hash-chained ledger before it is sent.",
     "Neighbouring relation: add/remove one training record (the relation of the accountants).",
 ]
 
-#: :data:`THREAT_MODEL` for a DP run whose methods release no ``lambda`` (no method declares
-#: FEDORA's lambda among its round reply's entries): the same text without it.
-THREAT_MODEL_WITHOUT_LAMBDA = [
-    THREAT_MODEL[0],
-    "What leaves client i: its relatedness summary (FEDORA, once), its model (every round it"
-    " takes part in) and its public training-set size and step count; with DP on, each"
-    " data-dependent one is the output of an accounted mechanism (DP-SGD for models, the"
-    " Gaussian mechanism for noised summaries). Published evaluation metrics, and on Flower the"
-    " evaluation reports, are listed with the assumptions below.",
-    *THREAT_MODEL[2:],
-]
-
-#: The threat model of a run whose results state ``differential_privacy: false``: no budget,
-#: accountant or ledger stands behind what leaves a client.
-THREAT_MODEL_WITHOUT_DP = [
-    "The server is honest-but-curious: it follows the protocol and tries to learn about client"
-    " data from what it receives.",
-    "What leaves client i: its relatedness summary (FEDORA, once; plain, or encrypted where"
-    " configured), its model (every round it takes part in) and its training-set size and"
-    " step count. Differential privacy is off: none of it is an accounted mechanism, no"
-    " client has a budget and no ledger records the releases.",
-]
-
+#: The reply entries :func:`_leaves_client` names in words; any other a run's methods declare
+#: is named as a further declared entry.
+_NAMED_ENTRIES = frozenset({(SETUP, KIND_SUMMARY), (ROUND, KIND_THETA), (ROUND, REPLY_LAMBDA),
+                            (ROUND, REPLY_STEPS), (ROUND, REPLY_NUM_EXAMPLES)})
 
 #: Under the report's privacy plan: its planned epsilon (results.json ``planned_epsilon``) is
 #: the plan rounded up, where the per-client budgets table shows each ledger's exact spend.
@@ -133,36 +117,90 @@ PLANNED_EPSILON_NOTE = ("planned \u03b5 is the plan's epsilon rounded up (result
                         " budgets is the ledger's exact epsilon (both shown rounded up)")
 
 
-def _threat_model(assumptions: dict[str, Any], lambda_released: bool | None) -> list[str]:
+def _leaves_client(released: tuple[frozenset[tuple[str, str]], bool], dp: bool) -> str:
+    """The threat model's sentence on what leaves client i, naming the relatedness summary,
+    the model and FEDORA's lambda only where a method of the run declares that reply entry
+    (``released``: :func:`_released_entries`), and every one where the declarations are not
+    all known; other declared entries are named as such, never left out."""
+    entries, complete = released
+
+    def sends(stage: str, entry: str) -> bool:
+        return (stage, entry) in entries or not complete
+
+    summary, model, lam = (sends(SETUP, KIND_SUMMARY), sends(ROUND, KIND_THETA),
+                           sends(ROUND, REPLY_LAMBDA))
+    other = not complete or bool(entries - _NAMED_ENTRIES)
+    parts = []
+    if summary:
+        parts.append("its relatedness summary (FEDORA, once"
+                     + ("" if dp else "; plain, or encrypted where configured") + ")")
+    if model:
+        parts.append("its model (every round it takes part in)")
+    if lam:
+        parts.append("FEDORA's lambda (every round it takes part in"
+                     + ("; noised with private validation data" if dp else "") + ")")
+    if other:
+        parts.append("the further entries its methods declare for their replies (reply_entries,"
+                     " each with why it may leave)")
+    parts.append(("its public" if dp else "its") + " training-set size and step count")
+    leaves = "What leaves client i: " + (", ".join(parts[:-1]) + " and " + parts[-1]
+                                         if len(parts) > 1 else parts[0])
+    if not dp:
+        return (leaves + ". Differential privacy is off: none of it is an accounted mechanism,"
+                " no client has a budget and no ledger records the releases.")
+    gaussian = [what for sent, what in ((summary, "noised summaries"), (lam, "noised lambda"))
+                if sent]
+    mechanisms = (["DP-SGD for models"] if model else []) + (
+        ["the Gaussian mechanism for " + " and ".join(gaussian)] if gaussian else [])
+    if mechanisms:
+        dp_clause = ("with DP on, each data-dependent one is the output of an accounted"
+                     f" mechanism ({', '.join(mechanisms)})"
+                     + (" or leaves for its declared reason" if other else ""))
+    elif other:
+        dp_clause = "with DP on, each data-dependent one leaves for its declared reason"
+    else:
+        dp_clause = ("with DP on, nothing else leaves it (the sizes are public by the"
+                     " neighbouring relation, the step count is fixed by the plan)")
+    return (f"{leaves}; {dp_clause}. Published evaluation metrics, and on Flower the evaluation"
+            " reports, are listed with the assumptions below.")
+
+
+def _threat_model(assumptions: dict[str, Any],
+                  released: tuple[frozenset[tuple[str, str]], bool]) -> list[str]:
     """The threat model for the run: the DP one, unless its results (or config) say that
-    differential privacy was off, which claims no budget, ledger or accounted release. The
-    DP one names FEDORA's lambda unless ``lambda_released`` is False (:func:`_releases_lambda`:
-    no method of the run releases it); where that is unknown (None) it stays named."""
+    differential privacy was off, which claims no budget, ledger or accounted release. What
+    leaves a client is what the run's methods declare (:func:`_leaves_client`)."""
     if assumptions.get("differential_privacy") is False:
-        return list(THREAT_MODEL_WITHOUT_DP)
-    return list(THREAT_MODEL_WITHOUT_LAMBDA if lambda_released is False else THREAT_MODEL)
+        return [THREAT_MODEL_SERVER, _leaves_client(released, dp=False)]
+    return [THREAT_MODEL_SERVER + " Clients do not trust it to enforce their budgets.",
+            _leaves_client(released, dp=True), *THREAT_MODEL_BUDGETS]
 
 
-def _releases_lambda(results: dict[str, Any] | None, cfg: ExperimentConfig | None
-                     ) -> bool | None:
-    """Whether a method of the run releases FEDORA's ``lambda``: as results.json's
-    ``privacy.<method>.reply_entries`` declare it (the contract both runtimes enforced), else
-    as the registered classes of config.toml's methods declare it
-    (:func:`~secure_fedora.runtimes.results.releases_lambda`); None when neither tells (no
-    declarations, a method this process has not registered)."""
+def _released_entries(results: dict[str, Any] | None, cfg: ExperimentConfig | None
+                      ) -> tuple[frozenset[tuple[str, str]], bool]:
+    """Every ``(stage, entry)`` the run's methods' client replies may carry, and whether that
+    is all of them: as results.json's ``privacy.<method>.reply_entries`` declare them (the
+    contract both runtimes enforced) where it states them for every method of the run, else
+    adding what the registered classes of config.toml's methods declare
+    (:func:`~secure_fedora.algorithms.contract.declared_reply_entries`). Not all (False) when
+    neither tells of some method (no declarations, a method this process has not registered,
+    a factory that names no class): the report then names every entry it may carry."""
     declared = _reply_entries(results)
-    if any(r["stage"] == ROUND and r["entry"] == REPLY_LAMBDA for r in declared["entries"]):
-        return True
+    found = {(r["stage"], r["entry"]) for r in declared["entries"]}
     stated = (results or {}).get("privacy")
-    if declared["entries"] and not declared["not_stated"] and isinstance(stated, dict) \
+    if isinstance(stated, dict) and stated and not declared["not_stated"] \
             and (cfg is None or set(cfg.methods) <= set(stated)):
-        return False  # every method's declarations are stated, and none is lambda
+        return frozenset(found), True
     if cfg is None:
-        return None
-    try:
-        return releases_lambda(cfg)
-    except (ToolkitError, ValueError):  # an unregistered method, or its hook refused
-        return None
+        return frozenset(found), False
+    complete = True
+    for name in cfg.methods:
+        try:
+            found.update((stage, entry) for stage, entries
+                         in declared_reply_entries(name, cfg).items() for entry in entries)
+        except (ToolkitError, ValueError):  # an unregistered method, or its hook refused
+            complete = False
+    return frozenset(found), complete
 
 
 class ReportError(AuditError):
@@ -869,7 +907,7 @@ def build_report(run_dir: str | Path, *, verification: VerificationReport | None
         "report_version": REPORT_VERSION,
         "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "identity": identity,
-        "threat_model": _threat_model(assumptions, _releases_lambda(results, cfg)),
+        "threat_model": _threat_model(assumptions, _released_entries(results, cfg)),
         "assumptions": assumptions,
         "privacy_config": privacy_cfg,
         "budgets": _budget_rows(verification),

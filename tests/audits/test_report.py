@@ -1188,22 +1188,107 @@ def test_the_threat_model_names_lambda_only_for_a_run_whose_methods_release_it(
     that cannot be told; the rest of the text is unchanged."""
     from .conftest import build_run_dir
 
-    lam = "FEDORA's lambda (with private validation data)"
+    lam = "FEDORA's lambda (every round it takes part in; noised with private validation data)"
     fedora = build_report(pristine_run)["threat_model"]
     assert lam in " ".join(fedora) and "noised lambda" in " ".join(fedora)
-    local = build_run_dir(tmp_path / "local", methods=("local",))
-    threat = build_report(local)["threat_model"]
+    prox = build_run_dir(tmp_path / "fedprox", methods=("fedprox",))
+    threat = build_report(prox)["threat_model"]
     assert "lambda" not in " ".join(threat)
     assert len(threat) == len(fedora) and [threat[0], *threat[2:]] == [fedora[0], *fedora[2:]]
     assert "its model (every round it takes part in) and its public training-set size" \
-        in threat[1] and "(DP-SGD for models, the Gaussian mechanism for noised summaries)." \
-        in threat[1]
-    config = (local / "config.toml").read_bytes()
-    (local / "config.toml").unlink()  # a Flower result directory: results.json tells
-    assert build_report(local)["threat_model"] == threat
-    results = json.loads((local / "results.json").read_text())
-    del results["privacy"]["local"]["reply_entries"]  # an older run's results.json
-    (local / "results.json").write_text(json.dumps(results))
-    assert lam in " ".join(build_report(local)["threat_model"])  # cannot tell: named
-    (local / "config.toml").write_bytes(config)  # config.toml's methods tell
-    assert build_report(local)["threat_model"] == threat
+        in threat[1] and "(DP-SGD for models)." in threat[1]
+    config = (prox / "config.toml").read_bytes()
+    (prox / "config.toml").unlink()  # a Flower result directory: results.json tells
+    assert build_report(prox)["threat_model"] == threat
+    results = json.loads((prox / "results.json").read_text())
+    del results["privacy"]["fedprox"]["reply_entries"]  # an older run's results.json
+    (prox / "results.json").write_text(json.dumps(results))
+    assert lam in " ".join(build_report(prox)["threat_model"])  # cannot tell: named
+    (prox / "config.toml").write_bytes(config)  # config.toml's methods tell
+    assert build_report(prox)["threat_model"] == threat
+
+
+@pytest.mark.parametrize("method", ["local", "fedavg", "fedprox", "ditto", "apfl", "fedamp"])
+def test_the_threat_model_names_the_relatedness_summary_only_for_a_run_that_releases_one(
+        tmp_path, pristine_run, method):
+    """Every DP report's threat model said each client's relatedness summary (FEDORA, once)
+    leaves it, also for a run of methods that release none; it now names the summary only
+    where a method of the run declares it among its setup reply's entries (results.json,
+    else config.toml), and where that cannot be told."""
+    from .conftest import build_run_dir
+
+    summary = "its relatedness summary (FEDORA, once)"
+    fedora = " ".join(build_report(pristine_run)["threat_model"])
+    assert summary in fedora and "noised summaries" in fedora
+    run = build_run_dir(tmp_path / method, methods=(method,))
+    threat = " ".join(build_report(run)["threat_model"])
+    assert "relatedness summary" not in threat and "noised summaries" not in threat
+    results = json.loads((run / "results.json").read_text())
+    del results["privacy"][method]["reply_entries"]
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "config.toml").unlink()  # neither tells: named
+    assert summary in " ".join(build_report(run)["threat_model"])
+
+
+def test_the_threat_model_names_a_model_only_for_a_run_whose_clients_send_one(
+        tmp_path, pristine_run):
+    """A Local run's clients send only their step counts (the model never leaves), yet its
+    report said each client's model leaves every round, accounted by DP-SGD."""
+    from .conftest import build_run_dir
+
+    assert "its model (every round it takes part in)" in build_report(pristine_run)[
+        "threat_model"][1]
+    threat = build_report(build_run_dir(tmp_path / "local", methods=("local",)))["threat_model"]
+    assert threat[1].startswith("What leaves client i: its public training-set size and step"
+                                " count; with DP on, nothing else leaves it")
+    assert "model" not in threat[1] and "DP-SGD" not in threat[1]
+
+
+def test_the_threat_model_names_further_declared_entries_of_a_plug_in(tmp_path, pristine_run):
+    """A plug-in method registered under its own name whose round reply declares an entry of
+    its own: the threat model says further declared entries leave (none for FEDORA and
+    Local); one built on FEDORA under its own name releases FEDORA's summary and lambda."""
+    from secure_fedora.algorithms.baselines import FedProx
+    from secure_fedora.core.registry import METHODS
+
+    from .conftest import build_run_dir
+
+    class ScoredProx(FedProx):
+        @classmethod
+        def reply_entries(cls, cfg, stage):
+            declared = super().reply_entries(cfg, stage)
+            return {**declared, "score": "a public score"} if stage == "round" else declared
+
+    further = "the further entries its methods declare for their replies"
+    assert further not in " ".join(build_report(pristine_run)["threat_model"])
+    METHODS.register("scored_prox", ScoredProx)
+    METHODS.register("fedora_own_name", METHODS.get("fedora"))
+    try:
+        scored = build_report(build_run_dir(tmp_path / "s", methods=("scored_prox",)))
+        own = build_report(build_run_dir(tmp_path / "f", methods=("fedora_own_name",)))
+    finally:
+        METHODS.unregister("scored_prox")
+        METHODS.unregister("fedora_own_name")
+    assert further in scored["threat_model"][1] and "lambda" not in scored["threat_model"][1]
+    assert "or leaves for its declared reason" in scored["threat_model"][1]
+    assert own["threat_model"] == build_report(pristine_run)["threat_model"]
+
+
+@pytest.mark.parametrize(("method", "named"), [
+    ("fedora", {"relatedness summary": True, "FEDORA's lambda": True}),
+    ("fedprox", {"relatedness summary": False, "FEDORA's lambda": False})])
+def test_a_non_private_threat_model_names_what_the_run_s_methods_send(tmp_path, method, named):
+    """Without DP the threat model named FEDORA's summary for every run and never its lambda,
+    which a FEDORA client sends every round; it now names each where a method declares it."""
+    import tomli_w
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tomli_w.dumps({
+        "name": "plain", "methods": [method],
+        "data": {"num_clients": 3, "train_per_client": 16, "val_per_client": 8,
+                 "test_per_client": 8, "validation": "public"},
+        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8}, "fedora": {"k": 1}}))
+    leaves = build_report(run)["threat_model"][1]
+    assert "Differential privacy is off" in leaves
+    assert {text: text in leaves for text in named} == named
