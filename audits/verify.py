@@ -55,8 +55,11 @@
    ``planned_epsilon`` is the value of the accountant it names (RDP, PLD: that key's; PRV:
    not below the pessimistic PLD by more than ``rel_tol``; check ``plan_epsilon``; rows
    written before they stated these: an unchecked warning); every budget a client's ledger
-   or results.json client row states has a plan row and, under ``"auto"``, a comparison row
-   (check ``plan_coverage``; a results.json stating no plan is not held to one); a
+   or results.json client row states has a plan row and, under ``"auto"``, a comparison row,
+   and the plan rows' ``clients`` of each budget add up to the clients holding it (check
+   ``plan_coverage``; a DP method's section stating no plan: an unchecked warning); a plan
+   row's ``accountant`` is its section's (``plan_epsilon``); a client row's
+   ``epsilon_budget`` and ``delta`` are the ones its ledger records (``results_budget``); a
    DP-SGD entry (or refused DP-SGD record) whose signed ``params.method`` differs from the
    method of its ``ledgers/<method>/`` folder is an error (check ``method_folder``).
 5. **Coverage** (a warning): ledgers of several methods spend the same clients' data. A
@@ -471,8 +474,10 @@ _CHECKS_FIXED = [
     " carry the noise its calibrated candidate states; the chosen candidate's noise is the"
     " method's plan's; the chosen accountant is the one the rows choose",
     "each plan row of results.json: planned_epsilon_rdp and planned_epsilon_pld recomputed"
-    " from its releases, planned_epsilon its accountant's; every budget a ledger or client"
-    " row states has a plan row (and an accountant comparison row)",
+    " from its releases, planned_epsilon its accountant's, its accountant its method's; every"
+    " budget a ledger or client row states has a plan row (and an accountant comparison row),"
+    " whose clients counts add up to the clients holding it; a plan stated for every method",
+    "each client row's epsilon_budget and delta in results.json equal its ledger's",
     "every DP-SGD entry's noise multiplier, sample rate and steps equal results.json's"
     " (the client's noise_multiplier, the method's sample_rate and steps_per_round); every"
     " summary, lambda or plug-in entry's noise multiplier and sample rate equal its"
@@ -1479,7 +1484,8 @@ def _planned_fixed_noise_findings(entries: Sequence[dict[str, Any] | None],
         if e is None or not isinstance(e.get("params"), dict):
             continue
         mech = e.get("mechanism")
-        if mech in ("dpsgd", REFUSAL, REPAIR, CLOSE) or mech in named:
+        # a mechanism that is no string (the schema check names it) would not even hash
+        if not isinstance(mech, str) or mech in ("dpsgd", REFUSAL, REPAIR, CLOSE) or mech in named:
             continue
         for row in _budget_rows(rows, e):
             planned = _planned_fixed_noise(row)
@@ -1762,7 +1768,8 @@ def _plan_epsilon_findings(
     runtime's rounding up to 6 decimals (as :func:`_accountant_choice_findings`), and its
     ``planned_epsilon`` must be the value of the accountant it names (``accountant``): that
     key's exactly for RDP and PLD, and for PRV not below the pessimistic PLD by more than
-    ``rel_tol``. An error names the row and key; rows written before they stated every field
+    ``rel_tol``; a row's ``accountant`` must be the one its section states (the method ran
+    under). An error names the row and key; rows written before they stated every field
     (:data:`_PLAN_EPSILON_FIELDS`) get one unchecked warning."""
     plan = (section or {}).get("plan")
     if plan is None:
@@ -1794,8 +1801,16 @@ def _plan_epsilon_findings(
             )
         )
 
+    ran_under = (section or {}).get("accountant")
     old: dict[int, list[str]] = {}
     for i, row in enumerate(plan):
+        if "accountant" in row and row["accountant"] != ran_under:
+            where = f"privacy.{method}" if method is not None else "privacy"
+            err(
+                i,
+                f"accountant is {row['accountant']!r:.80}, but results.json's {where} states"
+                f" accountant {ran_under!r:.80} (the one the method ran under)",
+            )
         missing = [k for k in _PLAN_EPSILON_FIELDS if k not in row]
         if missing:
             old[i] = missing
@@ -1875,16 +1890,36 @@ def _plan_coverage_findings(
     section: dict[str, Any] | None,
     method: str | None,
     budgets: Mapping[str, Mapping[tuple[Any, Any], str]],
+    held: Mapping[str, tuple[Any, Any]],
 ) -> list[Finding]:
-    """``plan_coverage`` errors: a client of ``method`` whose budget ``(epsilon, delta)``
-    (``budgets``: client id -> each budget -> where it is stated) no row of results.json's
-    plan states, or, where the accountant was chosen (``accountant_choice.comparison``), no
-    comparison row: its noise and planned epsilon are then stated nowhere. A results.json
-    stating no plan (a run written before it) is not held to one."""
-    tables: list[tuple[str, list[Any]]] = []
+    """``plan_coverage`` findings. Errors: a client of ``method`` whose budget
+    ``(epsilon, delta)`` (``budgets``: client id -> each budget -> where it is stated) no row
+    of results.json's plan states, or, where the accountant was chosen
+    (``accountant_choice.comparison``), no comparison row: its noise and planned epsilon are
+    then stated nowhere; and a budget whose plan rows state ``clients`` counts that do not add
+    up to the number of clients holding it (``held``: client id -> the budget its ledger
+    records, else its results.json row states). A privacy section stating no plan at all (a
+    run written before it, or a plan removed) gets an unchecked warning: none of the plan's
+    checks could be made."""
+    where = f"privacy.{method}" if method is not None else "privacy"
     plan = (section or {}).get("plan")
+    if isinstance(section, dict) and plan is None:
+        return [
+            Finding(
+                "warning",
+                "plan_coverage",
+                f"results.json's {where} states no plan (a run written before it was recorded,"
+                " or a plan removed): the planned noise and epsilons, and their coverage of"
+                " every client's budget, were not checked",
+                None,
+                None,
+                method,
+                unchecked=True,
+            )
+        ]
+    tables: list[tuple[str, list[Any]]] = []
     if isinstance(plan, list):
-        tables.append((f"privacy.{method}.plan" if method is not None else "privacy.plan", plan))
+        tables.append((f"{where}.plan", plan))
     choice = (section or {}).get("accountant_choice")
     if (
         isinstance(choice, dict)
@@ -1893,7 +1928,7 @@ def _plan_coverage_findings(
     ):
         tables.append(("accountant_choice.comparison", choice["comparison"]))
     findings: list[Finding] = []
-    for where, rows in tables:
+    for table, rows in tables:
         covered = {
             (r["epsilon_budget"], r["delta"])
             for r in rows
@@ -1906,7 +1941,7 @@ def _plan_coverage_findings(
                         Finding(
                             "error",
                             "plan_coverage",
-                            f"no row of results.json's {where} states"
+                            f"no row of results.json's {table} states"
                             f" the client's budget (epsilon {eps!r}, delta {delta!r}; {source}):"
                             " its planned noise and epsilon are stated nowhere",
                             client_id,
@@ -1914,6 +1949,48 @@ def _plan_coverage_findings(
                             method,
                         )
                     )
+    if isinstance(plan, list):
+        findings.extend(_plan_clients_findings(plan, where, method, held))
+    return findings
+
+
+def _plan_clients_findings(
+    plan: Sequence[Any], where: str, method: str | None, held: Mapping[str, tuple[Any, Any]]
+) -> list[Finding]:
+    """``plan_coverage`` errors: per budget, the ``clients`` its plan rows state (a runtime
+    can split one budget's clients over rows, e.g. by PRV refinement) must add up to the
+    number of clients in ``held`` holding that budget; a ``clients`` that is no
+    non-negative integer is named. Rows stating no ``clients`` are not counted."""
+    findings: list[Finding] = []
+    stated: dict[tuple[Any, Any], list[int]] = {}
+    counts: dict[tuple[Any, Any], int] = {}
+    for i, row in enumerate(plan):
+        if not isinstance(row, dict) or "clients" not in row:
+            continue
+        if not (_number(row.get("epsilon_budget")) and _number(row.get("delta"))):
+            continue  # no budget to count: plan_epsilon names the row
+        n = row["clients"]
+        if not _int(n) or n < 0:
+            findings.append(Finding(
+                "error", "plan_coverage", f"{where}.plan[{i}] (epsilon"
+                f" {row['epsilon_budget']!r}, delta {row['delta']!r}) states clients"
+                f" {n!r:.80}: it must be a non-negative integer", None, None, method))
+            continue
+        key = (row["epsilon_budget"], row["delta"])
+        stated.setdefault(key, []).append(i)
+        counts[key] = counts.get(key, 0) + n
+    for key, rows in stated.items():
+        holders = sorted(cid for cid, b in held.items() if b == key)
+        if counts[key] != len(holders):
+            eps, delta = key
+            row_text = ", ".join(f"[{i}]" for i in rows)
+            findings.append(Finding(
+                "error", "plan_coverage", f"{where}.plan{row_text} (epsilon {eps!r}, delta"
+                f" {delta!r}) state{'s' if len(rows) == 1 else ''} {counts[key]} client(s),"
+                f" but {len(holders)} hold that budget"
+                + (f" ({', '.join(holders)})" if holders else "")
+                + " (as their ledgers record it, else results.json's client rows state it)",
+                None, None, method))
     return findings
 
 
@@ -1936,6 +2013,27 @@ def _anchor_rows(results: dict[str, Any] | None, method: str | None) -> dict[str
         if isinstance(row, dict) and isinstance(row.get("client"), str):
             rows.setdefault(row["client"], row)
     return rows
+
+
+def _results_budget_findings(row: Mapping[str, Any], budget: Any, delta: Any, client_id: str,
+                             method: str | None) -> list[Finding]:
+    """``results_budget`` errors: results.json's client row states an ``epsilon_budget`` or
+    ``delta`` that is not the budget the client's ledger records (``budget_epsilon``,
+    ``delta``; the same float, as both are written from one budget). A key the row does not
+    state, or a ledger recording no usable budget (reported by its own checks), is not
+    compared."""
+    findings: list[Finding] = []
+    for key, ledger_key, recorded in (("epsilon_budget", "budget_epsilon", budget),
+                                      ("delta", "delta", delta)):
+        if key not in row or not _number(recorded):
+            continue
+        stated = row[key]
+        if not _number(stated) or float(stated) != float(recorded):
+            findings.append(Finding(
+                "error", "results_budget", f"results.json's client row of {client_id} states"
+                f" {key} {stated!r:.80}, its ledger records {ledger_key} {recorded!r}",
+                client_id, None, method))
+    return findings
 
 
 def _check_sensitivity(entry: dict[str, Any], client_id: str, pos: int,
@@ -2215,6 +2313,7 @@ def _verify_client(path: Path, method: str | None, client_id: str,
         warn(None, "results_ledger", "results.json holds no ledger length for this client: entries"
              " removed from the end of the ledger cannot be detected", unchecked=True)
     else:
+        findings.extend(_results_budget_findings(anchor, budget, delta, client_id, method))
         n_anchor = anchor.get("ledger_entries")
         if n_anchor != len(lines):
             err(last, "results_ledger", f"the ledger has {len(lines)} entries, results.json recorded"
@@ -3501,9 +3600,12 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
                 budgets.setdefault(cid, {}).setdefault(
                     (row["epsilon_budget"], row["delta"]), "results.json's client row states it"
                 )
+        # the budget each client holds: the first stated, its ledger's (added first), else
+        # its results.json row's
+        held = {cid: next(iter(stated)) for cid, stated in budgets.items()}
         findings.extend(
             replace(f, ledger=ledger_at.get((f.method, f.client_id)))
-            for f in _plan_coverage_findings(section, method, budgets)
+            for f in _plan_coverage_findings(section, method, budgets, held)
         )
     if cfg is not None and cfg.privacy.enabled:
         dirs = sorted({m for m, _ in found if m is not None})

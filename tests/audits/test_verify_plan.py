@@ -145,8 +145,12 @@ def test_a_prv_plan_row_is_held_to_the_pessimistic_pld(run: Path) -> None:
     pessimistic PLD from below (PRV's bound may add its discretization error above it)."""
 
     def prv(privacy: dict[str, Any], factor: float) -> None:
+        # the method ran under PRV: its section and every plan row name it
+        privacy["local"]["accountant"] = "prv"
+        for other in privacy["local"]["plan"]:
+            other["accountant"] = "prv"
         row = _row(privacy, "local", 8.0)
-        row.update(accountant="prv", planned_epsilon=row["planned_epsilon_pld"] * factor)
+        row.update(planned_epsilon=row["planned_epsilon_pld"] * factor)
 
     for factor in (1.0, 1.2):
         _edit(run, lambda privacy, factor=factor: prv(privacy, factor))
@@ -247,3 +251,99 @@ def test_plan_and_budget_fields_of_the_wrong_type_are_named_not_a_crash(run: Pat
         ("plan_coverage", "client-002"),
     }
     assert "releases must be a non-empty list of release lines" in found[0].message
+
+
+@pytest.mark.parametrize(("key", "value"), [("epsilon_budget", 5.0), ("delta", 2e-5)])
+def test_a_client_row_stating_another_budget_than_its_ledger_is_an_error(
+    run: Path, key: str, value: float
+) -> None:
+    """results.json's client row of client-000 (Local) states a budget its ledger does not
+    record: an error naming the client, the key and both values."""
+    _edit(run, lambda privacy: privacy["local"]["clients"][0].update({key: value}))
+    (found,) = _found(run, "results_budget")
+    assert (found.severity, found.method, found.client_id) == ("error", "local", "client-000")
+    assert found.ledger == "ledgers/local/client-000.jsonl"
+    ledger_key, recorded = {"epsilon_budget": ("budget_epsilon", 8.0), "delta": ("delta", 1e-5)}[
+        key
+    ]
+    assert (
+        f"client row of client-000 states {key} {value!r}, its ledger records"
+        f" {ledger_key} {recorded!r}" in found.message
+    )
+
+
+def test_the_client_rows_of_a_real_run_state_their_ledgers_budgets(real_run: Path) -> None:
+    assert _found(real_run, "results_budget") == []
+
+
+@pytest.mark.parametrize("clients", [3, 1, 0, "2", -1])
+def test_a_plan_row_counting_other_clients_than_hold_its_budget_is_an_error(
+    run: Path, clients: Any
+) -> None:
+    """The 8.0 row of FEDORA's plan states a clients count that is not the two clients
+    (client-000, client-001) holding that budget, or no count at all."""
+    _edit(run, lambda privacy: _row(privacy, "fedora", 8.0).update(clients=clients))
+    (found,) = _found(run, "plan_coverage")
+    assert (found.severity, found.method, found.client_id) == ("error", "fedora", None)
+    assert found.message.startswith("privacy.fedora.plan[")
+    if isinstance(clients, int) and clients >= 0:
+        assert (
+            f"(epsilon 8.0, delta 1e-05) states {clients} client(s), but 2 hold that budget"
+            " (client-000, client-001)" in found.message
+        )
+    else:
+        assert f"states clients {clients!r}: it must be a non-negative integer" in found.message
+
+
+def test_one_budgets_clients_split_over_two_plan_rows_add_up(run: Path) -> None:
+    """A runtime may state one budget's clients in two rows (Flower: by PRV refinement):
+    their counts are added; one more row for the budget is then a miscount."""
+
+    def split(privacy: dict[str, Any]) -> None:
+        row = _row(privacy, "fedora", 8.0)
+        row["clients"] = 1
+        privacy["fedora"]["plan"].append({**row, "clients": 1})
+
+    _edit(run, split)
+    assert _found(run, "plan_coverage") == []
+    _edit(run, lambda privacy: privacy["fedora"]["plan"][-1].update(clients=2))
+    (found,) = _found(run, "plan_coverage")
+    assert "(epsilon 8.0, delta 1e-05) state 3 client(s), but 2 hold that budget" in found.message
+
+
+def test_a_plan_row_naming_another_accountant_than_its_method_is_an_error(run: Path) -> None:
+    """The 3.0 row of Local's plan names the other candidate (its planned_epsilon that
+    candidate's, so the row is consistent in itself): the method ran under another."""
+    privacy = json.loads((run / "results.json").read_text())["privacy"]
+    ran = privacy["local"]["accountant"]
+    other = "rdp" if ran == "pld" else "pld"
+
+    def switch(privacy: dict[str, Any]) -> None:
+        row = _row(privacy, "local", 3.0)
+        row.update(accountant=other, planned_epsilon=row[f"planned_epsilon_{other}"])
+
+    _edit(run, switch)
+    (found,) = _found(run, "plan_epsilon")
+    assert (found.severity, found.method) == ("error", "local")
+    assert (
+        f"accountant is {other!r}, but results.json's privacy.local states accountant {ran!r}"
+        in found.message
+    )
+
+
+def test_a_privacy_section_without_a_plan_verifies_unchecked(run: Path) -> None:
+    """A DP method's plan deleted from results.json: its checks cannot be made; an unchecked
+    warning names the method (an error under strict), and the run still verifies."""
+    _edit(run, lambda privacy: privacy["local"].pop("plan"))
+    report = verify_run(run)
+    assert report.ok, report.errors
+    (found,) = [f for f in report.findings if f.check in ("plan_coverage", "plan_epsilon")]
+    assert (found.severity, found.check, found.method, found.unchecked) == (
+        "warning",
+        "plan_coverage",
+        "local",
+        True,
+    )
+    assert "results.json's privacy.local states no plan" in found.message
+    strict = verify_run(run, strict=True)
+    assert [f.method for f in strict.errors if f.check == "plan_coverage"] == ["local"]
