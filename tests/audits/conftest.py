@@ -24,7 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from privacy.accounting import Accountant, BudgetExceededError, PrivacyBudget
+from privacy.accounting import (
+    Accountant,
+    BudgetExceededError,
+    PlannedRelease,
+    PrivacyBudget,
+    plan_epsilon,
+    round_up,
+)
 from privacy.dpsgd import DPSGD
 from privacy.identity import client_ids, init_keys, load_identity
 from privacy.ledger import LedgerWriter, line_hash
@@ -84,12 +91,43 @@ def _dpsgd_record(noise_multiplier: float, sample_rate: float, steps: int):
         return dp.record(sample_rate)
 
 
+def _plan_rows(method: str, budgets: list[PrivacyBudget], accountant: str,
+               noise_multiplier: float, sample_rate: float, steps_per_round: int,
+               rounds: int) -> list[dict[str, Any]]:
+    """``privacy.<method>.plan`` as the runtime states it, for the releases the fixture's
+    ledgers record (FEDORA: one summary, per round DP-SGD steps and a lambda; Local: DP-SGD
+    only), every epsilon computed by the real :func:`privacy.accounting.plan_epsilon`."""
+    releases = [PlannedRelease("dpsgd", sample_rate, rounds * steps_per_round)]
+    if method == "fedora":
+        releases = [PlannedRelease("gaussian_summary", 1.0, 1, 5.0), *releases,
+                    PlannedRelease("gaussian_lambda", 1.0, rounds, 5.0)]
+    rows: dict[tuple[float, float], dict[str, Any]] = {}
+    for budget in budgets:
+        key = (budget.epsilon, budget.delta)
+        if key not in rows:
+            eps = {name: round_up(plan_epsilon(releases, budget.delta, noise_multiplier, name))
+                   for name in ("rdp", "pld", accountant)}
+            rows[key] = {
+                "method": method, "epsilon_budget": budget.epsilon, "delta": budget.delta,
+                "noise_multiplier": noise_multiplier, "sample_rate": sample_rate,
+                "steps_per_round": steps_per_round, "rounds": rounds,
+                "planned_epsilon": eps[accountant], "planned_epsilon_rdp": eps["rdp"],
+                "planned_epsilon_pld": eps["pld"],
+                "releases": [f"{r.mechanism} x{r.steps} (q={r.sample_rate!r}"
+                             + (f", sigma={r.noise_multiplier!r})" if r.noise_multiplier
+                                else ")") for r in releases],
+                "figures": "exact", "clients": 0, "accountant": accountant,
+            }
+        rows[key]["clients"] += 1
+    return list(rows.values())
+
+
 def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                   accountant: str = "rdp", epsilon: float = 8.0, delta: float = 1e-5,
                   overrides: dict[str, float] | None = None, noise_multiplier: float = 1.2,
                   sample_rate: float = 0.1, steps_per_round: int = 5,
                   methods: tuple[str, ...] = ("fedora", "local"),
-                  record_method: bool = False) -> Path:
+                  record_method: bool = False, plan: bool = True) -> Path:
     """Write a complete DP run directory under ``root`` in the runtime's layout; return it.
 
     Layout as written by :class:`secure_fedora.runtimes.inprocess.Simulation` with privacy enabled:
@@ -98,7 +136,9 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
     ``privacy[<method>]["clients"]`` summaries and ``anchor.json``. FEDORA clients release
     a noised summary (round 0), then per round DP-SGD steps and a noised lambda; Local
     clients release DP-SGD steps only. ``record_method``: each DP-SGD record also states its
-    method (``params.method``), as both runtimes' clients record it.
+    method (``params.method``), as both runtimes' clients record it. ``plan``: each method's
+    section states its accountant and plan rows (``privacy.<method>.plan``), as runs do;
+    False writes a section of a run from before the plan was recorded.
     """
     root.mkdir(parents=True, exist_ok=True)
     overrides = overrides or {}
@@ -157,7 +197,13 @@ def build_run_dir(root: Path, *, num_clients: int = 3, rounds: int = 4,
                     "ledger_entries": ledger.head[0],
                     "ledger_head": ledger.head[1],
                 })
+        budgets = [PrivacyBudget(overrides.get(str(i), epsilon), delta)
+                   for i in range(num_clients)]
         privacy[method] = {"method": method, "sample_rate": sample_rate,
+                           **({"accountant": accountant,
+                               "plan": _plan_rows(method, budgets, accountant,
+                                                  noise_multiplier, sample_rate,
+                                                  steps_per_round, rounds)} if plan else {}),
                            "steps_per_round": steps_per_round, "clients": per_client,
                            "events": [],
                            "model_fingerprint": model_fingerprint(fixture_model()),
