@@ -1825,18 +1825,18 @@ def _plan_epsilon_findings(
             continue
         pld_eps, rdp_eps = _final_epsilons(releases, float(delta))
         independent = {"rdp": rdp_eps, "pld": pld_eps}
+
+        def stated_problem(key: str, value: Any, name: str, upper: bool = True,
+                           independent: dict[str, float | None] = independent,
+                           releases: Sequence[tuple[float, float, int]] = releases,
+                           delta: float = float(delta)) -> str | None:
+            """The problem of this row's stated ``key`` against ``name``'s recomputed value."""
+            return _stated_epsilon_problem(key, value, name, independent[name], releases, delta,
+                                           rel_tol, "its releases", upper=upper)
+
         for name in ("rdp", "pld"):
             key = f"planned_epsilon_{name}"
-            problem = _stated_epsilon_problem(
-                key,
-                row[key],
-                name,
-                independent[name],
-                releases,
-                float(delta),
-                rel_tol,
-                "its releases",
-            )
+            problem = stated_problem(key, row[key], name)
             if problem is not None:
                 err(i, problem)
         chosen, stated = row["accountant"], row["planned_epsilon"]
@@ -1855,17 +1855,7 @@ def _plan_epsilon_findings(
             name = "pld" if chosen == "prv" else chosen
             # PRV's bound adds its discretization error (absolute: 0.01 for a run ledgered
             # before PRV refined it), so only a value below the pessimistic PLD is wrong
-            problem = _stated_epsilon_problem(
-                "planned_epsilon",
-                stated,
-                name,
-                independent[name],
-                releases,
-                float(delta),
-                rel_tol,
-                "its releases",
-                upper=chosen != "prv",
-            )
+            problem = stated_problem("planned_epsilon", stated, name, upper=chosen != "prv")
             if problem is not None:
                 err(i, f"{problem} (its accountant: {chosen!r})")
     if old:
