@@ -51,6 +51,13 @@ def keystore_of(run: Path) -> Path:
     return run.parent / f"{run.name}-keystore"
 
 
+def copy_run(source: Path, dest: Path) -> Path:
+    """A private, modifiable copy ``dest`` of the run ``source`` and of its key store."""
+    shutil.copytree(source, dest)
+    shutil.copytree(keystore_of(source), keystore_of(dest))
+    return dest
+
+
 def reanchor(run: Path) -> None:
     """Re-sign ``anchor.json`` for the run directory as it is now (as a forger holding the
     operator key would): current ledger heads and results/config digests; the run name and
@@ -243,10 +250,7 @@ def pristine_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture()
 def run_copy(pristine_run: Path, tmp_path: Path) -> Path:
     """A private, modifiable copy of the pristine run (and of its key store)."""
-    dest = tmp_path / "run"
-    shutil.copytree(pristine_run, dest)
-    shutil.copytree(keystore_of(pristine_run), keystore_of(dest))
-    return dest
+    return copy_run(pristine_run, tmp_path / "run")
 
 
 #: A tiny private config for ``audit canary RUN_DIR`` tests (2 clients, 1 round, Local).

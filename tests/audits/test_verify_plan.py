@@ -5,7 +5,6 @@ with a per-client override (two budgets)."""
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 
 from audits.verify import verify_run
 
-from .conftest import keystore_of, reanchor
+from .conftest import copy_run, keystore_of, reanchor
 
 METHODS = ("fedora", "local")
 
@@ -49,10 +48,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def run(real_run: Path, tmp_path: Path) -> Path:
-    dest = tmp_path / "run"
-    shutil.copytree(real_run, dest)
-    shutil.copytree(keystore_of(real_run), keystore_of(dest))
-    return dest
+    return copy_run(real_run, tmp_path / "run")
 
 
 def _edit(run: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
