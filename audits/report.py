@@ -65,7 +65,6 @@ from privacy.accounting import (  # noqa: E402
     format_up,
 )
 from privacy.ckks import parameter_notes  # noqa: E402
-from privacy.errors import ToolkitError  # noqa: E402
 from privacy.identity import client_ids  # noqa: E402
 from privacy.paths import check_path, path_problem  # noqa: E402
 from secure_fedora.algorithms.contract import (  # noqa: E402
@@ -74,7 +73,7 @@ from secure_fedora.algorithms.contract import (  # noqa: E402
     REPLY_STEPS,
     ROUND,
     SETUP,
-    declared_reply_entries,
+    reply_declarations,
 )
 from secure_fedora.algorithms.messages import KIND_SUMMARY, KIND_THETA  # noqa: E402
 from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
@@ -182,7 +181,8 @@ def _released_entries(results: dict[str, Any] | None, cfg: ExperimentConfig | No
     is all of them: as results.json's ``privacy.<method>.reply_entries`` declare them (the
     contract both runtimes enforced) where it states them for every method of the run, else
     adding what the registered classes of config.toml's methods declare
-    (:func:`~secure_fedora.algorithms.contract.declared_reply_entries`). Not all (False) when
+    (:func:`~secure_fedora.algorithms.contract.reply_declarations`, the reader results.json's
+    statements use). Not all (False) when
     neither tells of some method (no declarations, a method this process has not registered,
     a factory that names no class): the report then names every entry it may carry."""
     declared = _reply_entries(results)
@@ -193,14 +193,8 @@ def _released_entries(results: dict[str, Any] | None, cfg: ExperimentConfig | No
         return frozenset(found), True
     if cfg is None:
         return frozenset(found), False
-    complete = True
-    for name in cfg.methods:
-        try:
-            found.update((stage, entry) for stage, entries
-                         in declared_reply_entries(name, cfg).items() for entry in entries)
-        except (ToolkitError, ValueError):  # an unregistered method, or its hook refused
-            complete = False
-    return frozenset(found), complete
+    registered = reply_declarations(cfg.methods, cfg)
+    return frozenset(found | registered.entries), registered.complete
 
 
 class ReportError(AuditError):

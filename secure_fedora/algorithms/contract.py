@@ -57,7 +57,8 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
            "check_data_facts", "data_checked", "method_hook", "server_half", "is_builtin_method", "named_class_declarations",
            "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class", "SAT_OUT_PULL_DIVERGED", "with_sat_out_statistics",
-           "method_releases", "round_mechanisms", "REPLY_STAGES", "declared_reply_entries"]
+           "method_releases", "round_mechanisms", "REPLY_STAGES", "declared_reply_entries",
+           "ReplyDeclarations", "reply_declarations"]
 
 SETUP = "setup"
 ROUND = "round"
@@ -685,6 +686,49 @@ def declared_reply_entries(name: str, cfg: Any) -> dict[str, dict[str, dict[str,
     return {stage: {entry: {"reason": reason, "built_in": (stage, entry, reason) in builtin}
                     for entry, reason in rules.entries[stage].items()}
             for stage in REPLY_STAGES}
+
+
+@dataclass(frozen=True)
+class ReplyDeclarations:
+    """What the client replies of a run's methods may carry, as their classes declare it
+    (:func:`reply_declarations`)."""
+
+    #: Every ``(stage, entry)`` a method that declares its replies declares.
+    entries: frozenset[tuple[str, str]]
+    #: The methods whose declarations this process cannot read (a name it has not
+    #: registered, a factory that names no class, a ``reply_entries`` that raised), in the
+    #: run's order: their replies may carry any entry.
+    undeclared: tuple[str, ...]
+
+    @property
+    def complete(self) -> bool:
+        """Whether :attr:`entries` is every entry the replies may carry."""
+        return not self.undeclared
+
+    def may_carry(self, stage: str, entry: str) -> bool:
+        """Whether a reply of ``stage`` may carry ``entry``: declared by a method, or not
+        excluded because some method's declarations are unknown."""
+        return (stage, entry) in self.entries or not self.complete
+
+
+def reply_declarations(names: Sequence[str], cfg: Any) -> ReplyDeclarations:
+    """The ``(stage, entry)`` pairs the client replies of methods ``names`` may carry under
+    ``cfg`` (each method's :func:`declared_reply_entries`) and the methods whose declarations
+    cannot be read here: the one reader of what leaves a client for results.json's
+    statements and the audit report. Never raises for a method it cannot read; it names it
+    in :attr:`ReplyDeclarations.undeclared` instead, so no statement reads "not carried"
+    where it is unknown."""
+    entries: set[tuple[str, str]] = set()
+    undeclared: list[str] = []
+    for name in dict.fromkeys(names):
+        try:
+            declared = declared_reply_entries(name, cfg)
+        except (ToolkitError, ValueError):  # unknown here: named, not guessed
+            undeclared.append(name)
+            continue
+        entries.update((stage, entry) for stage, stage_entries in declared.items()
+                       for entry in stage_entries)
+    return ReplyDeclarations(frozenset(entries), tuple(undeclared))
 
 
 def round_mechanisms(name: str, cfg: Any) -> tuple[str, ...]:

@@ -58,6 +58,7 @@ from secure_fedora.algorithms.contract import (
     declared_reply_entries,
     method_class,
     method_hook,
+    reply_declarations,
 )
 from secure_fedora.core.config import ConfigError, ExperimentConfig, model_selection
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
@@ -292,26 +293,48 @@ CLIENT_ERRORS_PULL = {
 """What :data:`CLIENT_ERRORS` adds for a run of a method whose round reply carries FEDORA's
 ``lambda`` (:func:`releases_lambda`): only its pull can diverge and so tag an error text."""
 
+CLIENT_ERRORS_PULL_UNDECLARED = {
+    "withheld": (
+        " What the replies of {methods} carry is not declared where this statement is made (a "
+        "method registered as a factory that names no class, or one this process has not "
+        "registered): they may carry FEDORA's lambda, and the text its pull's tag."
+        + CLIENT_ERRORS_PULL["withheld"]),
+    "full": (CLIENT_ERRORS_PULL["full"] + ", possible as the replies of {methods} are not "
+             "declared and may carry FEDORA's lambda"),
+}
+"""What :data:`CLIENT_ERRORS` adds where no method of the run declares ``lambda`` but some
+method's reply entries cannot be read (:func:`releases_lambda` is ``None``): the pull's tag
+is named as possible, with the methods whose replies are not declared (``{methods}``)."""
 
-def releases_lambda(cfg: ExperimentConfig) -> bool:
+
+def releases_lambda(cfg: ExperimentConfig) -> bool | None:
     """Whether a method of ``cfg`` declares FEDORA's ``lambda`` among its round reply's entries
     (:meth:`FederatedAlgorithm.reply_entries`, the contract both runtimes enforce: FEDORA or a
-    method built on it); a factory that names no class declares nothing."""
-    for name, cls in _declaring_classes(cfg.methods):
-        with method_hook(name, "reply_entries(cfg, 'round')"):
-            entries = cls.reply_entries(cfg, ROUND)
-        if REPLY_LAMBDA in entries:
-            return True
-    return False
+    method built on it), read by :func:`~secure_fedora.algorithms.contract.reply_declarations`:
+    ``True`` where one declares it, ``False`` where every method declares its replies and none
+    carries it, ``None`` (unknown) where none declares it and some method's declarations
+    cannot be read (a factory that names no class, a name this process has not registered)."""
+    declared = reply_declarations(cfg.methods, cfg)
+    if (ROUND, REPLY_LAMBDA) in declared.entries:
+        return True
+    return False if declared.complete else None
 
 
 def client_errors_statement(cfg: ExperimentConfig) -> str:
     """results.json ``assumptions.client_errors`` of a run of ``cfg`` (both runtimes): its
     :data:`CLIENT_ERRORS` text, naming FEDORA's pull-divergence tag and the lambda it
-    reveals only when a method of the run releases lambdas (:func:`releases_lambda`)."""
+    reveals where a method of the run releases lambdas (:func:`releases_lambda`), and as
+    possible, naming the methods whose replies are not declared, where that is unknown
+    (:data:`CLIENT_ERRORS_PULL_UNDECLARED`); never silent about a tag a reply may carry."""
     mode = cfg.security.client_errors
-    return CLIENT_ERRORS[mode].format(pull=CLIENT_ERRORS_PULL[mode] if releases_lambda(cfg)
-                                      else "")
+    lam = releases_lambda(cfg)
+    if lam is None:
+        undeclared = reply_declarations(cfg.methods, cfg).undeclared
+        pull = CLIENT_ERRORS_PULL_UNDECLARED[mode].format(methods=", ".join(undeclared))
+    else:
+        pull = CLIENT_ERRORS_PULL[mode] if lam else ""
+    return CLIENT_ERRORS[mode].format(pull=pull)
+
 
 INPUTS_OUTSIDE_CONFIG = {
     "data": "given through the Python API (Experiment(data=...)), not by config.toml",

@@ -1289,3 +1289,36 @@ def test_a_non_private_threat_model_names_what_the_run_s_methods_send(tmp_path, 
     leaves = build_report(run)["threat_model"][1]
     assert "Differential privacy is off" in leaves
     assert {text: text in leaves for text in named} == named
+
+
+def test_a_run_of_a_factory_that_names_no_class_is_stated_alike_in_results_and_report(tmp_path):
+    """A method registered as a factory that names no class: its replies are not declared
+    where a statement can read them. The report's threat model names every entry its replies
+    may carry (FEDORA's lambda among them), and results.json's ``assumptions.client_errors``,
+    read through the same reader, names FEDORA's pull tag as possible and the method, where it
+    said nothing of it (as for a run whose replies carry no lambda)."""
+    from secure_fedora.algorithms.baselines import FedAvg
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.core.registry import METHODS
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    def factory(ctx, cfg):  # names no class (no .algorithm)
+        return FedAvg.from_config(ctx, cfg)
+
+    run = tmp_path / "run"
+    METHODS.register("classless_r", factory)
+    try:
+        cfg = parse_config({"name": "classless", "methods": ["classless_r"],
+                            "data": {"num_clients": 2, "train_per_client": 16,
+                                     "val_per_client": 8, "test_per_client": 8},
+                            "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8}})
+        results = Simulation(cfg, run, clients=build_clients(cfg)).run()
+        threat = build_report(run)["threat_model"][1]
+    finally:
+        METHODS.unregister("classless_r")
+    stated = results["assumptions"]["client_errors"]
+    assert "What the replies of classless_r carry is not declared" in stated
+    assert "FEDORA's pull diverged" in stated
+    assert "FEDORA's lambda (every round it takes part in)" in threat
+    assert "its relatedness summary" in threat and "the further entries its methods declare" \
+        in threat

@@ -1178,3 +1178,28 @@ def test_a_factorys_named_class_whose_declaration_raises_is_named():
             build_method("raising_named_x", ctx, cfg)
     finally:
         METHODS.unregister("raising_named_x")
+
+
+def test_reply_declarations_names_the_methods_whose_replies_it_cannot_read():
+    """The one reader of what a run's replies may carry (results.json's statements and the
+    audit report): every declared (stage, entry), and the methods it cannot read (a factory
+    that names no class, a name this process has not registered) instead of reading them as
+    carrying nothing."""
+    from secure_fedora.algorithms.contract import reply_declarations
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]  # names no class
+        return Fedora.from_config(ctx, cfg)
+
+    cfg = _config("fedora")
+    fedora = reply_declarations(["fedora"], cfg)
+    assert fedora.complete and ("round", "lambda") in fedora.entries
+    assert ("setup", "summary") in fedora.entries and fedora.may_carry("round", "lambda")
+    local = reply_declarations(["local"], cfg)
+    assert local.complete and not local.may_carry("round", "lambda")
+    METHODS.register("classless_d", factory)
+    try:
+        mixed = reply_declarations(["local", "classless_d", "not_registered_d", "local"], cfg)
+    finally:
+        METHODS.unregister("classless_d")
+    assert mixed.undeclared == ("classless_d", "not_registered_d") and not mixed.complete
+    assert mixed.entries == local.entries and mixed.may_carry("round", "lambda")

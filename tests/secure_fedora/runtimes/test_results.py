@@ -334,3 +334,42 @@ def test_only_a_run_of_a_method_that_releases_lambda_states_fedoras_pull_tag(mod
         assert tag in stated(["myfedora_l"])
     finally:
         METHODS.unregister("myfedora_l")
+
+
+@pytest.mark.parametrize("mode", ["withheld", "full"])
+def test_a_run_of_a_factory_that_names_no_class_states_fedoras_pull_tag_as_possible(mode) -> None:
+    """A method registered as a factory that names no class declares nothing this process
+    can read, and its replies may carry FEDORA's lambda; results.json's
+    ``assumptions.client_errors`` said "no lambda" for it (no pull tag), where the audit
+    report names every entry. It now names the pull's tag as possible and the method whose
+    replies are not declared; a method declaring lambda beside it states the tag as before."""
+    from secure_fedora.algorithms.methods import Fedora
+    from secure_fedora.runtimes.results import releases_lambda
+
+    def factory(ctx, cfg):  # type: ignore[no-untyped-def]  # names no class (no .algorithm)
+        return Fedora.from_config(ctx, cfg)
+
+    def stated(methods: list[str]) -> str:
+        cfg = parse_config({"methods": methods, "data": {"num_clients": 3},
+                            "security": {"client_errors": mode}})
+        return _build(cfg, {})["assumptions"]["client_errors"]
+
+    METHODS.register("classless_f", factory)
+    try:
+        cfg = parse_config({"methods": ["local", "classless_f"], "data": {"num_clients": 3}})
+        assert releases_lambda(cfg) is None  # unknown, not "no lambda"
+        unknown = stated(["local", "classless_f"])
+        fedora = stated(["classless_f", "fedora"])
+    finally:
+        METHODS.unregister("classless_f")
+    if mode == "withheld":
+        assert "What the replies of classless_f carry is not declared" in unknown
+        assert "they may carry FEDORA's lambda" in unknown
+        assert "the fixed tag \"FEDORA's pull diverged\"" in unknown
+    else:
+        assert ("a fixed sentence and, for a diverged pull, its fixed tag, possible as the "
+                "replies of classless_f are not declared and may carry FEDORA's lambda). In "
+                "process") in unknown
+    assert fedora == stated(["fedora"])  # a declared lambda: the tag as before
+    assert "not declared" not in stated(["local"])
+
