@@ -1874,11 +1874,11 @@ class Simulation:
         """The results document (:func:`secure_fedora.runtimes.results.build_results`, the
         schema both runtimes share): run identity, per-method summaries and comparisons."""
         from secure_fedora.runtimes.results import (
-            TIMING_UNDER_DP,
             build_results,
             checkpoints_statement,
             client_rows,
             inputs_outside_config_assumption,
+            timing_statement,
         )
         from secure_fedora.runtimes.rundir import recorded_amendments
 
@@ -1895,7 +1895,7 @@ class Simulation:
             assumptions={
                 **inputs_outside_config_assumption(self.inputs_outside_config),
                 **({"checkpoints": checkpoints_statement(self.cfg),
-                    "timing": TIMING_UNDER_DP["in-process"]}
+                    "timing": timing_statement("in-process")}
                    if self.cfg.privacy.enabled else {})},
             runtime_keys=runtime_keys or None,
             clients=client_rows([{"id": c.client_id, "train": c.train_x.shape[0],

@@ -64,11 +64,11 @@ from secure_fedora.core.config import ConfigError, ExperimentConfig, model_selec
 from secure_fedora.core.files import NON_FINITE_KEY, finite_document
 
 __all__ = ["INPUTS_OUTSIDE_CONFIG", "METRIC_LABELS", "PROCESS_KEYS", "RESERVED_KEYS", "RESULT_FILES",
-           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "TIMING_UNDER_DP", "build_results", "checkpoints_statement",
+           "ROUNDS_CSV", "ROUNDS_CSV_OMITS", "TIMING_RECORDS", "build_results", "checkpoints_statement",
            "client_errors_statement", "client_rows", "config_assumptions", "releases_lambda",
            "inputs_outside_config", "inputs_outside_config_assumption", "kept_results",
            "method_entry", "metric_label", "remove_interrupted_result_writes", "rounds_csv_holds",
-           "rounds_csv_text", "same_outcomes", "stated_beyond_run", "uses_relatedness",
+           "rounds_csv_text", "same_outcomes", "stated_beyond_run", "timing_statement", "uses_relatedness",
            "write_rounds_csv", "write_run_results"]
 
 #: The files a runtime replaces atomically in its run directory (the in-process run
@@ -202,17 +202,17 @@ METHODS_COMPARED = (
 _TIMING_DEPENDS = (
     "a client's times can depend on its data through the batch sizes its Poisson sampling "
     "draws (which DP-SGD's accounting treats as hidden); no ledger accounts them")
-TIMING_UNDER_DP = {
+_TIMING_UNDER_DP = {
     "flower": (
         "timing is outside the ledgers: every reply a client sends carries its ClientApp "
         "process's start time and its handler's start and end times (t-process-start, "
         "t-handler-start, t-handler-end), and the server sees when each reply arrives; "
         "results.json and progress.json hold their averages over the replying clients per "
-        "exchange (timing, evaluation_timing; in results.json also timings and "
-        "relatedness_timing) and each round's seconds; results.json also holds each method's "
+        "exchange (timing, evaluation_timing{in_results}) and each round's seconds; "
+        "results.json also holds each method's "
         "seconds_training and seconds_evaluation and the run's seconds_total; the ServerApp "
-        "checkpoint (checkpoints/flower-server.pt) holds them too: the timings, "
-        "relatedness_timing, every round's row (history: its seconds, timing, "
+        "checkpoint (checkpoints/flower-server.pt) holds them too: {in_checkpoint}"
+        "every round's row (history: its seconds, timing, "
         "evaluation_timing), each finished method's outcome with its seconds, the method in "
         "flight's seconds and the run's elapsed time; every ledger entry carries its UTC "
         "time. " + _TIMING_DEPENDS),
@@ -223,9 +223,38 @@ TIMING_UNDER_DP = {
         "beside its history of rounds and, once it finished, its outcome) and every ledger "
         "entry carries its UTC time. " + _TIMING_DEPENDS),
 }
-"""results.json ``assumptions.timing`` of a DP run, per runtime: the times a run sends and
-writes (results.json, progress.json, the checkpoints), which it keeps (they are how a run's
-cost is read, and a resume goes on from them) and no ledger accounts."""
+
+TIMING_RECORDS: dict[str, tuple[str, ...]] = {
+    "flower": ("timings", "relatedness_timing"),
+    "in-process": (),
+}
+"""The run-level timing records each runtime writes into results.json (beside its
+``runtime_keys``) and its checkpoint, which hold something only in some runs (Flower's
+``relatedness_timing``: only an encrypted relatedness ceremony's); :func:`timing_statement`
+names those a run's hold something."""
+
+
+def timing_statement(runtime: str, records: Mapping[str, Any] | None = None) -> str:
+    """results.json ``assumptions.timing`` of a DP run on ``runtime`` (``"flower"`` or
+    ``"in-process"``; both runtimes call it): the times a run sends and writes (results.json,
+    progress.json, the checkpoints), which it keeps (they are how a run's cost is read, and a
+    resume goes on from them) and no ledger accounts. Of the runtime's run-level timing
+    records (:data:`TIMING_RECORDS`; ``records``: name -> what the run writes under it) it
+    names exactly those that hold something, so a run of methods without an encrypted
+    relatedness ceremony names no ``relatedness_timing``. ``ValueError`` for another runtime,
+    a record the runtime does not write or one it writes left out of ``records``."""
+    if runtime not in _TIMING_UNDER_DP:
+        raise ValueError(f"no timing statement for runtime {runtime!r} (one of "
+                         f"{', '.join(sorted(_TIMING_UNDER_DP))})")
+    given = dict(records or {})
+    if set(given) != set(TIMING_RECORDS[runtime]):
+        raise ValueError(f"the {runtime} runtime's timing statement needs its timing records "
+                         f"{list(TIMING_RECORDS[runtime])}, got {sorted(given)}")
+    held = [name for name in TIMING_RECORDS[runtime] if given[name]]
+    return _TIMING_UNDER_DP[runtime].format(
+        in_results=f"; in results.json also {' and '.join(held)}" if held else "",
+        in_checkpoint=f"the {', '.join(held)}, " if held else "")
+
 
 def checkpoints_statement(cfg: ExperimentConfig) -> str:
     """results.json ``assumptions.checkpoints`` of an in-process DP run of ``cfg``: its

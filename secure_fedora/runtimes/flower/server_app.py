@@ -2530,11 +2530,11 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
     from secure_fedora.runtimes.plots import write_plots
     from secure_fedora.runtimes.results import (
         FLOWER_FINGERPRINT_UNDER_DP,
-        TIMING_UNDER_DP,
         build_results,
         check_method_assumptions,
         client_rows,
         remove_interrupted_result_writes,
+        timing_statement,
         write_rounds_csv,
         write_run_results,
     )
@@ -2638,7 +2638,8 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
         "evaluation_reports": evaluation_reports_statement(outcomes),
     }
     if cfg.privacy.enabled:
-        assumptions["timing"] = TIMING_UNDER_DP["flower"]
+        assumptions["timing"] = timing_statement("flower", {
+            "timings": server.timings, "relatedness_timing": server.relatedness_timing})
         assumptions["data_fingerprint"] = FLOWER_FINGERPRINT_UNDER_DP
     if cfg.privacy.enabled and len(cfg.methods) > 1:  # allowed only with compare-methods
         assumptions["methods_on_one_server"] = (

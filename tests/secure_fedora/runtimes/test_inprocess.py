@@ -1459,6 +1459,8 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path, tiny
         assert f"{key}" in stated and held[key]
     assert set(held["timing"]) >= {"training", "evaluation"}
     assert held["outcome"]["seconds_training"] == on_disk["methods"]["fedavg"]["seconds_training"]
+    # it names no timing record the run does not write (Flower's relatedness_timing)
+    assert "relatedness_timing" not in stated and "relatedness_timing" not in on_disk
     plain = Simulation(tiny(methods=["fedavg"], training={"rounds": 1}), tmp_path / "plain",
                        clients=tiny_clients).run()
     assert "timing" not in plain["assumptions"]

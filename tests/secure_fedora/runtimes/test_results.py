@@ -373,3 +373,29 @@ def test_a_run_of_a_factory_that_names_no_class_states_fedoras_pull_tag_as_possi
     assert fedora == stated(["fedora"])  # a declared lambda: the tag as before
     assert "not declared" not in stated(["local"])
 
+
+def test_the_timing_statement_names_only_the_timing_records_a_run_holds() -> None:
+    """Flower's ``assumptions.timing`` named ``relatedness_timing`` in every DP run, where
+    only an encrypted relatedness ceremony fills it (a Local or FedAvg run's is empty). The
+    one statement of both runtimes now names a run-level timing record only where it holds
+    something; a record left out, another runtime's, or an unknown runtime is refused."""
+    from secure_fedora.runtimes.results import timing_statement
+
+    hello = {"hello": {"replies": 3}}
+    held = timing_statement("flower", {"timings": hello, "relatedness_timing": {"wall_s": 0.5}})
+    empty = timing_statement("flower", {"timings": hello, "relatedness_timing": {}})
+    assert "in results.json also timings and relatedness_timing" in held
+    assert "holds them too: the timings, relatedness_timing, every round's row" in held
+    assert "relatedness_timing" not in empty
+    assert "in results.json also timings)" in empty
+    assert "holds them too: the timings, every round's row" in empty
+    assert "checkpoint" in empty and "no ledger accounts them" in empty
+    none = timing_statement("flower", {"timings": {}, "relatedness_timing": {}})
+    assert "(timing, evaluation_timing) and each round's seconds" in none
+    assert "holds them too: every round's row" in none
+    process = timing_statement("in-process")
+    assert "seconds_training" in process and "relatedness_timing" not in process
+    for runtime, records in (("flower", {"timings": hello}), ("in-process", {"timings": hello}),
+                             ("grid", {})):
+        with pytest.raises(ValueError, match="timing"):
+            timing_statement(runtime, records)

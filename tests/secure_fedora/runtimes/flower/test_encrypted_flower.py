@@ -857,3 +857,30 @@ def test_grid_a_client_that_misses_a_ceremony_step_twice_is_named_with_its_last_
         _grid_run(enc_config(), tmp_path, run_config_over={"round-timeout": 0.3,
                                                            "connect-timeout": 0.3},
                   tamper_reply={(client, 0, kind): lose})
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_dp_run_names_relatedness_timing_only_where_a_ceremony_filled_it(
+        tmp_path: Path) -> None:
+    """results.json's ``assumptions.timing`` named ``relatedness_timing`` in every DP run;
+    only the encrypted relatedness ceremony fills it. A noised+encrypted FEDORA run still
+    names it (and holds it, in results.json and the ServerApp checkpoint); a noised FEDORA
+    run, whose relatedness has no ceremony, holds it empty and does not name it."""
+    from secure_fedora.runtimes.inprocess import load_checkpoint
+
+    def one_round(relatedness: str) -> ExperimentConfig:
+        doc = enc_config(relatedness).model_dump(mode="json", exclude_none=True)
+        doc["training"]["rounds"] = 1
+        return parse_config(doc)
+
+    results, _, _ = _grid_run(one_round("noised+encrypted"), tmp_path / "enc",
+                              {"result-dir": str(tmp_path / "enc" / "res")})
+    stated = results["assumptions"]["timing"]
+    held = load_checkpoint(tmp_path / "enc" / "res" / server_app.SERVER_CHECKPOINT)
+    assert results["relatedness_timing"] and held["relatedness_timing"]
+    assert "in results.json also timings and relatedness_timing" in stated
+    assert "holds them too: the timings, relatedness_timing," in stated
+    results, _, _ = _grid_run(one_round("noised"), tmp_path / "noised")
+    assert results["relatedness_timing"] == {}
+    assert "relatedness_timing" not in results["assumptions"]["timing"]
+    assert "in results.json also timings)" in results["assumptions"]["timing"]

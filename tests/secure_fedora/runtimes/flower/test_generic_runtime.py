@@ -721,7 +721,8 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path: Path
     on a client's data through its Poisson-sampled batch sizes, which no ledger accounts, and
     results.json said nothing of them. It now states it (``assumptions.timing``), naming what
     the replies carry and where the run writes it, the ServerApp checkpoint too; the timings
-    stay."""
+    stay. It named ``relatedness_timing`` too, which a run without an encrypted relatedness
+    ceremony leaves empty; it names only what the run holds."""
     cfg = with_methods(dp_config(rounds=1), "fedavg")
     result_dir = tmp_path / "res"
     rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
@@ -737,16 +738,19 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path: Path
     [row] = json.loads((result_dir / "progress.json").read_text())["rows"]
     for key in ("timing", "evaluation_timing", "seconds"):
         assert key in stated and key in row and key in results["rounds"][0]
-    for key in ("timings", "relatedness_timing", "seconds_total"):
+    for key in ("timings", "seconds_total"):
         assert key in stated and key in results
+    # a FedAvg run has no relatedness ceremony: its relatedness_timing is empty, not named
+    assert results["relatedness_timing"] == {} and "relatedness_timing" not in stated
     for key in ("seconds_training", "seconds_evaluation"):
         assert key in stated and key in results["methods"]["fedavg"]
     assert row["timing"]["replies"] == 3  # averages of what the clients' replies carried
     # the ServerApp checkpoint keeps them too, and the statement said nothing of it
     held = load_checkpoint(result_dir / server_app.SERVER_CHECKPOINT)
     assert "checkpoints/flower-server.pt" in stated
-    for key in ("timings", "relatedness_timing", "history", "elapsed"):
+    for key in ("timings", "history", "elapsed"):
         assert key in stated and key in held
+    assert not held["relatedness_timing"]
     for key in ("seconds", "timing", "evaluation_timing"):
         assert key in held["history"][0]
     assert held["outcomes"]["fedavg"]["seconds_training"] == \
