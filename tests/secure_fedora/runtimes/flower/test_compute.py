@@ -23,9 +23,15 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
 
 
 def _config(device: str = "auto") -> Any:
+    # what the tests read (compute statements, events, checkpoints) does not depend on how
+    # long clients train: one local epoch, one fine-tuning epoch (the finalize exchange
+    # still runs), half the training rows
     doc = json.loads(json.dumps(TINY))
     doc["methods"] = ["fedavg"]
+    doc["data"]["train_per_client"] = 32
     doc["training"]["device"] = device
+    doc["training"]["local_epochs"] = 1
+    doc["fedavg"] = {"finetune_epochs": 1}
     return parse_config(doc)
 
 
