@@ -623,12 +623,20 @@ def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
         expected = default_party_ids(num_clients)
         missing = [p for p in expected if p not in parties]
         extra = sorted(p for p in parties if p not in expected)
-        if missing:
-            raise IdentityError(f"no public key file of {', '.join(missing[:5])}"
-                                f"{' ...' if len(missing) > 5 else ''} ({num_clients} clients)")
+        missing_text = (
+            f"no public key file of {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
         if extra:
-            raise IdentityError(f"{', '.join(extra[:5])} is not a party of a federation of "
-                                f"{num_clients} clients ({expected[1]} ... {expected[-1]})")
+            # Named first: a file of a party outside the federation is the likelier mistake
+            # (a wrong client count or a misnamed party), and the missing party follows from it.
+            raise IdentityError(
+                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} is "
+                f"not a party of a federation of {num_clients} clients "
+                f"({expected[1]} ... {expected[-1]})"
+                + (f"; and {missing_text} was given" if missing else "")
+            )
+        if missing:
+            raise IdentityError(f"{missing_text} ({num_clients} clients)")
     return {party: parties[party] for party in sorted(parties)}
 
 

@@ -292,6 +292,22 @@ def test_init_party_writes_one_identity_and_refuses_what_it_would_replace(tmp_pa
     assert not (d / ALLOWLIST_FILENAME).exists()  # it listed the replaced key
 
 
+def test_assemble_allowlist_names_a_party_outside_the_federation_before_a_missing_one(tmp_path):
+    """Files of client-000, client-001 and client-005 for 3 clients: the refusal named only the
+    missing client-002, never the file given for client-005, the likelier mistake."""
+    from privacy.identity import assemble_allowlist, init_party
+
+    files = [
+        init_party(tmp_path / p, p)[1] for p in ("server", "client-000", "client-001", "client-005")
+    ]
+    with pytest.raises(IdentityError) as refused:
+        assemble_allowlist(files, num_clients=3)
+    assert str(refused.value) == (
+        "client-005 is not a party of a federation of 3 clients (client-000 ... client-002); "
+        "and no public key file of client-002 was given"
+    )
+
+
 def test_assemble_allowlist_refuses_private_misnamed_duplicate_or_missing_files(tmp_path):
     import shutil
 
