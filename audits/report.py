@@ -1093,6 +1093,17 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def _identity_value(report: dict, key: str, code: bool = False) -> str:
+    """The run identity's ``key`` as an HTML cell: its value, or, where results.json records
+    none, why (never the text "None", which read as a recorded value)."""
+    value = (report.get("identity") or {}).get(key)
+    if value is not None:
+        return f"<code>{_e(value)}</code>" if code else _e(value)
+    if key == "data_fingerprint" and "data_fingerprint" in (report.get("assumptions") or {}):
+        return "not recorded (see the data_fingerprint assumption below)"
+    return "not recorded in results.json"
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "&ndash;"
@@ -1208,9 +1219,9 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         "<h2 id=\"identity\">Run identity</h2>",
         _table(["field", "value"], [
             ["run directory", f"<code>{_e(ident.get('run_dir'))}</code>"],
-            ["config hash (SHA-256)", f"<code>{_e(ident.get('config_hash'))}</code>"],
-            ["code version", _e(ident.get("code_version"))],
-            ["data fingerprint (SHA-256)", f"<code>{_e(ident.get('data_fingerprint'))}</code>"],
+            ["config hash (SHA-256)", _identity_value(report, "config_hash", code=True)],
+            ["code version", _identity_value(report, "code_version")],
+            ["data fingerprint (SHA-256)", _identity_value(report, "data_fingerprint", code=True)],
             ["methods", _e(", ".join(ident.get("methods") or ["unknown"]))],
             ["runtime", _e(ident.get("runtime") or "unknown")],
         ], left=(0, 1)),

@@ -1322,3 +1322,18 @@ def test_a_run_of_a_factory_that_names_no_class_is_stated_alike_in_results_and_r
     assert "FEDORA's lambda (every round it takes part in)" in threat
     assert "its relatedness summary" in threat and "the further entries its methods declare" \
         in threat
+
+
+def test_a_run_identity_value_results_json_does_not_record_is_not_shown_as_none(pristine_run):
+    """A Flower DP run records data_fingerprint null (no client sends a hash of its data): the
+    run identity showed "None" as if it were the fingerprint."""
+    report = build_report(pristine_run)
+    report["identity"].update(data_fingerprint=None, code_version=None)
+    report["assumptions"]["data_fingerprint"] = "data_fingerprint is null: under DP ..."
+    text = _text_of(render_html(report, {}))
+    identity = text.split("Run identity")[1].split("Threat model")[0]
+    assert "None" not in identity
+    assert "(SHA-256)not recorded (see the data_fingerprint assumption below)" in identity
+    assert "code versionnot recorded in results.json" in identity
+    fingerprint = build_report(pristine_run)["identity"]["data_fingerprint"]
+    assert fingerprint and fingerprint in _text_of(render_html(build_report(pristine_run), {}))
