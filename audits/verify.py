@@ -775,6 +775,14 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
         allow_label = "keys/allowlist.json"
         if not path.exists():  # a FIFO or device in its place is named by _read_lines
             raise error(missing if missing is not None else f"no ledger {path}")
+        if not (run_dir / "keys").exists() and not (run_dir / "keys").is_symlink():
+            # A Flower run's collected folder holds no keys/ by design: say what to give.
+            raise error(f"cannot verify {rel} before trusting its claim: {run_dir} holds no"
+                        " keys/ (a Flower run's collected folder holds none): give the"
+                        " allowlist registered for the run's parties (on Flower the copy of"
+                        " the server's identities/server/allowlist.json) with --allowlist"
+                        " (audit replay; allowlist= in Python), or, for a command without it,"
+                        " as keys/allowlist.json of that folder")
         try:
             keys = load_allowlist(allow_path)
         except IdentityError as err:  # the run's own file: a problem of the run
@@ -1240,6 +1248,16 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
     its findings, and those of the run's ``keys/`` held to it, go to ``findings``.
     ``publishes_keys``: the run's runtime writes ``keys/`` (the in-process one does, a Flower
     result directory holds none), so a missing ``keys/`` is a finding."""
+    if allowlist is None and not publishes_keys and not (run_dir / "keys").exists():
+        # A Flower result directory holds no keys/ by design: "keys taken from the run
+        # directory" and "does not exist" misstated what is missing, and not what to give.
+        path = run_dir / "keys" / "allowlist.json"
+        findings.append(Finding(
+            "error", "allowlist",
+            f"no allowlist to check signatures under: a Flower result directory holds no keys/"
+            f" ({path} does not exist); pass the copy of the server's"
+            f" identities/server/allowlist.json kept apart ({options['allowlist']})"))
+        return {}, str(path)
     if allowlist is None:
         path = run_dir / "keys" / "allowlist.json"
         findings.append(Finding(

@@ -776,6 +776,44 @@ def test_a_flower_result_directory_without_ledgers_says_where_they_are(tmp_path)
     assert "Flower" not in finding.message
 
 
+def test_a_flower_result_directory_without_allowlist_names_the_copy_to_give(run_copy):
+    """A Flower run's collected ledgers verified without --allowlist: a warning said the keys
+    were "taken from the run directory itself (keys/allowlist.json)" and an error that the
+    same file "does not exist", naming neither what was missing by design nor what to give.
+    Now one error says a Flower result directory holds no keys/ and names the allowlist copy
+    and the flag; an in-process run without keys/ is reported as before."""
+    shutil.rmtree(run_copy / "keys")
+    doc = json.loads((run_copy / "results.json").read_text())
+    (run_copy / "results.json").write_text(json.dumps({**doc, "runtime": "flower"}))
+    report = verify_run(run_copy)
+    assert not report.ok
+    found = [f for f in report.findings if f.check == "allowlist"]
+    assert len(found) == 1 and found[0].severity == "error"
+    assert "a Flower result directory holds no keys/" in found[0].message
+    assert "identities/server/allowlist.json" in found[0].message
+    assert "taken from the run directory itself" not in found[0].message
+    (run_copy / "results.json").write_text(json.dumps(doc))
+    messages = [f.message for f in verify_run(run_copy).findings if f.check == "allowlist"]
+    assert any("taken from the run directory itself" in m for m in messages)
+
+
+def test_a_claim_read_from_a_folder_without_keys_names_the_allowlist_to_give(run_copy):
+    """audit replay and whitebox of a Flower run's collected folder (no keys/ by design) said
+    "allowlist file .../keys/allowlist.json does not exist", naming no remedy. Now the error
+    says the folder holds no keys/ and how to give the allowlist; with it the claim is read."""
+    trusted = run_copy.parent / "trusted.json"
+    shutil.copyfile(run_copy / "keys" / "allowlist.json", trusted)
+    shutil.rmtree(run_copy / "keys")
+    with pytest.raises(AuditError) as refused:
+        verified_ledger_entries(run_copy, METHOD, CID)
+    message = str(refused.value)
+    assert "holds no keys/ (a Flower run's collected folder holds none)" in message
+    assert "identities/server/allowlist.json) with --allowlist" in message
+    assert "as keys/allowlist.json of that folder" in message
+    assert "does not exist" not in message
+    assert verified_ledger_entries(run_copy, METHOD, CID, allowlist=trusted)
+
+
 def _envelope_run(tmp_path: Path, *, keep_private_keys: bool = False) -> Path:
     """A finished non-DP run with [security] envelopes: keys/ holds its envelope keys (the
     private ones deleted, as before sharing it, unless ``keep_private_keys``)."""
