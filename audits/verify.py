@@ -56,9 +56,9 @@
    not below the pessimistic PLD by more than ``rel_tol``; check ``plan_epsilon``; rows
    written before they stated these: an unchecked warning); every budget a client's ledger
    or results.json client row states has a plan row and, under ``"auto"``, a comparison row,
-   and the plan rows' ``clients`` of each budget add up to the clients holding it (check
-   ``plan_coverage``; a DP method's section stating no plan: an unchecked warning); a plan
-   row's ``accountant`` is its section's (``plan_epsilon``); a client row's
+   and the plan rows' ``clients`` of each budget (stated by every row) add up to the clients
+   holding it (check ``plan_coverage``; a DP method's section stating no plan: an unchecked
+   warning); a plan row's ``accountant`` is its section's (``plan_epsilon``); a client row's
    ``epsilon_budget`` and ``delta`` are the ones its ledger records (``results_budget``); a
    DP-SGD entry (or refused DP-SGD record) whose signed ``params.method`` differs from the
    method of its ``ledgers/<method>/`` folder is an error (check ``method_folder``).
@@ -1967,27 +1967,53 @@ def _plan_clients_findings(
 ) -> list[Finding]:
     """``plan_coverage`` errors: per budget, the ``clients`` its plan rows state (a runtime
     can split one budget's clients over rows, e.g. by PRV refinement) must add up to the
-    number of clients in ``held`` holding that budget; a ``clients`` that is no
-    non-negative integer is named. Rows stating no ``clients`` are not counted."""
+    number of clients in ``held`` holding that budget. A row stating no ``clients`` (every
+    runtime's plan rows have stated it since plans were written) or one that is no
+    non-negative integer is named, and its budget's sum is then not checked."""
     findings: list[Finding] = []
     stated: dict[tuple[Any, Any], list[int]] = {}
     counts: dict[tuple[Any, Any], int] = {}
+    uncounted: set[tuple[Any, Any]] = set()
     for i, row in enumerate(plan):
-        if not isinstance(row, dict) or "clients" not in row:
+        if not isinstance(row, dict):
             continue
         if not (_number(row.get("epsilon_budget")) and _number(row.get("delta"))):
             continue  # no budget to count: plan_epsilon names the row
+        key = (row["epsilon_budget"], row["delta"])
+        head = f"{where}.plan[{i}] (epsilon {key[0]!r}, delta {key[1]!r})"
+        if "clients" not in row:
+            uncounted.add(key)
+            findings.append(
+                Finding(
+                    "error",
+                    "plan_coverage",
+                    f"{head} states no clients: how many clients hold"
+                    " its budget was not stated, so the plan's coverage could not be counted",
+                    None,
+                    None,
+                    method,
+                )
+            )
+            continue
         n = row["clients"]
         if not _int(n) or n < 0:
-            findings.append(Finding(
-                "error", "plan_coverage", f"{where}.plan[{i}] (epsilon"
-                f" {row['epsilon_budget']!r}, delta {row['delta']!r}) states clients"
-                f" {n!r:.80}: it must be a non-negative integer", None, None, method))
+            uncounted.add(key)
+            findings.append(
+                Finding(
+                    "error",
+                    "plan_coverage",
+                    f"{head} states clients {n!r:.80}: it must be a non-negative integer",
+                    None,
+                    None,
+                    method,
+                )
+            )
             continue
-        key = (row["epsilon_budget"], row["delta"])
         stated.setdefault(key, []).append(i)
         counts[key] = counts.get(key, 0) + n
     for key, rows in stated.items():
+        if key in uncounted:  # a sum missing a row's count would be a second, false error
+            continue
         holders = sorted(cid for cid, b in held.items() if b == key)
         if counts[key] != len(holders):
             eps, delta = key

@@ -307,6 +307,27 @@ def test_one_budgets_clients_split_over_two_plan_rows_add_up(run: Path) -> None:
     assert "(epsilon 8.0, delta 1e-05) state 3 client(s), but 2 hold that budget" in found.message
 
 
+def test_a_plan_row_stating_no_clients_count_is_an_error(run: Path) -> None:
+    """Every runtime's plan rows have stated ``clients`` since plans were written: a row
+    without it cannot be counted, so it is one error naming the row (not a silently smaller
+    sum, nor a second miscount error for the budget it shares with another row)."""
+    _edit(run, lambda privacy: _row(privacy, "fedora", 8.0).pop("clients"))
+    report = verify_run(run)
+    (found,) = [f for f in report.findings if f.check == "plan_coverage"]
+    assert (found.severity, found.method, found.client_id) == ("error", "fedora", None)
+    assert found.message.startswith("privacy.fedora.plan[")
+    assert "(epsilon 8.0, delta 1e-05) states no clients" in found.message
+    assert not report.ok
+
+    def split(privacy: dict[str, Any]) -> None:  # one budget over two rows, one uncounted
+        row = _row(privacy, "local", 3.0)
+        privacy["local"]["plan"].append({k: v for k, v in row.items() if k != "clients"})
+
+    _edit(run, split)
+    found = [f for f in _found(run, "plan_coverage") if f.method == "local"]
+    assert len(found) == 1 and "(epsilon 3.0, delta 1e-05) states no clients" in found[0].message
+
+
 def test_a_plan_row_naming_another_accountant_than_its_method_is_an_error(run: Path) -> None:
     """The 3.0 row of Local's plan names the other candidate (its planned_epsilon that
     candidate's, so the row is consistent in itself): the method ran under another."""
