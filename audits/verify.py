@@ -171,7 +171,13 @@ from privacy.envelope import ledger_files, nonce_file_problem, nonce_files
 from privacy.errors import ToolkitError
 from privacy.identity import IdentityError, PublicIdentity, client_ids, load_allowlist
 from privacy.mechanisms import MECHANISMS, MechanismError
-from privacy.paths import NotRegularFileError, check_path, open_regular, path_problem
+from privacy.paths import (
+    NotRegularFileError,
+    check_given_file,
+    check_path,
+    open_regular,
+    path_problem,
+)
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -711,14 +717,6 @@ def _raise_first(findings: Sequence[Finding], error: type[Exception], context: s
 _ANCHOR_KEPT_APART = " (give the anchor.json kept apart)"
 
 
-def _not_a_file(path: Path, give: str = "") -> str:
-    """Why ``path``, given as a file argument, is not a regular file, for its error line, in
-    :func:`privacy.paths.path_problem`'s words (a FIFO is never opened: it would wait);
-    ``give`` follows every reason but absence."""
-    problem = path_problem(path, "file") or "is not a regular file"
-    return problem if problem == "does not exist" else problem + give
-
-
 def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditError,
                          options: Mapping[str, str] = API_AUDIT_OPTIONS,
                          ) -> tuple[Path, dict[str, PublicIdentity]]:
@@ -727,10 +725,8 @@ def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditEr
     is no text path, a missing file, a directory or a file that is no valid allowlist raises
     ``error`` with one line naming the argument (``options``), what is wrong and what to give.
     The one check of ``audit verify``, ``audit replay`` and their Python functions."""
-    path = check_path(allowlist, "allowlist", error, "file")
     give = "; give the allowlist.json registered for the run's parties"
-    if not path.is_file():
-        raise error(f"{options['allowlist']}: allowlist {path} {_not_a_file(path)}{give}")
+    path = check_given_file(allowlist, "allowlist", error, options["allowlist"], give)
     try:
         keys = load_allowlist(path)
     except IdentityError as exc:
@@ -3063,9 +3059,7 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     run = check_path(run_dir, "run_dir", error)
-    anchor_path = check_path(anchor, "anchor", error, "file")
-    if not anchor_path.is_file():
-        raise error(f"anchor {anchor_path} {_not_a_file(anchor_path, _ANCHOR_KEPT_APART)}")
+    anchor_path = check_given_file(anchor, "anchor", error, options["anchor"], _ANCHOR_KEPT_APART)
     if allowlist is None:
         allow_path = run / "keys" / "allowlist.json"
         try:
@@ -3540,10 +3534,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints", options["pld_checkpoints"])
     allow_path, given_keys = load_given_allowlist(allowlist, AuditError, options) \
         if allowlist is not None else (None, None)
-    anchor_path = check_path(anchor, "anchor", AuditError, "file") if anchor is not None \
+    anchor_path = (
+        check_given_file(anchor, "anchor", AuditError, options["anchor"], _ANCHOR_KEPT_APART)
+        if anchor is not None
         else None
-    if anchor_path is not None and not anchor_path.is_file():
-        raise AuditError(f"anchor {anchor_path} {_not_a_file(anchor_path, _ANCHOR_KEPT_APART)}")
+    )
     if not isinstance(strict, bool):  # a truthy "no" must not mean yes
         raise AuditError(f"strict must be True or False, got {strict!r:.80}")
     if isinstance(imports, str):  # one name would be imported letter by letter

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from privacy.errors import ToolkitError
 
-__all__ = ["NotRegularFileError", "check_path", "open_regular", "path_problem",
-           "read_regular_bytes", "read_regular_file"]
+__all__ = ["NotRegularFileError", "check_given_file", "check_path", "open_regular",
+           "path_problem", "read_regular_bytes", "read_regular_file"]
 
 
 def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
@@ -32,6 +32,21 @@ def check_path(value: str | os.PathLike[str], name: str, error: type[Exception],
     if "\x00" in text:
         raise error(f"{name} {text!r:.80} holds a NUL character, which no path may hold")
     return Path(text)
+
+
+def check_given_file(
+    value: str | os.PathLike[str], name: str, error: type[Exception], option: str, give: str = ""
+) -> Path:
+    """``value``, a file the caller gave through ``option`` (a command's flag, or an
+    argument's name in Python), as a :class:`Path` once it names a regular file; else
+    ``error`` with one line that names ``option``, ``name``, the path and what is wrong
+    (:func:`check_path`, then :func:`path_problem`'s words; a FIFO is never opened),
+    followed by ``give`` (what to give instead). The one check of every file-taking flag."""
+    path = check_path(value, name, error, "file")
+    problem = path_problem(path, "file")
+    if problem is not None:
+        raise error(f"{option}: {name} {path} {problem}{give}")
+    return path
 
 
 def path_problem(path: str | os.PathLike[str], want: str = "directory") -> str | None:

@@ -751,3 +751,19 @@ def test_each_audit_states_its_own_method_default_and_a_wrong_method_names_the_f
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "method 'nope' is not in the" in err
         assert err.endswith(": name one with --method\n"), err
+
+
+@pytest.mark.parametrize("command", ["verify", "report", "replay"])
+def test_a_missing_anchor_or_allowlist_file_names_its_flag_and_path(command, tmp_path, capsys):
+    """`audit verify|report|replay --anchor FILE` with FILE missing said "anchor FILE does not
+    exist" (replay: a complaint about the run instead): one line naming the flag and the path,
+    exit 2 (bad input), as --allowlist does; nothing is written into the run."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    missing = tmp_path / "kept" / "anchor.json"
+    for flag in ("--anchor", "--allowlist"):
+        assert main(["audit", command, str(run), flag, str(missing)]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and f"{flag}: " in err[0] and f"{missing} does not exist" in err[0]
+    assert sorted(p.name for p in run.iterdir()) == ["results.json"]

@@ -45,3 +45,24 @@ def test_path_problem_names_a_symbolic_link_loop_and_never_claims_it_absent(tmp_
     assert path_problem(tmp_path / "f", "file") is None
     assert path_problem(tmp_path) is None
     assert path_problem(tmp_path, "file") == "is a directory, not a file"
+
+
+def test_check_given_file_names_the_option_the_path_and_what_is_wrong(tmp_path: Path):
+    """A file-taking flag's one error line: the flag, what the file is, its path, why, and
+    what to give; a regular file is returned as a Path."""
+    from privacy.paths import check_given_file
+
+    class Bad(Exception):
+        pass
+
+    (tmp_path / "f").write_text("x")
+    assert check_given_file(str(tmp_path / "f"), "anchor", Bad, "--anchor") == tmp_path / "f"
+    with pytest.raises(Bad) as missing:
+        check_given_file(tmp_path / "nope", "anchor", Bad, "--anchor", " (give a copy)")
+    assert (
+        str(missing.value) == f"--anchor: anchor {tmp_path / 'nope'} does not exist (give a copy)"
+    )
+    with pytest.raises(Bad, match=r"^--x: thing .* is a directory, not a file$"):
+        check_given_file(tmp_path, "thing", Bad, "--x")
+    with pytest.raises(Bad, match="thing is empty: name a file"):
+        check_given_file(" ", "thing", Bad, "--x")

@@ -167,20 +167,26 @@ def round_bars(quiet: bool) -> tuple[Progress, Callable[[str, int, int], None]]:
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
+    from privacy.paths import check_given_file
     from secure_fedora.core.config import check_path_argument, load_config
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local, local_commands
+    from secure_fedora.runtimes.flower.protocol import DeployError
     from secure_fedora.runtimes.rundir import default_deploy_dir
     from secure_fedora.runtimes.summary import print_run_summary
 
     if args.client_public_keys is not None and not args.print_commands:
-        from secure_fedora.runtimes.flower.protocol import DeployError
-
-        raise DeployError("--client-public-keys goes with --print-commands (the clients keep "
-                          "their private keys on their own hosts); deploy local runs every "
-                          "party on this host, with identities it makes itself")
+        raise DeployError(
+            "--client-public-keys goes with --print-commands (the clients keep "
+            "their private keys on their own hosts); deploy local runs every "
+            "party on this host, with identities it makes itself"
+        )
     if args.workdir is not None:
         # an empty --workdir would be the current directory: certificates, keys, node state
         check_path_argument(args.workdir, "--workdir")
+    if args.config is not None:
+        check_given_file(args.config, "config", DeployError, "--config")
+    for public_file in args.client_public_keys or ():
+        check_given_file(public_file, "public key file", DeployError, "--client-public-keys")
     config = args.config
     if config is None:
         config = str(default_config_path())

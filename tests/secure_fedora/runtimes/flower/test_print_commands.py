@@ -517,3 +517,19 @@ def test_identities_made_for_more_clients_are_refused_naming_the_extra_parties(
         local.check_new_party_identities(ids, 2)
     assert file_tree(tmp_path) == before
     assert local.check_new_party_identities(ids, 3)
+
+
+@pytest.mark.parametrize("flag", ["--config", "--client-public-keys"])
+def test_a_missing_file_given_to_deploy_local_names_its_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    """`deploy local --config FILE` / `--client-public-keys FILE` with FILE missing: one line
+    naming the flag and the path (exit 2), before any workdir is made."""
+    from secure_fedora.cli import main
+
+    missing, work = tmp_path / "missing.toml", tmp_path / "work"
+    argv = ["deploy", "local", "--print-commands", "--workdir", str(work), flag, str(missing)]
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{flag}: " in err[0] and f"{missing} does not exist" in err[0]
+    assert not work.exists()
