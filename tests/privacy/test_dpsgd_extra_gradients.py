@@ -60,3 +60,17 @@ def test_extra_gradients_on_an_empty_batch_and_bad_input():
     with pytest.raises(DPSGDError, match="NaN"):
         _grads(_sparse(torch.tensor([[0], [0]]), torch.tensor([float("nan")]),
                                        (1, d)), x, y)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_extra_gradient_is_refused_and_a_large_finite_one_accepted(bad):
+    """The hook's finiteness check is exact: any NaN or infinite value among the extra rows is
+    refused, while the largest finite float32 values (whose sum overflows) pass it."""
+    x, y = torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64)
+    d = 6 * 4 + 4 + 4 * 3 + 3
+    big = torch.finfo(torch.float32).max
+    indices = torch.tensor([[0, 0, 1], [1, 2, 7]])
+    with pytest.raises(DPSGDError, match="NaN or infinite"):
+        _grads(_sparse(indices, torch.tensor([big, bad, 1.0]), (2, d)), x, y)
+    grads = _grads(_sparse(indices, torch.tensor([big, big, -big]), (2, d)), x, y)
+    assert bool(torch.isfinite(grads).all())
