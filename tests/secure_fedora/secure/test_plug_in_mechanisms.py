@@ -495,10 +495,11 @@ def test_a_mechanism_table_beside_a_factory_naming_no_class_is_a_config_error(
 
 
 def test_readmes_plug_in_mechanism_example_runs_as_written(tmp_path: Path) -> None:
-    """README's example (lacking its imports, and a reply entry the reply rules refuse
-    undeclared) runs as written, with its [privacy.mechanisms.label_share] table under DP
-    (one release per client and round, planned) and without DP (nothing released); in a
-    process of its own, as it registers its names."""
+    """README's example, its Python block as written (its imports, the mechanism, the method
+    declaring the release and its reply entry under DP only) and its
+    [privacy.mechanisms.label_share] table, runs under DP (the plan lists one label_share
+    release per client and round) and without DP (the method neither plans nor sends it); in
+    a process of its own, as it registers its names."""
     import os
     import subprocess
     import sys
