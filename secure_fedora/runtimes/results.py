@@ -293,7 +293,7 @@ CLIENT_ERRORS = {
         "again can pass, the text adds the fixed tag \"[refuses again: <class>]\" (an error "
         "of a subclass of, or wrapping, a data, relatedness, config or model error) or "
         "\"[may pass if asked again]\" (one of those wrapping a file, network or memory "
-        "error).{pull} Whether a client "
+        "error, but not a missing, unreadable or corrupt file).{pull} Whether a client "
         "errs or refuses, and with which class, can depend on its data and is outside the "
         "ledgers. A refused release's budget text (what its ledger records) is sent whole. In "
         "process no client's text leaves the process"),

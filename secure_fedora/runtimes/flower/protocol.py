@@ -58,6 +58,8 @@ client refuses a message whose hash differs from the config it was given.
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
 import json
 import os
@@ -74,6 +76,7 @@ from flwr.app import Array, ArrayRecord
 from torch import Tensor
 
 from privacy.errors import ToolkitError
+from privacy.paths import NotRegularFileError
 from secure_fedora.core.config import (
     MAX_THREADS,
     ConfigError,
@@ -279,9 +282,30 @@ DETERMINISTIC_CLIENT_ERRORS = frozenset({"DataError", "RelatednessError", "Confi
                                          "ModelError"})
 
 #: What makes a client error one that asking again may pass, wherever it is in the error's
-#: cause chain: the node's files or network (OSError: a timeout, a lost connection, a file
-#: not there yet) or its memory.
+#: cause chain: the node's files or network (OSError: a timeout, a lost connection, a failed
+#: read) or its memory; except an OSError of :data:`DETERMINISTIC_OS_ERRNOS` or
+#: :data:`DETERMINISTIC_OS_ERRORS`.
 TRANSIENT_CLIENT_ERRORS: tuple[type[BaseException], ...] = (OSError, MemoryError)
+
+#: The errnos of an OSError that the same path raises again on every try: nothing there
+#: (the data sources' own check of a missing file is a plain DataError, so the same file
+#: missing at the read is not "may pass" either), no permission, or a path of the wrong kind.
+#: Another errno (EIO, EAGAIN, a timeout, a lost connection), or none, may pass.
+DETERMINISTIC_OS_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ELOOP,
+        errno.ENAMETOOLONG,
+    }
+)
+
+#: OSError subclasses without such an errno that mean the file's content or kind, which a
+#: second read finds alike: a corrupt gzip stream, a FIFO or device where a file is read.
+DETERMINISTIC_OS_ERRORS: tuple[type[OSError], ...] = (gzip.BadGzipFile, NotRegularFileError)
 
 #: The verdict tags :func:`client_error_text` adds after the class names.
 _REFUSES_AGAIN = "refuses again: "
@@ -308,6 +332,10 @@ def _transient(err: BaseException) -> bool:
     import torch
 
     oom = getattr(torch, "OutOfMemoryError", None) or getattr(torch.cuda, "OutOfMemoryError", None)
+    if isinstance(err, OSError) and (
+        err.errno in DETERMINISTIC_OS_ERRNOS or isinstance(err, DETERMINISTIC_OS_ERRORS)
+    ):
+        return False
     return isinstance(err, TRANSIENT_CLIENT_ERRORS) or (oom is not None and isinstance(err, oom))
 
 
@@ -318,7 +346,9 @@ def deterministic_class(err: BaseException) -> str | None:
     ``DataError``, or one a wrapper such as ``ClientHalfError`` or ``PluginError`` carries as
     its cause) names it. ``None`` when none is, or when any error in the chain is transient
     (:data:`TRANSIENT_CLIENT_ERRORS`, or torch's out-of-memory error): a ``ConfigError`` that
-    reports a plug-in's timeout may pass if asked again."""
+    reports a plug-in's timeout may pass if asked again, a ``DataError`` from an EIO read
+    too; a ``DataError`` from a missing or unreadable file (:data:`DETERMINISTIC_OS_ERRNOS`)
+    refuses again."""
     classes = _deterministic_classes()
     chain: list[BaseException] = []
     current: BaseException | None = err

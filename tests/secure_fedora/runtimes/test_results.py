@@ -322,7 +322,7 @@ def test_only_a_run_of_a_method_that_releases_lambda_states_fedoras_pull_tag(mod
         assert tag in stated(methods)
     if mode == "withheld":
         assert "(a fact of the lambda a round reply carries)" in stated(["fedora"])
-        assert "memory error). Whether a client errs" in stated(["local"])
+        assert "corrupt file). Whether a client errs" in stated(["local"])
     else:
         assert "(the error's class, a fixed sentence). In process" in stated(["local"])
 

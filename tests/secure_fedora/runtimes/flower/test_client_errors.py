@@ -4,6 +4,7 @@ error's class name and a fixed sentence; the full text only in the client's own 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import re
 from pathlib import Path
@@ -594,7 +595,35 @@ def _plug_in_error_from_os_error() -> BaseException:
     return err
 
 
+def _data_error_from(cause: OSError) -> BaseException:
+    err = DataError("data/x.gz: cannot read file")
+    err.__cause__ = cause
+    return err
+
+
+def _read_error(content: bytes | None) -> BaseException:
+    """The DataError the data sources' own read raises for a missing file (``None``) or one
+    holding ``content``."""
+    import tempfile
+
+    from secure_fedora.data.sources import _read_bytes
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train-images-idx3-ubyte.gz"
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(DataError) as caught:
+            _read_bytes(path)
+    return caught.value
+
+
 @pytest.mark.parametrize("make, verdict", [
+    (lambda: _read_error(None), "DataError"),
+    (lambda: _read_error(b"\x1f\x8bnot gzip"), "DataError"),
+    (lambda: _data_error_from(PermissionError(errno.EACCES, "Permission denied")), "DataError"),
+    (lambda: _data_error_from(IsADirectoryError(errno.EISDIR, "Is a directory")), "DataError"),
+    (lambda: _data_error_from(OSError(errno.EIO, "Input/output error")), None),
+    (lambda: _data_error_from(BlockingIOError(errno.EAGAIN, "Try again")), None),
     (lambda: DataError("labels 0..17"), "DataError"),
     (lambda: _PluginDataError("bad"), "DataError"),
     (_wrapped_data_error, "DataError"),
@@ -609,8 +638,11 @@ def test_the_server_follows_the_clients_verdict_through_wrapped_errors(
     """A plug-in's error of a subclass of DataError, RelatednessError, ConfigError or
     ModelError, or one wrapping such an error (a ClientHalfError around it), was asked again
     as if it might pass, its class name not being one of those; one of those classes wrapping
-    a timeout or an OSError must still be asked again. The client's text now carries its
-    verdict where the class name alone would misstate it, and the server follows it."""
+    a timeout or an OSError must still be asked again, unless the OSError says the file is
+    missing, unreadable or of the wrong kind (ENOENT, EACCES, EISDIR; a corrupt gzip stream),
+    which a second read finds alike (was: asked again once), while EIO or EAGAIN may pass. The
+    client's text now carries its verdict where the class name alone would misstate it, and
+    the server follows it."""
     from secure_fedora.runtimes.flower.protocol import (
         client_error_text,
         deterministic_class,
