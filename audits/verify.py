@@ -1900,9 +1900,10 @@ def _plan_coverage_findings(
     ``(epsilon, delta)`` (``budgets``: client id -> each budget -> where it is stated) no row
     of results.json's plan states, or, where the accountant was chosen
     (``accountant_choice.comparison``), no comparison row: its noise and planned epsilon are
-    then stated nowhere; and a budget whose plan rows state ``clients`` counts that do not add
-    up to the number of clients holding it (``held``: client id -> the budget its ledger
-    records, else its results.json row states). A privacy section stating no plan at all (a
+    then stated nowhere; a plan row stating no valid ``clients`` count; and a budget whose plan
+    rows state ``clients`` counts that do not add up to the number of clients holding it
+    (``held``: client id -> the budget its ledger records, else its results.json row states).
+    A privacy section stating no plan at all (a
     run written before it, or a plan removed) gets an unchecked warning: none of the plan's
     checks could be made."""
     where = f"privacy.{method}" if method is not None else "privacy"
