@@ -1032,6 +1032,7 @@ def test_sigterm_stops_a_local_deployment_like_ctrl_c(
     from secure_fedora.runtimes.flower import local as local_module
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text("")  # --config must name a file; the stub never reads it
     stopped = []
 
     def deploying(*args: Any, **kwargs: Any) -> None:
@@ -1067,7 +1068,9 @@ def test_an_interrupted_deployment_names_the_resume_its_checkpoint_allows(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(local_module, "deploy_local", deploying)
-    argv = ["deploy", "local", "--config", "c.toml", "--workdir", str(tmp_path / "w")]
+    (tmp_path / "c.toml").write_text("")  # --config must name a file; the stub never reads it
+    argv = ["deploy", "local", "--config", str(tmp_path / "c.toml"), "--workdir",
+            str(tmp_path / "w")]
     args = _parser().parse_args(argv)
     assert args.func(args) == 130
     assert "--resume" not in capsys.readouterr().err
