@@ -425,6 +425,45 @@ def _gaussian_pld_points(noise_multiplier: float, sample_rate: float, discretiza
     return points
 
 
+#: dp_accounting self-composes a sparse PMF sparsely while ``size ** steps`` is at most this.
+PLD_SPARSE_LIMIT = 1000
+
+
+def sparse_power_fits(size: int, steps: int, limit: int = PLD_SPARSE_LIMIT) -> bool:
+    """``size ** steps <= limit``, exactly, in at most about log2(limit) multiplications:
+    the power itself has ``steps * log2(size)`` bits, which takes minutes to build at 10**7
+    steps and never ends at 10**12 (a count a ledger may state)."""
+    if size <= 1:
+        return True
+    power = 1
+    for _ in range(steps):
+        power *= size
+        if power > limit:
+            return False
+    return True
+
+
+def self_compose_pld(single: Any, steps: int) -> Any:
+    """``single.self_compose(steps)`` (a dp_accounting PrivacyLossDistribution), bit for bit,
+    in time independent of ``steps``: where dp_accounting would first compute
+    ``size ** steps`` of a sparse PMF (see :func:`sparse_power_fits`) to find that it must
+    convert the PMF to a dense one, the PMF is converted first, as dp_accounting then does."""
+    from dp_accounting.pld import pld_pmf, privacy_loss_distribution
+
+    def dense(pmf: Any) -> Any:
+        if isinstance(pmf, pld_pmf.DensePLDPmf) or sparse_power_fits(pmf.size, steps):
+            return pmf
+        return pmf.to_dense_pmf()
+
+    if steps > 1:
+        remove, add = dense(single._pmf_remove), None
+        if not single._symmetric:
+            add = dense(single._pmf_add)
+        if remove is not single._pmf_remove or (add is not None and add is not single._pmf_add):
+            single = privacy_loss_distribution.PrivacyLossDistribution(remove, add)
+    return single.self_compose(steps)
+
+
 def _self_composition_points(pmf: Any, steps: int) -> int:
     """Length of the array dp_accounting allocates to self-compose ``pmf`` ``steps`` times (its
     own Chernoff truncation bounds, computed on the already built PMF)."""
@@ -436,7 +475,7 @@ def _self_composition_points(pmf: Any, steps: int) -> int:
     if trivial <= PLD_MAX_GRID_POINTS:
         return trivial
     if not isinstance(pmf, pld_pmf.DensePLDPmf):
-        if pmf.size ** steps <= 1000:  # dp_accounting composes such PMFs sparsely
+        if sparse_power_fits(pmf.size, steps):  # dp_accounting composes such PMFs sparsely
             return int(pmf.size ** steps)
         pmf = pmf.to_dense_pmf()
     probs = pmf._probs
@@ -497,7 +536,8 @@ def _pld_epsilon(history: History, delta: float, options: dict[str, float]) -> f
     :func:`_pld_group`); the result is the
     accountant's, bit for bit, when it is given the same groups in the same order. Fed the
     releases one by one in the order they were made, the accountant discretizes differently
-    and lands within about 1e-4 relative of it; both are pessimistic (upper) bounds.
+    and lands near it (the discretization is absolute: 2e-5 relative at epsilon 3, 7e-4 at
+    epsilon 0.1, measured); both are pessimistic (upper) bounds.
     """
     if not history:
         return 0.0
@@ -535,7 +575,8 @@ def _pld_group(noise_multiplier: float, sample_rate: float, steps: int,
             standard_deviation=noise_multiplier / math.sqrt(steps),
             value_discretization_interval=discretization,
             neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    return _subsampled_gaussian_pld(noise_multiplier, sample_rate, discretization).self_compose(steps)
+    return self_compose_pld(_subsampled_gaussian_pld(noise_multiplier, sample_rate, discretization),
+                            steps)
 
 
 @dataclass(frozen=True)

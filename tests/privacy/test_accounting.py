@@ -1042,3 +1042,57 @@ def test_two_figures_compared_in_a_message_read_in_their_order():
     assert format_ordered(2.98341, 3.0) == ("2.98341", "3")  # apart at six: unchanged
     assert format_ordered(2.5, 2.5) == ("2.5", "2.5")
     assert format_ordered(math.inf, 1.0) == ("inf", "1")
+
+
+def _within_seconds(seconds, fn):
+    """fn() or AssertionError after ``seconds`` (SIGALRM; the call is interrupted)."""
+    import signal
+
+    def expired(signum, frame):
+        raise AssertionError(f"took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_pld_of_many_steps_of_a_sparse_release_is_computed_at_once():
+    """A release whose PLD has few points (sigma 1000, q 0.01: 3) composed 10**8 times made
+    both the size guard and dp_accounting compute size ** steps (an integer of 1.6e8 bits)
+    before converting the PMF to a dense one: minutes, and never ending for 10**12 steps, so a
+    ledger entry stating that many steps hung `audit verify`. Both are now at once; the run's
+    accountant and verify's independent PLD agree, and a history beyond the size guard is
+    refused at once."""
+    from audits.verify import independent_epsilons
+    from privacy.accounting import (
+        PLD_MAX_GRID_POINTS,
+        AccountingSizeError,
+        _pld_epsilon,
+        check_pld_size,
+        pld_grid_points,
+    )
+
+    release = (1000.0, 0.01, 10**8)
+    assert _within_seconds(30, lambda: pld_grid_points([release])) <= PLD_MAX_GRID_POINTS
+    run = _within_seconds(30, lambda: _pld_epsilon((release,), 1e-5, {}))
+    independent = _within_seconds(30, lambda: independent_epsilons([release], 1e-5, "pld"))
+    assert math.isfinite(run) and 0 < run == independent[0]
+    huge = (25.55, 0.25, 10**12)
+    with pytest.raises(AccountingSizeError):
+        _within_seconds(30, lambda: check_pld_size([huge]))
+    assert _within_seconds(30, lambda: independent_epsilons([huge], 1e-5, "pld")) == [None]
+
+
+def test_self_compose_pld_is_dp_accountings_self_composition_bit_for_bit():
+    from privacy.accounting import _subsampled_gaussian_pld, self_compose_pld, sparse_power_fits
+
+    assert sparse_power_fits(10, 3) and not sparse_power_fits(10, 4) and sparse_power_fits(1, 10**15)
+    for sigma, q, steps in ((1000.0, 0.01, 2), (1000.0, 0.01, 50_000), (2.0, 0.25, 40)):
+        single = _subsampled_gaussian_pld(sigma, q, 1e-3)
+        ours, theirs = self_compose_pld(single, steps), single.self_compose(steps)
+        for delta in (1e-5, 1e-9):
+            assert ours.get_epsilon_for_delta(delta) == theirs.get_epsilon_for_delta(delta)
