@@ -326,7 +326,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
             args.run_dir, method=args.method, client_index=args.client,
             num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
             confidence=args.confidence, seed=args.seed, imports=args.imports,
-            options=CLI_AUDIT_OPTIONS)
+            allowlist=args.allowlist, options=CLI_AUDIT_OPTIONS)
     except WhiteboxAuditError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -496,6 +496,18 @@ def _import_flag(p: argparse.ArgumentParser, effect: str) -> None:
                    f" packages, never from RUN_DIR) to import first: {effect} (repeatable)")
 
 
+def _ledger_allowlist_flag(p: argparse.ArgumentParser) -> None:
+    """``--allowlist FILE`` of the audits that trust a claim only from the run's verified
+    ledger (replay, whitebox): :func:`audits.verify.verified_ledger_entries` checks it under
+    the file given."""
+    p.add_argument("--allowlist", help="independently registered allowlist.json to check"
+                   " the ledger's signatures against (default: RUN_DIR/keys/allowlist.json,"
+                   " which a run re-signed with new keys also replaces; a Flower run's"
+                   " collected folder holds none: give the copy of the server's"
+                   " identities/server/allowlist.json); private keys inside RUN_DIR are an"
+                   " error with it or without")
+
+
 def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="run directory (holds ledgers/, keys/, results.json)")
     p.add_argument("--allowlist", help="independently registered allowlist.json to verify"
@@ -626,6 +638,7 @@ def register(subparsers: Any) -> None:
     whitebox.add_argument("--seed", type=int, default=0,
                           help="seed of the canaries and of the audit's draws"
                           " (default %(default)s)")
+    _ledger_allowlist_flag(whitebox)
     _import_flag(whitebox, "the plug-in methods, datasets and models it registers can be"
                  " rebuilt (config.toml names only what this process knows)")
     _json_flags(whitebox, "also write the result to this file")
@@ -665,10 +678,7 @@ def register(subparsers: Any) -> None:
                         help="confidence of the lower bound (default %(default)s)")
     replay.add_argument("--seed", type=int, default=0,
                         help="seed of the auditor's coin flips (default %(default)s)")
-    replay.add_argument("--allowlist", help="independently registered allowlist.json to check"
-                        " the ledger's signatures against (default: RUN_DIR/keys/allowlist.json,"
-                        " which a run re-signed with new keys also replaces); private keys"
-                        " inside RUN_DIR are an error with it or without")
+    _ledger_allowlist_flag(replay)
     replay.add_argument("--anchor", help="a copy of the run's anchor.json kept apart, checked as"
                         " `audit verify --anchor` does: a changed config.toml or results.json,"
                         " or a ledger off its anchored head or length, is an error (default:"

@@ -186,7 +186,8 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
 
 
 def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
-                  allowlist: Path | None = None
+                  allowlist: Path | None = None,
+                  options: Mapping[str, str] = API_AUDIT_OPTIONS,
                   ) -> tuple[float, float, dict[str, Any], list[str], list[str]]:
     """(last epsilon_after, delta, params of the first DP-SGD entry, the mechanisms its
     releases used in ledger order, the texts of the warnings saying what the checks of the
@@ -210,7 +211,7 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
     valid = verified_ledger_entries(
         run_dir, method, client_id, error=ReplayAuditError,
         missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?",
-        allowlist=allowlist, warnings=unchecked)
+        allowlist=allowlist, options=options, warnings=unchecked)
     if allowlist is None:  # with one, verified_ledger_entries looked (given_allowlist_findings)
         # a replay needs a DP claim, so no key file is excepted (as audit verify, for a DP run)
         unchecked = refuse_private_keys(run_dir, True, ReplayAuditError, f"{rel} is not trusted")
@@ -527,7 +528,7 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         if problem is not None:
             raise ReplayAuditError(problem)
     claim, delta, params, mechanisms, unchecked = _ledger_claim(
-        run_dir, method, cid, cfg.privacy.noise, allow_path)
+        run_dir, method, cid, cfg.privacy.noise, allow_path, options)
     # an anchor pins config.toml's bytes; without one, results.json's config_hash does
     problem = run_config_problem(run_dir, cfg)
     if problem is not None:

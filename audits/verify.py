@@ -743,6 +743,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
                             allowlist: str | Path | None = None,
                             options: Mapping[str, str] = API_AUDIT_OPTIONS,
                             warnings: list[str] | None = None,
+                            run_checked: bool = False,
                             ) -> list[dict[str, Any]]:
     """The entries of ``RUN_DIR/ledgers/<method>/<client_id>.jsonl`` once it verifies.
 
@@ -764,7 +765,9 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     allowlist is bad input (:func:`load_given_allowlist`, naming ``options``' argument).
     The warnings of those two checks (files that could not be read to look for keys, a
     missing published allowlist: what was not checked) are appended to ``warnings`` when
-    it is given, for the caller to show.
+    it is given, for the caller to show. ``run_checked``: the caller has already held
+    ``run_dir`` to those two checks with this ``allowlist`` (:func:`refuse_private_keys`
+    with ``given``), so the run is not scanned again.
     """
     run_dir = check_path(run_dir, "run_dir", error)
     rel = f"ledgers/{method}/{client_id}.jsonl"
@@ -779,9 +782,8 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
             raise error(f"cannot verify {rel} before trusting its claim: {run_dir} holds no"
                         " keys/ (a Flower run's collected folder holds none): give the"
                         " allowlist registered for the run's parties (on Flower the copy of"
-                        " the server's identities/server/allowlist.json) with --allowlist"
-                        " (audit replay; allowlist= in Python), or, for a command without it,"
-                        " as keys/allowlist.json of that folder")
+                        f" the server's identities/server/allowlist.json) with"
+                        f" {options['allowlist']}")
         try:
             keys = load_allowlist(allow_path)
         except IdentityError as err:  # the run's own file: a problem of the run
@@ -791,7 +793,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
         allow_label = f"allowlist {allow_path}"
         if not path.exists():
             raise error(missing if missing is not None else f"no ledger {path}")
-    if allowlist is not None:
+    if allowlist is not None and not run_checked:
         findings = given_allowlist_findings(run_dir, allow_path, keys)
         _raise_first(findings, error, f"{rel} is not trusted")
         if warnings is not None:
@@ -2744,15 +2746,23 @@ def _private_key_findings(run_dir: Path, dp_claimed: bool = True) -> list[Findin
 
 
 def refuse_private_keys(run_dir: Path, dp_claimed: bool, error: type[Exception],
-                        context: str) -> list[str]:
+                        context: str,
+                        given: tuple[Path, Mapping[str, PublicIdentity]] | None = None,
+                        ) -> list[str]:
     """One scan of ``run_dir`` for private key material, judged as :func:`verify_run` judges
     it (:func:`_private_key_findings`): raises ``error`` with ``context: <first error>`` (the
     wording of ``audit replay``'s refusal) when a key lies inside, so that an audit that
-    reads the run's files refuses a run whose signatures its holder could re-sign. Returns
-    the texts of the unchecked warnings (a run without a DP claim, ``dp_claimed`` False,
-    whose only key files are its own envelope keys in ``keys/``; files that could not be
-    read), for the caller to show."""
+    reads the run's files refuses a run whose signatures its holder could re-sign. With
+    ``given`` (an independently registered allowlist's path and keys,
+    :func:`load_given_allowlist`), the run's published ``keys/allowlist.json`` must also
+    agree with it, as :func:`given_allowlist_findings` requires (a caller that made this
+    check passes ``run_checked=True`` to :func:`verified_ledger_entries`: one scan per
+    audit). Returns the texts of the unchecked warnings (a run without a DP claim,
+    ``dp_claimed`` False, whose only key files are its own envelope keys in ``keys/``; files
+    that could not be read; a missing published allowlist), for the caller to show."""
     findings = _private_key_findings(run_dir, dp_claimed)
+    if given is not None:
+        findings += _published_allowlist_findings(run_dir / "keys", *given)
     _raise_first(findings, error, context)
     return [f.message for f in findings]
 

@@ -64,6 +64,7 @@ from audits.verify import (
     AuditError,
     dpsgd_claim_problem,
     import_trusted_modules,
+    load_given_allowlist,
     positive_number,
     refuse_private_keys,
     verified_ledger_entries,
@@ -266,11 +267,12 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
 
 
 def _ledger_noise(run_dir: Path | None, cfg: ExperimentConfig, method: str,
-                  client_index: int) -> float | None:
+                  client_index: int, allowlist: Path | None = None) -> float | None:
     """The DP-SGD noise multiplier of the first DP-SGD entry of the audited client's ledger in
-    ``run_dir``, once the ledger verifies; None when there is none to read (no run directory
-    or ledger, privacy off, an index out of range, a ledger that does not verify: refused by
-    :func:`check_setting_against_ledger` or the setting's own checks)."""
+    ``run_dir``, once the ledger verifies (under ``allowlist`` when given, which the run was
+    already held to: :func:`check_setting_against_ledger`); None when there is none to read
+    (no run directory or ledger, privacy off, an index out of range, a ledger that does not
+    verify: refused by :func:`check_setting_against_ledger` or the setting's own checks)."""
     if run_dir is None or not cfg.privacy.enabled or method not in cfg.methods \
             or not (isinstance(client_index, int) and 0 <= client_index < cfg.data.num_clients):
         return None
@@ -278,7 +280,8 @@ def _ledger_noise(run_dir: Path | None, cfg: ExperimentConfig, method: str,
     if not (run_dir / "ledgers" / method / f"{cid}.jsonl").is_file():
         return None
     try:
-        entries = verified_ledger_entries(run_dir, method, cid, error=WhiteboxAuditError)
+        entries = verified_ledger_entries(run_dir, method, cid, error=WhiteboxAuditError,
+                                          allowlist=allowlist, run_checked=True)
     except WhiteboxAuditError:
         return None
     for e in entries:
@@ -290,20 +293,29 @@ def _ledger_noise(run_dir: Path | None, cfg: ExperimentConfig, method: str,
 
 
 def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
-                                 rel_tol: float = DEFAULT_REL_TOL) -> None:
+                                 rel_tol: float = DEFAULT_REL_TOL, *,
+                                 allowlist: Path | None = None,
+                                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> None:
     """Refuse (:class:`WhiteboxAuditError`) a DP setting that is not what the audited client's
     ledger ``run_dir/ledgers/<method>/<client>.jsonl`` records, once that ledger verifies
     (fields, chain, signatures): a DP-SGD noise multiplier (one results.json states exactly,
     ``noise_stated``: any other float), sample rate or delta other than its DP-SGD entries', or a claim that :func:`audits.verify.dpsgd_claim_problem` refuses
     (below the epsilon of those entries under the ledger's accountant, or above it though
     they hold every planned step; a client not drawn every round, or refused a release, holds
-    fewer). A run without a ledger folder, or a non-private setting, is not checked."""
+    fewer). A run without a ledger folder, or a non-private setting, is not checked.
+
+    The ledger's signatures are checked under ``allowlist`` (an independently registered
+    allowlist.json) when given, else under the run's ``keys/allowlist.json``. The caller has
+    held ``run_dir`` to ``allowlist`` already (:func:`audits.verify.refuse_private_keys` with
+    ``given``, as :func:`run_whitebox_audit` does): no private key inside it, its published
+    allowlist agreeing. Errors name the arguments (``options``)."""
     if not setting.private or not (run_dir / "ledgers").is_dir():
         return
     assert setting.noise_multiplier is not None and setting.claim_epsilon is not None
     where = f"ledgers/{setting.method}/{setting.client_id}.jsonl"
     entries = verified_ledger_entries(run_dir, setting.method, setting.client_id,
-                                      error=WhiteboxAuditError)
+                                      error=WhiteboxAuditError, allowlist=allowlist,
+                                      options=options, run_checked=True)
     dpsgd = [e for e in entries if e["mechanism"] == "dpsgd" and isinstance(e["params"], dict)]
     for e in dpsgd:
         for name, planned in (("noise_multiplier", setting.noise_multiplier),
@@ -512,6 +524,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                        confidence: float = 0.95, seed: int = 0,
                        results: dict[str, Any] | None = None,
                        run_dir: str | Path | None = None,
+                       allowlist: str | Path | None = None,
                        options: Mapping[str, str] = API_AUDIT_OPTIONS) -> WhiteboxAuditResult:
     """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
 
@@ -530,6 +543,13 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     when the evaluation part of
     the canaries holds no member or no non-member canary (not measurable); errors name the
     arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
+
+    ``allowlist`` (CLI ``--allowlist``, with ``run_dir`` only): an independently registered
+    allowlist.json, as ``audit replay --allowlist`` takes it: the ledger's signatures are
+    checked under it instead of the run's ``keys/allowlist.json`` (a Flower run's collected
+    folder holds none), and a ``keys/allowlist.json`` listing a party or key it does not
+    register is an error (:func:`audits.verify.given_allowlist_findings`). One that is no
+    valid allowlist is bad input, refused before the run is scanned or anything trains.
     """
     t0 = time.perf_counter()
     check_config(cfg, WhiteboxAuditError)
@@ -548,14 +568,21 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                  f" {calibration_fraction!r}")
     check_seed(seed, WhiteboxAuditError)
     run_path = None if run_dir is None else check_path(run_dir, "run_dir", WhiteboxAuditError)
+    given = None
+    if allowlist is not None:  # the auditor's own registration: bad input, before the run
+        if run_path is None:
+            raise WhiteboxAuditError(f"{options['allowlist']} checks the signatures of the run's"
+                                     " ledger: it needs run_dir= (the run it was registered for)")
+        given = load_given_allowlist(allowlist, WhiteboxAuditError, options)
     unchecked: list[str] = []
     if run_path is not None:  # once per audit: each scan reads every file of the run
         unchecked = refuse_private_keys(run_path, bool(cfg.privacy.enabled), WhiteboxAuditError,
-                                        f"run directory {run_path} is not trusted")
+                                        f"run directory {run_path} is not trusted", given)
+    allow_path = None if given is None else given[0]
     setting = whitebox_setting(cfg, method, client_index, results, options,
-                               _ledger_noise(run_path, cfg, method, client_index))
+                               _ledger_noise(run_path, cfg, method, client_index, allow_path))
     if run_path is not None:
-        check_setting_against_ledger(setting, run_path)
+        check_setting_against_ledger(setting, run_path, allowlist=allow_path, options=options)
         # after the ledger check, whose refusal rests on signed entries and says more
         problem = run_config_problem(run_path, cfg)
         if problem is not None:
@@ -641,9 +668,12 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
     Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path.
     Raises :class:`WhiteboxAuditError` when the directory or its config is missing or
     invalid, a module of ``imports`` cannot be imported (naming it), or the config names an
-    entry this process has not registered (naming ``imports``).
+    entry this process has not registered (naming ``imports``); a given ``allowlist=``
+    (:func:`run_whitebox_audit`'s) that is no valid allowlist is refused first.
     """
     run = check_path(run_dir, "run_dir", WhiteboxAuditError)
+    if kwargs.get("allowlist") is not None:  # the auditor's input, before the run is read
+        load_given_allowlist(kwargs["allowlist"], WhiteboxAuditError, options)
     problem = path_problem(run)
     if problem is not None:
         raise WhiteboxAuditError(f"run directory {run} {problem}")

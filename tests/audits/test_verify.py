@@ -808,8 +808,7 @@ def test_a_claim_read_from_a_folder_without_keys_names_the_allowlist_to_give(run
         verified_ledger_entries(run_copy, METHOD, CID)
     message = str(refused.value)
     assert "holds no keys/ (a Flower run's collected folder holds none)" in message
-    assert "identities/server/allowlist.json) with --allowlist" in message
-    assert "as keys/allowlist.json of that folder" in message
+    assert "identities/server/allowlist.json) with the allowlist= argument" in message
     assert "does not exist" not in message
     assert verified_ledger_entries(run_copy, METHOD, CID, allowlist=trusted)
 

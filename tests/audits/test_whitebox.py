@@ -739,3 +739,60 @@ def test_a_config_that_is_not_the_runs_is_refused_before_anything_trains(tmp_pat
     with pytest.raises(WhiteboxAuditError, match=r"the config is not .*config.toml"):
         run_whitebox_audit(other, run_dir=run, num_canaries=100)
     assert not (run / "audit").exists()
+
+
+def test_the_allowlist_of_a_folder_without_keys_is_given_with_allowlist(tmp_path, capsys):
+    """`audit whitebox` had no --allowlist, while `audit replay` and `audit verify` have it: a
+    Flower run's collected folder (no keys/ by design) could be audited only after copying
+    the allowlist into it as keys/allowlist.json. It now takes --allowlist FILE (allowlist=
+    in Python), checked as replay checks it: the ledger's signatures under that file, a
+    published keys/allowlist.json that disagrees with it refused, a file that is no
+    allowlist bad input (exit 2, nothing written)."""
+    import shutil
+
+    from privacy.identity import Identity, allowlist_bytes, load_allowlist
+    from secure_fedora.runtimes.inprocess import Simulation
+
+    d = {"name": "whitebox-allowlist", "methods": ["local"], "seed": 0,
+         "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
+                  "test_per_client": 8},
+         "training": {"rounds": 1, "local_epochs": 1, "batch_size": 16},
+         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp",
+                     "noise": "reproducible"}}
+    cfg = parse_config(d)
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    keys = load_allowlist(trusted)
+    # the run's published allowlist naming another key for the audited client: refused
+    (run / "keys" / "allowlist.json").write_bytes(allowlist_bytes(
+        {**keys, "client-000": Identity.generate("client-000").public}))
+    assert main(["audit", "whitebox", str(run), "--canaries", "100",
+                 "--allowlist", str(trusted)]) == 2
+    err = capsys.readouterr().err
+    assert "lists other keys for 'client-000' than the given allowlist" in err
+    shutil.rmtree(run / "keys")  # as a Flower run's collected folder
+    assert main(["audit", "whitebox", str(run), "--canaries", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no keys/" in err and "with --allowlist" in err
+    assert "keys/allowlist.json of that folder" not in err  # every command now takes the flag
+    for bad in (b"", b"[]", b"\x00\xff\xfe binary"):
+        (tmp_path / "bad.json").write_bytes(bad)
+        assert main(["audit", "whitebox", str(run), "--allowlist",
+                     str(tmp_path / "bad.json")]) == 2
+        assert capsys.readouterr().err.startswith("error: --allowlist: ")
+    other = tmp_path / "other.json"  # a valid allowlist registering other keys
+    other.write_bytes(allowlist_bytes({p: Identity.generate(p).public for p in keys}))
+    assert main(["audit", "whitebox", str(run), "--canaries", "100",
+                 "--allowlist", str(other)]) == 2
+    assert "fails verification" in capsys.readouterr().err
+    assert not (run / "audit" / "whitebox.json").exists()
+    code = main(["audit", "whitebox", str(run), "--canaries", "100", "--allowlist", str(trusted)])
+    assert code in (0, 3)  # audited: the claim read from the ledger verified under the copy
+    assert (run / "audit" / "whitebox.json").is_file()
+    capsys.readouterr()
+    result = run_whitebox_audit(cfg, num_canaries=100, run_dir=run, allowlist=trusted)
+    assert result.setting.claim_epsilon is not None
+    with pytest.raises(WhiteboxAuditError, match=r"the allowlist= argument checks .* run_dir="):
+        run_whitebox_audit(cfg, num_canaries=100, allowlist=trusted)
