@@ -70,7 +70,7 @@ from privacy.errors import ToolkitError
 from privacy.identity import client_ids
 from privacy.ledger import NON_RELEASES
 from privacy.noise import NoiseSource, make_noise_source
-from privacy.paths import check_given_file, check_path
+from privacy.paths import check_path
 from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
@@ -466,13 +466,13 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     (the step's batch is a few dozen rows; more threads only wait on each other).
     """
     run_dir = check_path(run_dir, "run_dir", ReplayAuditError)
-    from audits.verify import _ANCHOR_KEPT_APART, load_given_allowlist
+    from audits.verify import load_given_allowlist, load_given_anchor
 
     # the auditor's own registration: bad input to the audit, checked before the run is read
     allow_path = load_given_allowlist(allowlist, ReplayAuditError, options)[0] \
         if allowlist is not None else None
-    if anchor is not None:
-        check_given_file(anchor, "anchor", ReplayAuditError, options["anchor"], _ANCHOR_KEPT_APART)
+    if anchor is not None:  # the same: an unusable anchor copy is bad input, before the run
+        load_given_anchor(anchor, ReplayAuditError, options)
     if not (run_dir / "config.toml").is_file():
         _raise_claim_problem(run_dir, anchor is not None, None)
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")

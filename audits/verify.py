@@ -82,7 +82,11 @@
    ``run_name``, ``config_hash``, ``runtime`` and ``methods`` are those results.json and
    config.toml record (check ``anchor_identity``). Checked without a copy given, the run's
    own anchor gets an unchecked warning (``anchor_copy``): whoever holds its signer's key (in
-   process the key store that also holds every client's ledger key) could re-sign it.
+   process the key store that also holds every client's ledger key) could re-sign it. A
+   given copy that is no signed anchor (missing, unreadable, not JSON, malformed, its own
+   signature failing) is bad input, raised before the run is read
+   (:func:`load_given_anchor`), as a bad ``allowlist=`` is; the run's own anchor.json in
+   that state is an error finding.
 7. **Key location**: private key material inside the audited directory (a file named
    ``*.ed25519.key``/``*.x25519.key``, or holding a PEM private key block or a DER private
    key, found by :func:`private_key_files`) is an error, with or without an allowlist and
@@ -208,6 +212,7 @@ __all__ = [
     "imported_text",
     "independent_epsilons",
     "load_given_allowlist",
+    "load_given_anchor",
     "mechanism_epsilon",
     "positive_number",
     "private_key_files",
@@ -735,6 +740,24 @@ def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditEr
     except IdentityError as exc:
         raise error(f"{options['allowlist']}: {exc}{give}") from None
     return path, keys
+
+
+def load_given_anchor(anchor: str | Path, error: type[Exception] = AuditError,
+                      options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                      ) -> tuple[Path, dict[str, Any]]:
+    """The auditor's anchor copy kept apart (``--anchor``, ``anchor=``): its path and document.
+    It is input to the audit, as :func:`load_given_allowlist`'s file is: a path that is no
+    text path, a missing file, a directory, or a file that is no signed version-1 anchor
+    (unreadable, not JSON, of other fields or types, a signature that does not verify under
+    its own signer key: :func:`_load_anchor`) raises ``error`` with one line naming the
+    argument (``options``), what is wrong and what to give. Whether the anchor vouches for
+    the run (its signer allowlisted, the run matching it) is the verification's finding.
+    The one check of ``audit verify``, ``report``, ``replay`` and their Python functions."""
+    path = check_given_file(anchor, "anchor", error, options["anchor"], _ANCHOR_KEPT_APART)
+    doc, problems = _load_anchor(path)
+    if doc is None:
+        raise error(f"{options['anchor']}: {problems[0].message}{_ANCHOR_KEPT_APART}")
+    return path, doc
 
 
 def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
@@ -3108,7 +3131,7 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
     """
     run = check_path(run_dir, "run_dir", error)
-    anchor_path = check_given_file(anchor, "anchor", error, options["anchor"], _ANCHOR_KEPT_APART)
+    anchor_path = load_given_anchor(anchor, error, options)[0]
     if allowlist is None:
         allow_path = run / "keys" / "allowlist.json"
         try:
@@ -3583,11 +3606,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints", options["pld_checkpoints"])
     allow_path, given_keys = load_given_allowlist(allowlist, AuditError, options) \
         if allowlist is not None else (None, None)
-    anchor_path = (
-        check_given_file(anchor, "anchor", AuditError, options["anchor"], _ANCHOR_KEPT_APART)
-        if anchor is not None
+    anchor_path = load_given_anchor(anchor, AuditError, options)[0] if anchor is not None \
         else None
-    )
     if not isinstance(strict, bool):  # a truthy "no" must not mean yes
         raise AuditError(f"strict must be True or False, got {strict!r:.80}")
     if isinstance(imports, str):  # one name would be imported letter by letter

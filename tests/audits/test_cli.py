@@ -767,3 +767,29 @@ def test_a_missing_anchor_or_allowlist_file_names_its_flag_and_path(command, tmp
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and f"{flag}: " in err[0] and f"{missing} does not exist" in err[0]
     assert sorted(p.name for p in run.iterdir()) == ["results.json"]
+
+
+@pytest.mark.parametrize("content", [b"", b"[]", b"\x00\xff\xfe\x80 binary",
+                                     b'{"format": "secure-fedora-anchor"}'])
+def test_an_unusable_anchor_copy_is_bad_input_in_every_command(run_copy, tmp_path, capsys,
+                                                               content):
+    """An --anchor file that is empty, ``[]``, binary bytes or no anchor failed `audit verify`
+    and `audit report` as a verification failure (exit 1, report written), while the same
+    input to --allowlist is bad input (exit 2): the file is the auditor's argument, not
+    evidence about the run. Now it is bad input (exit 2, one line naming --anchor, nothing
+    written) in verify, report and replay alike; the run's own anchor.json in that state
+    stays a finding (exit 1)."""
+    bad = tmp_path / "anchor-copy.json"
+    bad.write_bytes(content)
+    out = tmp_path / "report"
+    for argv in (["verify", str(run_copy)], ["report", str(run_copy), "--out", str(out)],
+                 ["replay", str(run_copy), "--trials", "4"]):
+        assert main(["audit", *argv, "--anchor", str(bad)]) == 2, argv
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert "--anchor: " in err and "(give the anchor.json kept apart)" in err, argv
+        assert "\n" not in err and "verification" not in captured.out
+    assert not out.exists() and not (run_copy / "audit" / "replay.json").exists()
+    (run_copy / "anchor.json").write_bytes(content)  # the run's own: a finding
+    assert main(["audit", "verify", str(run_copy)]) == 1
+    capsys.readouterr()
