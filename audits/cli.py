@@ -515,7 +515,8 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
                    " private keys inside RUN_DIR are an error with it or without")
     p.add_argument("--anchor", help="a copy of the run's anchor.json kept apart: any ledger"
                    " behind it, missing or unnamed, or a changed results.json/config.toml, fails"
-                   " (default: check RUN_DIR/anchor.json if present)")
+                   " (default: check RUN_DIR/anchor.json if present); a file that is no signed"
+                   " anchor is bad input (exit 2)")
     p.add_argument("--rel-tol", type=float, default=DEFAULT_REL_TOL,
                    help="relative tolerance between recorded and independent epsilon"
                    " (default %(default)s)")
@@ -682,7 +683,8 @@ def register(subparsers: Any) -> None:
     replay.add_argument("--anchor", help="a copy of the run's anchor.json kept apart, checked as"
                         " `audit verify --anchor` does: a changed config.toml or results.json,"
                         " or a ledger off its anchored head or length, is an error (default:"
-                        " check config.toml against RUN_DIR/anchor.json if present)")
+                        " check config.toml against RUN_DIR/anchor.json if present); a file"
+                        " that is no signed anchor is bad input (exit 2)")
     _json_flags(replay, "also write the result to this file (default: none; the same"
                 " document as RUN_DIR/audit/replay.json, which is always written)")
     replay.set_defaults(func=cmd_replay)
