@@ -76,14 +76,23 @@ from secure_fedora.algorithms.contract import (  # noqa: E402
     reply_declarations,
 )
 from secure_fedora.algorithms.messages import KIND_SUMMARY, KIND_THETA  # noqa: E402
-from secure_fedora.core.config import ConfigError, ExperimentConfig, load_run_config  # noqa: E402
+from secure_fedora.core.config import (  # noqa: E402
+    ConfigError,
+    ExperimentConfig,
+    load_run_config,
+    model_selection,
+)
 from secure_fedora.core.files import finite_document  # noqa: E402
 from secure_fedora.runtimes.results import (  # noqa: E402
     config_assumptions,
     metric_label,
     uses_relatedness,
 )
-from secure_fedora.secure.private import planned_release_counts, steps_per_round  # noqa: E402
+from secure_fedora.secure.private import (  # noqa: E402
+    planned_release_counts,
+    sample_rate_for,
+    steps_per_round,
+)
 
 __all__ = ["ReportPaths", "build_report", "render_html", "write_report"]
 
@@ -818,16 +827,55 @@ def _empirical_audits(run: Path, cfg: ExperimentConfig | None,
     return rows
 
 
+#: ``privacy_config`` value of a noise multiplier config.toml leaves unset in a DP run: the
+#: run calibrates it per budget (the report's privacy plan states each).
+CALIBRATED = "calibrated"
+#: Keys of ``[privacy]`` that config.toml may leave unset (None), each then resolved by the run.
+_RESOLVED_KEYS = ("sample_rate", "noise_multiplier", "summary_noise_multiplier",
+                  "lambda_noise_multiplier", "model_selection")
+
+
 def _privacy_config(cfg: ExperimentConfig | None) -> dict[str, Any] | None:
-    """config.toml's ``[privacy]``, each per-client override with the delta that applies to
-    it (an override without one has the default ``privacy.delta``, not none)."""
+    """config.toml's ``[privacy]`` with the values the run used: each per-client override with
+    the delta that applies to it (an override without one has the default ``privacy.delta``,
+    not none), and each key config.toml leaves unset resolved as the run resolves it, its name
+    listed in ``defaults``: ``model_selection`` (:func:`secure_fedora.core.config.model_selection`)
+    and, with privacy on, ``sample_rate`` (:func:`secure_fedora.secure.private.sample_rate_for`)
+    and the noise multipliers (:data:`CALIBRATED`: per budget, as the privacy plan states).
+    With privacy off the sample rate and noise multipliers are unused and stay None. A
+    plug-in mechanism's table keeps the one of ``noise_multiplier`` and ``budget_fraction``
+    it sets."""
     if cfg is None:
         return None
-    out = cfg.privacy.model_dump(mode="json")
+    p = cfg.privacy
+    out = p.model_dump(mode="json")
     for override in out.get("overrides", {}).values():
         if override.get("delta") is None:
-            override["delta"] = cfg.privacy.delta
+            override["delta"] = p.delta
+    for table in out.get("mechanisms", {}).values():
+        for key in ("noise_multiplier", "budget_fraction"):
+            if table.get(key) is None:  # exactly one of the two is set (config check)
+                table.pop(key, None)
+    resolved = {"model_selection": model_selection(cfg)}
+    if p.enabled:
+        resolved |= {"sample_rate": sample_rate_for(cfg), "noise_multiplier": CALIBRATED,
+                     "summary_noise_multiplier": CALIBRATED,
+                     "lambda_noise_multiplier": CALIBRATED}
+    defaults = [k for k in _RESOLVED_KEYS if out.get(k) is None and k in resolved]
+    for key in defaults:
+        out[key] = resolved[key]
+    out["defaults"] = defaults
     return out
+
+
+def _privacy_config_value(key: str, value: Any, defaults: Sequence[str]) -> str:
+    """One ``key=value`` of the privacy configuration line: a key config.toml leaves unset as
+    ``default (<what the run used>)``, never "None" for a value the run had."""
+    if key not in defaults:
+        return f"{key}=" + ("unset (unused: privacy off)" if value is None else str(value))
+    if value == CALIBRATED:
+        return f"{key}=default (calibrated per budget: see the privacy plan)"
+    return f"{key}=default ({value})"
 
 
 def _verification(run_dir: str | Path, verification: VerificationReport | None, *,
@@ -1239,7 +1287,8 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
     pc = report.get("privacy_config")
     if pc:
         parts.append("<p class=\"muted\">privacy configuration: " + _e(", ".join(
-            f"{k}={v}" for k, v in pc.items() if k != "overrides")) +
+            _privacy_config_value(k, v, pc.get("defaults", ()))
+            for k, v in pc.items() if k not in ("overrides", "defaults"))) +
             (f"; per-client overrides: {_e(pc['overrides'])}" if pc.get("overrides") else "")
             + "</p>")
 

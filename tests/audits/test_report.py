@@ -1337,3 +1337,48 @@ def test_a_run_identity_value_results_json_does_not_record_is_not_shown_as_none(
     assert "code versionnot recorded in results.json" in identity
     fingerprint = build_report(pristine_run)["identity"]["data_fingerprint"]
     assert fingerprint and fingerprint in _text_of(render_html(build_report(pristine_run), {}))
+
+
+def test_the_privacy_config_states_what_the_run_used_for_keys_left_unset(tmp_path):
+    """The privacy configuration line printed the keys config.toml left unset as
+    ``sample_rate=None, model_selection=None`` (also ``noise_multiplier=None``), while the run
+    used a sample rate, chose its rounds by validation (its assumptions say so) and calibrated
+    its noise. Each is now stated as ``default (<what the run used>)`` and report.json holds
+    the value the run used, naming the keys in ``defaults``; "None" is shown for no value the
+    run had (a non-DP run does not sample or noise: "unused")."""
+    import tomli_w
+
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    d = {"name": "report-defaults", "methods": ["local"], "seed": 0,
+         "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
+                  "test_per_client": 8, "validation": "public"},
+         "training": {"rounds": 1, "local_epochs": 1, "batch_size": 16},
+         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp"}}
+    cfg = parse_config(d)
+    run = tmp_path / "run"
+    results = Simulation(cfg, run, clients=build_clients(cfg)).run()
+    doc = build_report(run)
+    pc = doc["privacy_config"]
+    (row,) = results["privacy"]["local"]["plan"]
+    assert pc["sample_rate"] == row["sample_rate"] == 0.5
+    assert pc["model_selection"] == results["assumptions"]["model_selection"] == "validation"
+    assert pc["noise_multiplier"] == "calibrated"
+    assert set(pc["defaults"]) == {"sample_rate", "model_selection", "noise_multiplier",
+                                   "summary_noise_multiplier", "lambda_noise_multiplier"}
+    line = render_html(doc, {}).split("privacy configuration: ")[1].split("</p>")[0]
+    assert "None" not in line
+    assert "sample_rate=default (0.5)" in line and "model_selection=default (validation)" in line
+    assert "noise_multiplier=default (calibrated per budget: see the privacy plan)" in line
+    assert "epsilon=8.0" in line and "accountant=rdp" in line  # set values as configured
+
+    d["privacy"] = {"enabled": False, "model_selection": "final_round"}
+    plain = tmp_path / "plain"
+    Simulation(parse_config(d), plain, clients=build_clients(parse_config(d))).run()
+    (plain / "config.toml").write_text(tomli_w.dumps(d))  # a run without privacy writes none
+    doc = build_report(plain)
+    assert doc["privacy_config"]["defaults"] == []
+    line = render_html(doc, {}).split("privacy configuration: ")[1].split("</p>")[0]
+    assert "None" not in line and "model_selection=final_round" in line
+    assert "sample_rate=unset (unused: privacy off)" in line
