@@ -10,7 +10,8 @@
   label entries for multi-label).
 - ``"package.module:function"``: ``function(outputs, targets)`` returns the per-sample losses
   (shape ``(B,)``, i.e. ``reduction="none"``); the metric is ``function.metric`` ("accuracy"
-  or "auc") when set, else accuracy for single labels and AUC for multi-label targets.
+  or "auc") when set, else accuracy for single labels and AUC for multi-label targets. An
+  AUC-scored loss on single labels is binary, as ``"bce"``: labels 0/1, one logit.
 
 Every loss is per sample, so DP-SGD clips per-sample gradients of whichever loss is used.
 Metrics are "higher is better"; model selection takes the round with the best mean
@@ -120,8 +121,10 @@ class Task:
         return self.correct(outputs, targets) / max(1, int(targets.shape[0]))
 
     def output_width(self, num_classes: int, multilabel: bool) -> int:
-        """The model's output width for data with ``num_classes`` classes (or labels)."""
-        if self.name == "bce" and not multilabel:
+        """The model's output width for data with ``num_classes`` classes (or labels): one
+        logit for an AUC-scored task on single labels (binary: AUC ranks one score per label,
+        for ``bce`` and a plug-in loss alike), else ``num_classes``."""
+        if self.metric_name == "auc" and not multilabel:
             return 1
         return num_classes
 

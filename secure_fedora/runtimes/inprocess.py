@@ -388,16 +388,17 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
     num_classes, multilabel = label_space(clients)
     task = resolve_task(cfg.training.loss, multilabel, config_dir(cfg))
     width = task.output_width(num_classes, multilabel)
-    if task.name == "bce" and not multilabel and num_classes > 2:
+    if task.metric_name == "auc" and not multilabel and num_classes > 2:
         from secure_fedora.data.sources import DataError
 
         # the count is the largest label + 1 (or a declared num_classes), not the labels seen:
         # labels {1, 2} or {0, 2} are 3 classes, which a binary task must relabel to 0/1
-        raise DataError(f"training.loss = 'bce' with single labels is binary (labels 0 and 1, one "
-                        f"output), but the data has {num_classes} classes (labels 0..{num_classes - 1}"
-                        f": the largest label, or a declared num_classes, sets the count); use "
-                        "'cross_entropy', relabel a binary task to 0 and 1, or give multi-hot "
-                        "(n, C) targets for multi-label")
+        scored = "" if task.name == "bce" else ", scored by AUC,"
+        raise DataError(f"training.loss = {task.name!r}{scored} with single labels is binary (labels "
+                        f"0 and 1, one output), but the data has {num_classes} classes (labels "
+                        f"0..{num_classes - 1}: the largest label, or a declared num_classes, sets "
+                        "the count); use 'cross_entropy', relabel a binary task to 0 and 1, or "
+                        "give multi-hot (n, C) targets for multi-label")
     input_shape = tuple(int(v) for v in clients[0].train_x.shape[1:])
     source = "the model factory"
     if model_factory is None and cfg.model.factory is not None:

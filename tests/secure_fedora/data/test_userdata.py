@@ -71,6 +71,18 @@ PLUGIN = textwrap.dedent('''
         return nn.functional.cross_entropy(outputs, targets, reduction="none")
     ce_scored_by_auc.metric = "auc"
 
+    def focal(outputs, targets):
+        p = torch.sigmoid(outputs[:, 0])
+        t = targets.to(p.dtype)
+        bce = nn.functional.binary_cross_entropy_with_logits(outputs[:, 0], t, reduction="none")
+        return (1 - (p * t + (1 - p) * (1 - t))) ** 2 * bce
+    focal.metric = "auc"
+
+    def binary(seed):
+        x, y = _table(seed)
+        y = (y % 2).astype(np.int64)
+        return {"x_train": x[:180], "y_train": y[:180], "x_test": x[180:], "y_test": y[180:]}
+
     def int_loss(outputs, targets):
         return (outputs.argmax(dim=1) != targets).long()
 
@@ -294,6 +306,22 @@ def test_binary_bce_has_one_output_and_auc(plug: str) -> None:
     ctx = exp.context_factory(exp.config, exp.clients)
     assert ctx.flat.module[-1].out_features == 1
     assert exp.run().metric == "auc"
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_plugin_loss_scored_by_auc_on_binary_labels_has_one_output(plug: str, dp: bool) -> None:
+    """A plug-in binary loss (a focal loss) scored by AUC could not run: the model was built
+    with 2 outputs (num_classes), which AUC refused ("give the model one output"), and a
+    factory giving one output was refused as not num_classes wide."""
+    privacy = {"privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3},
+               "fedora": {"relatedness": "noised"}} if dp else {}
+    cfg = config(plug, methods=("fedora", "fedavg"), data={"source": f"{plug}:binary"},
+                 training={"loss": f"{plug}:focal", "rounds": 1}, **privacy)
+    exp = Experiment(cfg)
+    assert exp.context_factory(exp.config, exp.clients).flat.module[-1].out_features == 1
+    results = exp.run()
+    assert results.metric == "auc"
+    assert all(0.0 <= results.mean(m) <= 1.0 for m in ("fedora", "fedavg"))
 
 
 def test_custom_loss_under_dp(plug: str) -> None:
@@ -851,7 +879,8 @@ def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
     cfg = config(plug, methods=("fedora",), training={"loss": f"{plug}:ce_scored_by_auc"},
                  fedora={"relatedness": "noised", "k": 1},
                  privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-3})
-    with pytest.raises(DataError, match="cannot be scored with AUC: AUC needs one score per label"):
+    with pytest.raises(DataError, match=r"ce_scored_by_auc', scored by AUC, with single labels is "
+                                        r"binary .* 4 classes"):
         Experiment(cfg, run_dir=tmp_path / "run").run()
     assert not (tmp_path / "run" / "ledgers").exists()
 
