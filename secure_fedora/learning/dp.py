@@ -126,7 +126,8 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
     per-sample clipping, and the clipped validation losses of a private lambda, bound one
     record's effect only if no other row's output depends on it (BatchNorm, a layer that
     subtracts the batch mean). Two forwards besides ``x``'s own: the second half replaced by
-    copies of the first row, the first half by copies of the last. Runs in train mode
+    copies of the first row, the first half by copies of the last; then the first half as a
+    batch of its own (a model depending on the batch's size is refused). Runs in train mode
     (``training``: dropout in eval mode, as the gradient check) or eval mode; random draws come
     from a seeded fork of torch's generator, so nothing is drawn from the run's streams.
     ``rows`` names the rows in the message. With ``loss`` (and ``y``, the rows' targets) the
@@ -146,9 +147,9 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
     half = n // 2
     devices = [x.device.index or 0] if x.device.type == "cuda" else []
 
-    def forward(batch: Tensor) -> Tensor:
+    def forward(batch: Tensor, seed: int = 0) -> Tensor:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(0)
+            torch.manual_seed(seed)
             return model(batch)
 
     try:
@@ -165,6 +166,21 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
                     "row alone (per-sample clipping bounds one record's effect only then); layers "
                     "that mix the rows of a batch (BatchNorm, subtracting the batch mean) are "
                     "not supported under DP")
+        # the same rows in a batch of another size: a model scaling by x.shape[0] passes the
+        # replacements (same size), but under DP one record added to a Poisson batch would then
+        # move every other row's output, and so its clipped gradient
+        # (a model drawing random numbers draws others for another batch size from the same
+        # seed: it is judged only when its outputs do not depend on the seed)
+        got, want = forward(x[:half]), out[:half]
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale)) \
+                and torch.equal(forward(x[:half], seed=1), got):
+            raise DPSGDError(
+                f"the model's outputs for {half} {rows} rows differ between a batch of {n} rows "
+                f"and a batch of those {half} alone (max difference "
+                f"{float((got - want).abs().max()):.3g}): they depend on the batch's size (e.g. a "
+                "division by x.shape[0]); DP needs a model that treats every row alone (one "
+                "record added to a batch must not move the other rows' outputs)")
         if loss is not None and y is not None:
             _refuse_a_loss_mixing_outputs(out, loss, y)
     finally:

@@ -52,6 +52,33 @@ def test_rows_independence_probe_is_exact_for_row_wise_models_and_draws_nothing(
         check_rows_independent(centered, x, training=True, rows="training")
 
 
+def test_a_model_depending_on_the_batch_size_is_named_as_such():
+    """A model scaling its outputs by 1 / x.shape[0] passed the row-replacement probe (same
+    batch size) and was refused by the gradient check as "a parameter used outside its layer's
+    call", which it is not; under DP one record added to a Poisson batch moves every other
+    row's output. The probe now names the batch size."""
+
+    class PerBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(5, 2)
+
+        def forward(self, h):
+            return self.linear(h) * (8.0 / h.shape[0])
+
+    class Noisy(nn.Module):  # row-wise, drawing other numbers for 7 rows than for 3 rows
+        def forward(self, h):
+            return h + 0.1 * torch.randn_like(h)
+
+    x = torch.randn(9, 5, generator=torch.Generator().manual_seed(0))
+    check_rows_independent(nn.Sequential(nn.Linear(5, 4), Noisy()), x[:7], training=True,
+                           rows="training")
+    with pytest.raises(DPSGDError, match=r"outputs for 4 training rows differ between a batch "
+                                         r"of 9 rows and a batch of those 4 alone .* depend on "
+                                         r"the batch's size"):
+        check_rows_independent(PerBatch(), x, training=True, rows="training")
+
+
 def test_a_loss_using_batch_statistics_is_named_not_a_layer():
     """A custom loss that centres the outputs over the batch was refused as "layer (no single
     layer identified) is not supported", which sent the user looking for a layer of a plain
