@@ -380,6 +380,29 @@ def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: s
         raise ModelError(f"{source} returns non-finite outputs at initialization")
 
 
+@torch.no_grad()
+def check_inputs_unchanged(model: nn.Module, sample: torch.Tensor, source: str = "model") -> None:
+    """Raise :class:`ModelError` when an eval-mode forward writes its input batch in place
+    (``x.mul_(...)``, ``x -= ...``): evaluation runs the model on a client's whole split, which
+    would change with every evaluation (training batches are copies). Probed on a copy of
+    ``sample``; torch's global generator and the model's mode are left as they were."""
+    was_training = model.training
+    devices = [sample.device] if sample.device.type == "cuda" else []
+    batch = sample.clone()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()
+            model(batch)
+    finally:
+        model.train(was_training)
+    if not torch.equal(batch, sample):
+        raise ModelError(
+            f"{source} writes its inputs in place in eval mode (e.g. x.mul_(...) or x -= ...): "
+            "evaluation runs the model on a client's whole validation and test split, so the "
+            "data itself would change with every evaluation; compute on new tensors "
+            "(x = x * 1.5, or x = x.clone() first)")
+
+
 class BufferGuard:
     """The digest of a model's buffers, taken when it passed :func:`check_buffers_constant`;
     :meth:`check` raises :class:`ModelError` when a buffer has changed since (a forward that

@@ -377,6 +377,7 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
         BufferGuard,
         build_user_model,
         check_buffers_constant,
+        check_inputs_unchanged,
         check_output_width,
     )
     from secure_fedora.learning.tasks import resolve_task
@@ -413,6 +414,7 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
     probe_x, probe_y = _probe_rows(clients)
     check_output_width(module, probe_x, width, source)
     check_buffers_constant(module, probe_x, source)
+    check_inputs_unchanged(module, probe_x, source)
     # under DP, private validation splits are never scored (the final round is reported, and
     # only their losses are used, by the private lambda): AUC need not be defined on them
     scored = ("test",) if cfg.privacy.enabled and cfg.data.validation == "private" \

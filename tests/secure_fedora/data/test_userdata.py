@@ -872,6 +872,31 @@ def test_a_model_failing_only_on_one_row_is_told_so_not_to_cast_its_inputs() -> 
     assert "nn.Embedding" not in str(err.value)
 
 
+def test_a_model_writing_its_inputs_in_place_is_refused_before_the_data_changes() -> None:
+    """A forward doing x.mul_(1.5) ran: every evaluation multiplied the clients' whole
+    validation and test splits by 1.5 (2.25 after two rounds), so later rounds and methods were
+    scored on other data. Writing a training batch (a copy) in place is harmless and runs."""
+    class Scales(torch.nn.Module):
+        def __init__(self, c: int, only_training: bool) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(5, c)
+            self.only_training = only_training
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training or not self.only_training:
+                x.mul_(1.5)
+            return self.linear(x)
+
+    exp = Experiment({**SMALL, "training": {"threads": 1, "rounds": 2}}, data=_small_data(),
+                     model=lambda s, c: Scales(c, only_training=False))
+    held = [c.val_x.clone() for c in exp.clients]
+    with pytest.raises(ModelError, match=r"writes its inputs in place in eval mode .* the data "
+                                         r"itself would change with every evaluation"):
+        exp.run()
+    assert all(torch.equal(c.val_x, v) for c, v in zip(exp.clients, held, strict=True))
+    Experiment(SMALL, data=_small_data(), model=lambda s, c: Scales(c, only_training=True)).run()
+
+
 def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
         plug: str, tmp_path: Path) -> None:
     """A loss declaring AUC on 4-class labels (a model of 4 outputs) passed every check; the
