@@ -150,7 +150,16 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
     def forward(batch: Tensor, seed: int = 0) -> Tensor:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
-            return model(batch)
+            try:
+                return model(batch)
+            except Exception as err:  # the user's model code: report whatever it raised
+                from secure_fedora.core.plugins import raised_at
+                from secure_fedora.learning.models import ModelError
+
+                raise ModelError(
+                    f"the model fails on a batch of {int(batch.shape[0])} {rows} rows (DP's "
+                    f"check that it treats every row alone): {type(err).__name__}: {err}"
+                    f"{raised_at(err)}") from err
 
     try:
         out = forward(x)

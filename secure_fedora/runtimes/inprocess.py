@@ -472,6 +472,32 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
     )
 
 
+def _evaluation_failure(method: FederatedMethod, rnd: int, rows: dict[int, Tensor],
+                        select_final: bool, err: Exception) -> Exception:
+    """The ModelError for a model (or loss) raising while the clients' splits are evaluated,
+    naming the method, the round and the first client split that fails alone (e.g. an
+    embedding id beyond its table held only by a test split), with where the code raised."""
+    from secure_fedora.core.plugins import raised_at
+    from secure_fedora.learning.client import evaluate
+    from secure_fedora.learning.models import ModelError
+
+    where = "the clients' validation and test splits"
+    splits = ("test",) if select_final else ("val", "test")
+    for i, row in rows.items():
+        c = method.ctx.clients[i]
+        for split in splits:
+            try:
+                evaluate(method.ctx.flat, row, getattr(c, f"{split}_x"), getattr(c, f"{split}_y"))
+            except Exception:  # the user's code again: only where it fails is wanted
+                where = f"client {i}'s {split} split"
+                break
+        else:
+            continue
+        break
+    return ModelError(f"method {method._label()!r}: the model fails on {where} in the "
+                      f"evaluation of round {rnd}: {type(err).__name__}: {err}{raised_at(err)}")
+
+
 def _probe_rows(clients: Sequence[ClientData], rows: int = 2) -> tuple[Tensor, Tensor]:
     """The federation's first ``rows`` training rows, taken across clients where the first
     holds fewer: the model checks compare a batch with its rows one by one (DP's per-sample
@@ -1639,8 +1665,17 @@ class Simulation:
             if not rows:
                 return {}
             stand_in = next(iter(rows.values()))
-            *val, test = evaluate_many_sets(flat, [rows.get(i, stand_in)
-                                                   for i in range(len(clients))], packed)
+            try:
+                *val, test = evaluate_many_sets(flat, [rows.get(i, stand_in)
+                                                       for i in range(len(clients))], packed)
+            except Exception as err:
+                from secure_fedora.core.plugins import raised_at
+
+                # the user's model or loss raised (a frame of their code): name where; else a
+                # toolkit error, or a toolkit bug keeping its traceback
+                if isinstance(err, ToolkitError) or not raised_at(err):
+                    raise
+                raise _evaluation_failure(method, rnd, rows, select_final, err) from err
             # as a Flower client's reply: the validation metric only where it selects; under
             # DP its epsilon and ledger head after them
             return {i: torch.tensor(

@@ -897,6 +897,30 @@ def test_a_model_writing_its_inputs_in_place_is_refused_before_the_data_changes(
     Experiment(SMALL, data=_small_data(), model=lambda s, c: Scales(c, only_training=True)).run()
 
 
+def test_a_model_failing_on_a_test_split_names_the_method_client_and_split() -> None:
+    """An embedding id beyond the table, held only by test rows, passed every check on training
+    rows and stopped the first evaluation with a bare IndexError (no method, client or line)."""
+    class Ids(torch.nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.embedding = torch.nn.Embedding(8, 3)
+            self.head = torch.nn.Linear(15, c)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embedding(x.long()).flatten(1))
+
+    g = np.random.default_rng(0)
+    y = g.integers(0, 3, 120)
+    x = g.integers(0, 8, (120, 5))
+    x[80:, 0] = 11  # every test row: an id the table lacks
+    data = {"x_train": x[:80], "y_train": y[:80], "x_test": x[80:], "y_test": y[80:]}
+    with pytest.raises(ModelError, match=r"method 'local': the model fails on client 0's test "
+                                         r"split in the evaluation of round 1: IndexError: .*"
+                                         r"\(at .*test_userdata.py:\d+ in forward\)"):
+        Experiment({**SMALL, "training": {"threads": 1, "rounds": 1}}, data=data,
+                   model=lambda s, c: Ids(c)).run()
+
+
 def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
         plug: str, tmp_path: Path) -> None:
     """A loss declaring AUC on 4-class labels (a model of 4 outputs) passed every check; the

@@ -79,6 +79,25 @@ def test_a_model_depending_on_the_batch_size_is_named_as_such():
         check_rows_independent(PerBatch(), x, training=True, rows="training")
 
 
+def test_a_model_failing_on_the_probe_rows_is_a_model_error_naming_its_line():
+    """An embedding given an id beyond its table in a training row past the first two (the
+    other model checks' rows) raised a bare IndexError from DP's row probe."""
+    from secure_fedora.learning.models import ModelError
+
+    class Ids(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(4, 2)
+
+        def forward(self, h):
+            return self.embedding(h.long()).sum(dim=1)
+
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0], [1.0, 9.0], [0.0, 0.0]])
+    with pytest.raises(ModelError, match=r"the model fails on a batch of 4 training rows .*"
+                                         r"IndexError: .* \(at .*test_dp.py:\d+ in forward\)"):
+        check_rows_independent(Ids(), x, training=True, rows="training")
+
+
 def test_a_loss_using_batch_statistics_is_named_not_a_layer():
     """A custom loss that centres the outputs over the batch was refused as "layer (no single
     layer identified) is not supported", which sent the user looking for a layer of a plain
