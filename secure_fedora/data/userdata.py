@@ -149,7 +149,9 @@ def _labels(value: Any, where: str) -> torch.Tensor:
             if not torch.isfinite(y).all() or not torch.equal(y, y.round()):
                 bad = int((~torch.isfinite(y) | (y != y.round())).nonzero()[0, 0])
                 raise DataError(f"{where} holds non-integer labels (first in row {bad}: "
-                                f"{float(y[bad])!r}); class labels must be integers 0..C-1")
+                                f"{float(y[bad])!r}); class labels must be integers 0..C-1 "
+                                "(tasks are classification, single- or multi-label: "
+                                "regression targets are not supported)")
         elif y.dtype == torch.bool:  # a binary task's labels: False = 0, True = 1
             return y.to(torch.int64).contiguous()
         elif torch.is_complex(y):

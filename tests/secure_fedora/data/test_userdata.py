@@ -921,6 +921,16 @@ def test_a_model_failing_on_a_test_split_names_the_method_client_and_split() -> 
                    model=lambda s, c: Ids(c)).run()
 
 
+def test_regression_targets_are_refused_as_such() -> None:
+    """Real-valued targets (a regression task) were refused as "non-integer labels" without
+    saying that no task of the toolkit is a regression."""
+    d = _small_data()
+    d["y_train"] = d["x_train"][:, 0] * 2.5
+    with pytest.raises(DataError, match=r"non-integer labels .* regression targets are not "
+                                        r"supported"):
+        Experiment(SMALL, data=d).check()
+
+
 def test_auc_on_single_labels_needs_one_output_before_anything_is_released(
         plug: str, tmp_path: Path) -> None:
     """A loss declaring AUC on 4-class labels (a model of 4 outputs) passed every check; the
