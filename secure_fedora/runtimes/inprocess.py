@@ -420,6 +420,12 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
     scored = ("test",) if cfg.privacy.enabled and cfg.data.validation == "private" \
         else ("val", "test")
     _check_task(task, module, clients, probe_x, probe_y, scored)
+    if model_factory is not None:
+        # a user's model may fail on rows the probes above never showed it (an embedding id
+        # beyond its table in one test split): found before anything trains or is released
+        private_val = cfg.privacy.enabled and cfg.data.validation == "private"
+        _check_model_runs_on_splits(module, clients, ("train", "test") if private_val
+                                    else ("train", "val", "test"), source)
     flat = FlatModel(module, task)
     generators = _client_generators(cfg, len(clients))
     noise: list[Any] = []
@@ -470,6 +476,37 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
         engine_choice=engine_choice,
         buffers=BufferGuard(module, source),
     )
+
+
+@torch.no_grad()
+def _check_model_runs_on_splits(module: torch.nn.Module, clients: Sequence[ClientData],
+                                splits: Sequence[str], source: str, chunk: int = 4096) -> None:
+    """ModelError naming the first client split whose rows the initial model cannot run on in
+    eval mode (what evaluation and the training batches feed it), with where it raised.
+    Private validation splits are left out by the caller: only accounted releases read them.
+    Torch's global generator and the model's modes are left as they were."""
+    from secure_fedora.core.plugins import raised_at
+    from secure_fedora.learning.models import ModelError
+
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    devices = [d.index or 0 for d in {c.train_x.device for c in clients} if d.type == "cuda"]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for c in clients:
+                for split in splits:
+                    x = getattr(c, f"{split}_x")
+                    for start in range(0, int(x.shape[0]), chunk):
+                        try:
+                            module(x[start:start + chunk].clone())  # the data stays intact
+                        except Exception as err:  # the user's model code
+                            raise ModelError(
+                                f"{source} fails on client {c.client_id}'s {split} split (rows "
+                                f"{start}..{min(start + chunk, int(x.shape[0])) - 1}): "
+                                f"{type(err).__name__}: {err}{raised_at(err)}") from err
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
 
 
 def _evaluation_failure(method: FederatedMethod, rnd: int, rows: dict[int, Tensor],

@@ -897,28 +897,48 @@ def test_a_model_writing_its_inputs_in_place_is_refused_before_the_data_changes(
     Experiment(SMALL, data=_small_data(), model=lambda s, c: Scales(c, only_training=True)).run()
 
 
-def test_a_model_failing_on_a_test_split_names_the_method_client_and_split() -> None:
-    """An embedding id beyond the table, held only by test rows, passed every check on training
-    rows and stopped the first evaluation with a bare IndexError (no method, client or line)."""
-    class Ids(torch.nn.Module):
-        def __init__(self, c: int) -> None:
-            super().__init__()
-            self.embedding = torch.nn.Embedding(8, 3)
-            self.head = torch.nn.Linear(15, c)
+class _Ids(torch.nn.Module):
+    """Token ids in an embedding of 8; in eval mode, raises once its head left its initial
+    values (``fail_once_trained``)."""
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.embedding(x.long()).flatten(1))
+    def __init__(self, c: int, fail_once_trained: bool = False) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(8, 3)
+        self.head = torch.nn.Linear(15, c)
+        self.initial = None if not fail_once_trained else self.head.weight.detach().clone()
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.initial is not None and not self.training
+                and not torch.equal(self.head.weight, self.initial)):
+            raise ValueError("trained weights")
+        return self.head(self.embedding(x.long()).flatten(1))
+
+
+def _ids_data(test_id: int = 7) -> dict[str, Any]:
     g = np.random.default_rng(0)
     y = g.integers(0, 3, 120)
     x = g.integers(0, 8, (120, 5))
-    x[80:, 0] = 11  # every test row: an id the table lacks
-    data = {"x_train": x[:80], "y_train": y[:80], "x_test": x[80:], "y_test": y[80:]}
-    with pytest.raises(ModelError, match=r"method 'local': the model fails on client 0's test "
-                                         r"split in the evaluation of round 1: IndexError: .*"
+    x[80:, 0] = test_id
+    return {"x_train": x[:80], "y_train": y[:80], "x_test": x[80:], "y_test": y[80:]}
+
+
+def test_a_model_failing_on_a_test_split_is_named_before_anything_trains() -> None:
+    """An embedding id beyond the table, held only by test rows, passed every check on training
+    rows and stopped the first evaluation (under DP after a round's release) with a bare
+    IndexError naming no method, client or line."""
+    with pytest.raises(ModelError, match=r"the model factory fails on client 0's test split "
+                                         r"\(rows 0..\d+\): IndexError: .*"
                                          r"\(at .*test_userdata.py:\d+ in forward\)"):
-        Experiment({**SMALL, "training": {"threads": 1, "rounds": 1}}, data=data,
-                   model=lambda s, c: Ids(c)).run()
+        Experiment(SMALL, data=_ids_data(test_id=11), model=lambda s, c: _Ids(c)).check()
+
+
+def test_a_model_failing_in_an_evaluation_names_the_method_round_and_split() -> None:
+    """A model raising only on its trained weights stopped the evaluation with the bare error."""
+    with pytest.raises(ModelError, match=r"method 'local': the model fails on client 0's val "
+                                         r"split in the evaluation of round 1: ValueError: "
+                                         r"trained weights \(at .*test_userdata.py:\d+ in forward\)"):
+        Experiment({**SMALL, "training": {"threads": 1, "rounds": 1}}, data=_ids_data(),
+                   model=lambda s, c: _Ids(c, fail_once_trained=True)).run()
 
 
 def test_regression_targets_are_refused_as_such() -> None:
