@@ -179,10 +179,11 @@ def check_rows_independent(model: nn.Module, x: Tensor, *, training: bool, rows:
         # replacements (same size), but under DP one record added to a Poisson batch would then
         # move every other row's output, and so its clipped gradient
         # (a model drawing random numbers draws others for another batch size from the same
-        # seed: it is judged only when its outputs do not depend on the seed)
+        # seed: it is judged only when its outputs do not depend on the seed; 1e-2 relative,
+        # as kernels chosen per batch size round differently, e.g. TF32 convolutions on CUDA)
         got, want = forward(x[:half]), out[:half]
         scale = float(want.abs().max()) if want.numel() else 0.0
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(1.0, scale)) \
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * max(1.0, scale)) \
                 and torch.equal(forward(x[:half], seed=1), got):
             raise DPSGDError(
                 f"the model's outputs for {half} {rows} rows differ between a batch of {n} rows "
