@@ -264,6 +264,25 @@ def _hooks_stripped(module: nn.Module) -> Iterator[None]:
                 setattr(sub, name, hooks)
 
 
+@contextmanager
+def _vmap_pass(module: nn.Module, sample: Tensor) -> Iterator[None]:
+    """One of the vmap engine's passes over the clients, the module's hooks stripped
+    (:func:`_hooks_stripped`). A RuntimeError of a model with buffers is first held to
+    :func:`~secure_fedora.learning.models.check_buffers_constant` on ``sample`` (one client's
+    rows, not vmapped): a forward that writes a buffer fails under vmap with torch's in-place
+    shape error, and is refused by the ModelError that names the buffer instead, as the
+    vmapped evaluation does; any other error is re-raised as it was."""
+    with _hooks_stripped(module):
+        try:
+            yield
+        except RuntimeError:
+            if any(True for _ in module.buffers()):
+                from secure_fedora.learning.models import check_buffers_constant
+
+                check_buffers_constant(module, sample, "model")
+            raise
+
+
 def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None = None,
                  probe_y: Tensor | None = None) -> BatchedPlan:
     """Decide, once per model, oracle kind and (plain oracle) batch size, which engine trains
@@ -605,7 +624,7 @@ def _vmap_gradient(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, 
         def forward(params: tuple[Tensor, ...], inputs: Tensor) -> Tensor:
             return torch.func.functional_call(module, dict(zip(names, params, strict=True)), (inputs,))
 
-        with _hooks_stripped(module):
+        with _vmap_pass(module, x[0]):
             logits = torch.vmap(forward)(tuple(stacked), x)
         k, batch = weights.shape
         losses = loss(logits.reshape(k * batch, *logits.shape[2:]), y.reshape(k * batch, *y.shape[2:]))
@@ -638,7 +657,7 @@ def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tenso
     group = max(1, _PER_SAMPLE_BYTES // max(1, width * flat.num_params * rows.element_size()))
     for first in range(0, k, group):
         part = slice(first, min(first + group, k))
-        with torch.no_grad(), _hooks_stripped(module):
+        with torch.no_grad(), _vmap_pass(module, x[first]):
             grads = per_sample(tuple(v.detach() for v in _row_views(flat, rows[part])),
                                x[part], y[part])
         kk = grads[0].shape[0]

@@ -62,19 +62,22 @@ def test_a_constant_buffer_model_trains_on_both_engines(dp) -> None:
                 pytest.approx(results["batched"].selected(name)["per_client"], abs=1e-6)
 
 
-@pytest.mark.parametrize(("engine", "when"), [
-    ("loop", "in round 1's training, before any client's reply left"),
-    # the batched engine trains on the buffer's value, not the module: the round's evaluation
-    # (on the module) writes it, caught after the round
-    ("batched", "in round 1")])
+@pytest.mark.parametrize(("engine", "message"), [
+    ("loop", r"buffer \('offset'\) changed in round 1's training, before any client's reply left; "),
+    # the batched engine's vmapped training pass writes it under vmap, where torch's in-place
+    # shape error stopped the run; the pass names the buffer instead
+    ("batched", r"buffer 'offset' changed in a training step \(forward writes it\); ")])
 def test_a_buffer_forward_starts_writing_stops_the_run_before_that_rounds_replies_leave(
-        engine, when) -> None:
+        engine, message) -> None:
     """The checks before training see a constant buffer; forward writes it from its 21st call
-    on (in round 1's training on the loop engine): in process the clients share one module,
-    so the clients trained after the write used it; the run stops with a ModelError after the
+    on (in round 1's training): in process the clients share one module. On the loop engine
+    the clients trained after the write used it; the run stops with a ModelError after the
     round's training and before any of its replies reaches the server half (it was checked
-    only after the round, when the server had aggregated them)."""
-    with pytest.raises(ModelError, match=rf"buffer \('offset'\) changed {when}; .*per client"):
+    only after the round, when the server had aggregated them). On the batched engine the
+    write happens inside a vmapped pass over all clients, which fails at once: the run stops
+    with the ModelError that names the buffer (it stopped with torch's in-place shape error,
+    "output with shape [6] doesn't match the broadcast shape [3, 6]")."""
+    with pytest.raises(ModelError, match=message + ".*per client"):
         Experiment(_config(engine, False), data=_data(), model=late_writer).run()
 
 
