@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -1006,6 +1007,69 @@ def test_independent_rdp_matches_opacus_within_tolerance():
         acc.record(nm, q, steps)
         assert ind[k] == pytest.approx(acc.epsilon(1e-5), rel=0.01)
     assert independent_epsilons([None, None], 1e-5, "rdp") == [None, None]
+
+
+def test_independent_pld_is_dp_accountings_pld_accountant_bit_for_bit():
+    """The audit's PLD epsilon (built from one cached single-release PLD per sigma, q and
+    discretization) equals dp_accounting's PLDAccountant composing the same events, at the
+    default and at a finer discretization, with a Gaussian (q = 1) group beside it."""
+    import dp_accounting
+    from dp_accounting import pld
+
+    from audits import verify as v
+
+    for disc in (v.PLD_VALUE_DISCRETIZATION, v.PLD_RECHECK_DISCRETIZATIONS[0]):
+        for counts in ({(1.2, 0.1): 7}, {(1.2, 0.1): 20, (5.0, 1.0): 5},
+                       {(0.9, 0.05): 3, (1.2, 0.1): 1, (5.0, 1.0): 2}):
+            acc = pld.PLDAccountant(value_discretization_interval=disc)
+            for (nm, q), steps in sorted(counts.items()):
+                event = dp_accounting.GaussianDpEvent(nm)
+                acc.compose(event if q >= 1 else dp_accounting.PoissonSampledDpEvent(q, event),
+                            steps)
+            assert v._pld_epsilon(counts, 1e-5, disc) == acc.get_epsilon(1e-5), (disc, counts)
+
+
+def test_verify_builds_each_subsampled_gaussian_pld_once_per_discretization(tmp_path,
+                                                                             monkeypatch):
+    """An under-reporting PLD ledger is rechecked at every checkpoint and at the end, at each
+    finer discretization, for every client: the single-release PLD of its (sigma, q) is
+    built once per discretization for all of them (it is most of the cost of a recheck)."""
+    from dp_accounting.pld import privacy_loss_distribution as pld_module
+
+    from audits import verify as v
+
+    run = build_run_dir(tmp_path / "run", num_clients=2, rounds=3, accountant="pld",
+                        steps_per_round=2, methods=("local",), noise_multiplier=1.37)
+    for cid in ("client-000", "client-001"):
+        key = load_identity(keystore_of(run), cid).signing_key
+        lines = lines_of(run, cid, "local")
+        for i in range(len(lines)):
+
+            def lower(entry):
+                entry["epsilon_after"] *= 0.5
+                if entry["mechanism"] == "close":
+                    entry["params"]["epsilon_spent"] *= 0.5
+
+            lines = _resign(lines, i, key, lower)
+        write_lines(run, lines, cid, "local")
+        drop_anchor(run, cid, "local")
+    built: list[tuple[float, float]] = []
+    real = pld_module.from_gaussian_mechanism
+
+    def counting(*args, **kwargs):
+        if kwargs.get("sampling_prob", 1.0) < 1.0:
+            built.append((kwargs["standard_deviation"], kwargs["value_discretization_interval"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pld_module, "from_gaussian_mechanism", counting)
+    v._pld_epsilon_cached.cache_clear()  # a noise no other test uses: no PLD of it is cached
+    report = verify_run(run, pld_checkpoints=3)
+    under = {f.client_id for f in report.errors if f.check == "epsilon_under_reported"}
+    assert under == {"client-000", "client-001"}
+    # rechecked at every finer discretization; built at most twice at each: once by the
+    # audit, once by the accounting layer's size guard (privacy.accounting caches its own)
+    assert {d for _, d in built} == {v.PLD_VALUE_DISCRETIZATION, *v.PLD_RECHECK_DISCRETIZATIONS}
+    assert max(collections.Counter(built).values()) <= 2, built
 
 
 def test_a_tiny_epsilon_prv_ledger_verifies_without_findings(tmp_path):
