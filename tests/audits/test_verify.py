@@ -1303,7 +1303,8 @@ def test_a_recorder_below_the_pessimistic_pld_is_an_error(tmp_path, monkeypatch)
     monkeypatch.setitem(accounting.ACCOUNTANT_REGISTRY, "pld", optimistic)
     accounting._epsilon.cache_clear()
     try:
-        run = build_run_dir(tmp_path / "run", accountant="pld")
+        # two rounds: few entries, each of them checked (and rechecked at the finer PLDs)
+        run = build_run_dir(tmp_path / "run", accountant="pld", rounds=2)
     finally:
         accounting._epsilon.cache_clear()
     report = verify_run(run)
