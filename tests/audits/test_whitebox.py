@@ -417,14 +417,12 @@ def test_a_config_that_is_not_an_experimentconfig_or_an_out_of_range_seed_is_nam
             run_whitebox_audit(parse_config(_cfg_dict(3.0)), seed=seed)
 
 
-def test_a_run_states_its_noise_exactly_and_the_ledger_must_hold_that_float(tmp_path, capsys):
-    """results.json's plan rounded the noise multiplier to 6 decimals and the audit matched
-    it to the config and the ledger within 1e-5: a stated sigma other than the one drawn
-    passed. A row marked ``"figures": "exact"`` must now be the ledger's float; a run written
-    before the mark (6 decimals, no mark) is still audited."""
+def _two_client_local_dp_run(tmp_path, name: str) -> tuple[object, object, dict]:
+    """A one-round DP run of Local on 2 clients (rdp, reproducible noise) in ``tmp_path/run``:
+    its parsed config, run directory and results."""
     from secure_fedora.runtimes.inprocess import Simulation
 
-    d = {"name": "whitebox-exact", "methods": ["local"], "seed": 0,
+    d = {"name": name, "methods": ["local"], "seed": 0,
          "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
                   "test_per_client": 8},
          "training": {"rounds": 1, "local_epochs": 1, "batch_size": 16},
@@ -432,7 +430,16 @@ def test_a_run_states_its_noise_exactly_and_the_ledger_must_hold_that_float(tmp_
                      "noise": "reproducible"}}
     cfg = parse_config(d)
     run = tmp_path / "run"
-    results = Simulation(cfg, run, clients=build_clients(cfg)).run()
+    return cfg, run, Simulation(cfg, run, clients=build_clients(cfg)).run()
+
+
+def test_a_run_states_its_noise_exactly_and_the_ledger_must_hold_that_float(tmp_path, capsys):
+    """results.json's plan rounded the noise multiplier to 6 decimals and the audit matched
+    it to the config and the ledger within 1e-5: a stated sigma other than the one drawn
+    passed. A row marked ``"figures": "exact"`` must now be the ledger's float; a run written
+    before the mark (6 decimals, no mark) is still audited."""
+
+    cfg, run, results = _two_client_local_dp_run(tmp_path, "whitebox-exact")
     (row,) = results["privacy"]["local"]["plan"]
     ledger = [json.loads(line) for line in
               (run / "ledgers" / "local" / "client-000.jsonl").read_text().splitlines()]
@@ -751,17 +758,8 @@ def test_the_allowlist_of_a_folder_without_keys_is_given_with_allowlist(tmp_path
     import shutil
 
     from privacy.identity import Identity, allowlist_bytes, load_allowlist
-    from secure_fedora.runtimes.inprocess import Simulation
 
-    d = {"name": "whitebox-allowlist", "methods": ["local"], "seed": 0,
-         "data": {"num_clients": 2, "train_per_client": 32, "val_per_client": 8,
-                  "test_per_client": 8},
-         "training": {"rounds": 1, "local_epochs": 1, "batch_size": 16},
-         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-3, "accountant": "rdp",
-                     "noise": "reproducible"}}
-    cfg = parse_config(d)
-    run = tmp_path / "run"
-    Simulation(cfg, run, clients=build_clients(cfg)).run()
+    cfg, run, _ = _two_client_local_dp_run(tmp_path, "whitebox-allowlist")
     trusted = tmp_path / "trusted.json"
     shutil.copyfile(run / "keys" / "allowlist.json", trusted)
     keys = load_allowlist(trusted)
