@@ -801,10 +801,8 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
         if not (run_dir / "keys").exists() and not (run_dir / "keys").is_symlink():
             # A Flower run's collected folder holds no keys/ by design: say what to give.
             raise error(f"cannot verify {rel} before trusting its claim: {run_dir} holds no"
-                        " keys/ (a Flower run's collected folder holds none): give the"
-                        " allowlist registered for the run's parties (on Flower the copy of"
-                        f" the server's identities/server/allowlist.json) with"
-                        f" {options['allowlist']}")
+                        " keys/ (a Flower run's collected folder holds none): "
+                        + _allowlist_to_give(options))
         try:
             keys = load_allowlist(allow_path)
         except IdentityError as err:  # the run's own file: a problem of the run
@@ -1285,6 +1283,14 @@ def _load_config(run_dir: Path, results: dict[str, Any] | None,
     return cfg
 
 
+def _allowlist_to_give(options: Mapping[str, str]) -> str:
+    """What to give where a run directory holds no ``keys/`` (a Flower run's collected folder),
+    naming the caller's allowlist argument (``options``): one wording for verify's finding and
+    the ledger-reading audits' error."""
+    return ("give the allowlist registered for the run's parties (on Flower the copy of the"
+            f" server's identities/server/allowlist.json) with {options['allowlist']}")
+
+
 def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
                options: Mapping[str, str] = API_AUDIT_OPTIONS,
                given: dict[str, PublicIdentity] | None = None,
@@ -1301,8 +1307,7 @@ def _load_keys(run_dir: Path, allowlist: Path | None, findings: list[Finding],
         findings.append(Finding(
             "error", "allowlist",
             f"no allowlist to check signatures under: a Flower result directory holds no keys/"
-            f" ({path} does not exist); pass the copy of the server's"
-            f" identities/server/allowlist.json kept apart ({options['allowlist']})"))
+            f" ({path} does not exist); {_allowlist_to_give(options)}"))
         return {}, str(path)
     if allowlist is None:
         path = run_dir / "keys" / "allowlist.json"
