@@ -203,9 +203,10 @@ class MethodContext:
     # server, the in-process runtime). With it set, per-client state is allocated through
     # :meth:`per_client` as one held row (secure_fedora.algorithms.held), not N.
     held: int | None = None
-    # The model's buffers as checked before training (learning.models.BufferGuard): checked
-    # again before the clients' round and finalize replies reach the server half, and by the
-    # runtime after each round; None: not checked.
+    # The model's buffers as checked before training, and the clients' splits' version
+    # counters (learning.models.BufferGuard): checked again before the clients' round and
+    # finalize replies reach the server half, and by the runtime after each round; None: not
+    # checked.
     buffers: Any = None
 
     @property

@@ -383,43 +383,106 @@ def _check_outputs(model: nn.Module, sample: torch.Tensor, width: int, source: s
 @torch.no_grad()
 def check_inputs_unchanged(model: nn.Module, sample: torch.Tensor, source: str = "model") -> None:
     """Raise :class:`ModelError` when an eval-mode forward writes its input batch in place
-    (``x.mul_(...)``, ``x -= ...``): evaluation runs the model on a client's whole split, which
-    would change with every evaluation (training batches are copies). Probed on a copy of
-    ``sample``; torch's global generator and the model's mode are left as they were."""
-    was_training = model.training
-    devices = [sample.device] if sample.device.type == "cuda" else []
+    (``x.mul_(...)``, ``x -= ...``), whether or not the values change: any in-place operation
+    on the batch or a view of it (``x.clamp_(min=-1e9)``, ``x[x > 1e6] = 0`` matching no row)
+    bumps the tensor's version counter, and values changed another way (through ``.data``)
+    are compared. Evaluation runs the model on a client's whole split, which would change with
+    every evaluation (training batches are copies). The error names the first write (torch's
+    operation and the line of the model's code) where a second probe finds it. Probed on
+    copies of ``sample``; torch's global generator and the model's mode are left as they were."""
     batch = sample.clone()
+    version = batch._version
+    _eval_forward(model, batch)
+    if batch._version == version and torch.equal(batch, sample):
+        return
+    raise ModelError(
+        f"{source} writes its inputs in place in eval mode{_first_input_write(model, sample)}; "
+        "any in-place write counts, even of equal values or of no row (x.mul_(...), x -= ..., "
+        "x[mask] = ..., nn.ReLU(inplace=True) on the input): evaluation runs the model on a "
+        "client's whole validation and test split, so the data itself would change with "
+        "every evaluation; compute on new tensors (x = x * 1.5, or x = x.clone() first)")
+
+
+def _eval_forward(model: nn.Module, batch: torch.Tensor) -> None:
+    """``model(batch)`` in eval mode, leaving torch's global generator and the mode as they were."""
+    was_training = model.training
+    devices = [batch.device] if batch.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             model.eval()
             model(batch)
     finally:
         model.train(was_training)
-    if not torch.equal(batch, sample):
-        raise ModelError(
-            f"{source} writes its inputs in place in eval mode (e.g. x.mul_(...) or x -= ...): "
-            "evaluation runs the model on a client's whole validation and test split, so the "
-            "data itself would change with every evaluation; compute on new tensors "
-            "(x = x * 1.5, or x = x.clone() first)")
+
+
+class _InputWritten(Exception):
+    """Raised inside the model's forward at its first in-place write to the probed batch."""
+
+
+def _first_input_write(model: nn.Module, sample: torch.Tensor) -> str:
+    """`` " (aten::OP at FILE:LINE in FUNCTION)"``: the first operation of an eval-mode forward
+    on a copy of ``sample`` that writes that copy's memory, stopped there; ``""`` when none
+    does (a write that bypasses torch's dispatcher, or one that forward makes only sometimes)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch = sample.clone()
+    storage = batch.untyped_storage().data_ptr()
+
+    class _StopAtWrite(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            schema = func._schema.arguments
+            values = [*args, *(kwargs.get(a.name) for a in schema[len(args):])]
+            for arg, value in zip(schema, values, strict=False):
+                if (arg.alias_info is not None and arg.alias_info.is_write
+                        and isinstance(value, torch.Tensor)
+                        and value.untyped_storage().data_ptr() == storage):
+                    raise _InputWritten(func._schema.name)
+            return func(*args, **kwargs)
+
+    try:
+        with _StopAtWrite():
+            _eval_forward(model, batch)
+    except _InputWritten as err:
+        at = raised_at(err).removeprefix(" (").removesuffix(")")
+        return f" ({err.args[0]}{' ' + at if at else ''})"
+    except Exception:  # user code under the probe: the first probe ran, so only name nothing
+        return ""
+    return ""
 
 
 class BufferGuard:
-    """The digest of a model's buffers, taken when it passed :func:`check_buffers_constant`;
-    :meth:`check` raises :class:`ModelError` when a buffer has changed since (a forward that
-    writes one only under conditions the probe did not meet)."""
+    """The digest of a model's buffers, taken when it passed :func:`check_buffers_constant`,
+    and the version counters of ``inputs`` (named tensors: the clients' splits), taken when
+    the model passed :func:`check_inputs_unchanged`; :meth:`check` raises :class:`ModelError`
+    when a buffer has changed since, or an input was written in place (a forward that writes
+    one only under conditions the probes did not meet). Reading a version counter costs
+    nothing: the splits are not copied or hashed."""
 
-    def __init__(self, model: nn.Module, source: str) -> None:
+    def __init__(self, model: nn.Module, source: str,
+                 inputs: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
         self.model = model
         self.source = source
         self.names = [n for n, _ in model.named_buffers()]
         self.digest = buffer_digest(model) if self.names else ""
+        self.inputs = [(name, t, t._version) for name, t in inputs]
 
     def check(self, when: str) -> None:
-        """Nothing when the buffers are bit-identical to the checked ones, else ModelError."""
+        """Nothing when the buffers are bit-identical to the checked ones and no input was
+        written in place since (any in-place operation on it or a view of it), else
+        ModelError."""
         if self.names and buffer_digest(self.model) != self.digest:
             raise ModelError(
                 f"{self.source}: a buffer ({', '.join(map(repr, self.names))}) changed {when}; "
                 f"{_WRITTEN_BUFFER}")
+        for name, tensor, version in self.inputs:
+            if tensor._version != version:
+                raise ModelError(
+                    f"{self.source} wrote {name} in place {when} (a forward on it: an "
+                    "evaluation, a lambda or a selection pass; the check before training saw "
+                    "no write on its probe rows, so the write depends on the values or the "
+                    "parameters): the split has changed in this process, and the run stops "
+                    "here; compute on new tensors (x = x * 1.5, or x = x.clone() first)")
 
 
 _WRITTEN_BUFFER = (

@@ -354,7 +354,8 @@ def build_context(
     ``[model] factory``, else the registered ``[model] name``, built for the clients' input
     shape and the loss's output width. Before anything trains, it checks the labels, the
     model's output width, the loss's per-sample shape, AUC's need for both classes (in the
-    splits that are scored: not private validation splits under DP) and,
+    splits that are scored: not private validation splits under DP), that an eval-mode
+    forward writes no input in place and,
     under DP, that the DP path computes the model's per-sample gradients exactly (errors:
     DataError, ModelError, PluginError, DPSGDError, each naming the problem). Built on
     ``training.threads`` torch threads (when set) with float32 as torch's default dtype; the
@@ -474,7 +475,11 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
         encryption=CkksBackend(),
         engine=engine,
         engine_choice=engine_choice,
-        buffers=BufferGuard(module, source),
+        # an evaluation feeds the model views of the stored splits (a copy per pass would
+        # cost a split's size in memory traffic): a write the probes missed stops the run
+        buffers=BufferGuard(module, source, [
+            (f"client {c.client_id}'s {split} split", getattr(c, f"{split}_x"))
+            for c in clients for split in ("train", "val", "test")]),
     )
 
 

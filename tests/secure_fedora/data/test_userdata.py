@@ -897,6 +897,56 @@ def test_a_model_writing_its_inputs_in_place_is_refused_before_the_data_changes(
     Experiment(SMALL, data=_small_data(), model=lambda s, c: Scales(c, only_training=True)).run()
 
 
+class _WritesEqualValues(torch.nn.Module):
+    """Writes its input in place without changing a value: always (``clamp``), only where a
+    value is beyond 1e6 (``mask``, no row here), or only once its weights left their initial
+    values (``trained``: the probe before training cannot see it)."""
+
+    def __init__(self, c: int, write: str) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, c)
+        self.write = write
+        self.initial = self.linear.weight.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write == "clamp":
+            x.clamp_(min=-1e9)
+        elif self.write == "mask":
+            x[x > 1e6] = 0
+        elif self.write == "trained" and not self.training \
+                and not torch.equal(self.linear.weight, self.initial):
+            x.mul_(1.0)
+        return self.linear(x)
+
+
+@pytest.mark.parametrize(("write", "op"), [("clamp", "aten::clamp_"), ("mask", "aten::index_put_")])
+def test_a_model_writing_its_inputs_without_changing_them_is_refused_before_anything_runs(
+        write: str, op: str) -> None:
+    """The check compared the values before and after a probe forward: a write of equal
+    values, or one matching no probe row, passed, and the same forward wrote the clients'
+    splits at every evaluation."""
+    exp = Experiment({**SMALL, "training": {"threads": 1, "rounds": 1}}, data=_small_data(),
+                     model=lambda s, c: _WritesEqualValues(c, write))
+    versions = [c.val_x._version for c in exp.clients]
+    with pytest.raises(ModelError, match=rf"^the model factory writes its inputs in place in "
+                                         rf"eval mode \({op} at .*test_userdata.py:\d+ in "
+                                         r"forward\); any in-place write counts"):
+        exp.run()
+    assert [c.val_x._version for c in exp.clients] == versions
+
+
+def test_a_model_writing_its_inputs_only_once_trained_stops_the_run_at_that_evaluation() -> None:
+    """A write that depends on the trained weights passes the probe before training; the
+    first evaluation that writes a client's split stops the run, naming the split and the
+    round, instead of scoring later rounds on changed data. A model reading its input runs."""
+    cfg = {**SMALL, "training": {"threads": 1, "rounds": 2}}
+    exp = Experiment(cfg, data=_small_data(), model=lambda s, c: _WritesEqualValues(c, "trained"))
+    with pytest.raises(ModelError, match=r"^the model factory wrote client 0's (train|val|test) "
+                                         r"split in place in round 1 .* the run stops here"):
+        exp.run()
+    Experiment(cfg, data=_small_data(), model=lambda s, c: _WritesEqualValues(c, "none")).run()
+
+
 class _Ids(torch.nn.Module):
     """Token ids in an embedding of 8; in eval mode, raises once its head left its initial
     values (``fail_once_trained``)."""

@@ -317,3 +317,37 @@ def test_the_cnn_refuses_channel_less_images_saying_to_add_the_channel_axis() ->
         make_model("cnn", input_shape=(20, 20), seed=0)
     with pytest.raises(ModelError, match=r"at least 16x16, got 8x8"):  # the axis would not help
         make_model("cnn", input_shape=(8, 8), seed=0)
+
+
+class _WritesInput(nn.Module):
+    """Reads its input (``write=None``) or writes it in place without changing any value."""
+
+    def __init__(self, c: int, write: str | None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(5, c)
+        self.write = write
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.write == "clamp":
+            x.clamp_(min=-1e9)  # every probe value is above: the same values, written
+        elif self.write == "mask":
+            x[x > 1e6] = 0  # no probe value is that large: no row written
+        return self.linear(x)
+
+
+@pytest.mark.parametrize(("write", "op"), [("clamp", "aten::clamp_"),
+                                           ("mask", "aten::index_put_")])
+def test_a_model_writing_its_input_in_place_without_changing_a_value_is_refused(write, op):
+    """The check compared values before and after a forward: a write of equal values, or of
+    no row on the probe, passed, and the same write changed a client's split later."""
+    from secure_fedora.learning.models import check_inputs_unchanged
+
+    sample = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    held = sample.clone()
+    model = _WritesInput(3, write)
+    with pytest.raises(ModelError, match=rf"^model 'writer' writes its inputs in place in eval "
+                                         rf"mode \({op} at .*test_models.py:\d+ in forward\); any "
+                                         r"in-place write counts"):
+        check_inputs_unchanged(model, sample, "model 'writer'")
+    assert torch.equal(sample, held) and model.training  # probed on copies; its mode kept
+    check_inputs_unchanged(_WritesInput(3, None), sample, "model 'reader'")
