@@ -119,7 +119,7 @@ def start_scale_problem(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor,
     when the loss, its gradient or the gradient's squared norm on the first ``rows`` examples
     is already non-finite at ``theta`` (before any step), the inputs or parameters are on a
     scale float32 cannot hold.
-    Reads ``theta`` only (a copy is bound); for a failure path's message."""
+    Reads ``theta`` and ``x`` only (copies are bound and fed); for a failure path's message."""
     if x.shape[0] == 0:
         return None
     row = theta.detach().clone()
@@ -129,7 +129,9 @@ def start_scale_problem(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor,
     try:
         model.train()
         with torch.enable_grad():
-            loss = flat.task.sum_loss(model(x[:rows]), y[:rows]) / min(rows, int(x.shape[0]))
+            # a copy: a model may write its (train-mode) batch in place, and x is stored data
+            batch = x[:rows].clone()
+            loss = flat.task.sum_loss(model(batch), y[:rows]) / min(rows, int(x.shape[0]))
             what = "loss" if not bool(torch.isfinite(loss).all()) else None
             if what is None:
                 loss.backward()

@@ -321,3 +321,26 @@ def test_an_infinite_lambda_names_the_validation_losses_not_the_lr():
                            "losses differ by more than 1,419 nats")
     assert "fedora.max_pull = 1" in hint and "scale the features" in hint
     assert "lower training.lr" not in hint
+
+
+def test_the_start_scale_diagnosis_leaves_the_training_split_as_it_was():
+    """Its train-mode forward ran on a view of the client's stored training rows: a model
+    writing its (train-mode) batch in place, accepted because training batches are copies,
+    changed the stored data while the failure was being explained."""
+    from secure_fedora.learning.client import start_scale_problem
+
+    class ScalesWhenTraining(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                x.mul_(2.0)
+            return self.linear(x)
+
+    x, y = torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), torch.arange(10) % 3
+    held, version = x.clone(), x._version
+    flat = FlatModel(ScalesWhenTraining())
+    assert start_scale_problem(flat, flat.initial_vector(), x, y) is None
+    assert torch.equal(x, held) and x._version == version
