@@ -59,7 +59,7 @@ from secure_fedora.core.files import (
     remove_interrupted_writes,
     strict_json,
 )
-from secure_fedora.core.registry import DATASETS, PARTITIONERS
+from secure_fedora.core.registry import DATASETS, MODELS, PARTITIONERS
 from secure_fedora.data.partition import ClientData, LabeledDataset
 from secure_fedora.data.sources import fingerprint_clients, legacy_fingerprint_clients
 from secure_fedora.learning.client import (
@@ -355,7 +355,8 @@ def build_context(
     shape and the loss's output width. Before anything trains, it checks the labels, the
     model's output width, the loss's per-sample shape, AUC's need for both classes (in the
     splits that are scored: not private validation splits under DP), that an eval-mode
-    forward writes no input in place and,
+    forward writes no input in place, that a user's or plug-in's model (not a built-in) runs
+    on every client's train, val and test rows (not private validation splits) and,
     under DP, that the DP path computes the model's per-sample gradients exactly (errors:
     DataError, ModelError, PluginError, DPSGDError, each naming the problem). Built on
     ``training.threads`` torch threads (when set) with float32 as torch's default dtype; the
@@ -421,9 +422,11 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
     scored = ("test",) if cfg.privacy.enabled and cfg.data.validation == "private" \
         else ("val", "test")
     _check_task(task, module, clients, probe_x, probe_y, scored)
-    if model_factory is not None:
-        # a user's model may fail on rows the probes above never showed it (an embedding id
-        # beyond its table in one test split): found before anything trains or is released
+    if model_factory is not None or not MODELS.is_builtin(cfg.model.name):
+        # a user's or plug-in's model (one a contrib/ module registers runs on Flower clients
+        # too, where this runs before a client answers its first contact) may fail on rows the
+        # probes above never showed it (an embedding id beyond its table in one test split):
+        # found before anything trains or is released
         private_val = cfg.privacy.enabled and cfg.data.validation == "private"
         _check_model_runs_on_splits(module, clients, ("train", "test") if private_val
                                     else ("train", "val", "test"), source)

@@ -107,3 +107,76 @@ def test_a_buffer_written_in_evaluation_stops_a_flower_client_before_its_reply(t
         assert not (tmp_path / "res" / "results.json").exists()
     finally:
         MODELS.unregister("test-eval-writer")
+
+
+class _EvalOnlyOnFewRows(torch.nn.Module):
+    """A Linear model whose eval-mode forward raises on a batch of 8 rows or more (the probes
+    before training run 1 and 2 rows), or, with ``write``, writes its input in place (equal
+    values) once its weights left those of its first forward (the probes before training see
+    no write)."""
+
+    def __init__(self, width: int, num_classes: int, write: bool) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, num_classes)
+        self.write = write
+        self.initial: torch.Tensor | None = None  # the weights at the first forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.initial is None:
+            self.initial = self.linear.weight.detach().clone()
+        if not self.training:
+            if not self.write and x.shape[0] >= 8:
+                raise ValueError("a batch of 8 rows or more")
+            if self.write and not torch.equal(self.linear.weight, self.initial):
+                x.mul_(1.0)
+        return self.linear(x.flatten(1))
+
+
+def _plug_in_run(tmp_path: Path, write: bool) -> None:
+    """A run of FedAvg on the plug-in model "test-plug-in" (registered in this process, as a
+    contrib/ module registers it in every process), every node sending its errors in full."""
+    import math
+
+    from secure_fedora.core.registry import MODELS
+
+    MODELS.register("test-plug-in", lambda shape, num_classes, device=None:
+                    _EvalOnlyOnFewRows(math.prod(shape), num_classes, write))
+    try:
+        data = tiny_config().model_dump(mode="json", exclude_none=True)
+        data["methods"] = ["fedavg"]
+        data["model"] = {"name": "test-plug-in"}
+        data["security"] = {"client_errors": "full"}
+        rc = run_config(parse_config(data), tmp_path, **{"result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=dict.fromkeys(range(3), "full"))
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        MODELS.unregister("test-plug-in")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plug_in_model_failing_on_a_clients_split_is_refused_at_first_contact(
+        tmp_path: Path) -> None:
+    """A registered (contrib/) model is run on every client's splits at first contact, as a
+    model factory is in process: one failing on a whole split stops the run there, named by
+    the client's refusal (it passed the probes, trained a round and failed in the first
+    evaluation)."""
+    with pytest.raises(DeployError, match=r"^client 0 \(node \d+\) refused the run at first "
+                       r"contact: ModelError: model 'test-plug-in' fails on client 0's train "
+                       r"split \(rows 0\.\.63\): ValueError: a batch of 8 rows or more \(at "
+                       r".*test_model_checks.py:\d+ in forward\)"):
+        _plug_in_run(tmp_path, write=False)
+    assert not (tmp_path / "res" / "results.json").exists()
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_plug_in_model_writing_its_inputs_in_evaluation_stops_a_flower_client(
+        tmp_path: Path) -> None:
+    """A model writing its input in place only once trained passes the probes; the first
+    evaluation exchange that writes a client's split is refused on that node, naming the
+    split, and the run writes no results (the metrics were reported, and each later
+    evaluation ran on the split as the model left it)."""
+    with pytest.raises(DeployError, match=r"never reported an evaluation.*ModelError: model "
+                       r"'test-plug-in' wrote client \d's (val|test) split in place in client "
+                       r"\d's evaluate exchange of round \d"):
+        _plug_in_run(tmp_path, write=True)
+    assert not (tmp_path / "res" / "results.json").exists()
