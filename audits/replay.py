@@ -188,6 +188,7 @@ def trials_for_claim(claim: float, delta: float, confidence: float = 0.95,
 def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
                   allowlist: Path | None = None,
                   options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                  scanned: list[str] | None = None,
                   ) -> tuple[float, float, dict[str, Any], list[str], list[str]]:
     """(last epsilon_after, delta, params of the first DP-SGD entry, the mechanisms its
     releases used in ledger order, the texts of the warnings saying what the checks of the
@@ -203,15 +204,19 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
     a signing key could have re-signed the ledger; with or without ``allowlist``), the
     claim and delta are finite and positive, and every DP-SGD entry records the noise mode
     ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
+    ``scanned``: the caller has already held the run to ``allowlist`` (the check of
+    :func:`audits.verify.check_anchor` with it), whose unchecked warnings these are: the run
+    is not scanned again.
     """
     from audits.verify import positive_number, refuse_private_keys, verified_ledger_entries
 
     rel = f"ledgers/{method}/{client_id}.jsonl"
-    unchecked: list[str] = []
+    unchecked: list[str] = [] if scanned is None else list(scanned)
     valid = verified_ledger_entries(
         run_dir, method, client_id, error=ReplayAuditError,
         missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?",
-        allowlist=allowlist, options=options, warnings=unchecked)
+        allowlist=allowlist, options=options, warnings=unchecked,
+        run_checked=scanned is not None)
     if allowlist is None:  # with one, verified_ledger_entries looked (given_allowlist_findings)
         # a replay needs a DP claim, so no key file is excepted (as audit verify, for a DP run)
         unchecked = refuse_private_keys(run_dir, True, ReplayAuditError, f"{rel} is not trusted")
@@ -518,17 +523,19 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         _check_trials(trials, options)
     method = _choose_method(run_dir, cfg, method, options)
     cid = client_ids(n_clients)[client]
+    scanned: list[str] | None = None  # with both, one scan of the run: check_anchor's
     if anchor is not None:
         from audits.verify import check_anchor
 
+        scanned = [] if allow_path is not None else None
         check_anchor(run_dir, anchor, allowlist=allow_path, error=ReplayAuditError,
-                     options=options)
+                     options=options, warnings=scanned)
     else:
         problem = _anchored_config_problem(run_dir)
         if problem is not None:
             raise ReplayAuditError(problem)
     claim, delta, params, mechanisms, unchecked = _ledger_claim(
-        run_dir, method, cid, cfg.privacy.noise, allow_path, options)
+        run_dir, method, cid, cfg.privacy.noise, allow_path, options, scanned)
     # an anchor pins config.toml's bytes; without one, results.json's config_hash does
     problem = run_config_problem(run_dir, cfg)
     if problem is not None:

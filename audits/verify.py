@@ -3106,7 +3106,9 @@ def _own_anchor_only(doc: Mapping[str, Any], options: Mapping[str, str]) -> Find
 def check_anchor(run_dir: str | Path, anchor: str | Path, *,
                  allowlist: str | Path | None = None,
                  error: type[Exception] = AuditError,
-                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> None:
+                 options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                 warnings: list[str] | None = None,
+                 run_checked: bool = False) -> None:
     """Check ``run_dir`` against an anchor copy kept apart, as ``audit verify --anchor`` does.
 
     Guarantee (:func:`_anchor_check`, the very check of :func:`verify_run`): the anchor's
@@ -3121,6 +3123,10 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     ``keys/allowlist.json`` agrees with ``allowlist``), as in :func:`verify_run`. Anything else
     raises ``error`` with a one-line message (the first problem, and how many more), naming
     the arguments (``options``; the CLI passes :data:`~audits.options.CLI_AUDIT_OPTIONS`, its flags).
+    The warnings of the allowlist's checks (what they could not check) are appended to
+    ``warnings`` when it is given, as :func:`verified_ledger_entries` appends them.
+    ``run_checked``: the caller has already held ``run_dir`` to those checks with this
+    ``allowlist`` (:func:`refuse_private_keys` with ``given``), so the run is not scanned again.
     """
     run = check_path(run_dir, "run_dir", error)
     anchor_path = load_given_anchor(anchor, error, options)[0]
@@ -3136,9 +3142,12 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     # reports is verify_run's (their anchored digests are checked here)
     results = _load_results(run, [])
     cfg = _load_config(run, results, [])
-    if allowlist is not None:
-        _raise_first(given_allowlist_findings(run, allow_path, keys), error,
+    if allowlist is not None and not run_checked:
+        findings = given_allowlist_findings(run, allow_path, keys)
+        _raise_first(findings, error,
                      f"the run cannot be checked against the allowlist {allow_path}")
+        if warnings is not None:
+            warnings.extend(f.message for f in findings)
     problems = [f for f in _anchor_check(run, anchor_path, _discover(run / "ledgers"), keys,
                                          allowlist is not None, results=results, cfg=cfg,
                                          options=options)

@@ -380,6 +380,32 @@ def test_a_valid_run_passes_with_the_allowlist_and_anchor_kept_apart(runs, tmp_p
         run_replay_audit(run, trials=8, anchor=tmp_path / "missing.json")
 
 
+def test_replay_with_the_allowlist_and_anchor_kept_apart_scans_the_run_once(runs, tmp_path,
+                                                                            monkeypatch):
+    """`audit replay --allowlist --anchor` scanned the run for keys twice (the anchor's check
+    with the allowlist, then the ledger's): each scan reads every file of the run. It is now
+    scanned once, and what that scan could not check (here: no published allowlist) is
+    still the result's ``unchecked``."""
+    import shutil
+
+    import audits.verify as verify
+
+    run = shutil.copytree(runs["csprng"], tmp_path / "run")
+    shutil.rmtree(run / "audit", ignore_errors=True)
+    trusted = tmp_path / "trusted-allowlist.json"
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    shutil.copyfile(run / "anchor.json", kept)
+    (run / "keys" / "allowlist.json").unlink()  # checked against the given one alone
+    scans = []
+    scan = verify.private_key_files
+    monkeypatch.setattr(verify, "private_key_files", lambda d: scans.append(d) or scan(d))
+    result = run_replay_audit(run, trials=8, allowlist=trusted, anchor=kept)
+    assert scans == [run]
+    (note,) = result.unchecked
+    assert "does not state who could sign it" in note and str(trusted) in note
+
+
 def test_a_malformed_given_allowlist_is_named_as_bad_input_not_as_a_ledger_problem(
         runs, tmp_path, capsys):
     """`audit replay --allowlist FILE` with FILE not an allowlist said "cannot verify
