@@ -326,7 +326,7 @@ def cmd_whitebox(args: argparse.Namespace) -> int:
             args.run_dir, method=args.method, client_index=args.client,
             num_canaries=args.canaries, calibration_fraction=args.calibration_fraction,
             confidence=args.confidence, seed=args.seed, imports=args.imports,
-            allowlist=args.allowlist, options=CLI_AUDIT_OPTIONS)
+            allowlist=args.allowlist, anchor=args.anchor, options=CLI_AUDIT_OPTIONS)
     except WhiteboxAuditError as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -640,6 +640,12 @@ def register(subparsers: Any) -> None:
                           help="seed of the canaries and of the audit's draws"
                           " (default %(default)s)")
     _ledger_allowlist_flag(whitebox)
+    whitebox.add_argument("--anchor", help="a copy of the run's anchor.json kept apart, checked"
+                          " as `audit verify --anchor` does before anything trains: a changed"
+                          " config.toml or results.json, or a ledger off its anchored head or"
+                          " length, is an error (default: none is checked; `audit verify`"
+                          " checks RUN_DIR/anchor.json); a file that is no signed anchor is"
+                          " bad input (exit 2)")
     _import_flag(whitebox, "the plug-in methods, datasets and models it registers can be"
                  " rebuilt (config.toml names only what this process knows)")
     _json_flags(whitebox, "also write the result to this file")

@@ -62,9 +62,11 @@ from audits.verdict import (
 from audits.verify import (
     DEFAULT_REL_TOL,
     AuditError,
+    check_anchor,
     dpsgd_claim_problem,
     import_trusted_modules,
     load_given_allowlist,
+    load_given_anchor,
     positive_number,
     refuse_private_keys,
     verified_ledger_entries,
@@ -266,25 +268,35 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
                            budget.epsilon, float(claim), source, exact)
 
 
-def _ledger_noise(run_dir: Path | None, cfg: ExperimentConfig, method: str,
-                  client_index: int, allowlist: Path | None = None) -> float | None:
-    """The DP-SGD noise multiplier of the first DP-SGD entry of the audited client's ledger in
-    ``run_dir``, once the ledger verifies (under ``allowlist`` when given, which the run was
-    already held to: :func:`check_setting_against_ledger`); None when there is none to read
-    (no run directory or ledger, privacy off, an index out of range, a ledger that does not
-    verify: refused by :func:`check_setting_against_ledger` or the setting's own checks)."""
+def _audited_ledger(run_dir: Path | None, cfg: ExperimentConfig, method: str,
+                    client_index: int, allowlist: Path | None,
+                    options: Mapping[str, str]) -> list[dict[str, Any]] | WhiteboxAuditError | None:
+    """The audited client's ledger in ``run_dir``, read and verified once for the audit
+    (under ``allowlist`` when given, which the caller has held the run to already:
+    :func:`audits.verify.refuse_private_keys` with ``given``): its entries, or the error that
+    refuses it, kept for :func:`_check_setting_against_entries` to raise after the setting's
+    own checks. None when nothing is checked against a ledger (no run directory or no
+    ``ledgers/`` folder, privacy off, a method or client index the setting refuses)."""
     if run_dir is None or not cfg.privacy.enabled or method not in cfg.methods \
-            or not (isinstance(client_index, int) and 0 <= client_index < cfg.data.num_clients):
+            or isinstance(client_index, bool) or not isinstance(client_index, int) \
+            or not 0 <= client_index < cfg.data.num_clients \
+            or not (run_dir / "ledgers").is_dir():
         return None
     cid = client_ids(cfg.data.num_clients)[client_index]
-    if not (run_dir / "ledgers" / method / f"{cid}.jsonl").is_file():
-        return None
     try:
-        entries = verified_ledger_entries(run_dir, method, cid, error=WhiteboxAuditError,
-                                          allowlist=allowlist, run_checked=True)
-    except WhiteboxAuditError:
+        return verified_ledger_entries(run_dir, method, cid, error=WhiteboxAuditError,
+                                       allowlist=allowlist, options=options, run_checked=True)
+    except WhiteboxAuditError as err:
+        return err
+
+
+def _ledger_noise(ledger: list[dict[str, Any]] | WhiteboxAuditError | None) -> float | None:
+    """The DP-SGD noise multiplier of the first DP-SGD entry of the verified ``ledger``
+    (:func:`_audited_ledger`); None when there is none to read (no ledger, or one that does
+    not verify: refused by :func:`_check_setting_against_entries`)."""
+    if not isinstance(ledger, list):
         return None
-    for e in entries:
+    for e in ledger:
         if e["mechanism"] == "dpsgd" and isinstance(e["params"], dict):
             noise = e["params"].get("noise_multiplier")
             return float(noise) if isinstance(noise, int | float) \
@@ -295,27 +307,52 @@ def _ledger_noise(run_dir: Path | None, cfg: ExperimentConfig, method: str,
 def check_setting_against_ledger(setting: WhiteboxSetting, run_dir: Path,
                                  rel_tol: float = DEFAULT_REL_TOL, *,
                                  allowlist: Path | None = None,
-                                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> None:
+                                 options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[str]:
     """Refuse (:class:`WhiteboxAuditError`) a DP setting that is not what the audited client's
     ledger ``run_dir/ledgers/<method>/<client>.jsonl`` records, once that ledger verifies
     (fields, chain, signatures): a DP-SGD noise multiplier (one results.json states exactly,
-    ``noise_stated``: any other float), sample rate or delta other than its DP-SGD entries', or a claim that :func:`audits.verify.dpsgd_claim_problem` refuses
-    (below the epsilon of those entries under the ledger's accountant, or above it though
-    they hold every planned step; a client not drawn every round, or refused a release, holds
-    fewer). A run without a ledger folder, or a non-private setting, is not checked.
+    ``noise_stated``: any other float), sample rate or delta other than its DP-SGD entries',
+    or a claim that :func:`audits.verify.dpsgd_claim_problem` refuses (below the epsilon of
+    those entries under the ledger's accountant, or above it though they hold every planned
+    step; a client not drawn every round, or refused a release, holds fewer). A run without a
+    ledger folder, or a non-private setting, is not checked.
 
     The ledger's signatures are checked under ``allowlist`` (an independently registered
-    allowlist.json) when given, else under the run's ``keys/allowlist.json``. The caller has
-    held ``run_dir`` to ``allowlist`` already (:func:`audits.verify.refuse_private_keys` with
-    ``given``, as :func:`run_whitebox_audit` does): no private key inside it, its published
-    allowlist agreeing. Errors name the arguments (``options``)."""
+    allowlist.json) when given, else under the run's ``keys/allowlist.json``. Before the
+    ledger is trusted the run is scanned as :func:`run_whitebox_audit` scans it
+    (:func:`audits.verify.refuse_private_keys`): private key material inside ``run_dir``
+    (whoever holds a signing key could re-sign the ledger), or with ``allowlist`` a published
+    ``keys/allowlist.json`` that disagrees with it, is an error. Returns the texts of that
+    scan's unchecked warnings (files that could not be read to look for keys, with
+    ``allowlist`` a missing published allowlist), for the caller to show. Errors name the
+    arguments (``options``)."""
     if not setting.private or not (run_dir / "ledgers").is_dir():
-        return
-    assert setting.noise_multiplier is not None and setting.claim_epsilon is not None
-    where = f"ledgers/{setting.method}/{setting.client_id}.jsonl"
+        return []
+    unchecked: list[str] = []
+    if allowlist is None:  # with one, verified_ledger_entries makes the same scan
+        unchecked = refuse_private_keys(run_dir, True, WhiteboxAuditError,
+                                        f"run directory {run_dir} is not trusted")
     entries = verified_ledger_entries(run_dir, setting.method, setting.client_id,
                                       error=WhiteboxAuditError, allowlist=allowlist,
-                                      options=options, run_checked=True)
+                                      options=options, warnings=unchecked)
+    _check_setting_against_entries(setting, entries, rel_tol)
+    return unchecked
+
+
+def _check_setting_against_entries(setting: WhiteboxSetting,
+                                   ledger: list[dict[str, Any]] | WhiteboxAuditError | None,
+                                   rel_tol: float = DEFAULT_REL_TOL) -> None:
+    """:func:`check_setting_against_ledger`'s checks of the setting against the audited
+    client's ledger as :func:`_audited_ledger` read it (the run already scanned): raises the
+    error that refused the ledger, or the first mismatch. No ledger (None), or a non-private
+    setting, is not checked."""
+    if not setting.private or ledger is None:
+        return
+    if isinstance(ledger, WhiteboxAuditError):
+        raise ledger
+    entries = ledger
+    assert setting.noise_multiplier is not None and setting.claim_epsilon is not None
+    where = f"ledgers/{setting.method}/{setting.client_id}.jsonl"
     dpsgd = [e for e in entries if e["mechanism"] == "dpsgd" and isinstance(e["params"], dict)]
     for e in dpsgd:
         for name, planned in (("noise_multiplier", setting.noise_multiplier),
@@ -518,6 +555,27 @@ def _require_both_kinds_evaluated(member: Any, calibration_fraction: float, spli
                 f" ({options['num_canaries']}) or another seed ({options['seed']})")
 
 
+@dataclass(frozen=True)
+class _GivenFiles:
+    """The auditor's own files (``allowlist=``, ``anchor=``) once loaded and checked as bad
+    input: :func:`audit_run_dir` loads them before it reads the run and hands them on, so
+    the audit does not load them again."""
+
+    allowlist: tuple[Path, Mapping[str, Any]] | None
+    anchor: Path | None
+
+
+def _load_given_files(allowlist: str | Path | None, anchor: str | Path | None,
+                      options: Mapping[str, str]) -> _GivenFiles:
+    """``allowlist`` (:func:`audits.verify.load_given_allowlist`) and ``anchor``
+    (:func:`audits.verify.load_given_anchor`) when given: one that is unusable raises
+    :class:`WhiteboxAuditError` with one line naming its argument (``options``)."""
+    return _GivenFiles(
+        None if allowlist is None else load_given_allowlist(allowlist, WhiteboxAuditError,
+                                                            options),
+        None if anchor is None else load_given_anchor(anchor, WhiteboxAuditError, options)[0])
+
+
 def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, client_index: int = 0,
                        num_canaries: int | None = None,
                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
@@ -525,6 +583,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                        results: dict[str, Any] | None = None,
                        run_dir: str | Path | None = None,
                        allowlist: str | Path | None = None,
+                       anchor: str | Path | None = None,
                        options: Mapping[str, str] = API_AUDIT_OPTIONS) -> WhiteboxAuditResult:
     """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
 
@@ -550,7 +609,32 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     folder holds none), and a ``keys/allowlist.json`` listing a party or key it does not
     register is an error (:func:`audits.verify.given_allowlist_findings`). One that is no
     valid allowlist is bad input, refused before the run is scanned or anything trains.
+
+    ``anchor`` (CLI ``--anchor``, with ``run_dir`` only): a copy of the run's anchor.json
+    kept apart, checked before anything trains as ``audit verify --anchor`` and ``audit
+    replay --anchor`` check it (:func:`audits.verify.check_anchor`: its signature and signer,
+    config.toml's and results.json's digests, run name, config hash, runtime and methods,
+    every ledger's head and length); a run that does not match it is an error. One that is
+    no signed anchor is bad input, refused as an unusable ``allowlist`` is.
     """
+    return _run_whitebox_audit(
+        cfg, method=method, client_index=client_index, num_canaries=num_canaries,
+        calibration_fraction=calibration_fraction, confidence=confidence, seed=seed,
+        results=results, run_dir=run_dir, allowlist=allowlist, anchor=anchor, options=options)
+
+
+def _run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None,
+                        client_index: int = 0, num_canaries: int | None = None,
+                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+                        confidence: float = 0.95, seed: int = 0,
+                        results: dict[str, Any] | None = None,
+                        run_dir: str | Path | None = None,
+                        allowlist: str | Path | None = None,
+                        anchor: str | Path | None = None,
+                        options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                        given_files: _GivenFiles | None = None) -> WhiteboxAuditResult:
+    """:func:`run_whitebox_audit`; ``given_files``: ``allowlist`` and ``anchor`` as
+    :func:`audit_run_dir` already loaded them (else they are loaded here)."""
     t0 = time.perf_counter()
     check_config(cfg, WhiteboxAuditError)
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
@@ -568,21 +652,30 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                                  f" {calibration_fraction!r}")
     check_seed(seed, WhiteboxAuditError)
     run_path = None if run_dir is None else check_path(run_dir, "run_dir", WhiteboxAuditError)
-    given = None
-    if allowlist is not None:  # the auditor's own registration: bad input, before the run
-        if run_path is None:
-            raise WhiteboxAuditError(f"{options['allowlist']} checks the signatures of the run's"
-                                     " ledger: it needs run_dir= (the run it was registered for)")
-        given = load_given_allowlist(allowlist, WhiteboxAuditError, options)
+    # the auditor's own files: bad input, before the run
+    for key, value, what in (
+            ("allowlist", allowlist, "checks the signatures of the run's ledger: it needs"
+             " run_dir= (the run it was registered for)"),
+            ("anchor", anchor, "checks the run's files and ledgers: it needs run_dir= (the"
+             " run it anchors)")):
+        if value is not None and run_path is None:
+            raise WhiteboxAuditError(f"{options[key]} {what}")
+    if given_files is None:
+        given_files = _load_given_files(allowlist, anchor, options)
+    given = given_files.allowlist
     unchecked: list[str] = []
     if run_path is not None:  # once per audit: each scan reads every file of the run
         unchecked = refuse_private_keys(run_path, bool(cfg.privacy.enabled), WhiteboxAuditError,
                                         f"run directory {run_path} is not trusted", given)
     allow_path = None if given is None else given[0]
+    if run_path is not None and given_files.anchor is not None:
+        check_anchor(run_path, given_files.anchor, allowlist=allow_path,
+                     error=WhiteboxAuditError, options=options, run_checked=True)
+    ledger = _audited_ledger(run_path, cfg, method, client_index, allow_path, options)
     setting = whitebox_setting(cfg, method, client_index, results, options,
-                               _ledger_noise(run_path, cfg, method, client_index, allow_path))
+                               _ledger_noise(ledger))
     if run_path is not None:
-        check_setting_against_ledger(setting, run_path, allowlist=allow_path, options=options)
+        _check_setting_against_entries(setting, ledger)
         # after the ledger check, whose refusal rests on signed entries and says more
         problem = run_config_problem(run_path, cfg)
         if problem is not None:
@@ -668,12 +761,12 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
     Writes ``RUN_DIR/audit/whitebox.json`` and returns the result and that path.
     Raises :class:`WhiteboxAuditError` when the directory or its config is missing or
     invalid, a module of ``imports`` cannot be imported (naming it), or the config names an
-    entry this process has not registered (naming ``imports``); a given ``allowlist=``
-    (:func:`run_whitebox_audit`'s) that is no valid allowlist is refused first.
+    entry this process has not registered (naming ``imports``); a given ``allowlist=`` or
+    ``anchor=`` (:func:`run_whitebox_audit`'s) that is unusable is refused first.
     """
     run = check_path(run_dir, "run_dir", WhiteboxAuditError)
-    if kwargs.get("allowlist") is not None:  # the auditor's input, before the run is read
-        load_given_allowlist(kwargs["allowlist"], WhiteboxAuditError, options)
+    # the auditor's input, before the run is read (and not loaded again by the audit)
+    given_files = _load_given_files(kwargs.get("allowlist"), kwargs.get("anchor"), options)
     problem = path_problem(run)
     if problem is not None:
         raise WhiteboxAuditError(f"run directory {run} {problem}")
@@ -707,8 +800,9 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
             results = json.loads(results_path.read_text())
         except (OSError, ValueError, RecursionError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
-    result = replace(run_whitebox_audit(cfg, results=results, run_dir=run, options=options,
-                                        **kwargs), imported=[m.to_json() for m in imported])
+    result = replace(_run_whitebox_audit(cfg, results=results, run_dir=run, options=options,
+                                         given_files=given_files, **kwargs),
+                     imported=[m.to_json() for m in imported])
     try:
         return result, write_audit_json(run, result.to_json())
     except OSError as err:

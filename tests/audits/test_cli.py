@@ -753,11 +753,12 @@ def test_each_audit_states_its_own_method_default_and_a_wrong_method_names_the_f
         assert err.endswith(": name one with --method\n"), err
 
 
-@pytest.mark.parametrize("command", ["verify", "report", "replay"])
+@pytest.mark.parametrize("command", ["verify", "report", "replay", "whitebox"])
 def test_a_missing_anchor_or_allowlist_file_names_its_flag_and_path(command, tmp_path, capsys):
     """`audit verify|report|replay --anchor FILE` with FILE missing said "anchor FILE does not
     exist" (replay: a complaint about the run instead): one line naming the flag and the path,
-    exit 2 (bad input), as --allowlist does; nothing is written into the run."""
+    exit 2 (bad input), as --allowlist does; nothing is written into the run. `audit
+    whitebox` takes both flags alike."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "results.json").write_text("{}")
@@ -777,19 +778,21 @@ def test_an_unusable_anchor_copy_is_bad_input_in_every_command(run_copy, tmp_pat
     and `audit report` as a verification failure (exit 1, report written), while the same
     input to --allowlist is bad input (exit 2): the file is the auditor's argument, not
     evidence about the run. Now it is bad input (exit 2, one line naming --anchor, nothing
-    written) in verify, report and replay alike; the run's own anchor.json in that state
-    stays a finding (exit 1)."""
+    written) in verify, report, replay and whitebox alike; the run's own anchor.json in that
+    state stays a finding (exit 1)."""
     bad = tmp_path / "anchor-copy.json"
     bad.write_bytes(content)
     out = tmp_path / "report"
     for argv in (["verify", str(run_copy)], ["report", str(run_copy), "--out", str(out)],
-                 ["replay", str(run_copy), "--trials", "4"]):
+                 ["replay", str(run_copy), "--trials", "4"],
+                 ["whitebox", str(run_copy), "--canaries", "100"]):
         assert main(["audit", *argv, "--anchor", str(bad)]) == 2, argv
         captured = capsys.readouterr()
         err = captured.err.strip()
         assert "--anchor: " in err and "(give the anchor.json kept apart)" in err, argv
         assert "\n" not in err and "verification" not in captured.out
     assert not out.exists() and not (run_copy / "audit" / "replay.json").exists()
+    assert not (run_copy / "audit" / "whitebox.json").exists()
     (run_copy / "anchor.json").write_bytes(content)  # the run's own: a finding
     assert main(["audit", "verify", str(run_copy)]) == 1
     capsys.readouterr()

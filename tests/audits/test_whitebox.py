@@ -794,3 +794,111 @@ def test_the_allowlist_of_a_folder_without_keys_is_given_with_allowlist(tmp_path
     assert result.setting.claim_epsilon is not None
     with pytest.raises(WhiteboxAuditError, match=r"the allowlist= argument checks .* run_dir="):
         run_whitebox_audit(cfg, num_canaries=100, allowlist=trusted)
+
+
+def test_an_anchor_kept_apart_is_checked_as_verify_and_replay_check_it(tmp_path, capsys,
+                                                                       monkeypatch):
+    """`audit verify`, `report` and `replay` take --anchor FILE (a copy of the run's
+    anchor.json kept apart); `audit whitebox` had no such flag, so a run edited after its
+    anchor was audited. It now takes it (anchor= in Python), checked as replay checks it
+    before anything trains: a run that does not match it is refused (exit 2, nothing
+    written); a file that is no signed anchor is bad input, one line naming --anchor. With
+    --allowlist too the run is scanned for keys once."""
+    import shutil
+
+    import audits.verify as verify
+
+    cfg, run, _ = _two_client_local_dp_run(tmp_path, "whitebox-anchor")
+    kept = tmp_path / "anchor-copy.json"
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run / "anchor.json", kept)
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    scans = []
+    scan = verify.private_key_files
+    monkeypatch.setattr(verify, "private_key_files", lambda d: scans.append(d) or scan(d))
+    assert main(["audit", "whitebox", str(run), "--canaries", "100", "--anchor", str(kept),
+                 "--allowlist", str(trusted)]) in (0, 3)
+    assert scans == [run]  # one scan, whose check check_anchor would otherwise repeat
+    assert (run / "audit" / "whitebox.json").is_file()
+    (run / "audit" / "whitebox.json").unlink()
+    capsys.readouterr()
+
+    unsigned = json.loads(kept.read_text())
+    unsigned["signature"] = "00" * 64
+    bad_copies = {"missing": tmp_path / "absent.json", "empty": b"", "list": b"[]",
+                  "binary": b"\x00\xff\xfe\x80 binary", "unsigned": json.dumps(unsigned).encode()}
+    for name, content in bad_copies.items():
+        bad = content if isinstance(content, Path) else tmp_path / f"{name}.json"
+        if not isinstance(content, Path):
+            bad.write_bytes(content)
+        assert main(["audit", "whitebox", str(run), "--canaries", "100",
+                     "--anchor", str(bad)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: --anchor: anchor {bad}"), err
+        assert err.endswith("(give the anchor.json kept apart)\n"), err
+        with pytest.raises(WhiteboxAuditError, match=r"^the anchor= argument: "):
+            audit_run_dir(run, num_canaries=100, anchor=bad)
+    assert not (run / "audit" / "whitebox.json").exists()
+
+    results = json.loads((run / "results.json").read_text())
+    results["note"] = "edited after the run"  # config_hash unchanged: only the anchor tells
+    (run / "results.json").write_text(json.dumps(results))
+    assert main(["audit", "whitebox", str(run), "--canaries", "100"]) in (0, 3)
+    (run / "audit" / "whitebox.json").unlink()
+    capsys.readouterr()
+    assert main(["audit", "whitebox", str(run), "--canaries", "100", "--anchor", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"the run does not match the anchor {kept}" in err
+    assert "results.json" in err
+    assert not (run / "audit" / "whitebox.json").exists()
+    with pytest.raises(WhiteboxAuditError, match="the run does not match the anchor"):
+        run_whitebox_audit(cfg, num_canaries=100, run_dir=run, anchor=kept)
+    with pytest.raises(WhiteboxAuditError, match=r"the anchor= argument checks .* run_dir="):
+        run_whitebox_audit(cfg, num_canaries=100, anchor=kept)
+
+
+def test_the_audited_ledger_and_the_given_allowlist_are_read_once(tmp_path, monkeypatch):
+    """The white-box audit read and verified the audited client's ledger twice (once for the
+    noise it records, once to check the plan against it), and `audit_run_dir(allowlist=)`
+    loaded the given allowlist twice (before reading the run, and again in the audit). Each
+    is now done once, with the same checks."""
+    import shutil
+
+    cfg, run, _ = _two_client_local_dp_run(tmp_path, "whitebox-once")
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    reads, loads = [], []
+    read, load = whitebox.verified_ledger_entries, whitebox.load_given_allowlist
+    monkeypatch.setattr(whitebox, "verified_ledger_entries",
+                        lambda *a, **k: reads.append(a) or read(*a, **k))
+    monkeypatch.setattr(whitebox, "load_given_allowlist",
+                        lambda *a, **k: loads.append(a) or load(*a, **k))
+    result, _ = audit_run_dir(run, num_canaries=100, allowlist=trusted)
+    assert result.setting.noise_stated
+    assert len(reads) == 1 and len(loads) == 1
+    reads.clear()
+    run_whitebox_audit(cfg, num_canaries=100, run_dir=run)
+    assert len(reads) == 1
+
+
+def test_check_setting_against_ledger_scans_the_run_itself(tmp_path):
+    """`check_setting_against_ledger` trusted its caller to have scanned the run for private
+    keys (with allowlist= it skipped the scan; without, it never made one): a direct call
+    trusted a ledger that a key lying inside the run could have re-signed. It now refuses
+    such a run by itself, with allowlist= and without; the audit still scans once."""
+    import shutil
+
+    cfg, run, results = _two_client_local_dp_run(tmp_path, "whitebox-public")
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    setting = whitebox_setting(cfg, "local", 0, results)
+    (run / "notes").mkdir()
+    (run / "notes" / "backup.txt").write_bytes(_pem_private_key())
+    for allowlist in (None, trusted):
+        with pytest.raises(WhiteboxAuditError, match=r"is not trusted: 1 file holds private"
+                           r" key material inside the audited directory \(notes/backup.txt\)"):
+            whitebox.check_setting_against_ledger(setting, run, allowlist=allowlist)
+    (run / "notes" / "backup.txt").unlink()
+    # nothing left unchecked: the scan's warnings are returned for the caller to show
+    assert whitebox.check_setting_against_ledger(setting, run) == []
+    assert whitebox.check_setting_against_ledger(setting, run, allowlist=trusted) == []
