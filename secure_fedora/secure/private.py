@@ -703,6 +703,24 @@ class AccountantChoice:
     name: str
     reason: str
     comparison: tuple[dict[str, Any], ...] = ()
+    #: Under ``"auto"``, per distinct budget ``(epsilon, delta)``: why each candidate that
+    #: cannot calibrate it cannot (its ConfigError's text); not part of :meth:`to_json`.
+    uncalibrated: Mapping[tuple[float, float], Mapping[str, str]] = field(
+        default_factory=dict, compare=False)
+
+    def no_candidate_calibrates(self, budget: PrivacyBudget) -> str | None:
+        """Under ``"auto"``, when no candidate accountant calibrates ``budget``: a ConfigError
+        text naming every candidate tried and each one's reason, which the chosen
+        accountant's error alone would not say; else None."""
+        reasons = self.uncalibrated.get((budget.epsilon, budget.delta), {})
+        if not reasons or set(reasons) != set(AUTO_CANDIDATES):
+            return None
+        brief = [f"{name}: " + reasons[name].removeprefix("privacy: ")
+                 .replace(f" (accountant {name!r})", "") for name in AUTO_CANDIDATES]
+        return (f"privacy: privacy.accountant = \"auto\" tried {len(AUTO_CANDIDATES)} candidate"
+                f" accountants ({', '.join(AUTO_CANDIDATES)}) and none calibrates epsilon"
+                f" {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)}). "
+                + ". ".join(brief))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable form."""
@@ -756,6 +774,7 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
     if configured != "auto":
         return AccountantChoice(configured, f"configured: privacy.accountant = {configured!r}")
     rows: list[dict[str, Any]] = []
+    uncalibrated: dict[tuple[float, float], dict[str, str]] = {}
     pld_wins = True
     for budget in sorted({(b.epsilon, b.delta) for b in budgets}):
         b = PrivacyBudget(*budget)
@@ -763,8 +782,9 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
         for name in AUTO_CANDIDATES:
             try:
                 plans[name] = _plan_for(cfg, method, b, name)
-            except ConfigError:
+            except ConfigError as err:
                 plans[name] = None
+                uncalibrated.setdefault(budget, {})[name] = str(err)
         row: dict[str, Any] = {"epsilon_budget": b.epsilon, "delta": b.delta}
         for name in AUTO_CANDIDATES:
             plan = plans[name]
@@ -801,7 +821,7 @@ def choose_accountant(cfg: ExperimentConfig, method: str,
                   f" {first.get('pld_noise_multiplier')}, RDP {first.get('rdp_noise_multiplier')})")
     reason = (f"auto: {name} is tighter for every budget of the plan; " if pld_wins else
               "auto: PLD is not tighter for every budget (or cannot calibrate); ") + detail
-    return AccountantChoice(name, reason, tuple(rows))
+    return AccountantChoice(name, reason, tuple(rows), uncalibrated)
 
 
 def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
@@ -815,9 +835,17 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     Raises ConfigError (naming the key) when no noise can meet the budget, and
     :class:`BudgetPlanError` when fixed noise multipliers plan more than the budget.
     """
+    choice = None
     if accountant is None:
-        accountant = choose_accountant(cfg, method, [budget]).name
-    plan = _plan_for(cfg, method, budget, accountant, prv_refine)
+        choice = choose_accountant(cfg, method, [budget])
+        accountant = choice.name
+    try:
+        plan = _plan_for(cfg, method, budget, accountant, prv_refine)
+    except ConfigError as err:  # under "auto", say that every candidate was tried
+        problem = None if choice is None else choice.no_candidate_calibrates(budget)
+        if problem is None:
+            raise
+        raise ConfigError(problem) from err
     try:
         planned = plan_epsilon(plan.releases, budget.delta, plan.dpsgd_noise, accountant,
                                prv_refine=prv_refine)
@@ -886,7 +914,8 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
                 plans[key] = privacy_plan(cfg, method, budget, choice.name,
                                           prv_refine=prv_refine)
             except ConfigError as err:  # BudgetPlanError included
-                problems[key] = str(err)
+                # under "auto", every candidate tried, not the chosen one alone
+                problems[key] = choice.no_candidate_calibrates(budget) or str(err)
     if problems:
         refused = [cid for cid, b in zip(ids, budgets, strict=True)
                    if (b.epsilon, b.delta) in problems]

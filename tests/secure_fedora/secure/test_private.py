@@ -196,6 +196,36 @@ def test_a_budget_too_small_for_a_calibrated_share_says_what_to_change():
     assert message.endswith("; raise the budget or privacy.summary_budget_fraction")
 
 
+def test_a_budget_no_auto_candidate_calibrates_names_both_candidates_and_their_reasons():
+    """Under privacy.accountant = "auto" a budget neither PLD nor RDP can calibrate was
+    refused naming only "accountant 'rdp'" (the fallback), as if PLD had not been tried. The
+    refusal now says that both candidates were tried, and why each could not calibrate it,
+    in privacy_plan and in the check of every client's plan before a run."""
+    from secure_fedora.secure.private import check_budget_plans
+
+    cfg = dp_config(data={"train_per_client": 32}, training={"rounds": 1},
+                    privacy={"accountant": "auto", "epsilon": 1e-4, "delta": 1e-12})
+    budget = PrivacyBudget(1e-4, 1e-12)
+    with pytest.raises(ConfigError) as err:
+        privacy_plan(cfg, "local", budget)
+    errors = [str(err.value)]
+    with pytest.raises(BudgetPlanError) as err:
+        check_budget_plans(cfg, "local", cfg.data.num_clients)
+    errors.append(str(err.value))
+    for message in errors:
+        assert 'privacy.accountant = "auto" tried 2 candidate accountants (pld, rdp) and none' \
+            " calibrates epsilon 0.0001 (delta 1e-12)" in message, message
+        assert re.search(r"\. pld: cannot calibrate privacy\.noise_multiplier \(DP-SGD\) for"
+                         r" epsilon 0\.0001: even noise multiplier \S+ gives epsilon \S+ > target"
+                         r" 0\.0001; raise the budget\. rdp: cannot calibrate", message), message
+    # a configured accountant is the only one tried: its own error, as before
+    rdp = dp_config(data={"train_per_client": 32}, training={"rounds": 1},
+                    privacy={"accountant": "rdp", "epsilon": 1e-4, "delta": 1e-12})
+    with pytest.raises(ConfigError, match=r"\(accountant 'rdp'\)") as err:
+        privacy_plan(rdp, "local", budget)
+    assert "auto" not in str(err.value)
+
+
 def test_a_fixed_plan_over_budget_names_every_fixed_multiplier():
     """With privacy.noise_multiplier 40 and a summary_noise_multiplier of 0.5 the refusal said
     "with the fixed privacy.noise_multiplier 40; raise it or unset it": raising it cannot help
