@@ -96,12 +96,109 @@ def _is_batchnorm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm | nn.SyncBatchNorm)
 
 
+def clip_factors(sq_norms: Tensor, max_norm: float | Tensor,
+                 exact_norms: Callable[[tuple[Tensor, ...]], Tensor]) -> Tensor:
+    """Per-sample clip factors ``min(1, C / (||g|| + 1e-6))`` from squared norms ``sq_norms``.
+
+    Where a squared norm is finite the factor is exactly ``(C / (sqrt(sq) + 1e-6)).clamp(max=1)``
+    in ``sq_norms``'s dtype. Where it is not (a sum of squares beyond the float range, or the
+    fused path's ``||a||^2 ||g||^2`` giving ``inf * 0``), ``exact_norms(where)`` (``where``: those
+    samples' ``nonzero(as_tuple=True)`` index) gives their norms in float64, computed without
+    overflow, and the factor comes from them: a gradient with finite entries is clipped to
+    norm C, not dropped. A gradient with an infinite or NaN entry keeps a factor of 0 or NaN,
+    so its clipped gradient is not finite, as before. ``max_norm``: a float, or a tensor
+    broadcasting to ``sq_norms`` (a bound per row). When every squared norm is finite this
+    costs one ``isfinite().all()`` check.
+    """
+    factors = (max_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
+    finite = torch.isfinite(sq_norms)
+    if bool(finite.all()):
+        return factors
+    where = (~finite).nonzero(as_tuple=True)
+    bound = torch.as_tensor(max_norm, dtype=torch.float64, device=sq_norms.device)
+    bound = bound.expand(sq_norms.shape)[where]
+    exact = (bound / (exact_norms(where).to(torch.float64) + _NORM_EPS)).clamp(max=1.0)
+    return factors.index_put(where, exact.to(factors.dtype))
+
+
+def _largest_entry(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Per-sample largest ``|entry|`` of ``t`` over ``dims``; 1 where it is 0 (nothing to scale)."""
+    top = t.abs().amax(dim=dims)
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
+def _combine_norms(scales: list[Tensor], norms: list[Tensor]) -> Tensor:
+    """``sqrt(sum_j (scales[j] * norms[j])^2)`` per sample (float64), without overflow: the terms
+    are divided by their largest scale before squaring. The largest scale itself where it is
+    not finite (an entry is infinite or NaN)."""
+    s, n = torch.stack(scales), torch.stack(norms)
+    top = s.amax(dim=0)
+    safe = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
+    total = safe * ((s / safe) * n).pow(2).sum(dim=0).sqrt()
+    return torch.where(torch.isfinite(top), total, top)  # inf or NaN: an entry is not finite
+
+
+def overflow_safe_row_norms(parts: list[Tensor]) -> Tensor:
+    """Float64 norms of per-sample gradients given as pieces ``parts`` (each ``(n, d_j)``, the
+    sample's gradient being their concatenation), each piece scaled by its largest entry, so a
+    norm whose square exceeds the float range is still exact. Not finite for an entry that
+    is not."""
+    scales, norms = [], []
+    for part in parts:
+        if part.shape[1] == 0:
+            continue
+        p = part.to(torch.float64)
+        top = _largest_entry(p, (1,))
+        scales.append(top)
+        norms.append((p / top[:, None]).pow(2).sum(dim=1).sqrt())
+    return _combine_norms(scales, norms)
+
+
+def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) -> Tensor:
+    """Float64 per-sample gradient norms of Linear layers from their inputs and output gradients,
+    without overflow: ``layers`` holds ``(A, G, has_weight, has_bias)`` per layer, ``A`` (n, T,
+    in) and ``G`` (n, T, out) over the T positions of each of n samples; the weight gradient is
+    ``sum_t g_t a_t^T``, the bias gradient ``sum_t g_t``. ``A`` and ``G`` are scaled by their
+    per-sample largest entry before any product. Both DP-SGD engines use it, so they derive the
+    same factor from the same gradient."""
+    scales, norms = [], []
+    for a3, g3, has_weight, has_bias in layers:
+        a, g = a3.to(torch.float64), g3.to(torch.float64)
+        top_a, top_g = _largest_entry(a, (1, 2)), _largest_entry(g, (1, 2))
+        a, g = a / top_a[:, None, None], g / top_g[:, None, None]
+        t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        if has_weight:
+            if t == 1:
+                w = a[:, 0].norm(dim=1) * g[:, 0].norm(dim=1)
+            elif t * t <= d_in * d_out:
+                w = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
+                     ).sum(dim=(1, 2)).clamp(min=0).sqrt()
+            else:
+                w = torch.bmm(g.transpose(1, 2), a).flatten(1).norm(dim=1)
+            scales.append(top_a * top_g)
+            norms.append(w)
+        if has_bias:
+            scales.append(top_g)
+            norms.append(g.sum(dim=1).norm(dim=1))
+    return _combine_norms(scales, norms)
+
+
 def _scale_rows(g2: Tensor, factors: Tensor) -> Tensor:
     """Multiply the rows of G (B*T, out) by the clip factor (B, 1) of their sample."""
     batch = factors.shape[0]
     if g2.shape[0] == batch:
         return g2 * factors
     return (g2.reshape(batch, -1, g2.shape[-1]) * factors[:, :, None]).reshape(g2.shape)
+
+
+def _sparse_row_norms(k: int, rows: Tensor, values: Tensor) -> Tensor:
+    """Float64 norms of the k rows of a sparse matrix (COO ``rows``, ``values``), each row scaled
+    by its largest entry so a norm whose square exceeds the float range is still exact."""
+    v = values.to(torch.float64)
+    top = torch.zeros(k, dtype=torch.float64, device=v.device).scatter_reduce_(
+        0, rows, v.abs(), reduce="amax")
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return top * torch.zeros_like(top).index_add_(0, rows, (v / top[rows]).pow(2)).sqrt()
 
 
 class _LinearCapture:
@@ -337,7 +434,8 @@ class DPSGD:
         if not bool(torch.isfinite(values).all()):
             raise DPSGDError("extra_gradients contain NaN or infinite values")
         sq_norms = torch.zeros(extra.shape[0], dtype=values.dtype).index_add_(0, rows, values * values)
-        factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        factors = clip_factors(sq_norms, self.max_grad_norm,
+                               lambda where: _sparse_row_norms(extra.shape[0], rows, values)[where])
         clipped = values * factors[rows] * scale
         offset = 0
         with torch.no_grad():
@@ -457,7 +555,14 @@ class DPSGD:
                 cap.outputs.clear()
         if sq_norms is None:
             sq_norms = torch.zeros(batch, dtype=out.dtype, device=out.device)
-        factors = (self.max_grad_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
+
+        def overflow_norms(where: tuple[Tensor, ...]) -> Tensor:
+            (index,) = where
+            return overflow_safe_linear_norms([
+                (a2.reshape(batch, -1, a2.shape[-1])[index], g2.reshape(batch, -1, g2.shape[-1])[index],
+                 cap.weight is not None, cap.bias is not None) for cap, a2, g2 in layers])
+
+        factors = clip_factors(sq_norms, self.max_grad_norm, overflow_norms)
         return layers, factors[:, None]
 
     @staticmethod
@@ -517,7 +622,8 @@ class DPSGD:
         sq = torch.zeros(batch, dtype=samples[0].dtype, device=samples[0].device)
         for gs in samples:
             sq += gs.reshape(batch, -1).pow(2).sum(dim=1)
-        factors = (self.max_grad_norm / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+        factors = clip_factors(sq, self.max_grad_norm, lambda where: overflow_safe_row_norms(
+            [gs.reshape(batch, -1)[where] for gs in samples]))
         return [torch.tensordot(factors, gs, dims=1) for gs in samples]
 
     def _write_noise(self) -> None:

@@ -359,3 +359,56 @@ def test_csprng_noise_written_into_one_gradient_buffer_is_the_separate_gradients
             assert all(p.grad.data_ptr() >= buffer.data_ptr() for p in params)
         assert noise.journal_state() != state
     assert torch.equal(released[bind].view(torch.int32), released["separate"].view(torch.int32))
+
+
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]).double()
+
+
+@pytest.mark.parametrize("mode", ["fused", "opacus"])
+@pytest.mark.parametrize("act", ["relu", "tanh", "none"])
+def test_a_finite_gradient_whose_squared_norm_overflows_is_clipped_to_c_not_dropped(mode, act):
+    """A sample with entries ~1e19 has a finite gradient whose squared norm overflows float32:
+    its factor was C / inf = 0 (the sample contributed nothing) or, on the fused path with a
+    saturated tanh, ||a||^2 ||g||^2 = inf * 0 = NaN (the whole sum NaN). It now contributes its
+    gradient's direction at norm C, as DP-SGD specifies; the other samples are unchanged."""
+    torch.manual_seed(0)
+    layers = {"relu": [nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)],
+              "tanh": [nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)],
+              "none": [nn.Linear(6, 3)]}[act]
+    model = nn.Sequential(*layers)
+    x, y = _data(4, shape=(6,), classes=3)
+    x[2] = torch.tensor([1e19, -2e19, 3e19, 1e19, -1e19, 2e19])
+    clip = 0.7
+    dp = DPSGD(model, clip, 1.0, 4, ReproducibleNoise(0), mode=mode)
+    raw = _flat(torch.autograd.grad(CE(model(x[2:3]), y[2:3]).sum(), list(model.parameters())))
+    assert bool(torch.isfinite(raw).all()) and float(raw.norm()) > clip
+    # the tanh saturates: the first layer's gradient is 0 and the squared norm small, but the
+    # fused path's ||a||^2 of that layer still overflows
+    assert math.isfinite(float((raw.float() ** 2).sum())) == (act == "tanh")
+    alone = _flat(dp.clipped_gradient_sum(x[2:3], y[2:3], CE))
+    assert float(alone.norm()) == pytest.approx(clip, rel=1e-5)
+    assert float(alone @ raw / (alone.norm() * raw.norm())) == pytest.approx(1.0, abs=1e-6)
+    others = [0, 1, 3]
+    together = _flat(dp.clipped_gradient_sum(x, y, CE))
+    rest = _flat(dp.clipped_gradient_sum(x[others], y[others], CE))
+    torch.testing.assert_close(together, rest + alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_clip_factor_of_finite_squared_norms_is_the_plain_formula_bit_for_bit():
+    """Only non-finite squared norms take the overflow-safe route: every other factor is the
+    float32 ``(C / (sqrt(sq) + 1e-6)).clamp(max=1)`` itself (released bits unchanged)."""
+    from privacy.dpsgd import clip_factors
+
+    sq = torch.tensor([0.0, 1e-30, 0.25, 4.0, 3.0e38, float("inf"), float("nan")])
+    calls = []
+
+    def exact(where):
+        calls.append(where[0].tolist())
+        return torch.tensor([1e20, float("nan")], dtype=torch.float64)
+
+    got = clip_factors(sq, 0.5, exact)
+    plain = (0.5 / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    assert torch.equal(got[:5], plain[:5]) and calls == [[5, 6]]
+    assert float(got[5]) == pytest.approx(0.5e-20, rel=1e-6) and math.isnan(float(got[6]))
+    assert clip_factors(sq[:5], 0.5, exact).equal(plain[:5]) and len(calls) == 1

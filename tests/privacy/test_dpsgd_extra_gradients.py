@@ -74,3 +74,15 @@ def test_a_non_finite_extra_gradient_is_refused_and_a_large_finite_one_accepted(
         _grads(_sparse(indices, torch.tensor([big, bad, 1.0]), (2, d)), x, y)
     grads = _grads(_sparse(indices, torch.tensor([big, big, -big]), (2, d)), x, y)
     assert bool(torch.isfinite(grads).all())
+
+
+def test_an_extra_row_whose_squared_norm_overflows_is_clipped_to_c():
+    """An extra row with entries 3e19 and 4e19 (norm 5e19, squared norm beyond float32) was
+    clipped by C / inf = 0 (dropped); it now adds C in its direction."""
+    x, y = torch.zeros(0, 6), torch.zeros(0, dtype=torch.int64)
+    d = 6 * 4 + 4 + 4 * 3 + 3
+    extra = _sparse(torch.tensor([[0, 0], [3, 9]]), torch.tensor([3e19, 4e19]), (1, d))
+    diff = _grads(extra, x, y) - _grads(None, x, y)
+    expected = torch.zeros(d)
+    expected[3], expected[9] = 1.5 * 0.6, 1.5 * 0.8
+    torch.testing.assert_close(diff, expected / 8.0, atol=1e-6, rtol=1e-5)
