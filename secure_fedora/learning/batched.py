@@ -46,7 +46,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from privacy.dpsgd import poisson_sample
+from privacy.dpsgd import (
+    clip_factors,
+    overflow_safe_linear_norms,
+    overflow_safe_row_norms,
+    poisson_sample,
+)
 from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.client import (
     ClientUpdateError,
@@ -405,7 +410,7 @@ def _probe_engine(flat: FlatModel, oracle: Any, kind: str, plan: BatchedPlan, x:
                         out = torch.func.functional_call(flat.module, params, (xr[b:b + 1],))
                         grads = torch.autograd.grad(loss(out, yr[b:b + 1]).sum(), list(params.values()))
                         g = torch.cat([v.reshape(-1) for v in grads])
-                        want += g * min(1.0, clip / (float(g.norm()) + _NORM_EPS))
+                        want += g * min(1.0, clip / (float(g.double().norm()) + _NORM_EPS))
                 else:
                     out = torch.func.functional_call(flat.module, params, (xr,))
                     grads = torch.autograd.grad(loss(out, yr).mean(), list(params.values()))
@@ -598,7 +603,14 @@ def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, v
         sq += a_sq * g_sq
         if layer[3] is not None:
             sq += g_sq
-    factors = (clip / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0)
+
+    def overflow_norms(where: tuple[Tensor, ...]) -> Tensor:
+        # the layers in forward order, as the loop's fused path lists them (same factor)
+        return overflow_safe_linear_norms([
+            (a[where].unsqueeze(1), gl[where].unsqueeze(1), True, layer[3] is not None)
+            for layer, (a, gl) in reversed(list(zip(linears, pairs, strict=True)))])
+
+    factors = clip_factors(sq, clip, overflow_norms)
     for layer, (a, gl) in zip(linears, pairs, strict=True):
         _write_linear(layer, out, a, gl * factors.unsqueeze(2), work=work)
 
@@ -663,7 +675,8 @@ def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tenso
         kk = grads[0].shape[0]
         flat_grads = [g.reshape(kk, width, -1) for g in grads]
         sq = sum((g * g).sum(dim=2) for g in flat_grads)
-        factors = (clip[part] / (sq.sqrt() + _NORM_EPS)).clamp(max=1.0) * valid[part]
+        factors = clip_factors(sq, clip[part], lambda where, fg=flat_grads: overflow_safe_row_norms(
+            [g[where] for g in fg])) * valid[part]
         offset = 0
         for g, size in zip(flat_grads, flat.sizes, strict=True):
             torch.bmm(factors.unsqueeze(1), g, out=out[part, offset:offset + size].unsqueeze(1))

@@ -807,3 +807,45 @@ def test_clients_without_samples_train_as_in_the_loop_whatever_the_model():
                             _jobs(theta, [(x, y)] * 2, phi=phi, lams=[0.5, 0.5]))
     assert outcome.engine == "loop" and "no probe data" in outcome.reason
     _assert_rows_close(theta, reference)
+
+
+@pytest.mark.parametrize("at", [3, 0], ids=["after-the-probe-rows", "a-probe-row"])
+@pytest.mark.parametrize("engine", ["linear", "vmap"])
+def test_dp_clips_a_finite_gradient_whose_squared_norm_overflows_to_c_in_both_engines(engine, at):
+    """A record of entries 1e19 has a finite per-sample gradient whose squared norm overflows
+    float32: both engines gave it the factor C / inf = 0 (it added nothing). Now the batched
+    engine and the loop both add it at norm C in its gradient's direction: the step is the
+    per-sample autograd gradients each clipped with its float64 norm. Among the rows the
+    engines are probed with, it does not send the run to the loop."""
+    shape = (1, 4, 4) if engine == "linear" else (1, 8, 8)
+    flat = FlatModel(make_model("mlp", seed=0, input_shape=shape) if engine == "linear"
+                     else _examples_cnn())
+    (x, y), = _clients([4], shape=shape)
+    x[at] = 1e19
+    clip = 0.5
+    cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=4, local_epochs=1)
+    start = _matrix(flat, 1)
+    module = flat.bind(start[0].clone())
+    with torch.no_grad():  # a label the saturated softmax gets wrong: a gradient that is not 0
+        y[at] = module(x[at:at + 1]).argmin()
+    want = torch.zeros(flat.num_params, dtype=torch.float64)
+    for i in range(4):
+        loss = nn.functional.cross_entropy(module(x[i:i + 1]), y[i:i + 1])
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(module.parameters()))])
+        assert bool(torch.isfinite(g).all())
+        norm = float(g.double().norm())
+        if i == at:
+            assert norm > clip and not torch.isfinite((g * g).sum())
+        want += g.double() * min(1.0, clip / (norm + 1e-6))
+    want = -want / 4  # lr 1, divided by q * n = 4
+    oracle = DPGradient(flat.module, clip, 1.0, 4.0, ReproducibleNoise(0))
+    batched, loop = start.clone(), start.clone()
+    job = ClientJob(0, batched[0], x, y, torch.Generator(), noise=ReproducibleNoise(3),
+                    noise_multiplier=1e-9)
+    outcome = train_clients(flat, cfg, oracle, [job])
+    assert outcome.engine == engine, outcome.reason
+    assert outcome.steps == {0: 1}
+    oracle.select(1e-9, ReproducibleNoise(3))
+    local_train(flat, loop[0], x, y, cfg, oracle, torch.Generator(), Workspace.for_size(flat.num_params))
+    torch.testing.assert_close((batched - start)[0].double(), want, atol=1e-6, rtol=1e-4)
+    _assert_rows_close(batched, loop)
