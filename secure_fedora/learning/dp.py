@@ -262,8 +262,9 @@ _TOO_LARGE = (": the inputs or the model's initial parameters are too large for 
 def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) -> None:
     """Refuse (DPSGDError naming the layer) a model whose per-sample gradients the DP path
     cannot compute, or computes differently from per-sample autograd; gradients that are not
-    finite because the numbers overflow (a per-sample gradient norm whose square exceeds the
-    parameters' float range) are refused as such, naming no layer. Dropout layers run in
+    finite because the numbers overflow the parameters' float range are refused as such,
+    naming no layer (a finite gradient whose squared norm overflows is clipped exactly and
+    passes). Dropout layers run in
     eval mode during the check (random masks would make the two computations differ); nothing
     is changed: no noise is drawn, no gradient is written, no step is counted."""
     from privacy.dpsgd import DPSGDError

@@ -120,22 +120,24 @@ def test_a_loss_using_batch_statistics_is_named_not_a_layer():
 
 
 def test_gradients_that_overflow_are_named_as_such_not_as_an_unsupported_layer():
-    """Inputs so large (1e30) that the DP path's per-sample gradient norms overflow float32
-    were refused as "layer (no single layer identified) is not supported" (max difference nan),
-    which sent the user looking for a layer; the check now says the clipped gradients are not
-    finite and to scale the inputs. The same rows unscaled pass (found by the hunt of user
-    data)."""
+    """Inputs so large (1e30) that the per-sample gradient norms' squares overflow float32 were
+    refused (first as "layer ... is not supported", then as "too large for float32"): their
+    gradients are finite, and DP-SGD now clips them to C exactly as per-sample autograd does,
+    so the check passes. Inputs whose loss gradient itself overflows (3e38) are refused as
+    such, naming the inputs' scale and no layer (found by the hunt of user data)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     task = resolve_task("cross_entropy", False)
     x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 0])
-    dpsgd = DPSGD(model, 0.5, 1.0, 4.0, ReproducibleNoise(0))
-    with pytest.raises(DPSGDError, match=r"gradients of parameter '1.weight' are not finite "
-                                         r".* too large for float32 arithmetic; scale the "
-                                         r"inputs") as err:
+    for mode in ("fused", "opacus"):
+        dpsgd = DPSGD(model, 0.5, 1.0, 4.0, ReproducibleNoise(0), mode=mode)
         check_per_sample_gradients(dpsgd, task.checked, x * 1e30, y)
-    assert "not supported" not in str(err.value)
-    check_per_sample_gradients(dpsgd, task.checked, x, y)
+        with pytest.raises(DPSGDError, match=r"gradient on probe row 0 of the training data is "
+                                             r"not finite .* too large for float32 arithmetic; "
+                                             r"scale the inputs") as err:
+            check_per_sample_gradients(dpsgd, task.checked, x * 3e38, y)
+        assert "not supported" not in str(err.value)
+        check_per_sample_gradients(dpsgd, task.checked, x, y)
 
 
 class _WeightUsedByHand(nn.Module):
