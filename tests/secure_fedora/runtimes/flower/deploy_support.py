@@ -203,6 +203,13 @@ def in_process(cfg: ExperimentConfig, tmp_path: Path, method: str = "fedora",
         return sim, sim.run_method(method)
 
 
+def with_evaluation_every(cfg: ExperimentConfig, every: int) -> ExperimentConfig:
+    """``cfg`` evaluating every ``every`` rounds (and after the last; validated again)."""
+    return parse_config(
+        {**cfg.model_dump(mode="json", exclude_none=True), "evaluation": {"every": every}}
+    )
+
+
 def with_methods(cfg: ExperimentConfig, *methods: str) -> ExperimentConfig:
     """``cfg`` running ``methods`` (validated again)."""
     return parse_config({**cfg.model_dump(mode="json", exclude_none=True), "methods": list(methods)})

@@ -25,6 +25,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     run_config,
     task_identity,  # noqa: F401 - a fixture
     tiny_config,
+    with_evaluation_every,
     with_methods,
 )
 
@@ -231,29 +232,32 @@ def test_a_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("task_identity")
 def test_deploy_local_resumes_a_serverapp_killed_with_sigkill(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`deploy local`: the ServerApp process kills itself (SIGKILL) right after its round-2
-    checkpoint of 3; the deployment fails. `deploy local --resume` of another config is
+    """`deploy local`: the ServerApp process kills itself (SIGKILL) right after its round-1
+    checkpoint of 2; the deployment fails. `deploy local --resume` of another config is
     refused before any process starts; with the run's own config it starts the deployment
     again, continues the run under the killed run's id, and its per-client results and
     rounds equal an uninterrupted run's (the in-memory grid's, which equal a deployment's)."""
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
     from secure_fedora.runtimes.flower.protocol import DeployError
 
-    cfg = tiny_config(rounds=3)
+    # Each message starts a ClientApp process: two rounds, evaluated at the last only, keep
+    # the messages few (CI time) while the kill still falls between rounds.
+    cfg = with_evaluation_every(tiny_config(rounds=2), 2)
     work = tmp_path / "w"
     timeouts = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
-    # checkpoints: first contact, setup, rounds 1 and 2 (the SuperNodes never reach one)
-    monkeypatch.setenv(crashpoints.ENV_VAR, "checkpoint_written@4")
+    # checkpoints: first contact, setup, round 1 (the SuperNodes never reach one)
+    monkeypatch.setenv(crashpoints.ENV_VAR, "checkpoint_written@3")
     with pytest.raises(DeployError, match="ended with status"):
         deploy_local(cfg, 3, work, timeouts=timeouts, max_in_flight=3)
     monkeypatch.delenv(crashpoints.ENV_VAR)
     results = work / "results"
     killed = json.loads((results / "progress.json").read_text())
-    assert killed["round"] == 2 and not (results / "results.json").exists()
+    assert killed["round"] == 1 and not (results / "results.json").exists()
     before = {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()
               and "logs" not in p.parts}
+    other = with_evaluation_every(tiny_config(rounds=2, lr=0.05), 2)
     with pytest.raises(server_app.ResumeRefused, match="another configuration"):
-        deploy_local(tiny_config(rounds=3, lr=0.05), 3, work, timeouts=timeouts, resume=True)
+        deploy_local(other, 3, work, timeouts=timeouts, resume=True)
     assert {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()
             and "logs" not in p.parts} == before
     result = deploy_local(cfg, 3, work, timeouts=timeouts, max_in_flight=3, resume=True)
