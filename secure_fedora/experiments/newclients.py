@@ -200,7 +200,9 @@ def run_new_client_experiment(
     not below the number of trained clients, or a config whose relatedness is not plain, whose propagation is encrypted, that enables DP or that asks for
     envelopes; CheckpointError or RunDirError (saying to pass another ``run_dir``) for a
     ``run_dir`` that holds a federation trained with other arguments; RunDirUnavailableError,
-    as the run gives it, for one another process holds or that cannot be opened.
+    as the run gives it, for one another process holds or that cannot be opened; ModelError
+    (:class:`~secure_fedora.learning.models.BufferGuard`), before a newcomer's accuracies are
+    kept, when its training or evaluations wrote a buffer or a client's split in place.
     """
     if cfg.fedora.relatedness != "plain":
         raise NewClientError(
@@ -274,6 +276,8 @@ def run_new_client_experiment(
                                                        stream),
                 Local.name: _accuracies_along(ctx, c, ctx.init, epoch_list, cfg.seed, stream),
             }
+            if ctx.buffers is not None:  # as a run checks after its evaluations
+                ctx.buffers.check(f"in newcomer client {c.client_id}'s training and evaluation")
             for m, by_epoch in runs.items():
                 for e, acc in by_epoch.items():
                     accuracy[m][e].append(acc)

@@ -16,6 +16,7 @@ from secure_fedora.experiments.newclients import (
     split_newcomers,
 )
 from secure_fedora.learning.client import evaluate
+from secure_fedora.learning.models import ModelError
 from secure_fedora.runtimes.inprocess import Simulation, build_clients, build_context
 
 
@@ -266,3 +267,38 @@ def test_newcomers_train_on_the_configured_threads_and_the_process_gets_its_own_
         assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
+
+
+class _WritesOnceTrained(torch.nn.Module):
+    """Reads its input; with ``write``, an eval-mode forward once its weights left their
+    initial values writes the input in place (no value changes): the probe before training
+    cannot see it."""
+
+    def __init__(self, input_shape, num_classes, write):
+        super().__init__()
+        self.linear = torch.nn.Linear(int(torch.Size(input_shape).numel()), num_classes)
+        self.initial = self.linear.weight.detach().clone()
+        self.write = write
+
+    def forward(self, x):
+        if self.write and not self.training and not torch.equal(self.linear.weight, self.initial):
+            x.mul_(1.0)
+        return self.linear(x.flatten(1))
+
+
+def test_a_model_writing_a_newcomers_split_only_in_its_evaluations_stops_the_experiment(
+        tmp_path, clients):
+    """The federation's runs check the splits after every round and the finalize exchange;
+    the newcomers' training and evaluations came after, unchecked: a model writing a
+    newcomer's split there went unnoticed and its accuracies were reported."""
+    def context_factory(cfg, some):
+        # the federation (the trained clients) reads; the newcomers' context (all) writes
+        write = len(some) == len(clients)
+        return build_context(cfg, some, model_factory=lambda shape, c: _WritesOnceTrained(
+            shape, c, write))
+
+    with pytest.raises(ModelError, match=r"^the model factory wrote client \d+'s (train|val|test) "
+                                         r"split in place in newcomer client \d+'s training and "
+                                         r"evaluation .* the run stops here"):
+        run_new_client_experiment(tiny(), tmp_path, held_out=2, epochs=[0, 1], clients=clients,
+                                  context_factory=context_factory)

@@ -180,3 +180,60 @@ def test_a_plug_in_model_writing_its_inputs_in_evaluation_stops_a_flower_client(
                        r"\d's evaluate exchange of round \d"):
         _plug_in_run(tmp_path, write=True)
     assert not (tmp_path / "res" / "results.json").exists()
+
+
+class _WritesInFinalize(torch.nn.Module):
+    """A Linear model whose eval-mode forward writes its input in place (equal values) while
+    ``_FINAL["on"]`` (set around FedAvg's client_finalize only)."""
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _FINAL["on"] and not self.training:
+            x.mul_(1.0)
+        return self.linear(x.flatten(1))
+
+
+_FINAL = {"on": False}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_model_writing_its_inputs_only_in_fedavgs_finetuning_stops_a_flower_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedAvg's fine-tuning and its model selection run in the finalize exchange, after the
+    last evaluation exchange: a node whose split is written only there refuses to send its
+    finalize reply, naming the split, and the run writes no results."""
+    import math
+
+    from secure_fedora.algorithms.methods import FedAvg
+    from secure_fedora.core.registry import MODELS
+
+    original = FedAvg.client_finalize
+
+    def in_final_pass(self: FedAvg, i: int, message: dict) -> dict:
+        monkeypatch.setitem(_FINAL, "on", True)
+        try:
+            return original(self, i, message)
+        finally:
+            monkeypatch.setitem(_FINAL, "on", False)
+
+    monkeypatch.setattr(FedAvg, "client_finalize", in_final_pass)
+    MODELS.register("test-final-writer", lambda shape, num_classes, device=None:
+                    _WritesInFinalize(math.prod(shape), num_classes))
+    try:
+        data = tiny_config().model_dump(mode="json", exclude_none=True)
+        data["methods"] = ["fedavg"]
+        data["model"] = {"name": "test-final-writer"}
+        data["fedavg"] = {**data.get("fedavg", {}), "finetune_epochs": 1}
+        data["security"] = {"client_errors": "full"}
+        rc = run_config(parse_config(data), tmp_path, **{"result-dir": str(tmp_path / "res")})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3, node_errors=dict.fromkeys(range(3), "full"))
+        with pytest.raises(DeployError, match=r"ModelError: model 'test-final-writer' wrote "
+                           r"client \d's (train|val|test) split in place in client \d's finalize "
+                           r"exchange of round \d"):
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        MODELS.unregister("test-final-writer")
+    assert not (tmp_path / "res" / "results.json").exists()
