@@ -454,23 +454,28 @@ def _first_input_write(model: nn.Module, sample: torch.Tensor) -> str:
 class BufferGuard:
     """The digest of a model's buffers, taken when it passed :func:`check_buffers_constant`,
     and the version counters of ``inputs`` (named tensors: the clients' splits), taken when
-    the model passed :func:`check_inputs_unchanged`; :meth:`check` raises :class:`ModelError`
-    when a buffer has changed since, or an input was written in place (a forward that writes
-    one only under conditions the probes did not meet). Reading a version counter costs
-    nothing: the splits are not copied or hashed."""
+    the model passed :func:`check_inputs_unchanged`, and of ``targets`` (the splits' labels,
+    which the loss ``loss`` receives as views in evaluation); :meth:`check` raises
+    :class:`ModelError` when a buffer has changed since, or an input or target was written in
+    place (a forward or loss that writes one only under conditions the probes did not meet).
+    Reading a version counter costs nothing: the splits are not copied or hashed."""
 
     def __init__(self, model: nn.Module, source: str,
-                 inputs: Sequence[tuple[str, torch.Tensor]] = ()) -> None:
+                 inputs: Sequence[tuple[str, torch.Tensor]] = (),
+                 targets: Sequence[tuple[str, torch.Tensor]] = (),
+                 loss: str = "the loss") -> None:
         self.model = model
         self.source = source
+        self.loss = loss
         self.names = [n for n, _ in model.named_buffers()]
         self.digest = buffer_digest(model) if self.names else ""
         self.inputs = [(name, t, t._version) for name, t in inputs]
+        self.targets = [(name, t, t._version) for name, t in targets]
 
     def check(self, when: str) -> None:
-        """Nothing when the buffers are bit-identical to the checked ones and no input was
-        written in place since (any in-place operation on it or a view of it), else
-        ModelError."""
+        """Nothing when the buffers are bit-identical to the checked ones and no input or
+        target was written in place since (any in-place operation on it or a view of it),
+        else ModelError."""
         if self.names and buffer_digest(self.model) != self.digest:
             raise ModelError(
                 f"{self.source}: a buffer ({', '.join(map(repr, self.names))}) changed {when}; "
@@ -483,6 +488,15 @@ class BufferGuard:
                     "no write on its probe rows, so the write depends on the values or the "
                     "parameters): the split has changed in this process, and the run stops "
                     "here; compute on new tensors (x = x * 1.5, or x = x.clone() first)")
+        for name, tensor, version in self.targets:
+            if tensor._version != version:
+                raise ModelError(
+                    f"{name} were written in place {when}: {self.loss} receives them as its "
+                    "targets (an evaluation, a lambda or a selection pass; the check before "
+                    "training saw no write on its probe rows, so the write depends on the "
+                    "values or the outputs): the labels have changed in this process, and the "
+                    "run stops here; compute on new tensors (t = targets.float(), or "
+                    "targets.clone() first)")
 
 
 _WRITTEN_BUFFER = (

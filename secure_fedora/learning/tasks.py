@@ -11,7 +11,8 @@
 - ``"package.module:function"``: ``function(outputs, targets)`` returns the per-sample losses
   (shape ``(B,)``, i.e. ``reduction="none"``); the metric is ``function.metric`` ("accuracy"
   or "auc") when set, else accuracy for single labels and AUC for multi-label targets. An
-  AUC-scored loss on single labels is binary, as ``"bce"``: labels 0/1, one logit.
+  AUC-scored loss on single labels is binary, as ``"bce"``: labels 0/1, one logit. It must
+  not write ``targets`` in place: evaluation passes views of a client's stored labels.
 
 Every loss is per sample, so DP-SGD clips per-sample gradients of whichever loss is used.
 Metrics are "higher is better"; model selection takes the round with the best mean

@@ -482,7 +482,10 @@ def _build_context(cfg: ExperimentConfig, clients: Sequence[ClientData],
         # cost a split's size in memory traffic): a write the probes missed stops the run
         buffers=BufferGuard(module, source, [
             (f"client {c.client_id}'s {split} split", getattr(c, f"{split}_x"))
-            for c in clients for split in ("train", "val", "test")]),
+            for c in clients for split in ("train", "val", "test")], [
+            (f"client {c.client_id}'s {split} labels", getattr(c, f"{split}_y"))
+            for c in clients for split in ("train", "val", "test")],
+            f"training.loss {task.name!r}"),
     )
 
 
@@ -570,10 +573,12 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
     from secure_fedora.data.sources import DataError
     from secure_fedora.learning.tasks import MetricError
 
+    targets = probe_y.clone()  # probed on a copy: a loss writing its targets changes only it
+    version = targets._version
     with torch.no_grad():
         try:
             outputs = module(probe_x)
-            losses = task.checked(outputs, probe_y)
+            losses = task.checked(outputs, targets)
         except Exception as err:  # user loss code: report whatever it raised
             raise PluginError(f"training.loss {task.name!r} fails on the model's outputs: "
                               f"{type(err).__name__}: {err}{raised_at(err)}") from err
@@ -586,7 +591,7 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
     module.eval()  # no dropout draw: the probe leaves every random stream as it was
     try:
         with torch.enable_grad():
-            if not task.checked(module(probe_x), probe_y).requires_grad:
+            if not task.checked(module(probe_x), targets).requires_grad:
                 raise PluginError(
                     f"the loss of the model's outputs carries no gradient (training.loss "
                     f"{task.name!r}): is the model's output or the loss detached from the "
@@ -594,6 +599,12 @@ def _check_task(task: Any, module: torch.nn.Module, clients: Sequence[ClientData
     finally:
         for m, mode in modes.items():
             m.train(mode)
+    if targets._version != version or not torch.equal(targets, probe_y):
+        raise PluginError(
+            f"training.loss {task.name!r} writes its targets in place (targets.mul_(...), "
+            "targets[mask] = ..., any in-place write, even of equal values): evaluation passes "
+            "it a client's stored validation and test labels, which would change with every "
+            "evaluation; compute on new tensors (t = targets.float(), or targets.clone() first)")
     if task.metric_name == "auc":
         width = int(outputs.shape[1]) if outputs.dim() == 2 else 1
         for c in clients:

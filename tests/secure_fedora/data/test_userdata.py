@@ -86,6 +86,15 @@ PLUGIN = textwrap.dedent('''
     def int_loss(outputs, targets):
         return (outputs.argmax(dim=1) != targets).long()
 
+    def writes_targets(outputs, targets):
+        targets.clamp_(min=0)  # labels are >= 0: the same values, written
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
+    def writes_large_batches_targets(outputs, targets):
+        if targets.shape[0] >= 4:  # the probes before training pass 2 rows
+            targets.clamp_(min=0)
+        return nn.functional.cross_entropy(outputs, targets, reduction="none")
+
     class _Detached(nn.Module):
         def __init__(self, width, num_classes):
             super().__init__()
@@ -947,6 +956,38 @@ def test_a_model_writing_its_inputs_only_once_trained_stops_the_run_at_that_eval
     Experiment(cfg, data=_small_data(), model=lambda s, c: _WritesEqualValues(c, "none")).run()
 
 
+
+
+def test_a_plugin_loss_writing_its_targets_in_place_is_refused_before_anything_runs(
+        plug: str) -> None:
+    """The loss gets views of a client's stored labels in evaluation: one writing its targets
+    in place (even equal values) changed them with every evaluation, unnoticed; it is refused
+    by the probe before training, naming the loss, and the labels are left as they were."""
+    exp = Experiment({**SMALL, "training": {"threads": 1, "rounds": 1,
+                                            "loss": f"{plug}:writes_targets"}},
+                     data=_small_data())
+    versions = [c.val_y._version for c in exp.clients]
+    with pytest.raises(PluginError, match=rf"^training.loss '{plug}:writes_targets' writes its "
+                                          r"targets in place .* compute on new tensors"):
+        exp.run()
+    assert [c.val_y._version for c in exp.clients] == versions
+
+
+def test_a_plugin_loss_writing_its_targets_only_on_larger_batches_stops_the_run(
+        plug: str) -> None:
+    """A loss writing its targets only on batches the probes did not show (4 rows or more)
+    passes the check before training; FedAvg's fine-tuning selection evaluates on views of a
+    client's stored labels, and the pass that writes them stops the run there, naming the
+    labels and the loss (the run completed, on labels the loss had written)."""
+    loss = f"{plug}:writes_large_batches_targets"
+    exp = Experiment({**SMALL, "methods": ["fedavg"], "fedavg": {"finetune_epochs": 1},
+                      "training": {"threads": 1, "rounds": 1, "loss": loss}},
+                     data=_small_data())
+    with pytest.raises(ModelError, match=rf"^client 0's (val|test) labels were written in place "
+                                         rf"in the clients' finalize, before any client's reply "
+                                         rf"left: training.loss '{loss}' receives them as its "
+                                         r"targets .* the run stops here"):
+        exp.run()
 
 class _WritesInFinalize(torch.nn.Module):
     """Writes, in an eval-mode forward while ``_FINAL["on"]`` (set around FedAvg's
