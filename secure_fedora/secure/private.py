@@ -715,17 +715,58 @@ class AccountantChoice:
         reasons = self.uncalibrated.get((budget.epsilon, budget.delta), {})
         if not reasons or set(reasons) != set(AUTO_CANDIDATES):
             return None
-        brief = [f"{name}: " + reasons[name].removeprefix("privacy: ")
-                 .replace(f" (accountant {name!r})", "") for name in AUTO_CANDIDATES]
+        brief = [f"{name}: " + _brief(reasons[name], name) for name in AUTO_CANDIDATES]
         return (f"privacy: privacy.accountant = \"auto\" tried {len(AUTO_CANDIDATES)} candidate"
                 f" accountants ({', '.join(AUTO_CANDIDATES)}) and none calibrates epsilon"
                 f" {format_exact(budget.epsilon)} (delta {format_exact(budget.delta)}). "
                 + ". ".join(brief))
 
+    def refusal(self, budget: PrivacyBudget) -> str | None:
+        """Under ``"auto"``, when the chosen accountant cannot calibrate ``budget``: a
+        ConfigError text saying what auto tried for it, which the chosen accountant's error
+        alone would not say (:meth:`no_candidate_calibrates` where no candidate calibrates
+        it; else where the other candidate was ruled out, why, and the chosen one's reason);
+        else None."""
+        whole = self.no_candidate_calibrates(budget)
+        reasons = self.uncalibrated.get((budget.epsilon, budget.delta), {})
+        if whole is not None or self.name not in reasons:
+            return whole
+        others = [name for name in AUTO_CANDIDATES if name != self.name]
+        ruled_out = "; ".join(filter(None, (self._ruled_out(name) for name in others)))
+        return (f"privacy: privacy.accountant = \"auto\" tried {len(AUTO_CANDIDATES)} candidate"
+                f" accountants ({', '.join(AUTO_CANDIDATES)}), and one accountant plans every"
+                f" budget of the run. {ruled_out or ', '.join(others) + ' was ruled out'}."
+                f" So {self.name} was chosen; it fails at epsilon {format_exact(budget.epsilon)}"
+                f" (delta {format_exact(budget.delta)}), which {', '.join(others)} calibrates: "
+                + _brief(reasons[self.name], self.name))
+
+    def _ruled_out(self, name: str) -> str | None:
+        """Where candidate ``name`` lost auto's choice (the first budget), and why."""
+        for key, reasons in sorted(self.uncalibrated.items()):
+            if name in reasons:
+                return (f"{name} fails at epsilon {format_exact(key[0])} (delta "
+                        f"{format_exact(key[1])}): {_brief(reasons[name], name)}")
+        for row in self.comparison:
+            mine = row.get(f"{name}_epsilon_of_plan")
+            where = (f"epsilon {format_exact(row['epsilon_budget'])} (delta "
+                     f"{format_exact(row['delta'])})")
+            if "plan" in row and mine is None:
+                return f"{name} cannot evaluate the plan at {where} (its memory guard)"
+            theirs = [row.get(f"{other}_epsilon_of_plan") for other in AUTO_CANDIDATES
+                      if other != name]
+            if mine is not None and any(t is not None and mine > t for t in theirs):
+                return f"{name} is looser at {where} (epsilon {mine} of the same plan)"
+        return None
+
     def to_json(self) -> dict[str, Any]:
         """JSON-serializable form."""
         return {"accountant": self.name, "reason": self.reason,
                 "comparison": [dict(c) for c in self.comparison]}
+
+
+def _brief(reason: str, name: str) -> str:
+    """A candidate's ConfigError text without its prefix and accountant (said around it)."""
+    return reason.removeprefix("privacy: ").replace(f" (accountant {name!r})", "")
 
 
 def _plan_epsilon_or_none(releases: Sequence[PlannedRelease], delta: float, noise: float,
@@ -842,7 +883,7 @@ def privacy_plan(cfg: ExperimentConfig, method: str, budget: PrivacyBudget,
     try:
         plan = _plan_for(cfg, method, budget, accountant, prv_refine)
     except ConfigError as err:  # under "auto", say that every candidate was tried
-        problem = None if choice is None else choice.no_candidate_calibrates(budget)
+        problem = None if choice is None else choice.refusal(budget)
         if problem is None:
             raise
         raise ConfigError(problem) from err
@@ -915,7 +956,7 @@ def check_budget_plans(cfg: ExperimentConfig, method: str, num_clients: int, *,
                                           prv_refine=prv_refine)
             except ConfigError as err:  # BudgetPlanError included
                 # under "auto", every candidate tried, not the chosen one alone
-                problems[key] = choice.no_candidate_calibrates(budget) or str(err)
+                problems[key] = choice.refusal(budget) or str(err)
     if problems:
         refused = [cid for cid, b in zip(ids, budgets, strict=True)
                    if (b.epsilon, b.delta) in problems]

@@ -226,6 +226,41 @@ def test_a_budget_no_auto_candidate_calibrates_names_both_candidates_and_their_r
     assert "auto" not in str(err.value)
 
 
+
+def test_auto_choosing_rdp_for_one_budget_and_failing_on_another_says_what_it_tried(
+        monkeypatch):
+    """Under "auto" with two budgets, PLD cannot calibrate one (so RDP is chosen: one
+    accountant plans every budget) and RDP cannot calibrate the other, which PLD does: the
+    refusal named only "accountant 'rdp'" for that budget, as if PLD had not been tried. It
+    now says where PLD failed and why, that RDP was chosen, and RDP's reason."""
+    from secure_fedora.secure import private
+    from secure_fedora.secure.private import check_budget_plans
+
+    original = private._plan_for
+
+    def plan_for(cfg, method, budget, accountant, prv_refine=True):
+        if (accountant, budget.epsilon) in (("pld", 8.0), ("rdp", 2.0)):
+            raise ConfigError(f"privacy: cannot calibrate privacy.noise_multiplier (DP-SGD) for"
+                              f" epsilon {budget.epsilon} (accountant {accountant!r}): the"
+                              f" {accountant} test failure")
+        return original(cfg, method, budget, accountant, prv_refine)
+
+    monkeypatch.setattr(private, "_plan_for", plan_for)
+    cfg = dp_config(data={"train_per_client": 32}, training={"rounds": 1},
+                    privacy={"accountant": "auto", "epsilon": 8.0,
+                             "overrides": {"1": {"epsilon": 2.0}}})
+    with pytest.raises(BudgetPlanError) as err:
+        check_budget_plans(cfg, "local", cfg.data.num_clients)
+    message = str(err.value)
+    assert "over budget for 1 client(s) (client-001)" in message, message
+    assert ('budget epsilon 2: privacy: privacy.accountant = "auto" tried 2 candidate '
+            "accountants (pld, rdp), and one accountant plans every budget of the run. pld "
+            "fails at epsilon 8 (delta 0.001): cannot calibrate privacy.noise_multiplier "
+            "(DP-SGD) for epsilon 8.0: the pld test failure. So rdp was chosen; it fails at "
+            "epsilon 2 (delta 0.001), which pld calibrates: cannot calibrate "
+            "privacy.noise_multiplier (DP-SGD) for epsilon 2.0: the rdp test failure") \
+        in message, message
+
 def test_a_fixed_plan_over_budget_names_every_fixed_multiplier():
     """With privacy.noise_multiplier 40 and a summary_noise_multiplier of 0.5 the refusal said
     "with the fixed privacy.noise_multiplier 40; raise it or unset it": raising it cannot help
