@@ -67,7 +67,7 @@ from audits.verdict import (
 )
 from privacy.dpsgd import DPSGD, poisson_sample
 from privacy.errors import ToolkitError
-from privacy.identity import client_ids
+from privacy.identity import PublicIdentity, client_ids
 from privacy.ledger import NON_RELEASES
 from privacy.noise import NoiseSource, make_noise_source
 from privacy.paths import check_path
@@ -189,6 +189,7 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
                   allowlist: Path | None = None,
                   options: Mapping[str, str] = API_AUDIT_OPTIONS,
                   scanned: list[str] | None = None,
+                  allow_keys: dict[str, PublicIdentity] | None = None,
                   ) -> tuple[float, float, dict[str, Any], list[str], list[str]]:
     """(last epsilon_after, delta, params of the first DP-SGD entry, the mechanisms its
     releases used in ledger order, the texts of the warnings saying what the checks of the
@@ -206,7 +207,7 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
     ``noise`` (the config's): an edited ledger or config raises ReplayAuditError.
     ``scanned``: the caller has already held the run to ``allowlist`` (the check of
     :func:`audits.verify.check_anchor` with it), whose unchecked warnings these are: the run
-    is not scanned again.
+    is not scanned again. ``allow_keys``: the keys the caller loaded from ``allowlist``.
     """
     from audits.verify import positive_number, refuse_private_keys, verified_ledger_entries
 
@@ -216,7 +217,7 @@ def _ledger_claim(run_dir: Path, method: str, client_id: str, noise: str,
         run_dir, method, client_id, error=ReplayAuditError,
         missing=f"no ledger {run_dir / rel}: was {method!r} run with privacy enabled?",
         allowlist=allowlist, options=options, warnings=unchecked,
-        run_checked=scanned is not None)
+        run_checked=scanned is not None, given_keys=allow_keys)
     if allowlist is None:  # with one, verified_ledger_entries looked (given_allowlist_findings)
         # a replay needs a DP claim, so no key file is excepted (as audit verify, for a DP run)
         unchecked = refuse_private_keys(run_dir, True, ReplayAuditError, f"{rel} is not trusted")
@@ -474,10 +475,11 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     from audits.verify import load_given_allowlist, load_given_anchor
 
     # the auditor's own registration: bad input to the audit, checked before the run is read
-    allow_path = load_given_allowlist(allowlist, ReplayAuditError, options)[0] \
-        if allowlist is not None else None
-    if anchor is not None:  # the same: an unusable anchor copy is bad input, before the run
-        load_given_anchor(anchor, ReplayAuditError, options)
+    allow_path, allow_keys = load_given_allowlist(allowlist, ReplayAuditError, options) \
+        if allowlist is not None else (None, None)
+    # the same: an unusable anchor copy is bad input, before the run
+    anchor_path, anchor_doc = load_given_anchor(anchor, ReplayAuditError, options) \
+        if anchor is not None else (None, None)
     if not (run_dir / "config.toml").is_file():
         _raise_claim_problem(run_dir, anchor is not None, None)
         raise ReplayAuditError(f"{run_dir} has no config.toml (the run's config)")
@@ -524,18 +526,19 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     method = _choose_method(run_dir, cfg, method, options)
     cid = client_ids(n_clients)[client]
     scanned: list[str] | None = None  # with both, one scan of the run: check_anchor's
-    if anchor is not None:
+    if anchor_path is not None:
         from audits.verify import check_anchor
 
         scanned = [] if allow_path is not None else None
-        check_anchor(run_dir, anchor, allowlist=allow_path, error=ReplayAuditError,
-                     options=options, warnings=scanned)
+        check_anchor(run_dir, anchor_path, allowlist=allow_path, error=ReplayAuditError,
+                     options=options, warnings=scanned, given_keys=allow_keys,
+                     anchor_doc=anchor_doc)
     else:
         problem = _anchored_config_problem(run_dir)
         if problem is not None:
             raise ReplayAuditError(problem)
     claim, delta, params, mechanisms, unchecked = _ledger_claim(
-        run_dir, method, cid, cfg.privacy.noise, allow_path, options, scanned)
+        run_dir, method, cid, cfg.privacy.noise, allow_path, options, scanned, allow_keys)
     # an anchor pins config.toml's bytes; without one, results.json's config_hash does
     problem = run_config_problem(run_dir, cfg)
     if problem is not None:

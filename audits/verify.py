@@ -740,6 +740,16 @@ def load_given_allowlist(allowlist: str | Path, error: type[Exception] = AuditEr
     return path, keys
 
 
+def _given_allowlist(allowlist: str | Path, keys: dict[str, PublicIdentity] | None,
+                     error: type[Exception], options: Mapping[str, str],
+                     ) -> tuple[Path, dict[str, PublicIdentity]]:
+    """:func:`load_given_allowlist`'s result, loaded only when the caller did not hand the
+    ``keys`` it loaded from ``allowlist`` on."""
+    if keys is None:
+        return load_given_allowlist(allowlist, error, options)
+    return Path(allowlist), keys
+
+
 def load_given_anchor(anchor: str | Path, error: type[Exception] = AuditError,
                       options: Mapping[str, str] = API_AUDIT_OPTIONS,
                       ) -> tuple[Path, dict[str, Any]]:
@@ -765,6 +775,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
                             options: Mapping[str, str] = API_AUDIT_OPTIONS,
                             warnings: list[str] | None = None,
                             run_checked: bool = False,
+                            given_keys: dict[str, PublicIdentity] | None = None,
                             ) -> list[dict[str, Any]]:
     """The entries of ``RUN_DIR/ledgers/<method>/<client_id>.jsonl`` once it verifies.
 
@@ -788,7 +799,8 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
     missing published allowlist: what was not checked) are appended to ``warnings`` when
     it is given, for the caller to show. ``run_checked``: the caller has already held
     ``run_dir`` to those two checks with this ``allowlist`` (:func:`refuse_private_keys`
-    with ``given``), so the run is not scanned again.
+    with ``given``), so the run is not scanned again. ``given_keys``: the keys the caller
+    loaded from ``allowlist`` (:func:`load_given_allowlist`), so it is not loaded again.
     """
     run_dir = check_path(run_dir, "run_dir", error)
     rel = f"ledgers/{method}/{client_id}.jsonl"
@@ -808,7 +820,7 @@ def verified_ledger_entries(run_dir: str | Path, method: str, client_id: str, *,
         except IdentityError as err:  # the run's own file: a problem of the run
             raise error(f"cannot verify {rel} before trusting its claim: {err}") from None
     else:
-        allow_path, keys = load_given_allowlist(allowlist, error, options)
+        allow_path, keys = _given_allowlist(allowlist, given_keys, error, options)
         allow_label = f"allowlist {allow_path}"
         if not path.exists():
             raise error(missing if missing is not None else f"no ledger {path}")
@@ -3041,13 +3053,16 @@ def _unanchored_completeness(run: Path, cfg: ExperimentConfig | None,
 def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | None, Path]],
                   keys: dict[str, PublicIdentity], allowlist_given: bool, *,
                   results: Mapping[str, Any] | None, cfg: ExperimentConfig | None,
-                  options: Mapping[str, str] = API_AUDIT_OPTIONS) -> list[Finding]:
+                  options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                  anchor_doc: dict[str, Any] | None = None) -> list[Finding]:
     """Check the given anchor (``--anchor``), else the run's own ``anchor.json`` if present
     (:func:`_anchor_findings`, and its identity against ``results`` and ``cfg``, the run's
     parsed results.json and config.toml: :func:`_anchor_identity_findings`).
     With both, the run's copy must equal the given one (a missing copy is a warning). A run
     with results.json but no anchor at all is an error: both runtimes write the anchor right
-    after results.json, and without it results.json and the ledgers' tails are unprotected."""
+    after results.json, and without it results.json and the ledgers' tails are unprotected.
+    ``anchor_doc``: the given anchor's document as :func:`load_given_anchor` loaded it (not
+    read again)."""
     own = run / ANCHOR_FILENAME
     out: list[Finding] = []
     if anchor is None:
@@ -3074,8 +3089,11 @@ def _anchor_check(run: Path, anchor: Path | None, found: Sequence[tuple[str | No
         elif own.read_bytes() != anchor.read_bytes():
             out.append(Finding("error", "anchor", f"{own} differs from the given anchor"
                                f" {anchor}: it was replaced"))
-    doc, problems = _load_anchor(path)
-    out.extend(problems)
+    if anchor is not None and anchor_doc is not None:
+        doc: dict[str, Any] | None = anchor_doc
+    else:
+        doc, problems = _load_anchor(path)
+        out.extend(problems)
     if doc is not None:
         out.extend(_anchor_findings(run, doc, label, found, keys, allowlist_given))
         out.extend(_anchor_identity_findings(doc, label, results, cfg))
@@ -3108,7 +3126,9 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
                  error: type[Exception] = AuditError,
                  options: Mapping[str, str] = API_AUDIT_OPTIONS,
                  warnings: list[str] | None = None,
-                 run_checked: bool = False) -> None:
+                 run_checked: bool = False,
+                 given_keys: dict[str, PublicIdentity] | None = None,
+                 anchor_doc: dict[str, Any] | None = None) -> None:
     """Check ``run_dir`` against an anchor copy kept apart, as ``audit verify --anchor`` does.
 
     Guarantee (:func:`_anchor_check`, the very check of :func:`verify_run`): the anchor's
@@ -3127,9 +3147,13 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
     ``warnings`` when it is given, as :func:`verified_ledger_entries` appends them.
     ``run_checked``: the caller has already held ``run_dir`` to those checks with this
     ``allowlist`` (:func:`refuse_private_keys` with ``given``), so the run is not scanned again.
+    ``given_keys`` and ``anchor_doc``: what the caller loaded from ``allowlist``
+    (:func:`load_given_allowlist`) and ``anchor`` (:func:`load_given_anchor`), so neither
+    is loaded again.
     """
     run = check_path(run_dir, "run_dir", error)
-    anchor_path = load_given_anchor(anchor, error, options)[0]
+    anchor_path = Path(anchor) if anchor_doc is not None \
+        else load_given_anchor(anchor, error, options)[0]
     if allowlist is None:
         allow_path = run / "keys" / "allowlist.json"
         try:
@@ -3137,7 +3161,7 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
         except IdentityError as err:
             raise error(f"cannot check the anchor {anchor_path}: {err}") from None
     else:
-        allow_path, keys = load_given_allowlist(allowlist, error, options)
+        allow_path, keys = _given_allowlist(allowlist, given_keys, error, options)
     # results.json and config.toml are compared with the anchor only; what reading them
     # reports is verify_run's (their anchored digests are checked here)
     results = _load_results(run, [])
@@ -3150,7 +3174,7 @@ def check_anchor(run_dir: str | Path, anchor: str | Path, *,
             warnings.extend(f.message for f in findings)
     problems = [f for f in _anchor_check(run, anchor_path, _discover(run / "ledgers"), keys,
                                          allowlist is not None, results=results, cfg=cfg,
-                                         options=options)
+                                         options=options, anchor_doc=anchor_doc)
                 if f.severity == "error"]
     if problems:
         first = problems[0]
@@ -3607,8 +3631,8 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     _check_pld_checkpoints(pld_checkpoints, "pld_checkpoints", options["pld_checkpoints"])
     allow_path, given_keys = load_given_allowlist(allowlist, AuditError, options) \
         if allowlist is not None else (None, None)
-    anchor_path = load_given_anchor(anchor, AuditError, options)[0] if anchor is not None \
-        else None
+    anchor_path, anchor_doc = load_given_anchor(anchor, AuditError, options) \
+        if anchor is not None else (None, None)
     if not isinstance(strict, bool):  # a truthy "no" must not mean yes
         raise AuditError(f"strict must be True or False, got {strict!r:.80}")
     if isinstance(imports, str):  # one name would be imported letter by letter
@@ -3617,7 +3641,7 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     imported = import_trusted_modules(imports, run, options)  # before the config names plug-ins
     with _quiet_dp_accounting():  # once for every ledger's accounting
         report = _verify_dir(run, allow_path, given_keys, anchor_path, float(rel_tol),
-                             pld_checkpoints, options, imported)
+                             pld_checkpoints, options, imported, anchor_doc)
     if strict:  # the one place: every exit of _verify_dir comes through here
         _strict_findings(report.findings, report.clients, options)
     report.imported, report.strict = imported, strict
@@ -3627,9 +3651,11 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
 def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, PublicIdentity] | None,
                 anchor_path: Path | None, rel_tol: float, pld_checkpoints: int,
                 options: Mapping[str, str],
-                imported: Sequence[ImportedModule]) -> VerificationReport:
+                imported: Sequence[ImportedModule],
+                anchor_doc: dict[str, Any] | None = None) -> VerificationReport:
     """:func:`verify_run`'s checks of ``run`` once its arguments are checked and the trusted
-    modules imported, before ``strict`` is applied."""
+    modules imported, before ``strict`` is applied (``anchor_doc``: the given anchor as
+    :func:`load_given_anchor` loaded it)."""
     findings: list[Finding] = []
     results = _load_results(run, findings)
     cfg = _load_config(run, results, findings, options["imports"])
@@ -3681,7 +3707,8 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
     findings.extend(replace(f, ledger=ledger_at.get((f.method, f.client_id)))
                     if f.client_id is not None else f
                     for f in _anchor_check(run, anchor_path, found, keys, allow_path is not None,
-                                           results=results, cfg=cfg, options=options))
+                                           results=results, cfg=cfg, options=options,
+                                           anchor_doc=anchor_doc))
     findings.extend(_model_record_findings(run, found, results))
     for method in sorted({m for m, _ in found} | set((results or {}).get("privacy") or {}),
                          key=str):

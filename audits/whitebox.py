@@ -270,13 +270,15 @@ def whitebox_setting(cfg: ExperimentConfig, method: str, client_index: int,
 
 def _audited_ledger(run_dir: Path | None, cfg: ExperimentConfig, method: str,
                     client_index: int, allowlist: Path | None,
-                    options: Mapping[str, str]) -> list[dict[str, Any]] | WhiteboxAuditError | None:
+                    options: Mapping[str, str], allow_keys: dict[str, Any] | None = None,
+                    ) -> list[dict[str, Any]] | WhiteboxAuditError | None:
     """The audited client's ledger in ``run_dir``, read and verified once for the audit
     (under ``allowlist`` when given, which the caller has held the run to already:
     :func:`audits.verify.refuse_private_keys` with ``given``): its entries, or the error that
     refuses it, kept for :func:`_check_setting_against_entries` to raise after the setting's
     own checks. None when nothing is checked against a ledger (no run directory or no
-    ``ledgers/`` folder, privacy off, a method or client index the setting refuses)."""
+    ``ledgers/`` folder, privacy off, a method or client index the setting refuses).
+    ``allow_keys``: the keys the caller loaded from ``allowlist`` (not loaded again)."""
     if run_dir is None or not cfg.privacy.enabled or method not in cfg.methods \
             or isinstance(client_index, bool) or not isinstance(client_index, int) \
             or not 0 <= client_index < cfg.data.num_clients \
@@ -285,7 +287,8 @@ def _audited_ledger(run_dir: Path | None, cfg: ExperimentConfig, method: str,
     cid = client_ids(cfg.data.num_clients)[client_index]
     try:
         return verified_ledger_entries(run_dir, method, cid, error=WhiteboxAuditError,
-                                       allowlist=allowlist, options=options, run_checked=True)
+                                       allowlist=allowlist, options=options, run_checked=True,
+                                       given_keys=allow_keys)
     except WhiteboxAuditError as err:
         return err
 
@@ -561,8 +564,8 @@ class _GivenFiles:
     input: :func:`audit_run_dir` loads them before it reads the run and hands them on, so
     the audit does not load them again."""
 
-    allowlist: tuple[Path, Mapping[str, Any]] | None
-    anchor: Path | None
+    allowlist: tuple[Path, dict[str, Any]] | None
+    anchor: tuple[Path, dict[str, Any]] | None
 
 
 def _load_given_files(allowlist: str | Path | None, anchor: str | Path | None,
@@ -573,7 +576,7 @@ def _load_given_files(allowlist: str | Path | None, anchor: str | Path | None,
     return _GivenFiles(
         None if allowlist is None else load_given_allowlist(allowlist, WhiteboxAuditError,
                                                             options),
-        None if anchor is None else load_given_anchor(anchor, WhiteboxAuditError, options)[0])
+        None if anchor is None else load_given_anchor(anchor, WhiteboxAuditError, options))
 
 
 def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, client_index: int = 0,
@@ -667,11 +670,14 @@ def _run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None,
     if run_path is not None:  # once per audit: each scan reads every file of the run
         unchecked = refuse_private_keys(run_path, bool(cfg.privacy.enabled), WhiteboxAuditError,
                                         f"run directory {run_path} is not trusted", given)
-    allow_path = None if given is None else given[0]
+    allow_path, allow_keys = (None, None) if given is None else given
     if run_path is not None and given_files.anchor is not None:
-        check_anchor(run_path, given_files.anchor, allowlist=allow_path,
-                     error=WhiteboxAuditError, options=options, run_checked=True)
-    ledger = _audited_ledger(run_path, cfg, method, client_index, allow_path, options)
+        anchor_path, anchor_doc = given_files.anchor
+        check_anchor(run_path, anchor_path, allowlist=allow_path,
+                     error=WhiteboxAuditError, options=options, run_checked=True,
+                     given_keys=allow_keys, anchor_doc=anchor_doc)
+    ledger = _audited_ledger(run_path, cfg, method, client_index, allow_path, options,
+                             allow_keys)
     setting = whitebox_setting(cfg, method, client_index, results, options,
                                _ledger_noise(ledger))
     if run_path is not None:

@@ -406,6 +406,35 @@ def test_replay_with_the_allowlist_and_anchor_kept_apart_scans_the_run_once(runs
     assert "does not state who could sign it" in note and str(trusted) in note
 
 
+
+def test_replay_loads_the_allowlist_and_anchor_kept_apart_once(runs, tmp_path, monkeypatch):
+    """`audit replay --allowlist --anchor` loaded the anchor copy up front, again in the
+    anchor's check and once more in its comparison with the run, and the allowlist up
+    front, again in the anchor's check and again for the ledger. Each is now loaded once
+    (the same checks: a run that does not match the anchor is still refused)."""
+    import shutil
+
+    import audits.verify as verify
+
+    run = shutil.copytree(runs["csprng"], tmp_path / "run")
+    shutil.rmtree(run / "audit", ignore_errors=True)
+    trusted = tmp_path / "trusted-allowlist.json"
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    shutil.copyfile(run / "anchor.json", kept)
+    loads: list[Path] = []
+    load_allowlist, load_anchor = verify.load_allowlist, verify._load_anchor
+    monkeypatch.setattr(verify, "load_allowlist",
+                        lambda p: loads.append(Path(p)) or load_allowlist(p))
+    monkeypatch.setattr(verify, "_load_anchor", lambda p: loads.append(Path(p)) or load_anchor(p))
+    run_replay_audit(run, trials=8, allowlist=trusted, anchor=kept)
+    assert loads.count(trusted) == 1 and loads.count(kept) == 1, loads
+    results = json.loads((run / "results.json").read_text())
+    results["note"] = "edited after the run"
+    (run / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ReplayAuditError, match=r"the run does not match the anchor .*results"):
+        run_replay_audit(run, trials=8, allowlist=trusted, anchor=kept)
+
 def test_a_malformed_given_allowlist_is_named_as_bad_input_not_as_a_ledger_problem(
         runs, tmp_path, capsys):
     """`audit replay --allowlist FILE` with FILE not an allowlist said "cannot verify

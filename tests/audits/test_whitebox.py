@@ -881,6 +881,30 @@ def test_the_audited_ledger_and_the_given_allowlist_are_read_once(tmp_path, monk
     assert len(reads) == 1
 
 
+
+def test_whitebox_loads_the_allowlist_and_anchor_kept_apart_once(tmp_path, monkeypatch):
+    """`audit whitebox --allowlist --anchor` loaded the anchor copy before reading the run,
+    again in the anchor's check and once more in its comparison with the run, and the
+    allowlist before reading the run, again in the anchor's check and again for the ledger.
+    Each is now loaded once."""
+    import shutil
+
+    import audits.verify as verify
+
+    _, run, _ = _two_client_local_dp_run(tmp_path, "whitebox-load-once")
+    kept = tmp_path / "anchor-copy.json"
+    trusted = tmp_path / "trusted.json"
+    shutil.copyfile(run / "anchor.json", kept)
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    loads: list[Path] = []
+    load_allowlist, load_anchor = verify.load_allowlist, verify._load_anchor
+    monkeypatch.setattr(verify, "load_allowlist",
+                        lambda p: loads.append(Path(p)) or load_allowlist(p))
+    monkeypatch.setattr(verify, "_load_anchor", lambda p: loads.append(Path(p)) or load_anchor(p))
+    result, _ = audit_run_dir(run, num_canaries=100, allowlist=trusted, anchor=kept)
+    assert result.setting.noise_stated
+    assert loads.count(trusted) == 1 and loads.count(kept) == 1, loads
+
 def test_check_setting_against_ledger_scans_the_run_itself(tmp_path):
     """`check_setting_against_ledger` trusted its caller to have scanned the run for private
     keys (with allowlist= it skipped the scan; without, it never made one): a direct call
