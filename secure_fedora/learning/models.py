@@ -415,8 +415,9 @@ def _eval_forward(model: nn.Module, batch: torch.Tensor) -> None:
         model.train(was_training)
 
 
-class _InputWritten(Exception):
-    """Raised inside the model's forward at its first in-place write to the probed batch."""
+class _InputWritten(ModelError):
+    """Raised inside the model's forward at its first in-place write to the probed batch
+    (caught by :func:`_first_input_write`, which names the write)."""
 
 
 def _first_input_write(model: nn.Module, sample: torch.Tensor) -> str:

@@ -719,7 +719,9 @@ class _Sealed(torch.Tensor):
     """A tensor whose values no torch operation may read (its shape is public): reading them
     fails the test."""
 
-    PUBLIC = (torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__)
+    # the version counter says how often a tensor was written in place, nothing of its values
+    PUBLIC = (torch.Tensor.shape.__get__, torch.Tensor.size, torch.Tensor.dim, torch.Tensor.__len__,
+              torch.Tensor._version.__get__)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
