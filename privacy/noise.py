@@ -115,8 +115,28 @@ def _np_scratch(name: str, size: int, dtype: type) -> np.ndarray:
     return buffer[:size]
 
 
+def _float32_scratch(groups: int, block: int) -> tuple[np.ndarray, ...]:
+    """The float32 sampler's scratch arrays for ``groups`` groups of ``block`` outputs (bits,
+    halves, radius, angle, xs, ys: ``groups * block`` each; y_sum: ``block``), looked up once
+    per request."""
+    key = (groups, block)
+    cached = getattr(_SCRATCH, "float32", None)
+    if cached is None or cached[0] != key:
+        size = groups * block
+        cached = _SCRATCH.float32 = (key, (
+            _np_scratch("bits", size, np.int64), _np_scratch("halves", size, np.int32),
+            _np_scratch("radius", size, np.float32), _np_scratch("angle", size, np.float32),
+            _np_scratch("xs", size, np.float32), _np_scratch("ys", size, np.float32),
+            _np_scratch("y_sum", block, np.float32)))
+    return cached[1]
+
+
 #: Zero bytes to encrypt (encrypting zeros yields the keystream itself); immutable, shared.
 _ZEROS = memoryview(bytes(1 << 20))
+
+
+#: Cipher contexts a CsprngNoise keeps for re-use (a float32 draw positions at most 3 new ones).
+_SPARE_ENCRYPTORS = 3
 
 
 def _keystream_into(encryptor, out: memoryview) -> None:  # type: ignore[no-untyped-def]
@@ -285,6 +305,10 @@ class CsprngNoise:
         self._key = os.urandom(32)
         self._nonce_index = 0
         self._bytes_under_nonce = 0
+        #: Cipher contexts a float32 draw has finished with, kept (with the key they were made
+        #: under) to be re-positioned by ``reset_nonce`` instead of built anew; only ever used
+        #: under that same key (see :meth:`_new_encryptor`).
+        self._spare: tuple[bytes, list] = (self._key, [])  # type: ignore[type-arg]
         self._encryptor = self._new_encryptor()
         #: Compute the keystream with torch on the CPU too (what a non-CPU device always does);
         #: the values are the same keystream, so this only tests the device path on a CPU.
@@ -301,7 +325,14 @@ class CsprngNoise:
         # 16-byte nonce = 4-byte little-endian block counter + 12-byte nonce; a fresh key
         # per object, so the nonce only has to be unique under this key.
         nonce = (position // 64).to_bytes(4, "little") + self._nonce_index.to_bytes(12, "little")
-        encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
+        key, spare = self._spare
+        if spare and key is self._key:
+            # A context under this very key, moved to the new nonce and block counter (the same
+            # keystream as a new context; it also drops any partial block it had buffered).
+            encryptor = spare.pop()
+            encryptor.reset_nonce(nonce)
+        else:
+            encryptor = Cipher(algorithms.ChaCha20(self._key, nonce), mode=None).encryptor()
         if position % 64:
             encryptor.update(bytes(position % 64))
         return encryptor
@@ -438,8 +469,7 @@ class CsprngNoise:
         start = self._bytes_under_nonce
         block = _FLOAT32_BLOCK
         # Per block, group g's radius words and angles sit at [g n, (g + 1) n) of these.
-        bits = _np_scratch("bits", groups * block, np.int64)
-        halves = _np_scratch("halves", groups * block, np.int32)
+        bits, halves, radius, angle, xs, ys, y_sum = _float32_scratch(groups, block)
         streamed = start + radius_bytes + angle_bytes <= _BYTES_PER_NONCE
         if streamed:
             radius_streams = [self._encryptor] + [self._new_encryptor(start + 8 * g * c)
@@ -449,27 +479,40 @@ class CsprngNoise:
         else:
             words = self._words(pairs + (pairs + 1) // 2).numpy()
             all_halves = words[pairs:].view(np.int32)
-        radius = _np_scratch("radius", groups * block, np.float32)
-        angle = _np_scratch("angle", groups * block, np.float32)
-        xs = _np_scratch("xs", groups * block, np.float32)
-        ys = _np_scratch("ys", groups * block, np.float32)
-        y_sum = _np_scratch("y_sum", block, np.float32)
         if out is None:
             out = np.empty(c, dtype=np.float32)
         factor = np.float32(scale) if scale != 1.0 else None
         first_y = np.float32(0.0)
+        # Every block but the last has n = block outputs: its views (and the byte views the
+        # keystream is written into) are made once per request, not once per block.
+        shape_n = -1
         for j0 in range(0, c, block):
             j1 = min(j0 + block, c)
             n = j1 - j0
-            m = groups * n
-            b, h, r, a, x, y = bits[:m], halves[:m], radius[:m], angle[:m], xs[:m], ys[:m]
-            for g in range(groups):
+            if n != shape_n:
+                shape_n, m = n, groups * n
+                b, h, r, a, x, y = bits[:m], halves[:m], radius[:m], angle[:m], xs[:m], ys[:m]
+                b_parts = [b[g * n:(g + 1) * n] for g in range(groups)]
+                h_parts = [h[g * n:(g + 1) * n] for g in range(groups)]
+                x0, x1, y0, y1, y_part = x[:n], x[n:], y[:n], y[n:], y_sum[:n]
                 if streamed:
-                    _keystream_into(radius_streams[g], memoryview(b[g * n:(g + 1) * n]).cast("B"))
-                    _keystream_into(angle_streams[g], memoryview(h[g * n:(g + 1) * n]).cast("B"))
-                else:
-                    b[g * n:(g + 1) * n] = words[g * c + j0:g * c + j1]
-                    h[g * n:(g + 1) * n] = all_halves[g * c + j0:g * c + j1]
+                    fills = [(stream, memoryview(part).cast("B"))
+                             for streams, parts in ((radius_streams, b_parts),
+                                                    (angle_streams, h_parts))
+                             for stream, part in zip(streams, parts, strict=True)]
+                    fills = [(stream, _ZEROS[:len(view)] if len(view) <= len(_ZEROS) else None,
+                              view) for stream, view in fills]
+            if streamed:
+                # Keystream order within a block is immaterial: each stream is its own.
+                for stream, zeros, view in fills:
+                    if zeros is None:
+                        _keystream_into(stream, view)
+                    else:
+                        stream.update_into(zeros, view)
+            else:
+                for g in range(groups):
+                    b_parts[g][:] = words[g * c + j0:g * c + j1]
+                    h_parts[g][:] = all_halves[g * c + j0:g * c + j1]
             b &= _MASK53_NP
             b += 1
             np.copyto(r, b, casting="unsafe")  # 1 - u1 rounded to float32
@@ -487,9 +530,9 @@ class CsprngNoise:
                 out[j0:j1] = x
                 y_block = y
             else:
-                np.add(x[:n], x[n:], out=out[j0:j1])
-                y_block = y_sum[:n]
-                np.add(y[:n], y[n:], out=y_block)
+                np.add(x0, x1, out=out[j0:j1])
+                y_block = y_part
+                np.add(y0, y1, out=y_block)
             # out[j] = X[j] + Y[(j + 1) mod c]: Y's first value waits for the last output.
             if j0 == 0:
                 first_y = y_block[0]
@@ -509,7 +552,19 @@ class CsprngNoise:
                 last.update(bytes(angle_bytes - 4 * pairs))
             self._encryptor = last
             self._bytes_under_nonce = start + radius_bytes + angle_bytes
+            self._retire(radius_streams + angle_streams[:-1])
         return out
+
+    def _retire(self, encryptors: list) -> None:  # type: ignore[type-arg]
+        """Keep ``encryptors`` (made under the current key, no longer read) for
+        :meth:`_new_encryptor` to re-position, where the cipher context can be re-positioned."""
+        if not hasattr(encryptors[0], "reset_nonce"):  # cryptography < 43
+            return
+        key, spare = self._spare
+        if key is not self._key:
+            spare = []
+            self._spare = (self._key, spare)
+        spare.extend(encryptors[:_SPARE_ENCRYPTORS - len(spare)])
 
     def _standard_normal_float32_torch(self, c: int, device: torch.device) -> Tensor:
         """:meth:`_standard_normal_float32` computed with torch on ``device``: the same
@@ -599,6 +654,7 @@ class CsprngNoise:
         if offset > _BYTES_PER_NONCE:
             raise NoiseError(f"CSPRNG journal state has an impossible stream position {offset}")
         self._key, self._nonce_index, self._bytes_under_nonce = key, nonce_index, offset
+        self._spare = (key, [])  # the old key's contexts are dropped, never re-used
         self._encryptor = self._new_encryptor(offset)  # ChaCha20 seeks to the position
 
     def rekey(self) -> None:
@@ -606,6 +662,7 @@ class CsprngNoise:
         self._key = os.urandom(32)
         self._nonce_index = 0
         self._bytes_under_nonce = 0
+        self._spare = (self._key, [])  # the old key's contexts are dropped, never re-used
         self._encryptor = self._new_encryptor()
 
     def restore_state(self, state: Tensor | None) -> None:

@@ -127,3 +127,39 @@ def test_a_wrong_out_is_refused_and_no_keystream_is_spent(bad):
     with pytest.raises(noise_module.NoiseError, match="out must"):
         noise.normal(4, 1.0, out=bad)
     assert noise.journal_state() == before
+
+
+def test_a_source_that_drew_under_another_key_releases_the_pinned_values():
+    # A source re-uses the cipher contexts of its earlier draws: after a key change (a restored
+    # journal state, a rekey) only contexts under the new key may be used.
+    noise = CsprngNoise()
+    for c in (5, 70_001, 3):  # draws under the source's own key leave contexts behind
+        noise.normal(c, 1.0)
+    noise.restore_journal_state(_state(0, 0))
+    assert _digest(noise, _draws(noise, None)) == _NUMPY_PATH[(0, 0)]
+    noise.restore_journal_state(_state(3, 1000))  # the same key bytes: pinned as well
+    assert _digest(noise, _draws(noise, None)) == _NUMPY_PATH[(3, 1000)]
+    noise.rekey()
+    fresh = CsprngNoise()
+    fresh.restore_journal_state(noise.journal_state())
+    for c in (2, 1001, 40_000, 7):
+        assert torch.equal(noise.normal(c, 1.0), fresh.normal(c, 1.0))
+    assert noise.journal_state() == fresh.journal_state()
+
+
+class _NoReset:
+    """A cipher context without ``reset_nonce`` (cryptography < 43)."""
+
+    def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
+        self.update, self.update_into = context.update, context.update_into
+
+
+def test_releases_are_pinned_where_cipher_contexts_cannot_be_repositioned(monkeypatch):
+    class Cipher(noise_module.Cipher):  # type: ignore[misc]
+        def encryptor(self):  # type: ignore[no-untyped-def]
+            return _NoReset(super().encryptor())
+
+    monkeypatch.setattr(noise_module, "Cipher", Cipher)
+    noise = CsprngNoise()
+    noise.restore_journal_state(_state(5, 37))
+    assert _digest(noise, _draws(noise, None)) == _NUMPY_PATH[(5, 37)]
