@@ -412,3 +412,66 @@ def test_the_clip_factor_of_finite_squared_norms_is_the_plain_formula_bit_for_bi
     assert torch.equal(got[:5], plain[:5]) and calls == [[5, 6]]
     assert float(got[5]) == pytest.approx(0.5e-20, rel=1e-6) and math.isnan(float(got[6]))
     assert clip_factors(sq[:5], 0.5, exact).equal(plain[:5]) and len(calls) == 1
+
+
+class _FrozenAndBiasless(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.frozen = nn.Linear(20, 8)
+        self.frozen.weight.requires_grad_(False)  # only its bias is trained
+        self.nobias = nn.Linear(8, 7, bias=False)
+        self.head = nn.Linear(7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.nobias(torch.tanh(self.frozen(x)))))
+
+
+def _released_gradient_digest(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                              flat_buffer: bool) -> str:
+    """SHA-256 of the gradients three fused DP-SGD steps and a noise-only step release (one
+    fixed CSPRNG key), and of the stream position after them."""
+    import hashlib
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if flat_buffer:
+        buffer = torch.zeros(sum(p.numel() for p in params))
+        offset = 0
+        for p in params:
+            p.grad = buffer[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+    noise = CsprngNoise()
+    noise.restore_journal_state(bytes(range(50, 82)) + (1).to_bytes(12, "little")
+                                + (4160).to_bytes(8, "little") + b"CSv1")
+    h = hashlib.sha256()
+    with DPSGD(model, 0.9, 1.3, 6.0, noise, mode="fused") as dp:
+        for batch in (x, x[:1], x[:3], x[:0]):
+            dp.private_gradient(batch, y[:batch.shape[0]], CE)
+            for p in params:
+                h.update(p.grad.contiguous().numpy().tobytes())
+    h.update(noise.journal_state()[32:52])
+    return h.hexdigest()
+
+
+# Digests of the implementation before the DP-step speed work (privacy/dpsgd.py of 7dec6ea),
+# under the test suite's one torch thread (tests/conftest.py).
+_MLP = "bc88da60dca14225e8c31923d67039106a508f58b507b8c171a7efc46a880614"
+
+
+@pytest.mark.parametrize(("case", "flat_buffer", "expected"), [
+    ("mlp", True, _MLP), ("mlp", False, _MLP),
+    ("sequence", True, "5535faaeb2c0bdb1df4df3b0a3400e8131c69acc11ff7f60166ba17a682fe2d4"),
+    ("frozen and biasless", False,
+     "8f798c8b739c67d862ef8c46643069e3bc5005a3b550fb93ac9fe4b9b5085dea")])
+def test_fused_releases_are_pinned_bit_for_bit(case, flat_buffer, expected):
+    """The released gradients of fused DP-SGD steps for one key (clipping, noise, the flat
+    buffer's direct noise write): speed work may change how, never what, is released."""
+    if case == "mlp":
+        model, (x, y) = _mlp(3), _data(7, seed=4)
+    elif case == "sequence":
+        model = _SeqModel()
+        g = torch.Generator().manual_seed(6)
+        x, y = torch.randn(7, 5, 6, generator=g), torch.randint(0, 3, (7,), generator=g)
+    else:
+        model, (x, y) = _FrozenAndBiasless(), _data(7, seed=8)
+    assert _released_gradient_digest(model, x, y, flat_buffer) == expected
