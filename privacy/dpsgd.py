@@ -183,6 +183,13 @@ def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) 
     return _combine_norms(scales, norms)
 
 
+def _row_major_2d(t: Tensor) -> bool:
+    """Whether ``t`` is 2-D, not empty in its last dimension, with the strides
+    ``t.reshape(t.shape[0], -1, t.shape[1]).reshape(-1, t.shape[1])`` (a view) has:
+    ``(t.shape[1], 1)``."""
+    return t.ndim == 2 and t.shape[1] > 0 and t.stride() == (t.shape[1], 1)
+
+
 def _scale_rows(g2: Tensor, factors: Tensor) -> Tensor:
     """Multiply the rows of G (B*T, out) by the clip factor (B, 1) of their sample."""
     batch = factors.shape[0]
@@ -534,21 +541,35 @@ class DPSGD:
             sq_norms: Tensor | None = None
             k = 0
             for cap in caps:
-                a_list, g_list = [], []
-                for a in cap.inputs:
-                    g = out_grads[k]
+                if len(cap.inputs) == 1 and _row_major_2d(cap.inputs[0]) \
+                        and out_grads[k] is not None and _row_major_2d(out_grads[k]):
+                    # One call on (B, in) rows: the general path's reshapes would give views
+                    # of exactly these shapes and strides, so it takes these tensors as they are.
+                    a2, g2 = cap.inputs[0], out_grads[k]
                     k += 1
-                    if g is None:
+                    layer_sq = self._layer_sq_norms_2d(cap, a2, g2)
+                else:
+                    a_list, g_list = [], []
+                    for a in cap.inputs:
+                        g = out_grads[k]
+                        k += 1
+                        if g is None:
+                            continue
+                        a_list.append(a.reshape(batch, -1, a.shape[-1]))
+                        g_list.append(g.reshape(batch, -1, g.shape[-1]))
+                    if not a_list:
                         continue
-                    a_list.append(a.reshape(batch, -1, a.shape[-1]))
-                    g_list.append(g.reshape(batch, -1, g.shape[-1]))
-                if not a_list:
-                    continue
-                a3 = a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=1)
-                g3 = g_list[0] if len(g_list) == 1 else torch.cat(g_list, dim=1)
-                layer_sq = self._layer_sq_norms(cap, a3, g3)
-                sq_norms = layer_sq if sq_norms is None else sq_norms + layer_sq
-                layers.append((cap, a3.reshape(-1, a3.shape[-1]), g3.reshape(-1, g3.shape[-1])))
+                    a3 = a_list[0] if len(a_list) == 1 else torch.cat(a_list, dim=1)
+                    g3 = g_list[0] if len(g_list) == 1 else torch.cat(g_list, dim=1)
+                    layer_sq = self._layer_sq_norms(cap, a3, g3)
+                    a2, g2 = a3.reshape(-1, a3.shape[-1]), g3.reshape(-1, g3.shape[-1])
+                if sq_norms is None:
+                    sq_norms = layer_sq
+                elif sq_norms.dtype == layer_sq.dtype:
+                    sq_norms += layer_sq  # a new tensor of ours: the same bits as out of place
+                else:
+                    sq_norms = sq_norms + layer_sq
+                layers.append((cap, a2, g2))
         finally:
             for cap in caps:
                 cap.inputs.clear()
@@ -569,28 +590,41 @@ class DPSGD:
     def _layer_sq_norms(cap: _LinearCapture, a3: Tensor, g3: Tensor) -> Tensor:
         """Per-sample squared norm of this layer's (weight, bias) gradient, exactly."""
         batch, t, d_in = a3.shape
-        d_out = g3.shape[-1]
-        total = torch.zeros(batch, dtype=g3.dtype, device=g3.device)
         if t == 1:
-            g2 = g3[:, 0, :]
-            g_sq = (g2 * g2).sum(dim=1)
-            if cap.weight is not None:
-                a2 = a3[:, 0, :]
-                total += (a2 * a2).sum(dim=1) * g_sq
-            if cap.bias is not None:
-                total += g_sq
-            return total
+            return DPSGD._layer_sq_norms_2d(cap, a3[:, 0, :], g3[:, 0, :])
+        d_out = g3.shape[-1]
+        # Each term is a new tensor, >= +0 or NaN (the weight term sums the products of two
+        # Gram matrices, whose diagonal is >= +0), so starting from the first term (in g3's
+        # dtype) instead of adding it to zeros gives the same bits.
+        total: Tensor | None = None
         if cap.weight is not None:
             if t * t <= d_in * d_out:
                 # ||sum_t g_t a_t^T||_F^2 = <A A^T, G G^T> (Gram matrices over positions)
-                total += (torch.bmm(a3, a3.transpose(1, 2))
-                          * torch.bmm(g3, g3.transpose(1, 2))).sum(dim=(1, 2))
+                total = (torch.bmm(a3, a3.transpose(1, 2))
+                         * torch.bmm(g3, g3.transpose(1, 2))).sum(dim=(1, 2)).to(g3.dtype)
             else:
                 per_sample = torch.bmm(g3.transpose(1, 2), a3)
-                total += (per_sample * per_sample).sum(dim=(1, 2))
+                total = (per_sample * per_sample).sum(dim=(1, 2)).to(g3.dtype)
         if cap.bias is not None:
             gb = g3.sum(dim=1)
-            total += (gb * gb).sum(dim=1)
+            bias_sq = (gb * gb).sum(dim=1)
+            total = bias_sq if total is None else total.add_(bias_sq)
+        if total is None:  # not reached: a captured layer has a trainable weight or bias
+            total = torch.zeros(batch, dtype=g3.dtype, device=g3.device)
+        return total
+
+    @staticmethod
+    def _layer_sq_norms_2d(cap: _LinearCapture, a2: Tensor, g2: Tensor) -> Tensor:
+        """:meth:`_layer_sq_norms` for one position per sample: ``a2`` (B, in), ``g2`` (B, out)."""
+        g_sq = (g2 * g2).sum(dim=1)
+        if cap.weight is None:
+            return g_sq if cap.bias is not None else torch.zeros_like(g_sq)
+        # (a new tensor, >= +0 or NaN: the same bits as adding it to zeros of g2's dtype)
+        total = (a2 * a2).sum(dim=1) * g_sq
+        if total.dtype != g2.dtype:
+            total = total.to(g2.dtype)
+        if cap.bias is not None:
+            total += g_sq
         return total
 
     def _opacus_clipped_sum(self, x: Tensor, y: Tensor, loss_fn: LossFn) -> list[Tensor]:
@@ -654,18 +688,20 @@ class DPSGD:
     def _flat_grad(self, total: int) -> Tensor | None:
         """One contiguous 1-D tensor over every trainable ``.grad``, in ``self._params`` order,
         when the gradients are consecutive pieces of one buffer (as a flat model binds them);
-        otherwise None."""
-        grads = [p.grad for p in self._params]
-        first = grads[0]
-        if first is None or first.dtype != self._params[0].dtype \
-                or first.device != self._params[0].device:
+        otherwise None. Checked on every call: the gradients may be re-bound between steps."""
+        params = self._params
+        first = params[0].grad
+        dtype, device = params[0].dtype, params[0].device
+        if first is None or first.dtype != dtype or first.device != device:
             return None
         storage = first.untyped_storage().data_ptr()
         address = first.data_ptr()
-        for g, p in zip(grads, self._params, strict=True):
-            if (g is None or g.dtype != first.dtype or g.device != first.device
-                    or tuple(g.shape) != tuple(p.shape) or not g.is_contiguous()
-                    or g.untyped_storage().data_ptr() != storage or g.data_ptr() != address):
+        item = first.element_size()
+        for p in params:
+            g = p.grad
+            if (g is None or g.dtype != dtype or g.device != device or g.shape != p.shape
+                    or not g.is_contiguous() or g.untyped_storage().data_ptr() != storage
+                    or g.data_ptr() != address):
                 return None
-            address += g.numel() * g.element_size()
+            address += g.numel() * item
         return first.detach().as_strided((total,), (1,), first.storage_offset())

@@ -238,17 +238,20 @@ def _probability(p: float) -> float:
     return float(p)
 
 
+_CPU = torch.device("cpu")
+
+
 def _device(device: torch.device | str | None) -> torch.device:
     """``device`` as a usable torch.device (None: the CPU); NoiseError if it is not usable."""
-    if device is None:
-        return torch.device("cpu")
+    if device is None or (type(device) is torch.device and device.type == "cpu"):
+        return _CPU
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise NoiseError(f"device must be a torch device such as 'cpu' or 'cuda', got "
                          f"{device!r} ({err})") from None
     if dev.type == "cpu":
-        return torch.device("cpu")
+        return _CPU
     if dev.type == "meta":
         raise NoiseError("device 'meta' holds no values, so noise drawn there would not exist; "
                          "draw on the device that holds the tensor being noised")
