@@ -89,9 +89,13 @@ from secure_fedora.runtimes.flower.processes import (
     ManagedProcess,
     ProcessError,
     RecordedProcess,
+    descendants_running,
+    describe_wait_status,
+    exit_status,
     live_recorded,
     read_process_record,
     recorded,
+    start_time,
     stop_all,
     stop_recorded,
     write_process_record,
@@ -114,6 +118,8 @@ __all__ = [
     "PROCESS_RECORD",
     "RoundLines",
     "RunTimeouts",
+    "SERVERAPP_PROGRAM",
+    "ServerAppExited",
     "check_new_party_identities",
     "check_party_identities",
     "check_server_identity",
@@ -143,6 +149,58 @@ PORT_TAKEN = "address already in use"
 PROCESS_RECORD = "processes.json"
 #: How long ``--stop-stale`` gives a leftover process after SIGTERM before SIGKILL (seconds).
 STALE_GRACE = 5.0
+#: The program the SuperLink runs a run's ServerApp in (Flower's subprocess isolation, through
+#: its ``flower-superexec`` child).
+SERVERAPP_PROGRAM = "flwr-serverapp"
+#: How long after its ServerApp exited a run's log stream is given to end on its own (it
+#: ends within Flower's 0.5 s log interval once the run is finished) before the SuperLink is
+#: asked whether the run finished (seconds).
+SERVERAPP_EXIT_GRACE = 1.5
+#: The status Flower gives a run ended by ``flwr stop``.
+STOPPED_STATUS = "finished:stopped"
+
+
+class ServerAppExited(DeployError):
+    """The ServerApp process of run ``run_id`` exited (``how``: its signal or exit code where
+    it was seen, :func:`~secure_fedora.runtimes.flower.processes.describe_wait_status`) while
+    the SuperLink still had the run unfinished (killed, out of memory, a crash that reported
+    nothing), and the run was stopped with ``flwr stop`` at once; ``status`` is the run's
+    status afterwards."""
+
+    def __init__(self, run_id: int, status: str, how: str, note: str = "") -> None:
+        self.run_id = run_id
+        self.status = status
+        self.how = how
+        super().__init__(
+            f"the ServerApp process of run {run_id} exited ({how}) while the run "
+            f"was unfinished; the run was stopped (status {status!r}){note}"
+        )
+
+
+class _ServerAppWatch:
+    """The ServerApp processes of one run: those under the SuperLink ``superlink_pid`` that
+    run :data:`SERVERAPP_PROGRAM` and are not in ``before`` (pid -> start time, taken before
+    the run was submitted; a LocalFederation runs one run at a time)."""
+
+    def __init__(self, superlink_pid: int, before: Mapping[int, int]) -> None:
+        self.superlink_pid = superlink_pid
+        self.before = set(before.items())
+        self.seen: dict[int, int] = {}
+        self.exits: dict[int, int | None] = {}
+
+    def exited(self) -> str | None:
+        """None while no ServerApp of the run was seen yet or one of them still runs; once
+        every one seen has exited, how the last one ended (its signal or exit code, read while
+        its parent had not reaped it yet)."""
+        for pid, began in descendants_running(self.superlink_pid, SERVERAPP_PROGRAM).items():
+            if (pid, began) not in self.before:
+                self.seen.setdefault(pid, began)
+        for pid, began in self.seen.items():
+            if pid not in self.exits and start_time(pid) != began:
+                self.exits[pid] = exit_status(pid, began)
+        if not self.seen or len(self.exits) < len(self.seen):
+            return None
+        return describe_wait_status(list(self.exits.values())[-1])
 
 
 def _port_taken(port: int, who: str) -> DeployError:
@@ -548,6 +606,8 @@ class LocalFederation:
         self._recorded: dict[int, RecordedProcess] = {}
         self._record_written = False
         self._record_lock = threading.Lock()  # a SuperNode may be restarted from a thread
+        # per submitted run: the ServerApps that ran under the SuperLink before it was submitted
+        self._serverapps_before: dict[int, dict[int, int]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> LocalFederation:
@@ -959,8 +1019,18 @@ class LocalFederation:
             reproducible_dp_noise=reproducible_dp_noise, key_holder=key_holder,
             max_in_flight=max_in_flight, compare_methods=compare_methods, resume=resume,
             amendments=amendments)
+        before = self._serverapps()
         doc = self._json_output(self.flwr(*self._run_args(run_toml)), "flwr run")
-        return int(doc["run-id"])
+        run_id = int(doc["run-id"])
+        self._serverapps_before[run_id] = before
+        return run_id
+
+    def _serverapps(self) -> dict[int, int] | None:
+        """The ServerApp processes under the SuperLink now (pid -> start time; exited ones
+        its parent has not reaped included); None while no SuperLink runs."""
+        if self.superlink is None or not self.superlink.running():
+            return None
+        return descendants_running(self.superlink.pid, SERVERAPP_PROGRAM)
 
     def write_run_config(
         self,
@@ -1043,6 +1113,13 @@ class LocalFederation:
         ``flwr stop`` and :class:`DeployError` is raised. ``on_tick`` is called about every
         0.2 s while waiting (tests use it to act during a run); ``on_round(method, round,
         rounds)`` once for each round line this run's log gains (:class:`RoundLines`).
+        Once the run's ServerApp process (:data:`SERVERAPP_PROGRAM` under the SuperLink,
+        started after :meth:`submit` began, or for a run not submitted here after this call
+        began) has exited and the run is not finished, the run is stopped and
+        :class:`ServerAppExited` raised (:meth:`_end_run_of_dead_serverapp`), within
+        :data:`SERVERAPP_EXIT_GRACE` s and three ``flwr`` calls, where Flower would mark it
+        failed only once the ServerApp's heartbeat ran out (about 60 s); a run that finished on
+        its own is returned with its status.
         """
         limit = self.timeouts.run if timeout is None else timeout
         log_path = self.logs / "serverapp.log"
@@ -1057,6 +1134,15 @@ class LocalFederation:
             "serverapp", self._flwr_command(*self._log_args(run_id)), self.cli_home,
         )
         deadline = time.monotonic() + limit
+        before = self._serverapps_before.pop(run_id, None)
+        if before is None:
+            before = self._serverapps()
+        watch = (
+            None
+            if before is None or self.superlink is None
+            else _ServerAppWatch(self.superlink.pid, before)
+        )
+        exited: tuple[str, float] | None = None  # how the ServerApp ended, and when seen
         try:
             while stream.running():
                 if time.monotonic() > deadline:
@@ -1069,6 +1155,15 @@ class LocalFederation:
                     raise DeployError(
                         f"the SuperLink died during run {run_id}{_resume_note(self.workdir)}"
                     )
+                how = None if watch is None else watch.exited()
+                if how is None:
+                    exited = None
+                elif exited is None:
+                    exited = how, time.monotonic()
+                elif time.monotonic() - exited[1] >= SERVERAPP_EXIT_GRACE:
+                    # the stream did not end as a finished run's does: ask the SuperLink (once)
+                    watch, exited = None, None
+                    self._end_run_of_dead_serverapp(run_id, how)
                 if on_tick is not None:
                     on_tick()
                 report()
@@ -1079,6 +1174,26 @@ class LocalFederation:
         report()  # the lines written since the last poll
         status = self.run_status(run_id)
         return status
+
+    def _end_run_of_dead_serverapp(self, run_id: int, how: str) -> None:
+        """The ServerApp of ``run_id`` exited (``how``): return if the run is finished (a
+        ServerApp reports its end before it exits), else stop it with ``flwr stop`` and raise
+        :class:`ServerAppExited`, unless the run turns out finished on its own after all (the
+        stop then fails, and the status it finished with is the true one)."""
+        try:
+            if self.run_status(run_id).startswith("finished:"):
+                return
+            self.flwr("stop", str(run_id), CONNECTION_NAME)
+            status = self.run_status(run_id)
+        except DeployError:
+            if self.superlink is not None and not self.superlink.running():
+                raise DeployError(
+                    f"the SuperLink died during run {run_id}{_resume_note(self.workdir)}"
+                ) from None
+            raise
+        if status.startswith("finished:") and status != STOPPED_STATUS:
+            return
+        raise ServerAppExited(run_id, status, how, _resume_note(self.workdir))
 
     def node_state_dir(self, index: int) -> Path:
         """SuperNode ``index``'s state-dir (partition, per-run state, journal, ledger)."""
@@ -1373,7 +1488,11 @@ def deploy_local(
             window = f"at most {max_in_flight}" if max_in_flight else "all"
             say(f"run {run_id} submitted ({window} messages in flight at once); following it "
                 f"(log: {fed.logs / 'serverapp.log'})")
-            status = fed.follow(run_id, on_round=on_round)
+            exited: str | None = None
+            try:
+                status = fed.follow(run_id, on_round=on_round)
+            except ServerAppExited as died:
+                status, exited = died.status, died.how
             fed.phases["run"] = time.perf_counter() - t0
             phases = dict(fed.phases)
     except ProcessError as err:
@@ -1384,7 +1503,12 @@ def deploy_local(
         detail = failure.read_text(encoding="utf-8") if failure.exists() else ""
         from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
 
-        if not detail and (work / "results" / SERVER_CHECKPOINT).is_file():
+        if not detail and exited is not None:
+            detail = (
+                f"without a failure record (its ServerApp process exited, {exited}, while "
+                f"the run was unfinished; the run was stopped at once){_resume_note(work)}"
+            )
+        elif not detail and (work / "results" / SERVER_CHECKPOINT).is_file():
             # no failure record: the ServerApp process died (killed, out of memory) mid-run
             detail = f"without a failure record (its ServerApp process died){_resume_note(work)}"
         raise DeployError(

@@ -43,6 +43,9 @@ __all__ = [
     "ProcessRecordError",
     "RecordedProcess",
     "descendants",
+    "descendants_running",
+    "describe_wait_status",
+    "exit_status",
     "is_alive",
     "live_recorded",
     "read_process_record",
@@ -125,6 +128,72 @@ def start_time(pid: int) -> int | None:
         return int(rest[19])
     except ValueError:
         return None
+
+
+def _runs(pid: int, program: str) -> bool:
+    """True if ``pid`` runs ``program``: its command name (/proc/<pid>/stat, the script's
+    file name for a script started through its ``#!`` line, kept after it exits) or the file
+    name of its command's first argument, or second after a Python interpreter."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            stat = handle.read()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    if stat[stat.find("(") + 1 : stat.rfind(")")] == program[:15]:  # the kernel keeps 15
+        return True
+    names = [
+        Path(part.decode("utf-8", errors="replace")).name for part in raw.split(b"\0")[:2] if part
+    ]
+    return bool(names) and (
+        names[0] == program
+        or (len(names) > 1 and names[0].startswith("python") and names[1] == program)
+    )
+
+
+def descendants_running(pid: int, program: str) -> dict[int, int]:
+    """The descendants of ``pid`` that run ``program`` (:func:`_runs`), those that exited
+    but are not yet reaped by their parent included: pid -> start time (clock ticks since
+    boot; with the pid it names one process)."""
+    found: dict[int, int] = {}
+    for child in descendants(pid):
+        rest = _stat_fields(child)
+        if rest is None or len(rest) < 20 or not _runs(child, program):
+            continue
+        with contextlib.suppress(ValueError):
+            found[child] = int(rest[19])
+    return found
+
+
+def exit_status(pid: int, began: int) -> int | None:
+    """The wait status (as ``waitpid`` reports it) of ``pid`` when it is a process that
+    started at ``began`` (clock ticks since boot, as :func:`start_time` gives) and has exited
+    but is not yet reaped by its parent (a zombie: field 52 of /proc/<pid>/stat, Linux 3.5
+    on); None while it runs, once it is reaped, or where /proc does not say."""
+    rest = _stat_fields(pid)
+    if rest is None or len(rest) < 50 or rest[0] != "Z":
+        return None
+    try:
+        return int(rest[49]) if int(rest[19]) == began else None
+    except ValueError:
+        return None
+
+
+def describe_wait_status(status: int | None) -> str:
+    """A wait status in words: ``killed by signal 9 (SIGKILL)``, ``exited with code 1``;
+    ``exit status unknown`` for None (the process was reaped before it was read)."""
+    if status is None:
+        return "exit status unknown"
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            return f"killed by signal {number}"
+        return f"killed by signal {number} ({name})"
+    if os.WIFEXITED(status):
+        return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
 
 
 def is_alive(pid: int) -> bool:
