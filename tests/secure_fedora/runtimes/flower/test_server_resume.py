@@ -233,12 +233,17 @@ def test_a_resume_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_deploy_local_resumes_a_serverapp_killed_with_sigkill(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`deploy local`: the ServerApp process kills itself (SIGKILL) right after its round-1
-    checkpoint of 2; the deployment fails. `deploy local --resume` of another config is
-    refused before any process starts; with the run's own config it starts the deployment
-    again, continues the run under the killed run's id, and its per-client results and
-    rounds equal an uninterrupted run's (the in-memory grid's, which equal a deployment's)."""
+    checkpoint of 2; the deployment fails, within seconds of the kill (not once Flower's
+    ServerApp heartbeat ran out, about 60 s), naming the signal and the resume. `deploy local
+    --resume` of another config is refused before any process starts; with the run's own
+    config it starts the deployment again, continues the run under the killed run's id, and
+    its per-client results and rounds equal an uninterrupted run's (the in-memory grid's,
+    which equal a deployment's)."""
+    import time
+
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local
     from secure_fedora.runtimes.flower.protocol import DeployError
+    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
 
     # Each message starts a ClientApp process: two rounds, evaluated at the last only, keep
     # the messages few (CI time) while the kill still falls between rounds.
@@ -247,10 +252,17 @@ def test_deploy_local_resumes_a_serverapp_killed_with_sigkill(
     timeouts = RunTimeouts(startup=90.0, connect=120.0, round=240.0, run=420.0, poll=0.2)
     # checkpoints: first contact, setup, round 1 (the SuperNodes never reach one)
     monkeypatch.setenv(crashpoints.ENV_VAR, "checkpoint_written@3")
-    with pytest.raises(DeployError, match="ended with status"):
+    with pytest.raises(DeployError, match="ended with status") as died:
         deploy_local(cfg, 3, work, timeouts=timeouts, max_in_flight=3)
+    failed_at = time.time()
     monkeypatch.delenv(crashpoints.ENV_VAR)
     results = work / "results"
+    # killed right after the checkpoint was written; the deployment's 5 s stop grace and three
+    # flwr calls (slow on a loaded machine) included, well under Flower's 60 s heartbeat
+    killed_at = (results / SERVER_CHECKPOINT).stat().st_mtime
+    assert failed_at - killed_at < 40, failed_at - killed_at
+    assert "its ServerApp process exited, killed by signal 9 (SIGKILL)" in str(died.value)
+    assert "the same command with --resume continues the run" in str(died.value)
     killed = json.loads((results / "progress.json").read_text())
     assert killed["round"] == 1 and not (results / "results.json").exists()
     before = {p: p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()
