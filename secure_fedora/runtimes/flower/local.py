@@ -1027,8 +1027,8 @@ class LocalFederation:
 
     def _serverapps(self) -> dict[int, int] | None:
         """The ServerApp processes under the SuperLink now (pid -> start time; exited ones
-        its parent has not reaped included); None while no SuperLink runs."""
-        if self.superlink is None or not self.superlink.running():
+        its parent has not reaped included); None while no SuperLink process runs."""
+        if self.superlink is None or self.superlink.popen is None or not self.superlink.running():
             return None
         return descendants_running(self.superlink.pid, SERVERAPP_PROGRAM)
 
