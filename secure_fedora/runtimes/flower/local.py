@@ -1028,9 +1028,13 @@ class LocalFederation:
     def _serverapps(self) -> dict[int, int] | None:
         """The ServerApp processes under the SuperLink now (pid -> start time; exited ones
         its parent has not reaped included); None while no SuperLink process runs."""
-        if self.superlink is None or self.superlink.popen is None or not self.superlink.running():
+        if self.superlink is None or not self.superlink.running():
             return None
-        return descendants_running(self.superlink.pid, SERVERAPP_PROGRAM)
+        try:
+            pid = self.superlink.pid
+        except ProcessError:  # never started
+            return None
+        return descendants_running(pid, SERVERAPP_PROGRAM)
 
     def write_run_config(
         self,
