@@ -989,28 +989,6 @@ def test_a_plugin_loss_writing_its_targets_only_on_larger_batches_stops_the_run(
                                          r"targets .* the run stops here"):
         exp.run()
 
-class _WritesInFinalize(torch.nn.Module):
-    """Writes, in an eval-mode forward while ``_FINAL["on"]`` (set around FedAvg's
-    client_finalize only), its input in place (equal values) or its buffer."""
-
-    def __init__(self, c: int, what: str) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(5, c)
-        self.what = what
-        self.register_buffer("scale", torch.ones(()))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FINAL["on"] and not self.training:
-            if self.what == "input":
-                x.mul_(1.0)
-            else:
-                self.scale.add_(1.0)
-        return self.linear(x) * self.scale
-
-
-_FINAL = {"on": False}
-
-
 @pytest.mark.parametrize(("what", "written"), [
     ("input", r" wrote client 0's (train|val|test) split in place"),
     ("buffer", r": a buffer \('scale'\) changed")])
@@ -1019,21 +997,12 @@ def test_a_model_writing_only_in_fedavgs_finetuning_selection_stops_the_run(
     """FedAvg's fine-tuning and its model selection (validation and test evaluations) run
     after the last round's check: a split or buffer written only there stops the run at the
     finalize exchange, before any reply reaches the server."""
-    from secure_fedora.algorithms.methods import FedAvg
+    from tests.final_pass_support import WritesInFinalize, writes_only_in_fedavg_finalize
 
-    original = FedAvg.client_finalize
-
-    def in_final_pass(self: FedAvg, i: int, message: Any) -> Any:
-        monkeypatch.setitem(_FINAL, "on", True)
-        try:
-            return original(self, i, message)
-        finally:
-            monkeypatch.setitem(_FINAL, "on", False)
-
-    monkeypatch.setattr(FedAvg, "client_finalize", in_final_pass)
+    writes_only_in_fedavg_finalize(monkeypatch)
     cfg = {**SMALL, "methods": ["fedavg"], "training": {"threads": 1, "rounds": 1},
            "fedavg": {"finetune_epochs": 1}}
-    exp = Experiment(cfg, data=_small_data(), model=lambda s, c: _WritesInFinalize(c, what))
+    exp = Experiment(cfg, data=_small_data(), model=lambda s, c: WritesInFinalize(5, c, what))
     with pytest.raises(ModelError, match=rf"^the model factory{written} in the clients' "
                                          r"finalize, before any client's reply left"):
         exp.run()

@@ -302,3 +302,33 @@ def file_tree(root: Path) -> dict[str, tuple[int, bytes]]:
 
     return {str(p.relative_to(root)): (p.lstat().st_mode, content(p))
             for p in sorted(root.rglob("*"))}
+
+
+class CheckpointedStandIn:
+    """A stand-in for ``LocalFederation`` in ``deploy_local``: starts no process; its one run
+    (id 7) writes the ServerApp checkpoint, with no failure record, and then ends as
+    ``outcome`` says (``follow`` returns that status, or raises that exception)."""
+
+    outcome: str | BaseException = "finished:failed"
+
+    def __init__(self, work: Path, *args: Any, **kwargs: Any) -> None:
+        self.work, self.phases, self.address = work, {}, "127.0.0.1:1"
+        self.logs = work / "logs"
+
+    def __enter__(self) -> CheckpointedStandIn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, *args: Any, **kwargs: Any) -> int:
+        from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
+
+        (self.work / "results" / SERVER_CHECKPOINT).parent.mkdir(parents=True)
+        (self.work / "results" / SERVER_CHECKPOINT).write_bytes(b"checkpoint")
+        return 7
+
+    def follow(self, run_id: int, **_: Any) -> str:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome

@@ -59,6 +59,7 @@ from secure_fedora.runtimes.flower.state import (
 from secure_fedora.runtimes.inprocess import build_clients
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     TINY,
+    CheckpointedStandIn,
     InMemoryGrid,
     dp_config,
     file_tree,
@@ -1091,28 +1092,8 @@ def test_a_serverapp_that_died_mid_run_is_named_with_the_resume(
     died and that --resume continues the run."""
     from secure_fedora.runtimes.flower import local as local_module
     from secure_fedora.runtimes.flower.cli import default_config_path
-    from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
 
-    class DiedFederation:
-        def __init__(self, work: Path, *args: Any, **kwargs: Any) -> None:
-            self.work, self.phases, self.address = work, {}, "127.0.0.1:1"
-            self.logs = work / "logs"
-
-        def __enter__(self) -> DiedFederation:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-        def submit(self, *args: Any, **kwargs: Any) -> int:
-            (self.work / "results" / SERVER_CHECKPOINT).parent.mkdir(parents=True)
-            (self.work / "results" / SERVER_CHECKPOINT).write_bytes(b"checkpoint")
-            return 7
-
-        def follow(self, run_id: int, **_: Any) -> str:
-            return "finished:failed"
-
-    monkeypatch.setattr(local_module, "LocalFederation", DiedFederation)
+    monkeypatch.setattr(local_module, "LocalFederation", CheckpointedStandIn)
     with pytest.raises(DeployError) as err:
         local_module.deploy_local(default_config_path(), 3, tmp_path / "w")
     assert "ended with status 'finished:failed' without a failure record (its ServerApp " \

@@ -182,23 +182,6 @@ def test_a_plug_in_model_writing_its_inputs_in_evaluation_stops_a_flower_client(
     assert not (tmp_path / "res" / "results.json").exists()
 
 
-class _WritesInFinalize(torch.nn.Module):
-    """A Linear model whose eval-mode forward writes its input in place (equal values) while
-    ``_FINAL["on"]`` (set around FedAvg's client_finalize only)."""
-
-    def __init__(self, width: int, num_classes: int) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _FINAL["on"] and not self.training:
-            x.mul_(1.0)
-        return self.linear(x.flatten(1))
-
-
-_FINAL = {"on": False}
-
-
 @pytest.mark.usefixtures("task_identity")
 def test_a_model_writing_its_inputs_only_in_fedavgs_finetuning_stops_a_flower_client(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,21 +190,12 @@ def test_a_model_writing_its_inputs_only_in_fedavgs_finetuning_stops_a_flower_cl
     finalize reply, naming the split, and the run writes no results."""
     import math
 
-    from secure_fedora.algorithms.methods import FedAvg
     from secure_fedora.core.registry import MODELS
+    from tests.final_pass_support import WritesInFinalize, writes_only_in_fedavg_finalize
 
-    original = FedAvg.client_finalize
-
-    def in_final_pass(self: FedAvg, i: int, message: dict) -> dict:
-        monkeypatch.setitem(_FINAL, "on", True)
-        try:
-            return original(self, i, message)
-        finally:
-            monkeypatch.setitem(_FINAL, "on", False)
-
-    monkeypatch.setattr(FedAvg, "client_finalize", in_final_pass)
+    writes_only_in_fedavg_finalize(monkeypatch)
     MODELS.register("test-final-writer", lambda shape, num_classes, device=None:
-                    _WritesInFinalize(math.prod(shape), num_classes))
+                    WritesInFinalize(math.prod(shape), num_classes))
     try:
         data = tiny_config().model_dump(mode="json", exclude_none=True)
         data["methods"] = ["fedavg"]

@@ -22,6 +22,7 @@ from secure_fedora.runtimes.flower import local as local_module
 from secure_fedora.runtimes.flower.local import LocalFederation, ServerAppExited
 from secure_fedora.runtimes.flower.processes import descendants_running, describe_wait_status
 from secure_fedora.runtimes.flower.protocol import DeployError
+from tests.secure_fedora.runtimes.flower.deploy_support import CheckpointedStandIn
 
 # The stand-in SuperLink: starts one ServerApp per "<when>:<mode>" argument, "start" ones at
 # once, "go" ones once the run is submitted (the file ``go`` exists) and "late" ones 3 s
@@ -215,24 +216,8 @@ def test_deploy_local_reports_a_serverapp_that_exited_with_the_resume(
     from secure_fedora.runtimes.flower.cli import default_config_path
     from secure_fedora.runtimes.flower.server_app import SERVER_CHECKPOINT
 
-    class ExitedFederation:
-        def __init__(self, work: Path, *args: Any, **kwargs: Any) -> None:
-            self.work, self.phases, self.address = work, {}, "127.0.0.1:1"
-            self.logs = work / "logs"
-
-        def __enter__(self) -> ExitedFederation:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-        def submit(self, *args: Any, **kwargs: Any) -> int:
-            (self.work / "results" / SERVER_CHECKPOINT).parent.mkdir(parents=True)
-            (self.work / "results" / SERVER_CHECKPOINT).write_bytes(b"checkpoint")
-            return 7
-
-        def follow(self, run_id: int, **_: Any) -> str:
-            raise ServerAppExited(run_id, "finished:stopped", "killed by signal 9 (SIGKILL)")
+    class ExitedFederation(CheckpointedStandIn):
+        outcome = ServerAppExited(7, "finished:stopped", "killed by signal 9 (SIGKILL)")
 
     monkeypatch.setattr(local_module, "LocalFederation", ExitedFederation)
     work = tmp_path / "w"
