@@ -587,7 +587,8 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
                        run_dir: str | Path | None = None,
                        allowlist: str | Path | None = None,
                        anchor: str | Path | None = None,
-                       options: Mapping[str, str] = API_AUDIT_OPTIONS) -> WhiteboxAuditResult:
+                       options: Mapping[str, str] = API_AUDIT_OPTIONS,
+                       _given_files: _GivenFiles | None = None) -> WhiteboxAuditResult:
     """Train one client with Dirac canaries on the run's DP-SGD path; bound epsilon in one run.
 
     ``method`` defaults to ``"local"`` when the config has it, else its first method;
@@ -619,25 +620,10 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
     config.toml's and results.json's digests, run name, config hash, runtime and methods,
     every ledger's head and length); a run that does not match it is an error. One that is
     no signed anchor is bad input, refused as an unusable ``allowlist`` is.
+
+    ``_given_files`` (internal): ``allowlist`` and ``anchor`` as :func:`audit_run_dir`
+    already loaded them, so they are not loaded again.
     """
-    return _run_whitebox_audit(
-        cfg, method=method, client_index=client_index, num_canaries=num_canaries,
-        calibration_fraction=calibration_fraction, confidence=confidence, seed=seed,
-        results=results, run_dir=run_dir, allowlist=allowlist, anchor=anchor, options=options)
-
-
-def _run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None,
-                        client_index: int = 0, num_canaries: int | None = None,
-                        calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
-                        confidence: float = 0.95, seed: int = 0,
-                        results: dict[str, Any] | None = None,
-                        run_dir: str | Path | None = None,
-                        allowlist: str | Path | None = None,
-                        anchor: str | Path | None = None,
-                        options: Mapping[str, str] = API_AUDIT_OPTIONS,
-                        given_files: _GivenFiles | None = None) -> WhiteboxAuditResult:
-    """:func:`run_whitebox_audit`; ``given_files``: ``allowlist`` and ``anchor`` as
-    :func:`audit_run_dir` already loaded them (else they are loaded here)."""
     t0 = time.perf_counter()
     check_config(cfg, WhiteboxAuditError)
     method = method or ("local" if "local" in cfg.methods else cfg.methods[0])
@@ -663,8 +649,7 @@ def _run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None,
              " run it anchors)")):
         if value is not None and run_path is None:
             raise WhiteboxAuditError(f"{options[key]} {what}")
-    if given_files is None:
-        given_files = _load_given_files(allowlist, anchor, options)
+    given_files = _given_files or _load_given_files(allowlist, anchor, options)
     given = given_files.allowlist
     unchecked: list[str] = []
     if run_path is not None:  # once per audit: each scan reads every file of the run
@@ -806,8 +791,8 @@ def audit_run_dir(run_dir: str | Path, *, imports: Sequence[str] = (),
             results = json.loads(results_path.read_text())
         except (OSError, ValueError, RecursionError) as err:
             raise WhiteboxAuditError(f"{results_path} is unreadable: {err}") from None
-    result = replace(_run_whitebox_audit(cfg, results=results, run_dir=run, options=options,
-                                         given_files=given_files, **kwargs),
+    result = replace(run_whitebox_audit(cfg, results=results, run_dir=run, options=options,
+                                        _given_files=given_files, **kwargs),
                      imported=[m.to_json() for m in imported])
     try:
         return result, write_audit_json(run, result.to_json())

@@ -452,6 +452,12 @@ def _first_input_write(model: nn.Module, sample: torch.Tensor) -> str:
     return ""
 
 
+def _first_written(held: Sequence[tuple[str, torch.Tensor, int]]) -> str | None:
+    """The name of the first tensor of ``held`` (name, tensor, version counter when taken)
+    written in place since; None when none was."""
+    return next((name for name, tensor, version in held if tensor._version != version), None)
+
+
 class BufferGuard:
     """The digest of a model's buffers, taken when it passed :func:`check_buffers_constant`,
     and the version counters of ``inputs`` (named tensors: the clients' splits), taken when
@@ -481,23 +487,23 @@ class BufferGuard:
             raise ModelError(
                 f"{self.source}: a buffer ({', '.join(map(repr, self.names))}) changed {when}; "
                 f"{_WRITTEN_BUFFER}")
-        for name, tensor, version in self.inputs:
-            if tensor._version != version:
-                raise ModelError(
-                    f"{self.source} wrote {name} in place {when} (a forward on it: an "
-                    "evaluation, a lambda or a selection pass; the check before training saw "
-                    "no write on its probe rows, so the write depends on the values or the "
-                    "parameters): the split has changed in this process, and the run stops "
-                    "here; compute on new tensors (x = x * 1.5, or x = x.clone() first)")
-        for name, tensor, version in self.targets:
-            if tensor._version != version:
-                raise ModelError(
-                    f"{name} were written in place {when}: {self.loss} receives them as its "
-                    "targets (an evaluation, a lambda or a selection pass; the check before "
-                    "training saw no write on its probe rows, so the write depends on the "
-                    "values or the outputs): the labels have changed in this process, and the "
-                    "run stops here; compute on new tensors (t = targets.float(), or "
-                    "targets.clone() first)")
+        name = _first_written(self.inputs)
+        if name is not None:
+            raise ModelError(
+                f"{self.source} wrote {name} in place {when} (a forward on it: an "
+                "evaluation, a lambda or a selection pass; the check before training saw "
+                "no write on its probe rows, so the write depends on the values or the "
+                "parameters): the split has changed in this process, and the run stops "
+                "here; compute on new tensors (x = x * 1.5, or x = x.clone() first)")
+        name = _first_written(self.targets)
+        if name is not None:
+            raise ModelError(
+                f"{name} were written in place {when}: {self.loss} receives them as its "
+                "targets (an evaluation, a lambda or a selection pass; the check before "
+                "training saw no write on its probe rows, so the write depends on the "
+                "values or the outputs): the labels have changed in this process, and the "
+                "run stops here; compute on new tensors (t = targets.float(), or "
+                "targets.clone() first)")
 
 
 _WRITTEN_BUFFER = (

@@ -380,22 +380,29 @@ def test_a_valid_run_passes_with_the_allowlist_and_anchor_kept_apart(runs, tmp_p
         run_replay_audit(run, trials=8, anchor=tmp_path / "missing.json")
 
 
+def _run_with_copies_kept_apart(source: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A copy of the run ``source`` (without its audit/ folder), and copies of its allowlist
+    and anchor kept apart from it: (run, allowlist copy, anchor copy)."""
+    import shutil
+
+    run = shutil.copytree(source, tmp_path / "run")
+    shutil.rmtree(run / "audit", ignore_errors=True)
+    trusted = tmp_path / "trusted-allowlist.json"
+    kept = tmp_path / "anchor-copy.json"
+    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
+    shutil.copyfile(run / "anchor.json", kept)
+    return run, trusted, kept
+
+
 def test_replay_with_the_allowlist_and_anchor_kept_apart_scans_the_run_once(runs, tmp_path,
                                                                             monkeypatch):
     """`audit replay --allowlist --anchor` scanned the run for keys twice (the anchor's check
     with the allowlist, then the ledger's): each scan reads every file of the run. It is now
     scanned once, and what that scan could not check (here: no published allowlist) is
     still the result's ``unchecked``."""
-    import shutil
-
     import audits.verify as verify
 
-    run = shutil.copytree(runs["csprng"], tmp_path / "run")
-    shutil.rmtree(run / "audit", ignore_errors=True)
-    trusted = tmp_path / "trusted-allowlist.json"
-    kept = tmp_path / "anchor-copy.json"
-    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
-    shutil.copyfile(run / "anchor.json", kept)
+    run, trusted, kept = _run_with_copies_kept_apart(runs["csprng"], tmp_path)
     (run / "keys" / "allowlist.json").unlink()  # checked against the given one alone
     scans = []
     scan = verify.private_key_files
@@ -412,16 +419,9 @@ def test_replay_loads_the_allowlist_and_anchor_kept_apart_once(runs, tmp_path, m
     anchor's check and once more in its comparison with the run, and the allowlist up
     front, again in the anchor's check and again for the ledger. Each is now loaded once
     (the same checks: a run that does not match the anchor is still refused)."""
-    import shutil
-
     import audits.verify as verify
 
-    run = shutil.copytree(runs["csprng"], tmp_path / "run")
-    shutil.rmtree(run / "audit", ignore_errors=True)
-    trusted = tmp_path / "trusted-allowlist.json"
-    kept = tmp_path / "anchor-copy.json"
-    shutil.copyfile(run / "keys" / "allowlist.json", trusted)
-    shutil.copyfile(run / "anchor.json", kept)
+    run, trusted, kept = _run_with_copies_kept_apart(runs["csprng"], tmp_path)
     loads: list[Path] = []
     load_allowlist, load_anchor = verify.load_allowlist, verify._load_anchor
     monkeypatch.setattr(verify, "load_allowlist",
