@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from privacy.accounting import MechanismRecord
 from privacy.errors import ToolkitError
+from privacy.mechanisms import combine_scaled_norms, largest_entries, overflow_safe_row_norms
 from privacy.noise import CsprngNoise, NoiseSource, is_noise_source
 
 logger = logging.getLogger(__name__)
@@ -121,39 +122,6 @@ def clip_factors(sq_norms: Tensor, max_norm: float | Tensor,
     return factors.index_put(where, exact.to(factors.dtype))
 
 
-def _largest_entry(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    """Per-sample largest ``|entry|`` of ``t`` over ``dims``; 1 where it is 0 (nothing to scale)."""
-    top = t.abs().amax(dim=dims)
-    return torch.where(top > 0, top, torch.ones_like(top))
-
-
-def _combine_norms(scales: list[Tensor], norms: list[Tensor]) -> Tensor:
-    """``sqrt(sum_j (scales[j] * norms[j])^2)`` per sample (float64), without overflow: the terms
-    are divided by their largest scale before squaring. The largest scale itself where it is
-    not finite (an entry is infinite or NaN)."""
-    s, n = torch.stack(scales), torch.stack(norms)
-    top = s.amax(dim=0)
-    safe = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
-    total = safe * ((s / safe) * n).pow(2).sum(dim=0).sqrt()
-    return torch.where(torch.isfinite(top), total, top)  # inf or NaN: an entry is not finite
-
-
-def overflow_safe_row_norms(parts: list[Tensor]) -> Tensor:
-    """Float64 norms of per-sample gradients given as pieces ``parts`` (each ``(n, d_j)``, the
-    sample's gradient being their concatenation), each piece scaled by its largest entry, so a
-    norm whose square exceeds the float range is still exact. Not finite for an entry that
-    is not."""
-    scales, norms = [], []
-    for part in parts:
-        if part.shape[1] == 0:
-            continue
-        p = part.to(torch.float64)
-        top = _largest_entry(p, (1,))
-        scales.append(top)
-        norms.append((p / top[:, None]).pow(2).sum(dim=1).sqrt())
-    return _combine_norms(scales, norms)
-
-
 def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) -> Tensor:
     """Float64 per-sample gradient norms of Linear layers from their inputs and output gradients,
     without overflow: ``layers`` holds ``(A, G, has_weight, has_bias)`` per layer, ``A`` (n, T,
@@ -164,7 +132,7 @@ def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) 
     scales, norms = [], []
     for a3, g3, has_weight, has_bias in layers:
         a, g = a3.to(torch.float64), g3.to(torch.float64)
-        top_a, top_g = _largest_entry(a, (1, 2)), _largest_entry(g, (1, 2))
+        top_a, top_g = largest_entries(a, (1, 2)), largest_entries(g, (1, 2))
         a, g = a / top_a[:, None, None], g / top_g[:, None, None]
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
         if has_weight:
@@ -180,7 +148,7 @@ def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) 
         if has_bias:
             scales.append(top_g)
             norms.append(g.sum(dim=1).norm(dim=1))
-    return _combine_norms(scales, norms)
+    return combine_scaled_norms(scales, norms)
 
 
 def _row_major_2d(t: Tensor) -> bool:

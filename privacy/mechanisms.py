@@ -183,11 +183,46 @@ class GaussianMechanism:
                 f" sensitivity={self.sensitivity!r})")
 
 
+def largest_entries(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Per-sample largest ``|entry|`` of ``t`` over ``dims``; 1 where it is 0 (nothing to scale)."""
+    top = t.abs().amax(dim=dims)
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
+def combine_scaled_norms(scales: list[Tensor], norms: list[Tensor]) -> Tensor:
+    """``sqrt(sum_j (scales[j] * norms[j])^2)`` per sample (float64), without overflow: the terms
+    are divided by their largest scale before squaring. The largest scale itself where it is
+    not finite (an entry is infinite or NaN)."""
+    s, n = torch.stack(scales), torch.stack(norms)
+    top = s.amax(dim=0)
+    safe = torch.where((top > 0) & torch.isfinite(top), top, torch.ones_like(top))
+    total = safe * ((s / safe) * n).pow(2).sum(dim=0).sqrt()
+    return torch.where(torch.isfinite(top), total, top)  # inf or NaN: an entry is not finite
+
+
+def overflow_safe_row_norms(parts: list[Tensor]) -> Tensor:
+    """Float64 norms of n rows given as pieces ``parts`` (each ``(n, d_j)``, a row being their
+    concatenation: a per-sample gradient, a data row), each piece scaled by its largest entry,
+    so a norm whose square exceeds the float range is still exact. Not finite for an entry
+    that is not."""
+    scales, norms = [], []
+    for part in parts:
+        if part.shape[1] == 0:
+            continue
+        p = part.to(torch.float64)
+        top = largest_entries(p, (1,))
+        scales.append(top)
+        norms.append((p / top[:, None]).pow(2).sum(dim=1).sqrt())
+    return combine_scaled_norms(scales, norms)
+
+
 def clip_rows(z: Tensor, max_norm: float) -> Tensor:
     """Scale each row of ``z`` (n, d) to L2 norm at most ``max_norm``; shorter rows unchanged.
 
     Returns a new tensor. The bound holds up to floating-point rounding of the norm
-    (relative error about 1e-7 in float32, 1e-16 in float64).
+    (relative error about 1e-7 in float32, 1e-16 in float64); a row whose norm overflows
+    ``z``'s dtype (its entries are finite) is clipped through its norm computed without
+    overflow (:func:`overflow_safe_row_norms`), as DP-SGD clips such a gradient.
     """
     z = _check_float_tensor("z", z)
     if z.ndim != 2:
@@ -195,6 +230,10 @@ def clip_rows(z: Tensor, max_norm: float) -> Tensor:
     max_norm = _check_positive("max_norm", max_norm)
     norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
     factor = (max_norm / norms).clamp(max=1.0)  # zero rows: max_norm/0 = inf -> 1
+    overflowed = ~torch.isfinite(norms[:, 0])
+    if bool(overflowed.any()):  # finite entries whose norm overflows z's dtype: not dropped
+        exact = overflow_safe_row_norms([z[overflowed]])
+        factor[overflowed, 0] = (max_norm / exact).clamp(max=1.0).to(factor.dtype)
     return z * factor
 
 

@@ -46,12 +46,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from privacy.dpsgd import (
-    clip_factors,
-    overflow_safe_linear_norms,
-    overflow_safe_row_norms,
-    poisson_sample,
-)
+from privacy.dpsgd import clip_factors, overflow_safe_linear_norms, poisson_sample
+from privacy.mechanisms import overflow_safe_row_norms
 from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.client import (
     ClientUpdateError,

@@ -70,6 +70,17 @@ def test_clip_rows():
         clip_rows(z, 0.0)
 
 
+def test_a_row_whose_norm_overflows_is_clipped_to_the_bound_not_dropped():
+    """A float32 row with finite entries whose L2 norm overflows float32 (3e19 and 4e19: a
+    squared norm of 2.5e39) was scaled by max_norm / inf = 0, so it vanished from the clipped
+    data; it is clipped to the bound in its own direction, as DP-SGD clips such a gradient.
+    The other rows keep their bits."""
+    z = torch.tensor([[3e19, -4e19], [3.0, 4.0], [0.3, 0.4]], dtype=torch.float32)
+    out = clip_rows(z, 2.0)
+    assert torch.allclose(out[0], torch.tensor([1.2, -1.6]))
+    assert torch.equal(out[1:], clip_rows(z[1:], 2.0))
+
+
 def test_second_moment_exact_without_noise_and_its_sensitivity_claim():
     g = torch.Generator().manual_seed(1)
     z = torch.randn(50, 6, generator=g, dtype=torch.float64) * 2
