@@ -18,11 +18,14 @@ MAX_SEED = 2**63
 MAX_COUNT = 2**63
 
 
-def check_seed(value: Any, error: type[Exception], name: str = "seed") -> int:
+def check_seed(
+    value: Any, error: type[Exception], name: str = "seed", flag: str | None = None
+) -> int:
     """``value`` unless it is not an int (a bool included) in [0, :data:`MAX_SEED`): then
-    ``error`` naming ``name``."""
+    ``error`` naming ``name`` (and ``flag``, the option that gave it, when given)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_SEED:
-        raise error(f"{name} must be an integer in [0, 2**63), got {value!r:.80}")
+        given = f" ({flag})" if flag else ""
+        raise error(f"{name} must be an integer in [0, 2**63){given}, got {value!r:.80}")
     return value
 
 

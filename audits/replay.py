@@ -472,6 +472,15 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     (the step's batch is a few dozen rows; more threads only wait on each other).
     """
     run_dir = check_path(run_dir, "run_dir", ReplayAuditError)
+    # the arguments are bad input whatever the run holds (one without a DP claim included):
+    # checked before it is read
+    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
+            or not 0 < confidence < 1:
+        raise ReplayAuditError(f"confidence must be in (0, 1) ({options['confidence']}), got"
+                               f" {confidence!r}")
+    check_seed(seed, ReplayAuditError, flag=options["seed"])
+    if trials is not None:
+        _check_trials(trials, options)
     from audits.verify import load_given_allowlist, load_given_anchor
 
     # the auditor's own registration: bad input to the audit, checked before the run is read
@@ -502,9 +511,6 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
     problem = config_rebuild_problem(run_dir, "replay")
     if problem is not None:
         raise ReplayAuditError(problem)
-    if not cfg.privacy.enabled:
-        _raise_claim_problem(run_dir, anchor is not None, False)
-        raise AssertionError("unreachable: _raise_claim_problem always raises here")
     n_clients = cfg.data.num_clients
     if isinstance(client, bool) or not isinstance(client, int) or not 0 <= client < n_clients:
         raise ReplayAuditError(f"client must be an index in [0, {n_clients})"
@@ -516,13 +522,9 @@ def run_replay_audit(run_dir: str | Path, *, client: int = 0, method: str | None
         raise ReplayAuditError(
             f"records must be in [1, {cfg.data.train_per_client}) ({options['records']}; this run's "
             f"data.train_per_client = {cfg.data.train_per_client}), got {records!r}")
-    if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
-            or not 0 < confidence < 1:
-        raise ReplayAuditError(f"confidence must be in (0, 1) ({options['confidence']}), got"
-                               f" {confidence!r}")
-    check_seed(seed, ReplayAuditError)
-    if trials is not None:  # a given count is checked before the ledger is read
-        _check_trials(trials, options)
+    if not cfg.privacy.enabled:
+        _raise_claim_problem(run_dir, anchor is not None, False)
+        raise AssertionError("unreachable: _raise_claim_problem always raises here")
     method = _choose_method(run_dir, cfg, method, options)
     cid = client_ids(n_clients)[client]
     scanned: list[str] | None = None  # with both, one scan of the run: check_anchor's

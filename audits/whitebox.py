@@ -639,7 +639,7 @@ def run_whitebox_audit(cfg: ExperimentConfig, *, method: str | None = None, clie
         raise WhiteboxAuditError(f"calibration fraction must be in (0, 1)"
                                  f" ({options['calibration_fraction']}), got"
                                  f" {calibration_fraction!r}")
-    check_seed(seed, WhiteboxAuditError)
+    check_seed(seed, WhiteboxAuditError, flag=options["seed"])
     run_path = None if run_dir is None else check_path(run_dir, "run_dir", WhiteboxAuditError)
     # the auditor's own files: bad input, before the run
     for key, value, what in (

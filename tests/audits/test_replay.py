@@ -131,6 +131,23 @@ def test_runs_that_cannot_be_audited_are_refused(runs, tmp_path, capsys):
     assert "no differential-privacy claim" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("given, flag", [
+    ({"trials": 1}, "--trials"), ({"confidence": 2.0}, "--confidence"), ({"seed": -1}, "--seed"),
+    ({"client": 5}, "--client"), ({"records": 0}, "--records"),
+])
+def test_a_bad_argument_is_bad_input_also_for_a_run_without_a_dp_claim(tmp_path, capsys,
+                                                                       given, flag):
+    """A bad argument is exit 2 naming its flag whatever the run holds, as in `audit canary`
+    and `whitebox`: a run without a DP claim does not answer it with exit 3."""
+    plain = {**BASE, "privacy": {"enabled": False}}
+    (tmp_path / "config.toml").write_text(tomli_w.dumps(plain))
+    with pytest.raises(ReplayAuditError) as err:
+        run_replay_audit(tmp_path, **given)
+    assert not isinstance(err.value, NoPrivacyClaimError)
+    argv = [a for key, value in given.items() for a in (f"--{key}", str(value))]
+    assert main(["audit", "replay", str(tmp_path), *argv]) == 2
+    assert flag in capsys.readouterr().err
+
 def test_a_config_edited_to_disable_privacy_does_not_hide_a_dp_run(run_copy, capsys):
     """`audit replay` read privacy.enabled from config.toml alone: a DP run whose config was
     edited to disable privacy was 'not differentially private'. The signed anchor, ledgers/
