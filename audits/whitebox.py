@@ -140,6 +140,7 @@ class WhiteboxSetting:
 
     @property
     def steps(self) -> int:
+        """Planned DP-SGD steps of the run: steps per round times rounds."""
         return self.steps_per_round * self.rounds
 
 

@@ -102,6 +102,7 @@ class JournalRecord:
                    digest, payload_digest(b""), b"", digest, line)
 
     def to_json(self) -> str:
+        """The record as one canonical JSON line (what ``from_json`` reads back)."""
         doc = {"version": JOURNAL_VERSION, "round": self.round, "kind": self.kind,
                "ledger_index": self.ledger_index,
                "payload_sha256": self.payload_sha256,
@@ -115,6 +116,8 @@ class JournalRecord:
 
     @classmethod
     def from_json(cls, text: bytes) -> JournalRecord:
+        """The record a ``to_json`` line holds; ValueError for anything else (another version, a
+        field of the wrong type, a noise state or ledger line that does not match its digest)."""
         obj: Any = json.loads(text)
         if not isinstance(obj, dict) or obj.get("version") != JOURNAL_VERSION:
             raise ValueError(f"not a version-{JOURNAL_VERSION} journal record")

@@ -173,6 +173,8 @@ def _stopped_message(err: BaseException, config: str, run_dir: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``secure-fedora run``: run (or ``--resume``) an experiment into its run directory and print
+    its summary; 0 on success, 130 when stopped by Ctrl-C or SIGTERM."""
     from secure_fedora.runtimes.rundir import (
         RunDirError,
         default_run_dir,
@@ -256,6 +258,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
+    """``secure-fedora keys init``: a key store (0700, private keys 0600) with the server's, the
+    operator's and N clients' keys and their ``allowlist.json``; refuses existing keys without
+    ``--force`` and a run directory."""
     from privacy.identity import MAX_CLIENT_IDS, init_keys
     from secure_fedora.secure.keystore import refuse_run_directory, run_party_ids
 
@@ -273,6 +278,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_party(args: argparse.Namespace) -> int:
+    """``secure-fedora keys party``: one party's identity made on its own host; prints its public
+    key file, the only file to send to the operator."""
     from privacy.identity import init_party
     from secure_fedora.secure.keystore import refuse_run_directory
 
@@ -297,6 +304,9 @@ def cmd_keys_party(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_allowlist(args: argparse.Namespace) -> int:
+    """``secure-fedora keys allowlist``: the federation's ``allowlist.json`` assembled from the
+    parties' public key files, written atomically; an existing OUT is replaced only with
+    ``--force``."""
     from privacy.identity import IdentityError, allowlist_bytes, assemble_allowlist
     from secure_fedora.core.files import atomic_write_bytes
 
@@ -315,6 +325,8 @@ def cmd_keys_allowlist(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_install(args: argparse.Namespace) -> int:
+    """``secure-fedora keys install``: install the operator's allowlist into a party's identity
+    directory (refused when it lists other keys for that party)."""
     from privacy.identity import install_allowlist
 
     party, replaced = install_allowlist(args.directory, args.allowlist)

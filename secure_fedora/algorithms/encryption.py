@@ -50,7 +50,9 @@ class EncryptedOverlapsResult(Protocol):
     rejections: Sequence[Any]
 
     @property
-    def excluded(self) -> list[int]: ...
+    def excluded(self) -> list[int]:
+        """Clients whose uploads were rejected, excluded from relatedness (their blocks are
+        zero)."""
 
 
 class EncryptedPropagation(Protocol):

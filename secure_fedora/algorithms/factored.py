@@ -166,6 +166,8 @@ class FactoredPropagation:
 
     @property
     def passes(self) -> int:
+        """Sparse passes one product applies: ``first``, one per back-substitution group, and
+        ``last``."""
         return 2 + len(self._groups)
 
     # ------------------------------------------------------------------ float64 reference
@@ -326,7 +328,7 @@ def _triangular_inverse(t, lower: bool, budget: float = np.inf):
     return inverse
 
 
-def check_graph(graph: Tensor, alpha: float):
+def check_graph(graph: Tensor, alpha: float) -> object:
     """``graph`` as a scipy CSR float64 matrix, after the checks every operator makes: alpha in
     [0, 1), a non-empty square graph with finite, non-negative entries and rows summing to 1
     (:class:`RelatednessError` otherwise)."""

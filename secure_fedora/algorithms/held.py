@@ -94,14 +94,18 @@ class HeldRows:
 
     @property
     def shape(self) -> torch.Size:
+        """The whole matrix's shape (N rows), as the server's matrix has, though only one row is
+        held."""
         return torch.Size((self._n, *self._data.shape[1:]))
 
     @property
     def dtype(self) -> torch.dtype:
+        """The held row's dtype."""
         return self._data.dtype
 
     @property
     def device(self) -> torch.device:
+        """The held row's device."""
         return self._data.device
 
     @property

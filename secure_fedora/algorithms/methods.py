@@ -211,6 +211,7 @@ class MethodContext:
 
     @property
     def num_clients(self) -> int:
+        """N, the federation's clients (every client, not only a round's participants)."""
         return len(self.clients)
 
     @property
@@ -403,6 +404,9 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return {i: {} for i in participants}
 
     def client_update(self, i: int, rnd: int, message: Payload) -> Payload:
+        """Client ``i``: train on its own data and state from ``message`` and return its reply (read
+        only client ``i``'s data, generator, noise source and state). A method overrides this or
+        ``train_round``; the default raises NotImplementedError."""
         raise NotImplementedError(
             f"{type(self).__name__} implements neither client_update nor train_round")
 

@@ -275,6 +275,7 @@ class PropagationOperator:
 
     @property
     def num_clients(self) -> int:
+        """N, the operator's rows (one per client)."""
         return int(self.matrix.shape[0])
 
     @property

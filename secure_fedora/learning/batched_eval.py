@@ -146,6 +146,7 @@ class PackedSplits:
 
     @property
     def num_sets(self) -> int:
+        """How many splits are packed."""
         return len(self.sets)
 
 

@@ -321,9 +321,13 @@ class GradientOracle(Protocol):
     step's gradient into the bound model's ``.grad`` views (which alias the flat grad buffer).
     """
 
-    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]: ...
+    def batches(self, n: int, epochs: int, generator: torch.Generator) -> Iterator[Tensor]:
+        """The index tensors of one local run's batches over ``n`` rows for ``epochs`` epochs, drawn
+        from ``generator``."""
 
-    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None: ...
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
+        """Write the batch's gradient (DP-SGD: clipped per sample and noised) into ``grad``, the
+        flat buffer the model's ``.grad`` views alias."""
 
 
 def same_row(held: Tensor | None, row: Tensor) -> bool:
@@ -408,9 +412,13 @@ class MomentumSGD:
         self.fresh = True
 
     def reset(self) -> None:
+        """Forget the momentum buffer: the next step starts it afresh, as a new
+        ``torch.optim.SGD``."""
         self.fresh = True
 
     def step(self, theta: Tensor, grad: Tensor, cfg: TrainConfig) -> None:
+        """One SGD step on ``theta`` in place: weight decay added to ``grad`` (in place), then
+        momentum, as ``torch.optim.SGD``."""
         if cfg.weight_decay:
             grad.add_(theta, alpha=cfg.weight_decay)
         if cfg.momentum:
@@ -444,6 +452,7 @@ class Workspace:
 
     @classmethod
     def for_size(cls, num_params: int, device: torch.device | str = "cpu") -> Workspace:
+        """Zeroed buffers for a model of ``num_params`` parameters on ``device``."""
         return cls(torch.zeros(num_params, device=device), torch.zeros(num_params, device=device),
                    MomentumSGD(num_params, device))
 

@@ -339,6 +339,8 @@ def data_facts(clients: Sequence[ClientData]) -> DataFacts:
 
 
 def train_config(cfg: ExperimentConfig) -> TrainConfig:
+    """The local trainer's settings (lr, momentum, weight decay, batch size, local epochs) from
+    ``[training]``."""
     t = cfg.training
     return TrainConfig(t.lr, t.momentum, t.weight_decay, t.batch_size, t.local_epochs)
 
@@ -689,6 +691,7 @@ class Tracker:
 
     @classmethod
     def empty(cls, n: int, select_final: bool = False) -> Tracker:
+        """The state of ``n`` clients before any evaluation: nothing measured, no round selected."""
         return cls(torch.tensor(-1.0), torch.tensor(0), torch.zeros(n), torch.zeros(n), torch.zeros(n),
                    torch.tensor(bool(select_final)), torch.full((n,), -1, dtype=torch.int64),
                    torch.full((n,), -1, dtype=torch.int64), torch.tensor(-1))
@@ -735,6 +738,7 @@ class Tracker:
         }
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The tracker's tensors by field name, for the checkpoint."""
         return dict(self.__dict__)
 
 
@@ -788,6 +792,7 @@ class MethodOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The outcome's fields as a dict (the checkpoint's record of a finished method)."""
         return dict(self.__dict__)
 
 
@@ -1116,6 +1121,7 @@ class Simulation:
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_path(self, method: str) -> Path:
+        """``RUN/checkpoints/<method>.pt``, the method's checkpoint file."""
         return self.run_dir / "checkpoints" / f"{method}.pt"
 
     def _identity(self) -> dict[str, str]:

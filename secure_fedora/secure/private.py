@@ -1053,6 +1053,8 @@ class ClientPrivacy:
 
     @property
     def epsilon(self) -> float:
+        """The epsilon spent so far at the client's delta, exactly as the accountant holds it (0
+        before any release)."""
         return self.gate.accountant.epsilon(self.budget.delta) if self.gate.accountant.history else 0.0
 
 

@@ -478,12 +478,15 @@ class PhaseClock:
         self.timings: dict[str, float] = {}
 
     def lap(self, name: str) -> None:
+        """Record the wall and CPU seconds since the last lap under ``<name>_s`` and
+        ``<name>_cpu_s``."""
         wall, cpu = time.perf_counter(), time.process_time()
         self.timings[f"{name}_s"] = wall - self.wall
         self.timings[f"{name}_cpu_s"] = cpu - self.cpu
         self.wall, self.cpu = wall, cpu
 
     def finish(self) -> dict[str, float]:
+        """The timings, with ``total_s`` and ``total_cpu_s`` up to the last lap."""
         self.timings["total_s"] = self.wall - self.start_wall
         self.timings["total_cpu_s"] = self.cpu - self.start_cpu
         return self.timings
