@@ -76,8 +76,8 @@
    without one); every ledger it names exists, its line
    ``final_index`` hashes to the anchored head and is its last line, the anchored
    ``entries`` is ``final_index + 1`` and the anchored ``epsilon_spent`` is the ledger's
-   final ``epsilon_after`` (within :data:`SPENT_TOL` x max(1, epsilon): the runtime rounds
-   it up to 6 decimals); no ledger it does not
+   final ``epsilon_after`` (within :data:`SPENT_TOL` x max(1, epsilon): the runtimes anchor
+   that float64 value; older runs rounded it up to 6 decimals); no ledger it does not
    name; ``results.json`` and ``config.toml`` exist with the anchored SHA-256 digests; its
    ``run_name``, ``config_hash``, ``runtime`` and ``methods`` are those results.json and
    config.toml record (check ``anchor_identity``). Checked without a copy given, the run's
