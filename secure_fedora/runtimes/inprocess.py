@@ -235,8 +235,9 @@ def _warn_unused_sizes(cfg: ExperimentConfig) -> list[str]:
     runs, and ``train_per_client`` / ``val_per_client`` only state, under DP, the smallest
     client's training rows and (private validation) every client's validation rows; results.json
     lists each client's actual sizes (``clients``). A key at its default value is not named:
-    a run's config.toml states every default, so an audit reading it back would otherwise name
-    keys its author never wrote."""
+    the config.toml a Python API run writes (where the run directory has none; the CLI copies
+    the user's file) states every default, so a run reading it back would otherwise name keys
+    its author never wrote."""
     d, p = cfg.data, cfg.privacy
 
     def written(key: str) -> bool:
