@@ -12,6 +12,11 @@ Two exact ways to clip per-sample gradients, with the same privacy guarantee:
   LayerNorm, GroupNorm, Embedding): exact per-sample gradients, then the same clipping and
   noise. Slower; chosen automatically (with a log line) when the fused path does not apply.
 
+Both clip a per-sample gradient to C whose squared norm, or one of whose entries (a weight
+gradient ``g_k a_j`` of finite ``g`` and ``a``), overflows the float range: the fused path
+from its factors (:func:`fused_clip_factors`), Opacus's by recomputing that sample with its
+loss scaled by a power of two (:func:`clip_overflowing_rows`).
+
 Fused-path caveat: a Linear's parameters must be used only through that module's forward
 (a weight also used directly elsewhere, e.g. ``x @ fc.weight.T``, would contribute gradient
 the hooks do not see: the written gradient is then still clipped and noised — privacy holds
@@ -111,15 +116,137 @@ def clip_factors(sq_norms: Tensor, max_norm: float | Tensor,
     broadcasting to ``sq_norms`` (a bound per row). When every squared norm is finite this
     costs one ``isfinite().all()`` check.
     """
+    factors, _ = _factors_and_exact(sq_norms, max_norm, exact_norms)
+    return factors
+
+
+def _factors_and_exact(sq_norms: Tensor, max_norm: float | Tensor,
+                       exact_norms: Callable[[tuple[Tensor, ...]], Tensor]
+                       ) -> tuple[Tensor, tuple[tuple[Tensor, ...], Tensor] | None]:
+    """:func:`clip_factors`, and the float64 factors of the non-finite squared norms with
+    their index (None where every squared norm is finite)."""
     factors = (max_norm / (sq_norms.sqrt() + _NORM_EPS)).clamp(max=1.0)
     finite = torch.isfinite(sq_norms)
     if bool(finite.all()):
-        return factors
+        return factors, None
     where = (~finite).nonzero(as_tuple=True)
     bound = torch.as_tensor(max_norm, dtype=torch.float64, device=sq_norms.device)
     bound = bound.expand(sq_norms.shape)[where]
     exact = (bound / (exact_norms(where).to(torch.float64) + _NORM_EPS)).clamp(max=1.0)
-    return factors.index_put(where, exact.to(factors.dtype))
+    return factors.index_put(where, exact.to(factors.dtype)), (where, exact)
+
+
+def fused_clip_factors(sq_norms: Tensor, max_norm: float | Tensor,
+                       exact_norms: Callable[[tuple[Tensor, ...]], Tensor]
+                       ) -> tuple[Tensor, tuple[tuple[Tensor, ...], Tensor] | None]:
+    """:func:`clip_factors` for the fused paths, which scale each sample's backpropagated
+    values ``G`` by its factor: where the float64 factor is positive but below the smallest
+    normal number of ``sq_norms``'s dtype (a gradient norm beyond ``C / tiny``, e.g. a weight
+    gradient entry ``g_k a_j`` that overflows), a factor in that dtype would lose its digits
+    or be 0 (the sample dropped). Those samples get the factor 0 here, and ``(where,
+    factor64)`` is returned for the caller to add ``factor64 * g a^T`` computed in float64
+    (:func:`float64_linear_terms`). Every other factor is :func:`clip_factors`'s, the same bits.
+    """
+    factors, exact = _factors_and_exact(sq_norms, max_norm, exact_norms)
+    if exact is None:
+        return factors, None
+    where, f64 = exact
+    tiny = (f64 > 0) & (f64 < torch.finfo(factors.dtype).tiny)
+    if not bool(tiny.any()):
+        return factors, None
+    where = tuple(w[tiny] for w in where)
+    return factors.index_put(where, torch.zeros((), dtype=factors.dtype)), (where, f64[tiny])
+
+
+def float64_linear_terms(a3: Tensor, g3: Tensor, factor: Tensor, has_weight: bool,
+                         has_bias: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The sum over samples of a Linear's clipped weight and bias gradients, computed in
+    float64 and returned in ``a3``'s dtype: ``sum_i factor_i sum_t g_it a_it^T`` and
+    ``sum_i factor_i sum_t g_it``, for ``a3`` (n, T, in), ``g3`` (n, T, out) and float64
+    ``factor`` (n,) (:func:`fused_clip_factors`'s)."""
+    g = g3.to(torch.float64) * factor[:, None, None]
+    weight = torch.einsum("nto,nti->oi", g, a3.to(torch.float64)).to(a3.dtype) if has_weight \
+        else None
+    bias = g.sum(dim=(0, 1)).to(a3.dtype) if has_bias else None
+    return weight, bias
+
+
+#: The powers of two a sample's loss is multiplied by, mildest first, when its per-sample
+#: gradient has an entry beyond the float range although every activation and backpropagated
+#: value is finite (a weight gradient ``g_k a_j``). The backward pass is linear in the loss, so
+#: the gradient comes out multiplied by exactly that power (only parts below the smallest
+#: normal float after scaling are lost, far below the largest entry's rounding).
+LOSS_SCALES = (2.0**-32, 2.0**-64, 2.0**-96, 2.0**-128)
+
+
+def rescaled_gradient(gradient: Callable[[float], list[Tensor]]
+                      ) -> tuple[list[Tensor], float] | None:
+    """``(gradient(s), s)`` for the first scale ``s`` of :data:`LOSS_SCALES` where every piece
+    of ``gradient(s)`` (one sample's gradient, its loss multiplied by ``s``) is finite, or None:
+    how a per-sample autograd reference gets a gradient whose entries overflow, as
+    :func:`clip_overflowing_rows` gets it."""
+    for scale in LOSS_SCALES:
+        pieces = gradient(scale)
+        if all(bool(torch.isfinite(g).all()) for g in pieces):
+            return pieces, scale
+    return None
+
+
+def clip_overflowing_rows(parts: list[Tensor], sq_norms: Tensor, max_norm: float | Tensor,
+                          recompute: Callable[[Tensor, float], list[Tensor]]) -> Tensor:
+    """Clip in float64, in place, the per-sample gradients that a factor in their dtype cannot
+    clip; return ``sq_norms`` with their squared norms set to 0 (so :func:`clip_factors` gives
+    them the factor 1, leaving them as they are). Only rows whose squared norm is not finite
+    are looked at; every other row, and its bits, stay as they are.
+
+    ``parts``: the per-sample gradients as pieces, each ``(n, d_j)`` (a row of each is one
+    sample's). ``sq_norms`` (n,): their squared norms. ``max_norm`` (C): a float or a tensor
+    broadcasting to ``sq_norms``. ``recompute(index, scale)``: the pieces of the samples
+    ``index`` (int64) with each sample's loss multiplied by ``scale``.
+
+    - A row with an entry beyond the float range (a weight gradient ``g_k a_j`` of finite
+      ``g`` and ``a``): the sample's gradient is recomputed at the first scale ``s`` of
+      :data:`LOSS_SCALES` where it comes out finite, and the row becomes ``grad * min(1, C /
+      (||grad|| + 1e-6))`` with ``||grad|| = ||s * grad|| / s`` (float64, without overflow):
+      the sample clipped to norm C as a finite one is. A row non-finite at every scale (or
+      with a NaN entry that scaling does not mend) stays as it is (its sum is not finite).
+    - A row with finite entries whose float64 factor is below the smallest normal number of
+      its dtype (a norm beyond ``C / tiny``): the row becomes ``grad * factor`` computed in
+      float64, as the fused paths add it (:func:`fused_clip_factors`).
+    """
+    rows = (~torch.isfinite(sq_norms)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return sq_norms
+    bound = torch.as_tensor(max_norm, dtype=torch.float64, device=sq_norms.device)
+    bound = bound.expand(sq_norms.shape)
+    tiny = torch.finfo(sq_norms.dtype).tiny
+    done = []
+
+    def clip(index: Tensor, pieces: list[Tensor], scale: float) -> None:
+        norms = overflow_safe_row_norms(pieces) / scale
+        factor = (bound[index] / (norms + _NORM_EPS)).clamp(max=1.0) / scale
+        for p, g in zip(parts, pieces, strict=True):
+            p[index] = (g * factor[:, None]).to(p.dtype)
+        done.append(index)
+
+    entries_finite = torch.stack([torch.isfinite(p[rows]).all(dim=1) for p in parts]).all(dim=0)
+    held = rows[entries_finite]
+    if held.numel():
+        pieces = [p[held].to(torch.float64) for p in parts]
+        factor = bound[held] / (overflow_safe_row_norms(pieces) + _NORM_EPS)
+        small = (factor > 0) & (factor < tiny)
+        if bool(small.any()):
+            clip(held[small], [g[small] for g in pieces], 1.0)
+    bad = rows[~entries_finite]
+    for scale in LOSS_SCALES:
+        if bad.numel() == 0:
+            break
+        got = recompute(bad, scale)
+        ok = torch.stack([torch.isfinite(g).all(dim=1) for g in got]).all(dim=0)
+        if bool(ok.any()):
+            clip(bad[ok], [g[ok].to(torch.float64) for g in got], scale)
+        bad = bad[~ok]
+    return sq_norms.index_fill(0, torch.cat(done), 0.0) if done else sq_norms
 
 
 def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) -> Tensor:
@@ -378,7 +505,7 @@ class DPSGD:
         if batch == 0:
             self._write_noise()
         elif self.mode == "fused":
-            layers, factors = self._fused_pass(x, y, loss_fn)
+            layers, factors, tiny = self._fused_pass(x, y, loss_fn)
             self._write_noise()
             with torch.no_grad():
                 for cap, a2, g2 in layers:
@@ -387,6 +514,11 @@ class DPSGD:
                         cap.weight.grad.addmm_(gc.T, a2, alpha=scale)
                     if cap.bias is not None:
                         cap.bias.grad.add_(gc.sum(dim=0), alpha=scale)
+                for cap, weight, bias in self._float64_terms(layers, tiny, batch):
+                    if weight is not None:
+                        cap.weight.grad.add_(weight, alpha=scale)
+                    if bias is not None:
+                        cap.bias.grad.add_(bias, alpha=scale)
         else:
             sums = self._opacus_clipped_sum(x, y, loss_fn)
             self._write_noise()
@@ -432,7 +564,7 @@ class DPSGD:
             return [torch.zeros_like(p) for p in self._params]
         if self.mode == "opacus":
             return self._opacus_clipped_sum(x, y, loss_fn)
-        layers, factors = self._fused_pass(x, y, loss_fn)
+        layers, factors, tiny = self._fused_pass(x, y, loss_fn)
         by_param: dict[int, Tensor] = {}
         with torch.no_grad():
             for cap, a2, g2 in layers:
@@ -441,6 +573,11 @@ class DPSGD:
                     by_param[id(cap.weight)] = gc.T @ a2
                 if cap.bias is not None:
                     by_param[id(cap.bias)] = gc.sum(dim=0)
+            for cap, weight, bias in self._float64_terms(layers, tiny, int(x.shape[0])):
+                if weight is not None:
+                    by_param[id(cap.weight)] += weight
+                if bias is not None:
+                    by_param[id(cap.bias)] += bias
         return [by_param[id(p)] if id(p) in by_param else torch.zeros_like(p)
                 for p in self._params]
 
@@ -473,9 +610,24 @@ class DPSGD:
             )
         return losses
 
+    @staticmethod
+    def _float64_terms(layers: list[tuple[_LinearCapture, Tensor, Tensor]],
+                       tiny: tuple[Tensor, Tensor] | None, batch: int
+                       ) -> list[tuple[_LinearCapture, Tensor | None, Tensor | None]]:
+        """Each layer's clipped (weight, bias) gradient sum over the samples ``tiny`` holds
+        (index, float64 factor; see :func:`fused_clip_factors`), computed in float64."""
+        if tiny is None:
+            return []
+        index, f64 = tiny
+        return [(cap, *float64_linear_terms(
+            a2.reshape(batch, -1, a2.shape[-1])[index], g2.reshape(batch, -1, g2.shape[-1])[index],
+            f64, cap.weight is not None, cap.bias is not None)) for cap, a2, g2 in layers]
+
     def _fused_pass(self, x: Tensor, y: Tensor, loss_fn: LossFn
-                    ) -> tuple[list[tuple[_LinearCapture, Tensor, Tensor]], Tensor]:
-        """Forward + backward to the Linear outputs; per-layer (A, G) and clip factors (B, 1).
+                    ) -> tuple[list[tuple[_LinearCapture, Tensor, Tensor]], Tensor,
+                               tuple[Tensor, Tensor] | None]:
+        """Forward + backward to the Linear outputs; per-layer (A, G), clip factors (B, 1) and
+        the samples whose factor only float64 holds (index, factor; :func:`fused_clip_factors`).
 
         A and G are returned flattened to (B*T, in) and (B*T, out), where T is the number of
         positions per sample (1 for plain 2-D inputs; calls of a layer reused in one forward
@@ -551,8 +703,8 @@ class DPSGD:
                 (a2.reshape(batch, -1, a2.shape[-1])[index], g2.reshape(batch, -1, g2.shape[-1])[index],
                  cap.weight is not None, cap.bias is not None) for cap, a2, g2 in layers])
 
-        factors = clip_factors(sq_norms, self.max_grad_norm, overflow_norms)
-        return layers, factors[:, None]
+        factors, tiny = fused_clip_factors(sq_norms, self.max_grad_norm, overflow_norms)
+        return layers, factors[:, None], None if tiny is None else (tiny[0][0], tiny[1])
 
     @staticmethod
     def _layer_sq_norms(cap: _LinearCapture, a3: Tensor, g3: Tensor) -> Tensor:
@@ -600,6 +752,28 @@ class DPSGD:
         if not self.model.training:
             raise DPSGDError("the Opacus per-sample path needs the model in train mode"
                              " (model.train())")
+        samples = self._opacus_per_sample(x, y, loss_fn)
+        sq = torch.zeros(batch, dtype=samples[0].dtype, device=samples[0].device)
+        for gs in samples:
+            sq += gs.reshape(batch, -1).pow(2).sum(dim=1)
+        if not bool(torch.isfinite(sq).all()):
+            flat = [gs.reshape(batch, -1) for gs in samples]
+
+            def scaled(index: Tensor, scale: float) -> list[Tensor]:
+                return [gs.reshape(index.shape[0], -1) for gs in self._opacus_per_sample(
+                    x[index], y[index], loss_fn, scale)]
+
+            sq = clip_overflowing_rows(flat, sq, self.max_grad_norm, scaled)
+            samples = [f.reshape(gs.shape) for f, gs in zip(flat, samples, strict=True)]
+        factors = clip_factors(sq, self.max_grad_norm, lambda where: overflow_safe_row_norms(
+            [gs.reshape(batch, -1)[where] for gs in samples]))
+        return [torch.tensordot(factors, gs, dims=1) for gs in samples]
+
+    def _opacus_per_sample(self, x: Tensor, y: Tensor, loss_fn: LossFn,
+                           scale: float | None = None) -> list[Tensor]:
+        """Opacus's per-sample gradients (batch, *p.shape) of every trainable parameter, of the
+        losses multiplied by ``scale`` if given."""
+        batch = int(x.shape[0])
         self._reset_opacus_state()
         self._gsm.enable_hooks()
         try:
@@ -609,6 +783,8 @@ class DPSGD:
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 out = self._gsm(x)
                 losses = self._per_sample_losses(out, y, loss_fn, batch)
+                if scale is not None:
+                    losses = losses * scale
                 torch.autograd.grad(losses.sum(), self._params, allow_unused=True)
             samples = []
             for p in self._params:
@@ -621,12 +797,7 @@ class DPSGD:
         finally:
             self._gsm.disable_hooks()
             self._reset_opacus_state()
-        sq = torch.zeros(batch, dtype=samples[0].dtype, device=samples[0].device)
-        for gs in samples:
-            sq += gs.reshape(batch, -1).pow(2).sum(dim=1)
-        factors = clip_factors(sq, self.max_grad_norm, lambda where: overflow_safe_row_norms(
-            [gs.reshape(batch, -1)[where] for gs in samples]))
-        return [torch.tensordot(factors, gs, dims=1) for gs in samples]
+        return samples
 
     def _write_noise(self) -> None:
         """Fill every trainable ``.grad`` in place with N(0, (sigma C / B_expected)^2) noise.

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from privacy.dpsgd import DPSGD, poisson_sample
+from privacy.dpsgd import DPSGD, poisson_sample, rescaled_gradient
 from privacy.noise import NoiseSource
 from secure_fedora.learning.tasks import Task
 
@@ -294,17 +294,25 @@ def check_per_sample_gradients(dpsgd: DPSGD, loss: Any, x: Tensor, y: Tensor) ->
         expected = [torch.zeros_like(p) for p in params]
         largest = 0.0
         for i in range(int(x.shape[0])):
-            with torch.enable_grad(), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                grads = torch.autograd.grad(loss(model(x[i:i + 1]), y[i:i + 1]).sum(), params,
-                                            allow_unused=True)
-            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
+            def row_gradient(scale: float | None = None, i: int = i) -> list[Tensor]:
+                with torch.enable_grad(), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    total = loss(model(x[i:i + 1]), y[i:i + 1]).sum()
+                    grads = torch.autograd.grad(total if scale is None else total * scale,
+                                                params, allow_unused=True)
+                return [g if g is not None else torch.zeros_like(p)
+                        for g, p in zip(grads, params, strict=True)]
+
+            grads, scale = row_gradient(), 1.0
             norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+            if not math.isfinite(norm):  # an entry overflows: DP-SGD scales the loss
+                grads, scale = rescaled_gradient(row_gradient) or (grads, 1.0)
+                norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) / scale
             if not math.isfinite(norm):  # no layer is at fault: the numbers overflow
                 raise DPSGDError(f"the loss's gradient on probe row {i} of the training data is "
                                  f"not finite (its norm is {norm}) before training{_TOO_LARGE}")
             largest = max(largest, norm)
-            factor = min(1.0, dpsgd.max_grad_norm / (norm + 1e-6))
+            factor = min(1.0, dpsgd.max_grad_norm / (norm + 1e-6)) / scale
             for e, g in zip(expected, grads, strict=True):
                 e.add_(g, alpha=factor)
         for (pname, _), a, b in zip(((dpsgd._param_names[id(p)], p) for p in params), got, expected,

@@ -395,6 +395,62 @@ def test_a_finite_gradient_whose_squared_norm_overflows_is_clipped_to_c_not_drop
     torch.testing.assert_close(together, rest + alone, atol=1e-5, rtol=1e-5)
 
 
+def _overflowing_entry_model() -> nn.Sequential:
+    """Linear -> Tanh -> Linear whose first weight's columns cancel on a row ``(v, v)`` (the
+    tanh is not saturated there, whatever ``v``) and whose last weight is 1e10: on the row
+    ``(1e30, 1e30)`` the backpropagated value 1e10 and the input 1e30 are finite, their
+    product, a weight-gradient entry, is not in float32."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight[:, 1] = -model[0].weight[:, 0]
+        model[2].weight.mul_(1e10)
+    return model
+
+
+def _clipped_in_float64(model: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
+    """Sum of the per-sample autograd gradients, each clipped to ``clip``, all in float64."""
+    import copy
+
+    wide = copy.deepcopy(model).double()
+    total = torch.zeros(sum(p.numel() for p in wide.parameters()), dtype=torch.float64)
+    for i in range(x.shape[0]):
+        g = _flat(torch.autograd.grad(CE(wide(x[i:i + 1].double()), y[i:i + 1]).sum(),
+                                      list(wide.parameters())))
+        total += g * min(1.0, clip / (float(g.norm()) + 1e-6))
+    return total
+
+
+@pytest.mark.parametrize("mode", ["fused", "opacus"])
+@pytest.mark.parametrize("big", [1e30, 1e36])
+def test_a_gradient_entry_that_overflows_float32_is_clipped_to_c_by_both_paths(mode, big):
+    """A sample whose weight-gradient entry ``g_k a_j`` overflows float32 (finite ``g`` and
+    ``a``): Opacus formed it as inf and the clipped sum was NaN (the step refused), while the
+    fused path clipped it with a float32 factor below 1e-38 (digits lost at 1e30; 0 at 1e36,
+    the sample dropped). Both paths now add it at norm C in its direction, as per-sample
+    autograd in float64 clips it; the other samples are unchanged."""
+    model = _overflowing_entry_model()
+    x, y = _data(5, shape=(2,), classes=3)
+    x[3] = big
+    with torch.no_grad():  # a label the model gets wrong: a loss gradient that is not 0
+        y[3] = model(x[3:4]).argmin()
+    raw = torch.autograd.grad(CE(model(x[3:4]), y[3:4]).sum(), list(model.parameters()))
+    assert not bool(torch.isfinite(raw[0]).all()) and bool(torch.isfinite(raw[2]).all())
+    clip = 0.5
+    dp = DPSGD(model, clip, 1.0, 5, ReproducibleNoise(0), mode=mode)
+    alone = _flat(dp.clipped_gradient_sum(x[3:4], y[3:4], CE))
+    assert float(alone.norm()) == pytest.approx(clip, rel=1e-5)
+    together = _flat(dp.clipped_gradient_sum(x, y, CE))
+    torch.testing.assert_close(together, _clipped_in_float64(model, x, y, clip), atol=1e-6,
+                               rtol=1e-5)
+    others = [0, 1, 2, 4]
+    rest = _flat(dp.clipped_gradient_sum(x[others], y[others], CE))
+    torch.testing.assert_close(together, rest + alone, atol=1e-6, rtol=1e-5)
+    model.zero_grad()
+    dp.private_gradient(x, y, CE)  # the released step: finite, the same clipped sum plus noise
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
 def test_the_clip_factor_of_finite_squared_norms_is_the_plain_formula_bit_for_bit():
     """Only non-finite squared norms take the overflow-safe route: every other factor is the
     float32 ``(C / (sqrt(sq) + 1e-6)).clamp(max=1)`` itself (released bits unchanged)."""

@@ -140,6 +140,26 @@ def test_gradients_that_overflow_are_named_as_such_not_as_an_unsupported_layer()
         check_per_sample_gradients(dpsgd, task.checked, x, y)
 
 
+def test_a_probe_row_whose_gradient_entry_overflows_float32_passes_the_check():
+    """A probe row whose weight-gradient entry ``g_k a_j`` overflows float32 (input 1e30,
+    backpropagated value 1e10, both finite) was refused as "too large for float32" (per-sample
+    autograd forms the entry as inf). Both DP paths clip it to C, and the check's reference
+    clips it as they do (its loss scaled by a power of two), so the check passes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
+    with torch.no_grad():  # the tanh is not saturated on (v, v); a backprop of 1e10 into it
+        model[0].weight[:, 1] = -model[0].weight[:, 0]
+        model[2].weight.mul_(1e10)
+    task = resolve_task("cross_entropy", False)
+    x, y = torch.randn(3, 2), torch.tensor([0, 1, 2])
+    x[1] = 1e30
+    with torch.no_grad():
+        y[1] = model(x[1:2]).argmin()
+    for mode in ("fused", "opacus"):
+        check_per_sample_gradients(DPSGD(model, 0.5, 1.0, 3.0, ReproducibleNoise(0), mode=mode),
+                                   task.checked, x, y)
+
+
 class _WeightUsedByHand(nn.Module):
     """``b.weight`` is used by its layer and again by hand (``h @ b.weight.T``): per-sample
     hooks see only the layer's call."""
