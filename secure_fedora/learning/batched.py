@@ -46,7 +46,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from privacy.dpsgd import clip_factors, overflow_safe_linear_norms, poisson_sample
+from privacy.dpsgd import (
+    clip_factors,
+    clip_overflowing_rows,
+    float64_linear_terms,
+    fused_clip_factors,
+    overflow_safe_linear_norms,
+    poisson_sample,
+    rescaled_gradient,
+)
 from privacy.mechanisms import overflow_safe_row_norms
 from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.client import (
@@ -403,10 +411,19 @@ def _probe_engine(flat: FlatModel, oracle: Any, kind: str, plan: BatchedPlan, x:
                 if kind == "dp":
                     want = torch.zeros_like(base)
                     for b in range(xr.shape[0]):
-                        out = torch.func.functional_call(flat.module, params, (xr[b:b + 1],))
-                        grads = torch.autograd.grad(loss(out, yr[b:b + 1]).sum(), list(params.values()))
-                        g = torch.cat([v.reshape(-1) for v in grads])
-                        want += g * min(1.0, clip / (float(g.double().norm()) + _NORM_EPS))
+                        def sample_grad(scale: float | None = None, xb: Tensor = xr[b:b + 1],
+                                        yb: Tensor = yr[b:b + 1],
+                                        named: dict[str, Tensor] = params) -> list[Tensor]:
+                            total = loss(torch.func.functional_call(flat.module, named, (xb,)), yb).sum()
+                            grads = torch.autograd.grad(total if scale is None else total * scale,
+                                                        list(named.values()))
+                            return [torch.cat([v.reshape(-1) for v in grads])]
+
+                        (g,), scale = sample_grad(), 1.0
+                        if not bool(torch.isfinite(g).all()):  # an entry overflows: as DP-SGD
+                            (g,), scale = rescaled_gradient(sample_grad) or ([g], 1.0)
+                        norm = float(g.double().norm()) / scale
+                        want += g * (min(1.0, clip / (norm + _NORM_EPS)) / scale)
                 else:
                     out = torch.func.functional_call(flat.module, params, (xr,))
                     grads = torch.autograd.grad(loss(out, yr).mean(), list(params.values()))
@@ -606,9 +623,19 @@ def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, v
             (a[where].unsqueeze(1), gl[where].unsqueeze(1), True, layer[3] is not None)
             for layer, (a, gl) in reversed(list(zip(linears, pairs, strict=True)))])
 
-    factors = clip_factors(sq, clip, overflow_norms)
+    factors, tiny = fused_clip_factors(sq, clip, overflow_norms)
     for layer, (a, gl) in zip(linears, pairs, strict=True):
         _write_linear(layer, out, a, gl * factors.unsqueeze(2), work=work)
+    if tiny is not None:  # samples whose factor only float64 holds: added in float64
+        (client, at), f64 = tiny
+        for layer, (a, gl) in zip(linears, pairs, strict=True):
+            _, w_off, (d_out, d_in), b_off = layer
+            for c, sample, f in zip(client.tolist(), at.tolist(), f64.unsqueeze(1), strict=True):
+                weight, bias = float64_linear_terms(a[c, sample][None, None], gl[c, sample][None, None],
+                                                    f, True, b_off is not None)
+                out[c, w_off:w_off + d_out * d_in] += weight.reshape(-1)
+                if bias is not None:
+                    out[c, b_off:b_off + d_out] += bias
 
 
 def _reads_raw_input(plan: BatchedPlan) -> bool:
@@ -671,12 +698,43 @@ def _vmap_clipped_sum(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tenso
         kk = grads[0].shape[0]
         flat_grads = [g.reshape(kk, width, -1) for g in grads]
         sq = sum((g * g).sum(dim=2) for g in flat_grads)
+        if not bool(torch.isfinite(sq).all()):
+            flat_grads, sq = _clip_overflowing(flat, plan, rows[part], x[part], y[part], x[first],
+                                               loss, flat_grads, sq, clip[part])
         factors = clip_factors(sq, clip[part], lambda where, fg=flat_grads: overflow_safe_row_norms(
             [g[where] for g in fg])) * valid[part]
         offset = 0
         for g, size in zip(flat_grads, flat.sizes, strict=True):
             torch.bmm(factors.unsqueeze(1), g, out=out[part, offset:offset + size].unsqueeze(1))
             offset += size
+
+
+def _clip_overflowing(flat: FlatModel, plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor,
+                      sample: Tensor, loss: Callable[[Tensor, Tensor], Tensor],
+                      grads: list[Tensor], sq: Tensor, clip: Tensor) -> tuple[list[Tensor], Tensor]:
+    """:func:`privacy.dpsgd.clip_overflowing_rows` for the vmap engine's per-sample gradients
+    ``grads`` (each (k, B, d)) of the clients ``rows`` (k, P) on ``x``/``y`` (k, B, ...): a
+    sample's gradient with an entry beyond the float range is recomputed with its loss scaled
+    and replaced by its clipped value, as the loop's Opacus path does. Returns the gradients
+    and their squared norms (0 where replaced)."""
+    module, names = flat.module, plan.names
+    k, width = sq.shape
+    pieces = [g.reshape(k * width, -1) for g in grads]
+
+    def scaled(index: Tensor, scale: float) -> list[Tensor]:
+        def sample_loss(params: tuple[Tensor, ...], xi: Tensor, yi: Tensor) -> Tensor:
+            logits = torch.func.functional_call(module, dict(zip(names, params, strict=True)),
+                                                (xi.unsqueeze(0),))
+            return loss(logits, yi.unsqueeze(0)).sum() * scale
+
+        client, at = index // width, index % width
+        params = tuple(v.detach()[client] for v in _row_views(flat, rows))
+        with torch.no_grad(), _vmap_pass(module, sample):
+            got = torch.vmap(torch.func.grad(sample_loss))(params, x[client, at], y[client, at])
+        return [g.reshape(index.shape[0], -1) for g in got]
+
+    sq = clip_overflowing_rows(pieces, sq.reshape(-1), clip.expand(k, width).reshape(-1), scaled)
+    return [p.reshape(k, width, -1) for p in pieces], sq.reshape(k, width)
 
 
 # ---------------------------------------------------------------------------- the trainer

@@ -4,6 +4,7 @@ Tolerance: rows after one local run agree to atol 1e-5 (rtol 1e-4); the differen
 rounding from summing the same products in another order (batched matmuls).
 """
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from privacy.dpsgd import DPSGD
 from privacy.noise import ReproducibleNoise
 from secure_fedora.learning.batched import (
     BatchedTrainingError,
@@ -849,3 +851,61 @@ def test_dp_clips_a_finite_gradient_whose_squared_norm_overflows_to_c_in_both_en
     local_train(flat, loop[0], x, y, cfg, oracle, torch.Generator(), Workspace.for_size(flat.num_params))
     torch.testing.assert_close((batched - start)[0].double(), want, atol=1e-6, rtol=1e-4)
     _assert_rows_close(batched, loop)
+
+
+class _TwoLinears(nn.Module):
+    """Linear -> Tanh -> Linear, not a Sequential: the batched engine trains it by vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(2, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("at", [4, 0], ids=["after-the-probe-rows", "a-probe-row"])
+@pytest.mark.parametrize("engine", ["linear", "vmap", "loop-fused", "loop-opacus"])
+def test_dp_clips_a_gradient_entry_that_overflows_float32_alike_in_every_engine(engine, at):
+    """A record whose weight-gradient entry ``g_k a_j`` overflows float32 (input 1e36,
+    backpropagated value 1e10, both finite): the vmap engine and Opacus formed it as inf and
+    the update was refused as non-finite, while the fused paths (the linear engine, the loop's
+    fused DP-SGD) gave it a float32 factor of 0 and dropped it. Every engine now adds it at
+    norm C in its direction: the step is the per-sample float64 autograd gradients, each
+    clipped; a probe row that overflows does not send the run to the loop."""
+    torch.manual_seed(0)
+    module = (nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
+              if engine == "linear" else _TwoLinears())
+    with torch.no_grad():  # the tanh is not saturated on (v, v); a backprop of 1e10 into it
+        weights = list(module.parameters())
+        weights[0][:, 1] = -weights[0][:, 0]
+        weights[2].mul_(1e10)
+    flat = FlatModel(module)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 2, generator=g), torch.randint(0, 3, (6,), generator=g)
+    x[at] = 1e36
+    clip = 0.5
+    start = torch.cat([p.detach().reshape(-1) for p in flat.params]).unsqueeze(0)
+    bound = flat.bind(start[0].clone())
+    with torch.no_grad():  # a label the model gets wrong: a loss gradient that is not 0
+        y[at] = bound(x[at:at + 1]).argmin()
+    wide = copy.deepcopy(bound).double()
+    want = torch.zeros(flat.num_params, dtype=torch.float64)
+    for i in range(6):
+        loss = nn.functional.cross_entropy(wide(x[i:i + 1].double()), y[i:i + 1])
+        grad = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(wide.parameters()))])
+        want += grad * min(1.0, clip / (float(grad.norm()) + 1e-6))
+    want = -want / 6  # lr 1, divided by q * n = 6
+    oracle = DPGradient(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0))
+    if engine == "loop-opacus":
+        oracle.dpsgd.close()
+        oracle.dpsgd = DPSGD(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0), mode="opacus")
+    cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=6, local_epochs=1)
+    theta = start.clone()
+    job = ClientJob(0, theta[0], x, y, torch.Generator(), noise=ReproducibleNoise(3),
+                    noise_multiplier=1e-9)
+    outcome = train_clients(flat, cfg, oracle, [job],
+                            engine="loop" if engine.startswith("loop") else "auto")
+    assert outcome.engine == engine.split("-")[0], outcome.reason
+    assert outcome.steps == {0: 1}
+    torch.testing.assert_close((theta - start)[0].double(), want, atol=1e-6, rtol=1e-5)
