@@ -275,7 +275,7 @@ def split_audit(scores: Tensor, member: Tensor, delta: float, confidence: float 
     if not bool(torch.isfinite(scores).all()):
         raise CanaryAuditError("scores contain NaN or infinite values")
     check_open_fraction(calibration_fraction, "calibration_fraction", CanaryAuditError)
-    check_seed(seed, CanaryAuditError)
+    check_seed(seed, CanaryAuditError, flag=API_AUDIT_OPTIONS["seed"])
     m = scores.shape[0]
     perm = torch.randperm(m, generator=torch.Generator().manual_seed(seed))
     n_cal = int(round(calibration_fraction * m))
@@ -367,7 +367,9 @@ def make_canaries(kind: str, count: int, seed: int, *,
                                f" ({count_option}), got {count!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise CanaryAuditError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    gen = torch.Generator().manual_seed(check_seed(seed, CanaryAuditError))
+    gen = torch.Generator().manual_seed(
+        check_seed(seed, CanaryAuditError, flag=API_AUDIT_OPTIONS["seed"])
+    )
     if kind == "noise":
         shape = (1, 28, 28) if like is None else tuple(like[0].shape[1:])
         if count * math.prod(shape) > MAX_CANARY_VALUES:
@@ -616,7 +618,7 @@ def run_canary_audit(cfg: ExperimentConfig, *, client_index: int = 0, num_canari
         raise CanaryAuditError(
             f"client_index must be in [0, {cfg.data.num_clients}) ({options['client_index']}),"
             f" got {client_index!r}")
-    check_seed(seed, CanaryAuditError)
+    check_seed(seed, CanaryAuditError, flag=options["seed"])
     # checked again by the bound after training: a bad one must not cost the federation's run
     if isinstance(confidence, bool) or not isinstance(confidence, int | float) \
             or not 0 < confidence < 1:

@@ -32,6 +32,7 @@ import numpy as np
 from scipy import special, stats
 
 from audits.arguments import check_count, check_open_fraction, check_seed
+from audits.options import API_AUDIT_OPTIONS
 from privacy.errors import ToolkitError
 
 __all__ = [
@@ -324,7 +325,7 @@ def split_indices(size: int, calibration_fraction: float,
     canaries (a random permutation from ``seed``, the first ``round(fraction * size)``
     calibrate); both parts non-empty, else :class:`OneRunAuditError`."""
     check_open_fraction(calibration_fraction, "calibration_fraction", OneRunAuditError)
-    check_seed(seed, OneRunAuditError)
+    check_seed(seed, OneRunAuditError, flag=API_AUDIT_OPTIONS["seed"])
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise OneRunAuditError(f"size must be an int >= 0, got {size!r:.80}")
     try:

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from audits.arguments import check_seed
+from audits.options import API_AUDIT_OPTIONS
 from privacy.accounting import MAX_NOISE_MULTIPLIER
 from privacy.errors import ToolkitError
 from privacy.mechanisms import noised_second_moment, top_eigenvectors
@@ -423,7 +424,7 @@ def run_summary_leakage_audit(clients: Sequence[ClientData], *, q: int = 1,
             or not 0 < tau <= sys.float_info.max:  # an int beyond float overflowed
         raise LeakageError(f"tau must be a finite number > 0 (fedora.tau), got {tau!r:.80}")
     tau = float(tau)
-    check_seed(seed, LeakageError)
+    check_seed(seed, LeakageError, flag=API_AUDIT_OPTIONS["seed"])
     plain = plain_summaries(clients, q)
     modes = {"plain": leakage_from_summaries(clients, plain, "plain")}
     shown: float | list[float] | None = None

@@ -204,6 +204,22 @@ def test_cli_canary_errors_name_its_flags(tmp_path, capsys):
     assert "(--canaries), got 2" in capsys.readouterr().err
 
 
+def test_a_bad_seed_names_its_flag_or_argument(tmp_path, capsys):
+    """The seed error names --seed on the command line and seed= in Python, as whitebox's and
+    replay's do."""
+    from secure_fedora.cli import main
+
+    run = canary_run_dir(tmp_path)
+    assert main(["audit", "canary", str(run), "--seed", "-1"]) == 2
+    assert "(--seed), got -1" in capsys.readouterr().err
+    cfg = _cfg(False, rounds=1, lr=0.05)
+    for call in (lambda: run_canary_audit(cfg, seed=-1),
+                 lambda: make_canaries("noise", 10, -1),
+                 lambda: split_audit(torch.randn(40), torch.arange(40) % 2 == 0, 1e-5, seed=-1)):
+        with pytest.raises(CanaryAuditError, match=r"\(the seed= argument\), got -1$"):
+            call()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"confidence": 2.0}, "confidence must be in"), ({"confidence": None}, "confidence must be in"),
     ({"delta": ""}, "delta must be in"), ({"delta": [1e-5]}, "delta must be in"),

@@ -16,6 +16,7 @@ from audits.onerun import (
     one_run_lower_bound,
     one_run_p_value,
     pure_dp_lower_bound,
+    split_indices,
     split_one_run_audit,
 )
 
@@ -125,6 +126,12 @@ def test_wrong_split_arguments_are_one_run_audit_errors_naming_them():
     for fraction in ("0.2", None, math.inf):
         with pytest.raises(OneRunAuditError, match="^calibration_fraction must be in"):
             split_one_run_audit(scores, member, 1e-5, calibration_fraction=fraction)
+
+
+def test_a_bad_seed_names_its_argument():
+    """As the other audits' seed errors name their flag or argument."""
+    with pytest.raises(OneRunAuditError, match=r"\(the seed= argument\), got -1$"):
+        split_indices(10, 0.5, seed=-1)
 
 
 def test_one_run_p_value_refuses_a_delta_outside_0_1_and_a_non_number_epsilon():

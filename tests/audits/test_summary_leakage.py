@@ -156,6 +156,12 @@ def test_wrong_argument_types_are_leakage_errors_naming_them(skewed):
             run_summary_leakage_audit(skewed, clip_norm=1.0, noise_multiplier=sigma)
 
 
+def test_a_bad_seed_names_its_argument(skewed):
+    """As the other audits' seed errors name their flag or argument."""
+    with pytest.raises(LeakageError, match=r"\(the seed= argument\), got -1$"):
+        run_summary_leakage_audit(skewed, seed=-1)
+
+
 def test_wrong_dims_clients_and_labels_are_leakage_errors_naming_them(skewed):
     """A str image_dim or num_classes raised TypeErrors ('can only concatenate str', bincount's
     minlength), a client that is no ClientData an AttributeError, float labels torch's
