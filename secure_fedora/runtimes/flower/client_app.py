@@ -238,7 +238,10 @@ def _client_errors_mode(context: Context) -> str:
 
 def _record_client_error(context: Context, what: str, err: BaseException, sent: str) -> None:
     """Log ``err`` in full (with its traceback) on the node's logger and append it to the
-    node's :data:`CLIENT_ERRORS_LOG`, with the text the server was sent (``sent``)."""
+    node's :data:`CLIENT_ERRORS_LOG`, with the text the server was sent (``sent``). Raises
+    nothing: a text UTF-8 cannot encode (a surrogate-escaped byte) is written with that
+    character escaped (``\\udcff``), and a log that cannot be written is a warning, so that
+    the reply carries ``sent`` and nothing of the failure."""
     log.error("%s: %s: %s (the server was sent: %s)", what, type(err).__name__, err, sent,
               exc_info=err)
     state_dir = context.node_config.get("state-dir")
@@ -250,10 +253,13 @@ def _record_client_error(context: Context, what: str, err: BaseException, sent: 
     try:
         folder = Path(state_dir) / "runs" / str(_run_id(context))
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / CLIENT_ERRORS_LOG, "a", encoding="utf-8") as f:
+        with open(folder / CLIENT_ERRORS_LOG, "a", encoding="utf-8",
+                  errors="backslashreplace") as f:
             f.write(entry)
-    except OSError as io_err:  # the logger has it; the reply must still leave
-        log.warning("cannot append to %s in %s: %s", CLIENT_ERRORS_LOG, state_dir, io_err)
+    except (OSError, ValueError) as io_err:  # the logger has it; the reply must still leave
+        # (ValueError: e.g. a NUL in the node config's state-dir)
+        log.warning("cannot append to %s in %s: %s: %s", CLIENT_ERRORS_LOG, state_dir,
+                    type(io_err).__name__, io_err)
 
 
 def _withholding(handler: Callable[[Message, Context], Message]

@@ -238,20 +238,27 @@ def client_error_text(err: BaseException, mode: str) -> str:
     whether asking again can pass (:func:`deterministic_class`): ``[refuses again: <class>]``
     (one of :data:`DETERMINISTIC_CLIENT_ERRORS`) for an error of a subclass of one of them or
     wrapping one (a plug-in's), ``[may pass if asked again]`` for one of them that wraps a
-    transient error (:data:`TRANSIENT_CLIENT_ERRORS`)."""
+    transient error (:data:`TRANSIENT_CLIENT_ERRORS`). The text is valid UTF-8 in either mode
+    (a surrogate-escaped byte, e.g. of a file name, is written ``\\udcff``): Flower cannot
+    send a reason or record that is not, and the reply would never leave."""
     from secure_fedora.learning.client import PULL_DIVERGED
 
     name = type(err).__name__
     tag = _verdict_tag(err)
     if mode == "full":
-        return f"{name}{tag}: {err}"
+        return _sendable(f"{name}{tag}: {err}")
     cause = err.__cause__
     if cause is not None:
         name += f" (from {type(cause).__name__})"
     name += tag
     if pull_diverged(err):
-        return f"{name} ({PULL_DIVERGED}; {WITHHELD_DETAILS})"
-    return f"{name} ({WITHHELD_DETAILS})"
+        return _sendable(f"{name} ({PULL_DIVERGED}; {WITHHELD_DETAILS})")
+    return _sendable(f"{name} ({WITHHELD_DETAILS})")
+
+
+def _sendable(text: str) -> str:
+    """``text`` with every character UTF-8 cannot encode (a lone surrogate) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def pull_diverged(err: BaseException) -> bool:

@@ -711,3 +711,77 @@ def test_a_plug_in_error_wrapping_a_data_error_stops_the_run_at_once(
         server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
     assert "sent again" not in capsys.readouterr().out
     assert not (result_dir / "results.json").exists()
+
+
+#: A client's data file whose name is not UTF-8: Python reads it with its byte 0xff escaped as
+#: the lone surrogate U+DCFF (os.fsdecode), which UTF-8 cannot encode.
+UNENCODABLE = b"rows-4711-\xff.csv".decode("utf-8", "surrogateescape")
+
+
+def _dp_config(mode: str | None, **data: Any) -> Any:
+    doc = json.loads(_config(mode, **data).model_dump_json())
+    doc["privacy"] = {"enabled": True, "epsilon": 8.0, "delta": 1e-3}
+    return parse_config(doc)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("node", "sent"), [
+    (None, f"DataError ({WITHHELD})"),
+    ("full", "DataError: label 17 at row 4711 of rows-4711-\\udcff.csv")])
+def test_an_error_text_utf8_cannot_encode_is_answered_as_any_other(
+        tmp_path: Path, node: str | None, sent: str) -> None:
+    """Under DP, a client's error names a file whose name is not UTF-8 (a lone surrogate in
+    its text). Appending it to the node's client-errors.log raised UnicodeEncodeError out of
+    the wrapper that withholds texts, so Flower answered with its own reason,
+    ``<class 'UnicodeEncodeError'>:<'... character '\\udcff' in position 5xx ...'>``: a byte
+    of the name and the text's length reached the server, and the node's log lost the error;
+    with "full" the reason held the surrogate, which Flower cannot serialize, so no reply
+    left. Now the reply is the withheld text (or, with "full", the text with that character
+    escaped) and the log holds the error, its character escaped."""
+    from flwr.common.serde import error_to_proto
+
+    def fails(message: Message, context: Context) -> Message:
+        raise DataError(f"label 17 at row 4711 of {UNENCODABLE}")
+
+    cfg = _dp_config("full")
+    rc = run_config(cfg, tmp_path)
+    state = tmp_path / "node-0"
+    conf = {"partition-id": 0, "state-dir": str(state), **({"client-errors": node} if node else {})}
+    handler = client_app._error_reply(client_app._withholding(fails))
+    reply = handler(Message(RecordDict(), dst_node_id=1, message_type="query.hello"),
+                    Context(42, 1, conf, RecordDict(), rc))
+    assert reply.has_error() and reply.error.reason == sent
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    error_to_proto(reply.error).SerializeToString()  # Flower can send it
+    logged = (state / "runs" / "42" / CLIENT_ERRORS_LOG).read_text(encoding="utf-8")
+    assert "DataError: label 17 at row 4711 of rows-4711-\\udcff.csv" in logged
+
+
+def _unreadable_file(dataset: Any, d: Any, seed: int) -> list[Any]:
+    raise DataError(f"cannot parse row 4711 of {UNENCODABLE}")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_refusal_naming_a_file_utf8_cannot_encode_stops_a_dp_run_with_the_class_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every node's partitioner fails at first contact of a DP run naming a row of a file
+    whose name is not UTF-8. Recording the refusal raised UnicodeEncodeError, whose text (a
+    byte of the name, the length of the log entry) Flower sent instead of the refusal; the
+    server now stops on the withheld refusal and learns no row, byte or length."""
+    PARTITIONERS.register("test-unreadable-file", _unreadable_file)
+    try:
+        cfg = _dp_config(None, partition="test-unreadable-file")
+        result_dir = tmp_path / "res"
+        result_dir.mkdir()
+        rc = run_config(cfg, tmp_path, **{"result-dir": str(result_dir)})
+        grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+        with pytest.raises(DeployError, match=r"refused the run at first contact: DataError "
+                           r"\(details withheld; see the client's own log\) \[client-errors: "
+                           r"withheld\]") as err:
+            server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    finally:
+        PARTITIONERS.unregister("test-unreadable-file")
+    server_saw = str(err.value) + capsys.readouterr().out
+    assert "4711" not in server_saw and "dcff" not in server_saw and "position" not in server_saw
+    assert "row 4711 of rows-4711-\\udcff.csv" in _client_log(tmp_path, 0)
+    assert list(result_dir.iterdir()) == []
