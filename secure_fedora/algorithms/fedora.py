@@ -34,6 +34,8 @@ __all__ = [
     "client_summary",
     "cosine_sums",
     "embed_subproblem",
+    "exact_dots",
+    "joiner_overlaps",
     "propagate",
     "propagate_power",
     "propagation_matrix",
@@ -43,6 +45,7 @@ __all__ = [
     "similarity_matrix",
     "subspace_overlaps",
     "summary_rows",
+    "top_k_lowest_index",
     "topk_graph",
     "topk_graph_from_cosine_sums",
     "topk_graph_from_summaries",
@@ -147,13 +150,165 @@ def _fix_signs(u: Tensor) -> Tensor:
 
 
 def subspace_overlaps(summaries: Tensor) -> Tensor:
-    """All blocks ``U_i^T U_j`` (N x N x q x q) for summaries stacked as (N x d x q)."""
+    """All blocks ``U_i^T U_j`` (N x N x q x q) for summaries stacked as (N x d x q).
+
+    Every entry is :func:`exact_dots`' value for its two columns: it depends on those two
+    columns only, never on N, on the order of the stack or on how a builder splits it into
+    blocks, so every graph builder sees the same overlaps bit for bit (and ``U_i^T U_j`` is
+    exactly the transpose of ``U_j^T U_i``).
+    """
+    u = _checked_summaries(summaries)
+    n, d, q = u.shape
+    v = u.transpose(1, 2).reshape(n * q, d)
+    return _symmetric_exact_gram(v).reshape(n, q, n, q).permute(0, 2, 1, 3).contiguous()
+
+
+def joiner_overlaps(new_summary: Tensor, summaries: Tensor) -> Tensor:
+    """A late joiner's blocks ``U_new^T U_j`` (N x q x q) over the summaries (N x d x q): the
+    same values, bit for bit, as the joiner's row of :func:`subspace_overlaps` of the stack
+    extended by it (both are :func:`exact_dots`)."""
+    if new_summary.dim() == 3 and new_summary.shape[0] == 1:
+        new_summary = new_summary[0]
+    u = _checked_summaries(summaries)
+    if new_summary.dim() != 2 or tuple(new_summary.shape) != tuple(u.shape[1:]):
+        raise RelatednessError(
+            f"new summary {tuple(new_summary.shape)} does not match {tuple(u.shape[1:])}"
+        )
+    new = _checked_summaries(new_summary.unsqueeze(0))[0]
+    n, d, q = u.shape
+    dots = exact_dots(new.T, u.transpose(1, 2).reshape(n * q, d))  # (q, N q)
+    return dots.reshape(q, n, q).permute(1, 0, 2).contiguous()
+
+
+def _checked_summaries(summaries: Tensor) -> Tensor:
     if summaries.dim() != 3:
         raise RelatednessError(f"summaries must be (N, d, q); got shape {tuple(summaries.shape)}")
     if not torch.isfinite(summaries).all():
         raise RelatednessError("summaries contain NaN or infinite values")
-    u = summaries.to(torch.float64)
-    return torch.einsum("idq,jdr->ijqr", u, u)
+    return summaries.to(torch.float64)
+
+
+# The cosines are dot products computed exactly. Each vector is scaled by a power of two to
+# entries in [-1, 1] and split into three fixed-point pieces of _piece_bits(d) bits each
+# (h1 + h2 + h3, each a multiple of 2^(-b), 2^(-2b), 2^(-3b)). The products of two pieces
+# summed over d are integers (in units of their grid) below 2^53, so a matrix product
+# computes them exactly in any summation order, whatever the shapes, the blocking or the
+# threads of the BLAS. The levels h_k . h_l with k + l = 2, 3, 4 (the rest lie below
+# float64's resolution of the result) are then added in one fixed order and rescaled.
+_PIECES = 3
+
+
+def _piece_bits(d: int) -> int:
+    # Level 4 sums 3 d products of at most 2^(2b) units: 2b + log2(3d) <= 53.
+    bits = (53 - math.ceil(math.log2(3 * max(d, 1)))) // 2
+    if bits < 12:
+        raise RelatednessError(f"summaries of dimension {d:,} are too long for exact overlaps")
+    return bits
+
+
+def _split(v: Tensor, bits: int) -> tuple[list[Tensor], Tensor]:
+    """Vectors (M x d) as fixed-point pieces of their scaled values, and each one's exponent."""
+    top = v.abs().amax(dim=1) if v.shape[1] else torch.zeros(v.shape[0], dtype=v.dtype)
+    _, exp = torch.frexp(top)  # top < 2^exp: the scaled entries lie in (-1, 1)
+    exp = torch.where(top > 0, exp, torch.zeros_like(exp)).to(torch.int64)
+    rest = _times_pow2(v, -exp.unsqueeze(1))
+    pieces = []
+    for p in range(1, _PIECES + 1):
+        grid = 2.0 ** (bits * p)
+        piece = torch.round(rest * grid) / grid
+        pieces.append(piece)
+        rest = rest - piece
+    return pieces, exp
+
+
+def _times_pow2(x: Tensor, exp: Tensor) -> Tensor:
+    """``x * 2^exp`` (integer ``exp``, broadcast) in two exact multiplications by powers of
+    two built from their bits, each within float64's normal range."""
+    half = torch.div(exp, 2, rounding_mode="floor")
+    out = x
+    for part in (half, exp - half):
+        out = out * ((part.clamp(-1022, 1023) + 1023) << 52).view(torch.float64)
+    return out
+
+
+def _combine(l2: Tensor, l3: Tensor, l4: Tensor, exp_sum: Tensor) -> Tensor:
+    return _times_pow2(l2 + (l3 + l4), exp_sum)
+
+
+def exact_dots(a: Tensor, b: Tensor) -> Tensor:
+    """Dot products of every row of ``a`` (M x d) with every row of ``b`` (K x d), float64.
+
+    Each entry is a function of its two rows alone (the same bits whatever the shapes,
+    the other rows or the BLAS), within about one float64 rounding of the true dot product
+    (relative to the rows' norms). The kernel of every relatedness cosine.
+    """
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise RelatednessError(
+            f"exact_dots needs (M, d) and (K, d); got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
+    bits = _piece_bits(a.shape[1])
+    pa, ea = _split(a, bits)
+    pb, eb = _split(b, bits)
+    return _levels_mm(_left(pa), _right(pb), ea.unsqueeze(1) + eb.unsqueeze(0))
+
+
+def _left(p: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return p[0], torch.cat([p[0], p[1]], -1), torch.cat([p[0], p[1], p[2]], -1)
+
+
+def _right(p: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    return p[0], torch.cat([p[1], p[0]], -1), torch.cat([p[2], p[1], p[0]], -1)
+
+
+def _levels_mm(left: tuple[Tensor, ...], right: tuple[Tensor, ...], exp_sum: Tensor) -> Tensor:
+    l2, l3, l4 = (x @ y.T for x, y in zip(left, right, strict=True))
+    return _combine(l2, l3, l4, exp_sum)
+
+
+def _symmetric_exact_gram(v: Tensor) -> Tensor:
+    """``exact_dots(v, v)`` in four matrix products instead of six (each level's mixed
+    products are transposes of each other, and their sum is exact)."""
+    bits = _piece_bits(v.shape[1])
+    (h1, h2, h3), e = _split(v, bits)
+    l2 = h1 @ h1.T
+    x = h1 @ h2.T
+    l3 = x + x.T
+    x = h1 @ h3.T
+    l4 = (x + x.T).add_(h2 @ h2.T)
+    del x
+    return _combine(l2, l3, l4, e.unsqueeze(1) + e.unsqueeze(0))
+
+
+def _exact_pair_dots(a: Tensor, b: Tensor, exp_sum: Tensor) -> Tensor:
+    """``exact_dots`` of paired rows from their stacked pieces (3 x ... x d, broadcast over
+    the middle dimensions): the same bits as the matrix products, every level's partial sums
+    being exact in any order."""
+
+    def dot(i: int, j: int) -> Tensor:
+        return (a[i] * b[j]).sum(-1)
+
+    l2 = dot(0, 0)
+    l3 = dot(0, 1) + dot(1, 0)
+    l4 = dot(0, 2) + dot(1, 1) + dot(2, 0)
+    return _combine(l2, l3, l4, exp_sum)
+
+
+def _sequential_sum(x: Tensor) -> Tensor:
+    """Sum over the last dimension strictly left to right (``torch.sum`` reduces in an order
+    that depends on the tensor's shape; a cumulative sum does not)."""
+    if x.shape[-1] == 0:
+        return x.sum(dim=-1)
+    return torch.cumsum(x, dim=-1)[..., -1]
+
+
+def _block_cosine_sums(blocks: Tensor) -> Tensor:
+    """``sum_k cos_k`` of overlap blocks (... x q x q): each block's singular values (its
+    absolute value for q = 1), clamped to [0, 1], summed in order; a function of the block
+    alone."""
+    if blocks.shape[-1] == 1 and blocks.shape[-2] == 1:
+        return blocks[..., 0, 0].abs().clamp(0.0, 1.0)
+    return _sequential_sum(torch.linalg.svdvals(blocks).clamp(0.0, 1.0))
 
 
 def cosine_sums(overlaps: Tensor) -> Tensor:
@@ -162,13 +317,15 @@ def cosine_sums(overlaps: Tensor) -> Tensor:
 
     The cosines are the singular values of each block, clamped to [0, 1] against rounding
     (and against noise in the noised and encrypted modes, whose blocks are only approximately
-    orthonormal). The diagonal is returned as computed (each client's own sum).
+    orthonormal). Each ``c_ij`` is a function of its block alone (the same bits as the
+    blockwise builder and :func:`attach_row` compute). The diagonal is returned as computed
+    (each client's own sum).
     """
     if overlaps.dim() != 4 or overlaps.shape[0] != overlaps.shape[1]:
         raise RelatednessError(f"overlaps must be (N, N, q, q); got shape {tuple(overlaps.shape)}")
     if not torch.isfinite(overlaps).all():
         raise RelatednessError("overlaps contain NaN or infinite values")
-    return torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0).sum(dim=-1)
+    return _block_cosine_sums(overlaps.to(torch.float64))
 
 
 def similarity_matrix(overlaps: Tensor, tau: float = 10.0) -> Tensor:
@@ -199,7 +356,7 @@ def _softmax_rows(cosines: Tensor, tau: float) -> Tensor:
     entry: each row's similarities normalized, finite for any ``tau`` (the largest term is 1)."""
     m = cosines.max(dim=-1, keepdim=True).values
     e = torch.exp(tau * (cosines - m))
-    return e / e.sum(dim=-1, keepdim=True)
+    return e / _sequential_sum(e).unsqueeze(-1)
 
 
 def _check_graph_args(n: int, k: int) -> None:
@@ -209,27 +366,60 @@ def _check_graph_args(n: int, k: int) -> None:
         raise RelatednessError(f"k must be at least 1; got {k}")
 
 
-def _dense_topk(similarity: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Each row's ``k`` largest off-diagonal entries (sorted), the (N x N) matrix holding only
-    them, and its row sums (inf where they overflow); RelatednessError for a row summing to 0."""
-    masked = similarity.clone()
-    masked.fill_diagonal_(-math.inf)
-    values, index = torch.topk(masked, k, dim=1)
-    graph = torch.zeros_like(masked).scatter_(1, index, values)
-    row_sums = graph.sum(dim=1, keepdim=True)
-    if (row_sums <= 0).any():
-        rows = torch.nonzero(row_sums.squeeze(1) <= 0).flatten().tolist()
-        raise RelatednessError(f"rows {rows} have no positive similarity to any other client")
-    return values, graph, row_sums
+def _check_tau(tau: float) -> None:
+    # The builders rank by cosine sum: the order of the similarities exp(tau c) for tau > 0.
+    if not (math.isfinite(tau) and tau > 0):
+        raise RelatednessError(f"fedora.tau = {tau}: tau must be finite and > 0")
+
+
+def top_k_lowest_index(scores: Tensor, k: int) -> Tensor:
+    """Column indices (R x k, increasing in each row) of each row's ``k`` largest scores
+    (R x M, no NaN, ``k <= M``); among equal scores the lowest column index first.
+
+    FEDORA's tie rule for every graph builder. It costs one ``torch.topk`` for the ``k``-th
+    largest value and a few passes over the rows (a cumulative count only in rows with more
+    tied entries than places), no sort of a row.
+    """
+    kth = torch.topk(scores, k, dim=1).values[:, -1:]
+    keep = scores > kth
+    tied = scores == kth
+    need = k - keep.sum(dim=1, keepdim=True)
+    crowded = (tied.sum(dim=1, keepdim=True) > need).squeeze(1)
+    if crowded.any():
+        t = tied[crowded]
+        tied[crowded] = t & (torch.cumsum(t, dim=1) <= need[crowded])
+    keep |= tied
+    return keep.nonzero()[:, 1].reshape(-1, k)
+
+
+def _graph_weights(kept: Tensor, tau: float) -> Tensor:
+    """Weights of each row's kept cosine sums (R x k, in increasing column order):
+    ``exp(tau c) / sum exp(tau c)``, summed left to right; where the similarities or their sum
+    overflow float64, the shifted form :func:`_softmax_rows` (the same normalized values)."""
+    s = torch.exp(tau * kept)
+    total = _sequential_sum(s).unsqueeze(1)
+    out = s / total
+    big = ~torch.isfinite(total.squeeze(1))
+    if big.any():
+        out[big] = _softmax_rows(kept[big], tau)
+    return out
+
+
+def _no_self(values: Tensor, rows: Tensor) -> Tensor:
+    """``values`` (R x N) with each row's own client (column ``rows[r]``) set to -inf."""
+    out = values.clone()
+    out[torch.arange(rows.numel()), rows] = -math.inf
+    return out
 
 
 def topk_graph(similarity: Tensor, k: int) -> Tensor:
     """Keep the ``k`` largest off-diagonal entries of each row, zero the rest, row-normalize.
 
     The result is row-stochastic with a zero diagonal. With ``k >= N - 1`` every other
-    client is kept. Ties are broken by ``torch.topk``: deterministically for a given input,
-    but not necessarily lowest index first. A row whose kept entries (each finite) sum
-    beyond float64 is divided by its largest entry first; every other row is ``values / sum``.
+    client is kept. Among equal similarities the lowest client index is kept first
+    (:func:`top_k_lowest_index`). Each row is ``values / sum`` (summed in increasing column
+    order); a row whose kept entries (each finite) sum beyond float64 is divided by its
+    largest entry first.
     """
     n = similarity.shape[0]
     if similarity.shape != (n, n):
@@ -237,44 +427,46 @@ def topk_graph(similarity: Tensor, k: int) -> Tensor:
     _check_graph_args(n, k)
     if (similarity < 0).any() or not torch.isfinite(similarity).all():
         raise RelatednessError("similarities must be finite and non-negative")
-    values, graph, row_sums = _dense_topk(similarity.to(torch.float64), min(k, n - 1))
-    out = graph / row_sums
-    big = ~torch.isfinite(row_sums.squeeze(1))
+    s = _no_self(similarity.to(torch.float64), torch.arange(n))
+    index = top_k_lowest_index(s, min(k, n - 1))
+    values = s.gather(1, index)
+    total = _sequential_sum(values).unsqueeze(1)
+    if (total <= 0).any():
+        rows = torch.nonzero(total.squeeze(1) <= 0).flatten().tolist()
+        raise RelatednessError(f"rows {rows} have no positive similarity to any other client")
+    weights = values / total
+    big = ~torch.isfinite(total.squeeze(1))
     if big.any():
-        scaled = graph[big] / values[big, :1]
-        out[big] = scaled / scaled.sum(dim=1, keepdim=True)
-    return out
+        scaled = values[big] / values[big].amax(dim=1, keepdim=True)
+        weights[big] = scaled / _sequential_sum(scaled).unsqueeze(1)
+    return torch.zeros(n, n, dtype=torch.float64).scatter_(1, index, weights)
 
 
 def topk_graph_from_cosine_sums(cosine_sums: Tensor, tau: float, k: int) -> Tensor:
     """The top-``k`` graph (N x N float64, row-stochastic, zero diagonal) from the sums of
-    cosines ``c_ij`` (:func:`cosine_sums`; the diagonal is ignored), for any ``tau``.
+    cosines ``c_ij`` (:func:`cosine_sums`; the diagonal is ignored), for any ``tau > 0``.
 
-    A row whose similarities ``exp(tau c_ij)`` and their top-``k`` sum are finite is exactly
-    ``topk_graph(similarity_matrix(...), k)``'s row (bit for bit, the same neighbours); a row
-    where either overflows keeps its ``k`` largest ``c_ij`` and weighs them
-    ``exp(tau (c_ij - m_i)) / sum exp(tau (c_ij - m_i))``, ``m_i`` the largest (the same
+    Each row keeps its ``k`` largest ``c_ij`` (the ``k`` largest similarities
+    ``exp(tau c_ij)``); among equal sums the lowest client index first
+    (:func:`top_k_lowest_index`), as every graph builder here. A row whose similarities and
+    their top-``k`` sum are finite is ``exp(tau c) / sum exp(tau c)`` over them, summed in
+    increasing column order (``topk_graph(similarity_matrix(...), k)``'s row, bit for bit,
+    unless float64's ``exp`` rounds two different sums of the row to one similarity at the
+    ``k``-th place, where this keeps the larger sum); a row where either overflows weighs
+    them ``exp(tau (c_ij - m_i)) / sum exp(tau (c_ij - m_i))``, ``m_i`` the largest (the same
     normalized similarities, computed without their overflowing scale).
     """
     n = cosine_sums.shape[0]
     if cosine_sums.shape != (n, n):
         raise RelatednessError(f"cosine sums must be square; got shape {tuple(cosine_sums.shape)}")
     _check_graph_args(n, k)
+    _check_tau(tau)
     if not torch.isfinite(cosine_sums).all():
         raise RelatednessError("cosine sums contain NaN or infinite values")
-    k = min(k, n - 1)
-    c = cosine_sums.to(torch.float64)
-    s = torch.exp(tau * c)
-    s.fill_diagonal_(0.0)
-    _, graph, row_sums = _dense_topk(s, k)
-    out = graph / row_sums
-    big = torch.nonzero(~torch.isfinite(row_sums.squeeze(1))).flatten()
-    if big.numel():
-        cb = c[big].clone()
-        cb[torch.arange(big.numel()), big] = -math.inf
-        top, idx = torch.topk(cb, k, dim=1)
-        out[big] = torch.zeros_like(cb).scatter_(1, idx, _softmax_rows(top, tau))
-    return out
+    c = _no_self(cosine_sums.to(torch.float64), torch.arange(n))
+    index = top_k_lowest_index(c, min(k, n - 1))
+    weights = _graph_weights(c.gather(1, index), tau)
+    return torch.zeros(n, n, dtype=torch.float64).scatter_(1, index, weights)
 
 
 def propagation_matrix(graph: Tensor, alpha: float = 0.8) -> Tensor:
@@ -405,16 +597,10 @@ def attach_new_client(
     ``w = s_new^T P`` (already a probability vector because ``s_new`` and ``P`` are
     row-stochastic). Returns ``w`` (N,), and ``phi_new = w @ theta``.
     """
-    if new_summary.dim() == 2:
-        new_summary = new_summary.unsqueeze(0)
     n = summaries.shape[0]
     if prop.shape != (n, n):
         raise RelatednessError(f"propagation matrix {tuple(prop.shape)} does not match {n} clients")
-    if new_summary.shape[1:] != summaries.shape[1:]:
-        raise RelatednessError(
-            f"new summary {tuple(new_summary.shape[1:])} does not match {tuple(summaries.shape[1:])}"
-        )
-    overlaps = torch.einsum("dq,jdr->jqr", new_summary[0].to(torch.float64), summaries.to(torch.float64))
+    overlaps = joiner_overlaps(new_summary, summaries)
     return attach_from_overlaps(overlaps, prop, tau=tau, k=k)
 
 
@@ -481,62 +667,101 @@ def _attach_topk(overlaps: Tensor, tau: float, k: int) -> tuple[Tensor, Tensor]:
         raise RelatednessError("a newcomer needs at least one existing client to attach to")
     if k < 1:
         raise RelatednessError(f"k must be at least 1; got {k}")
+    _check_tau(tau)
     if not torch.isfinite(overlaps).all():
         raise RelatednessError("a newcomer's overlaps contain NaN or infinite values")
-    c = torch.linalg.svdvals(overlaps.to(torch.float64)).clamp(0.0, 1.0).sum(dim=-1)
-    s = torch.exp(tau * c)
-    values, index = torch.topk(s, min(k, n))
-    row = torch.zeros(n, dtype=torch.float64).scatter_(0, index, values)
-    total = row.sum(dim=0, keepdim=True)
-    if torch.isfinite(total).all():
-        return index, (row / total)[index]
-    top, index = torch.topk(c, min(k, n))
-    return index, _softmax_rows(top, tau)
+    c = _block_cosine_sums(overlaps.to(torch.float64)).unsqueeze(0)
+    index = top_k_lowest_index(c, min(k, n))
+    return index[0], _graph_weights(c.gather(1, index), tau)[0]
 
 
 def topk_graph_from_summaries(summaries: Tensor, tau: float = 10.0, k: int = 2, block: int = 256) -> Tensor:
     """The top-``k`` graph of plain summaries (N x d x q) as a sparse COO float64 (N x N)
     tensor, computed ``block`` rows at a time: memory O(block * N + N * k), never N x N.
 
-    Row ``i`` equals ``topk_graph_from_cosine_sums(cosine_sums(subspace_overlaps(summaries)),
-    tau, k)[i]`` up to float rounding of the overlap products (the blocks are products of
-    other shapes), for any ``tau``: rows whose similarities overflow float64 are weighed in
-    the shifted form, as there.
-    For ``q = 1`` the cosine is ``|u_i . u_j|``, the singular value of the 1 x 1 block.
+    Equal, bit for bit and for any ``block`` and ``tau > 0``, to
+    ``topk_graph_from_cosine_sums(cosine_sums(subspace_overlaps(summaries)), tau, k)``: the
+    same neighbours (the same tie rule) and weights. Each block's cosine sums are first
+    computed with one fast matrix product; the entries that can reach the top ``k`` (within
+    a bound on that product's rounding error of the row's ``k``-th largest) are then
+    recomputed with :func:`exact_dots`, as the dense overlaps are, and only those rank.
     """
-    if summaries.dim() != 3:
-        raise RelatednessError(f"summaries must be (N, d, q); got shape {tuple(summaries.shape)}")
-    if not torch.isfinite(summaries).all():
-        raise RelatednessError("summaries contain NaN or infinite values")
-    n, _, q = summaries.shape
-    if n < 2:
-        raise RelatednessError("a relatedness graph needs at least two clients")
-    if k < 1:
-        raise RelatednessError(f"k must be at least 1; got {k}")
+    u = _checked_summaries(summaries)
+    n, d, q = u.shape
+    _check_graph_args(n, k)
+    _check_tau(tau)
+    if block < 1:
+        raise RelatednessError(f"block must be at least 1; got {block}")
     k = min(k, n - 1)
-    u = summaries.to(torch.float64)
-    rows, cols, vals = [], [], []
+    cols = u.transpose(1, 2)  # (N, q, d): client j's summary columns
+    split, exps = _split(cols.reshape(n * q, d), _piece_bits(d))
+    pieces = torch.stack(split).reshape(_PIECES, n, q, d)
+    del split
+    exps = exps.reshape(n, q)
+    # |fast - exact| <= delta for every cosine sum: q^2 entries each off by at most a few
+    # (d + q) roundings of products of norms, plus the singular values' own rounding.
+    norm2 = float(cols.square().sum(-1).amax())
+    delta = 64.0 * q * q * (d + q + 8) * torch.finfo(torch.float64).eps * max(norm2, 1.0)
+    rows, col_idx, vals = [], [], []
     for start in range(0, n, block):
         stop = min(start + block, n)
+        own = torch.arange(start, stop)
+        local = torch.arange(stop - start)
         if q == 1:
-            cosines = (u[start:stop, :, 0] @ u[:, :, 0].T).abs().clamp(0.0, 1.0)
+            fast = (u[start:stop, :, 0] @ u[:, :, 0].T).abs_().clamp_(0.0, 1.0)
         else:
             blocks = torch.einsum("idq,jdr->ijqr", u[start:stop], u)
-            cosines = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).sum(dim=-1)
-        s = torch.exp(tau * cosines)
-        own = torch.arange(start, stop)
-        s[own - start, own] = -math.inf
-        values, index = torch.topk(s, k, dim=1)
-        sums = values.sum(dim=1, keepdim=True)
-        weights = values / sums
-        big = torch.nonzero(~torch.isfinite(sums.squeeze(1))).flatten()
-        if big.numel():
-            cb = cosines[big].clone()
-            cb[torch.arange(big.numel()), own[big]] = -math.inf
-            top, index[big] = torch.topk(cb, k, dim=1)
-            weights[big] = _softmax_rows(top, tau)
+            fast = torch.linalg.svdvals(blocks).clamp(0.0, 1.0).sum(dim=-1)
+        fast[local, own] = -math.inf
+        kth = torch.topk(fast, k, dim=1).values[:, -1:]
+        r, c = (fast >= kth - 2.0 * delta).nonzero(as_tuple=True)
+        del fast
+        if r.numel() * 32 > (stop - start) * n:  # many near-ties: the whole block exactly
+            exact = _exact_cosine_sums(pieces, exps, own, torch.arange(n))
+            exact[local, own] = -math.inf
+            index = top_k_lowest_index(exact, k)
+            kept = exact.gather(1, index)
+        else:
+            # Only the candidates, one row of them per client (nonzero lists them by row and
+            # then column, so the lowest position is the lowest client index), padded by -inf.
+            counts = torch.bincount(r, minlength=stop - start)
+            slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
+            width = int(counts.max())
+            exact = torch.full((stop - start, width), -math.inf, dtype=torch.float64)
+            column = torch.zeros((stop - start, width), dtype=torch.long)
+            for lo in range(0, r.numel(), 4096):
+                part = slice(lo, lo + 4096)
+                exact[r[part], slot[part]] = _exact_cosine_sums(
+                    pieces, exps, r[part] + start, c[part], pairs=True
+                )
+            column[r, slot] = c
+            where = top_k_lowest_index(exact, k)
+            index = column.gather(1, where)
+            kept = exact.gather(1, where)
         rows.append(own.repeat_interleave(k))
-        cols.append(index.reshape(-1))
-        vals.append(weights.reshape(-1))
-    indices = torch.stack([torch.cat(rows), torch.cat(cols)])
+        col_idx.append(index.reshape(-1))
+        vals.append(_graph_weights(kept, tau).reshape(-1))
+    indices = torch.stack([torch.cat(rows), torch.cat(col_idx)])
     return torch.sparse_coo_tensor(indices, torch.cat(vals), (n, n), check_invariants=True).coalesce()
+
+
+def _exact_cosine_sums(
+    pieces: Tensor, exps: Tensor, a: Tensor, b: Tensor, pairs: bool = False
+) -> Tensor:
+    """Cosine sums of clients ``a`` with clients ``b`` from their columns' stacked pieces
+    (3 x N x q x d) and exponents (N x q): every pair (``len(a) x len(b)``), or ``a[p]`` with
+    ``b[p]`` when ``pairs``; the same bits as :func:`cosine_sums` of :func:`subspace_overlaps`."""
+    pa, pb = pieces[:, a], pieces[:, b]
+    q = exps.shape[1]
+    if pairs:
+        blocks = _exact_pair_dots(
+            pa.unsqueeze(3), pb.unsqueeze(2), exps[a].unsqueeze(2) + exps[b].unsqueeze(1)
+        )
+        return _block_cosine_sums(blocks)
+    m, n = a.numel(), b.numel()
+    dots = _levels_mm(
+        _left(list(pa.reshape(3, m * q, -1))),
+        _right(list(pb.reshape(3, n * q, -1))),
+        exps[a].reshape(-1, 1) + exps[b].reshape(1, -1),
+    )
+    return _block_cosine_sums(dots.reshape(m, q, n, q).permute(0, 2, 1, 3))

@@ -1931,7 +1931,7 @@ class Fedora(FedoraChecks, FederatedMethod):
     def _blockwise_plain(self) -> bool:
         """Sparse propagation of plain relatedness without envelopes: the graph is built
         blockwise from the summaries, so no N x N matrix is ever held (the same graph the
-        overlap blocks would give, up to float rounding)."""
+        overlap blocks give, bit for bit)."""
         return (self.propagation_mode in ("sparse", "factored") and self._relatedness_mode == "plain"
                 and not self.ctx.envelopes)
 

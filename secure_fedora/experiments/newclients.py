@@ -265,7 +265,7 @@ def run_new_client_experiment(
             stream = len(trained) + slot
             u_new = fedora.client_summary(c.train_x, c.train_y, ctx.num_classes, cfg.fedora.q,
                                           client=stream)
-            overlaps = torch.einsum("dq,jdr->jqr", u_new, summaries)
+            overlaps = fedora.joiner_overlaps(u_new, summaries)
             phi_new = fed.attach(overlaps)
             chosen = fedora.attach_neighbours(overlaps, cfg.fedora.tau, cfg.fedora.k)
             neighbours.append(sorted(trained[j].client_id for j in chosen))

@@ -1,6 +1,7 @@
 """Encrypted relatedness for FEDORA: subspace overlaps U_i^T U_j computed under CKKS.
 
-The plaintext relatedness code computes ``overlaps = einsum("idq,jdr->ijqr", U, U)`` and
+The plaintext relatedness code computes ``overlaps = U_i^T U_j`` for every pair (exactly
+rounded dot products, ``fedora.subspace_overlaps``) and
 derives similarities from the singular values of each q x q block. This module holds the one
 implementation of the protocol (on :mod:`privacy.ckks`) that both runtimes run: small step
 functions over tensors and bytes, one per party and step, which know nothing of how their

@@ -238,21 +238,38 @@ def test_relatedness_errors_name_their_config_key():
     assert torch.isfinite(fedora.similarity_matrix(overlaps, tau=10.0)).all()
 
 
+def _rule_top(values, k):
+    """The stated tie rule, by a sort: indices (increasing) of the k largest of ``values`` (a
+    row, self excluded by the caller), equal values lowest index first."""
+    order = sorted(range(len(values)), key=lambda j: (-float(values[j]), j))
+    return sorted(order[:k])
+
+
+def _seq_sum(xs):
+    total = 0.0
+    for x in xs:
+        total += float(x)
+    return total
+
+
 def _direct_graph(cosine_sums, tau, k):
-    """The graph as it was computed before shifted rows existed: ``exp(tau * c)``, top-k of the
-    off-diagonal similarities, each row divided by its sum (only defined without overflow)."""
+    """The direct formula (only defined without overflow): ``exp(tau * c)``, each row's top k
+    off-diagonal similarities by the tie rule, divided by their sum (in column order)."""
+    n = cosine_sums.shape[0]
     s = torch.exp(tau * cosine_sums)
-    s.fill_diagonal_(0.0)
-    masked = s.clone()
-    masked.fill_diagonal_(-math.inf)
-    values, index = torch.topk(masked, min(k, s.shape[0] - 1), dim=1)
-    graph = torch.zeros_like(masked).scatter_(1, index, values)
-    return graph / graph.sum(dim=1, keepdim=True)
+    graph = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        keep = [others[t] for t in _rule_top(cosine_sums[i, others].tolist(), min(k, n - 1))]
+        total = _seq_sum(s[i, keep])
+        graph[i, keep] = s[i, keep] / total
+    return graph
 
 
 def _logsumexp_row(c, tau, k):
     """float64 reference: softmax of ``tau * c`` over the top-k cosine sums of one row."""
-    top, index = torch.topk(c, k)
+    index = torch.tensor(_rule_top(c.tolist(), k))
+    top = c[index]
     return torch.zeros_like(c).scatter_(0, index, torch.exp(tau * top - torch.logsumexp(tau * top, 0)))
 
 
@@ -323,11 +340,7 @@ def test_graphs_without_overflow_are_bit_identical_to_the_direct_formula(q, tau,
     assert torch.equal(fedora.topk_graph(fedora.similarity_matrix(overlaps, tau), k), direct)
     for i in (0, 3, 25):
         others = [j for j in range(30) if j != i]
-        kk = min(k, 29)
-        s = torch.exp(tau * sums[i, others])
-        values, index = torch.topk(s, kk)
-        ref = torch.zeros(29, dtype=torch.float64).scatter_(0, index, values)
-        assert torch.equal(fedora.attach_row(overlaps[i, others], tau, k), ref / ref.sum())
+        assert torch.equal(fedora.attach_row(overlaps[i, others], tau, k), direct[i, others])
 
 
 def test_only_overflowing_rows_change_form():
