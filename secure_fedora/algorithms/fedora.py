@@ -408,7 +408,7 @@ def _graph_weights(kept: Tensor, tau: float) -> Tensor:
 def _no_self(values: Tensor, rows: Tensor) -> Tensor:
     """``values`` (R x N) with each row's own client (column ``rows[r]``) set to -inf."""
     out = values.clone()
-    out[torch.arange(rows.numel()), rows] = -math.inf
+    out[torch.arange(rows.numel(), device=out.device), rows.to(out.device)] = -math.inf
     return out
 
 
@@ -439,7 +439,7 @@ def topk_graph(similarity: Tensor, k: int) -> Tensor:
     if big.any():
         scaled = values[big] / values[big].amax(dim=1, keepdim=True)
         weights[big] = scaled / _sequential_sum(scaled).unsqueeze(1)
-    return torch.zeros(n, n, dtype=torch.float64).scatter_(1, index, weights)
+    return torch.zeros_like(s).scatter_(1, index, weights)
 
 
 def topk_graph_from_cosine_sums(cosine_sums: Tensor, tau: float, k: int) -> Tensor:
@@ -466,7 +466,7 @@ def topk_graph_from_cosine_sums(cosine_sums: Tensor, tau: float, k: int) -> Tens
     c = _no_self(cosine_sums.to(torch.float64), torch.arange(n))
     index = top_k_lowest_index(c, min(k, n - 1))
     weights = _graph_weights(c.gather(1, index), tau)
-    return torch.zeros(n, n, dtype=torch.float64).scatter_(1, index, weights)
+    return torch.zeros_like(c).scatter_(1, index, weights)
 
 
 def propagation_matrix(graph: Tensor, alpha: float = 0.8) -> Tensor:
