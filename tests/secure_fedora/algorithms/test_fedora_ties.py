@@ -40,8 +40,12 @@ def _rule_neighbours(c: torch.Tensor, i: int, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-CASES = [(make, q, k) for make in (_pairs_of_duplicates, _ten_identical) for q in (1, 3)
-         for k in (1, 2, None)]  # None: k = N - 1
+CASES = [
+    (make, q, k)
+    for make in (_pairs_of_duplicates, _ten_identical)
+    for q in (1, 3)
+    for k in (1, 2, None)
+]  # None: k = N - 1
 
 
 @pytest.mark.parametrize("make,q,k", CASES)
@@ -85,7 +89,7 @@ def test_duplicated_clients_have_bit_identical_cosines_whatever_the_split():
         assert torch.equal(fedora.exact_dots(u[rows], u), full[rows])
         assert torch.equal(fedora.exact_dots(u, u[rows]), full[:, rows])
     for i, j in ((0, 1), (5, 39), (17, 17)):
-        assert torch.equal(fedora.exact_dots(u[i:i + 1], u[j:j + 1])[0, 0], full[i, j])
+        assert torch.equal(fedora.exact_dots(u[i : i + 1], u[j : j + 1])[0, 0], full[i, j])
 
 
 @pytest.mark.parametrize("d", [5, 794, 3082])
@@ -102,11 +106,16 @@ def test_exact_dots_are_within_about_one_rounding_of_the_true_products(d):
 
 
 def test_top_k_lowest_index_by_hand():
-    scores = torch.tensor([[3.0, 5.0, 5.0, 1.0, 5.0],
-                           [2.0, 2.0, 2.0, 2.0, 2.0],
-                           [-math.inf, 1.0, 0.0, 1.0, 7.0]], dtype=torch.float64)
+    scores = torch.tensor(
+        [[3.0, 5.0, 5.0, 1.0, 5.0], [2.0, 2.0, 2.0, 2.0, 2.0], [-math.inf, 1.0, 0.0, 1.0, 7.0]],
+        dtype=torch.float64,
+    )
     assert fedora.top_k_lowest_index(scores, 2).tolist() == [[1, 2], [0, 1], [1, 4]]
-    assert fedora.top_k_lowest_index(scores, 4).tolist() == [[0, 1, 2, 4], [0, 1, 2, 3], [1, 2, 3, 4]]
+    assert fedora.top_k_lowest_index(scores, 4).tolist() == [
+        [0, 1, 2, 4],
+        [0, 1, 2, 3],
+        [1, 2, 3, 4],
+    ]
 
 
 def test_a_tau_that_would_reverse_the_ranking_is_refused():
@@ -124,12 +133,21 @@ def test_a_tau_that_would_reverse_the_ranking_is_refused():
 def _tiny(propagation: str):
     from secure_fedora.core.config import parse_config
 
-    return parse_config({
-        "seed": 2, "methods": ["fedora"],
-        "data": {"num_clients": 8, "train_per_client": 24, "val_per_client": 8,
-                 "test_per_client": 8, "groups": 2},
-        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.05},
-        "fedora": {"propagation": propagation, "propagation_tolerance": 1e-6, "k": 3}})
+    return parse_config(
+        {
+            "seed": 2,
+            "methods": ["fedora"],
+            "data": {
+                "num_clients": 8,
+                "train_per_client": 24,
+                "val_per_client": 8,
+                "test_per_client": 8,
+                "groups": 2,
+            },
+            "training": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.05},
+            "fedora": {"propagation": propagation, "propagation_tolerance": 1e-6, "k": 3},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +156,19 @@ def duplicated_clients():
     from dataclasses import replace
 
     clients = build_clients(_tiny("dense"))
-    return [c if i < 4 else replace(c, train_x=clients[i - 4].train_x.clone(),
-                                    train_y=clients[i - 4].train_y.clone())
-            for i, c in enumerate(clients)]
+    return [
+        c
+        if i < 4
+        else replace(
+            c, train_x=clients[i - 4].train_x.clone(), train_y=clients[i - 4].train_y.clone()
+        )
+        for i, c in enumerate(clients)
+    ]
 
 
-def test_a_run_with_duplicated_clients_has_one_graph_in_every_propagation_mode(tmp_path,
-                                                                                duplicated_clients):
+def test_a_run_with_duplicated_clients_has_one_graph_in_every_propagation_mode(
+    tmp_path, duplicated_clients
+):
     graphs, results = {}, {}
     for mode in ("dense", "sparse", "factored"):
         cfg = _tiny(mode)
@@ -156,7 +180,9 @@ def test_a_run_with_duplicated_clients_has_one_graph_in_every_propagation_mode(t
         sim.run()
         results[mode] = sim.methods["fedora"]
     assert results["sparse"].relatedness.overlaps is None  # the blockwise builder ran
-    assert torch.equal(graphs["sparse"], graphs["dense"]) and torch.equal(graphs["factored"], graphs["dense"])
+    assert torch.equal(graphs["sparse"], graphs["dense"]) and torch.equal(
+        graphs["factored"], graphs["dense"]
+    )
     sums = fedora.cosine_sums(results["dense"].relatedness.overlaps)
     assert sums[4, 0] == sums[0, 0] and sums[5, 1] == sums[1, 1]  # the duplicates tie exactly
     for i in range(8):
