@@ -1038,6 +1038,10 @@ class ClientPrivacy:
     #: A Flower client's journal of its refusal, close and repair entries (the same file its
     #: journal stage writes to; kept for a client built without the stage).
     entry_journal: ReleaseJournal | None = None
+    #: The private lambda's noise and record stages with what they were built for (clip,
+    #: split size, sigma, assumptions, noise source): built once, reused while those hold
+    #: (the stages keep no state between releases).
+    lambda_stages: tuple[tuple[Any, ...], NoiseSource, list[Any]] | None = None
 
     @property
     def noise_multiplier(self) -> float:
@@ -2057,7 +2061,6 @@ class FederationPrivacy:
         to the record of the round's admitted model release on the ledger (PipelineError if
         no admitted release accounts it, or its entry was used already, or the method does not
         declare the lambda release; raised before the validation data is read)."""
-        p = self.cfg.privacy
         c = self.clients[i]
         sigma = c.plan.lambda_noise
         if sigma is None:
@@ -2081,14 +2084,28 @@ class FederationPrivacy:
                                     f"({DIVERGED_HINT})")
         rnd = c.admitted.round if c.admitted is not None else 0
         pipeline = ReleasePipeline([
-            *noised_mean_stages(p.lambda_clip, int(val_x.shape[0]), sigma, noise),
-            RecordParams(noise_assumptions(self.cfg)),
+            *self._lambda_stages(c, int(val_x.shape[0]), sigma, noise),
             AccountedWith(c.admitted, c.ledger, c.used_entries),
         ], require_gate=False)
         released = pipeline.run(Release("lambda", (loss_local - loss_received).double(), rnd))
         diff = float(released.payload)  # type: ignore[arg-type]
         # the paper's rule on the released difference (inf beyond float range, not OverflowError)
         return fedora.regularization_weight(diff, 0.0)
+
+    def _lambda_stages(self, c: ClientPrivacy, m: int, sigma: float,
+                       noise: NoiseSource) -> list[Any]:
+        """Client ``c``'s lambda stages before its accounting check (clamp, mean, Gaussian
+        noise from ``noise``, the noise assumptions), built on the first call and reused
+        while clip, split size ``m``, ``sigma``, the assumptions and the noise source are
+        the same: the same stages a fresh build gives, without re-validating them each round."""
+        assumptions = noise_assumptions(self.cfg)
+        key = (self.cfg.privacy.lambda_clip, m, sigma, assumptions)
+        cached = c.lambda_stages
+        if cached is not None and cached[0] == key and cached[1] is noise:
+            return cached[2]
+        stages = [*noised_mean_stages(key[0], m, sigma, noise), RecordParams(assumptions)]
+        c.lambda_stages = (key, noise, stages)
+        return stages
 
     def summary(self) -> dict[str, Any]:
         """Per-client spending for results.json. ``epsilon_spent`` is the accountant's epsilon

@@ -691,6 +691,36 @@ def test_private_lambda_is_released_only_as_accounted_by_the_admitted_model(tmp_
         privacy.close()
 
 
+def test_each_private_lambda_draws_from_the_noise_source_it_is_given(tmp_path, clients):
+    """A later round's lambda draws its noise from the source given in that round (the
+    lambda's stages are kept between rounds): it equals a fresh federation's first lambda
+    from an equal source, whatever source an earlier round drew from."""
+    c = clients[0]
+    theta = torch.full((10,), -30.0)
+    theta[0] = 0.0  # far worse than phi on every other label: a positive, noised difference
+    phi = torch.zeros(10)
+
+    def bind(t):
+        return lambda x: t.expand(x.shape[0], 10)
+
+    def lambdas(path, seeds):
+        privacy = _private_fedora(path)
+        try:
+            out = []
+            for rnd, seed in enumerate(seeds, start=1):
+                assert privacy.admit(0, rnd, theta, with_lambda=True)
+                out.append(privacy.private_lambda(0, theta, phi, c.val_x, c.val_y,
+                                                  ReproducibleNoise(seed), bind))
+            return out
+        finally:
+            privacy.close()
+
+    first, second = lambdas(tmp_path / "a", [0, 7])
+    (fresh,) = lambdas(tmp_path / "b", [7])
+    assert second == fresh
+    assert first != second and first > 0.0
+
+
 def test_private_lambda_refuses_non_finite_losses_before_any_release(tmp_path, clients):
     from secure_fedora.learning.client import ClientUpdateError
 
