@@ -240,13 +240,17 @@ def client_error_text(err: BaseException, mode: str) -> str:
     wrapping one (a plug-in's), ``[may pass if asked again]`` for one of them that wraps a
     transient error (:data:`TRANSIENT_CLIENT_ERRORS`). The text is valid UTF-8 in either mode
     (a surrogate-escaped byte, e.g. of a file name, is written ``\\udcff``): Flower cannot
-    send a reason or record that is not, and the reply would never leave."""
+    send a reason or record that is not, and the reply would never leave. Raises nothing for
+    an error whose own ``__str__`` raises: in full mode its text is then the withheld one (else
+    Flower would send the text of the error ``__str__`` raised in its place)."""
     from secure_fedora.learning.client import PULL_DIVERGED
 
     name = type(err).__name__
     tag = _verdict_tag(err)
     if mode == "full":
-        return _sendable(f"{name}{tag}: {err}")
+        text = _own_text(err)
+        if text is not None:
+            return _sendable(f"{name}{tag}: {text}")
     cause = err.__cause__
     if cause is not None:
         name += f" (from {type(cause).__name__})"
@@ -254,6 +258,14 @@ def client_error_text(err: BaseException, mode: str) -> str:
     if pull_diverged(err):
         return _sendable(f"{name} ({PULL_DIVERGED}; {WITHHELD_DETAILS})")
     return _sendable(f"{name} ({WITHHELD_DETAILS})")
+
+
+def _own_text(err: BaseException) -> str | None:
+    """``str(err)``, or ``None`` where the error's own ``__str__`` raises."""
+    try:
+        return str(err)
+    except Exception:  # a plug-in error's __str__: its failure must not replace the reply
+        return None
 
 
 def _sendable(text: str) -> str:
@@ -267,7 +279,7 @@ def pull_diverged(err: BaseException) -> bool:
     client's :func:`~secure_fedora.learning.client.diverged_hint` named as the pull."""
     from secure_fedora.learning.client import PULL_DIVERGED, ClientUpdateError
 
-    return any(isinstance(e, ClientUpdateError) and f"({PULL_DIVERGED}: " in str(e)
+    return any(isinstance(e, ClientUpdateError) and f"({PULL_DIVERGED}: " in (_own_text(e) or "")
                for e in (err, err.__cause__))
 
 

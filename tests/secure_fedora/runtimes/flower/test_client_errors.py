@@ -21,6 +21,7 @@ from secure_fedora.core.config import config_hash, parse_config
 from secure_fedora.core.registry import PARTITIONERS
 from secure_fedora.data.partition import iid_partition
 from secure_fedora.data.sources import DataError
+from secure_fedora.learning.client import ClientUpdateError
 from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.certs import CertificatePaths, NodeKeyPaths
 from secure_fedora.runtimes.flower.client_app import CLIENT_ERRORS_LOG
@@ -792,3 +793,43 @@ def test_a_refusal_naming_a_file_utf8_cannot_encode_stops_a_dp_run_with_the_clas
     assert "4711" not in server_saw and "dcff" not in server_saw and "position" not in server_saw
     assert "row 4711 of rows-4711-\\udcff.csv" in _client_log(tmp_path, 0)
     assert list(result_dir.iterdir()) == []
+
+
+class _TextFailsData(DataError):
+    """A plug-in's DataError whose own ``__str__`` raises, naming a data fact."""
+
+    def __str__(self) -> str:
+        raise ValueError("cannot format row 4711 of the client's data")
+
+
+class _TextFailsUpdate(ClientUpdateError):
+    """A ClientUpdateError (whose text the withheld form reads) whose ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise ValueError("cannot format row 4711 of the client's data")
+
+
+@pytest.mark.usefixtures("task_identity", "quiet_client_log")
+@pytest.mark.parametrize(("error", "node", "sent"), [
+    (_TextFailsData, "full", f"_TextFailsData [refuses again: DataError] ({WITHHELD})"),
+    (_TextFailsUpdate, None, f"_TextFailsUpdate ({WITHHELD})"),
+    (_TextFailsUpdate, "full", f"_TextFailsUpdate ({WITHHELD})")],
+    ids=["data-full", "update-withheld", "update-full"])
+def test_an_error_whose_own_text_raises_is_answered_with_the_withheld_text(
+        tmp_path: Path, error: type[Exception], node: str | None, sent: str) -> None:
+    """An error whose ``__str__`` raises (with "full", or a ClientUpdateError, whose text the
+    withheld form reads for FEDORA's pull): building the reply's text raised, and Flower sent
+    its own reason, the text of the ValueError ``__str__`` raised (a data fact). Now the
+    reply is the withheld text; the node's log still records the error."""
+    def fails(message: Message, context: Context) -> Message:
+        raise error()
+
+    rc = run_config(_config("full"), tmp_path)
+    state = tmp_path / "node-0"
+    conf = {"partition-id": 0, "state-dir": str(state), **({"client-errors": node} if node else {})}
+    handler = client_app._error_reply(client_app._withholding(fails))
+    reply = handler(Message(RecordDict(), dst_node_id=1, message_type="query.hello"),
+                    Context(42, 1, conf, RecordDict(), rc))
+    assert reply.has_error() and reply.error.reason == sent
+    assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert error.__name__ in (state / "runs" / "42" / CLIENT_ERRORS_LOG).read_text(encoding="utf-8")
