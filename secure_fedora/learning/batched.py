@@ -35,6 +35,7 @@ engine ran and why.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import weakref
@@ -80,12 +81,20 @@ __all__ = [
     "BatchedTrainingError",
     "ClientJob",
     "batched_plan",
+    "DP_ERROR_TEXT_WITHHELD",
     "engine_probe",
     "evaluate_losses",
     "jobs_for_context",
+    "synthetic_probe",
     "train_clients",
     "train_participants",
 ]
+
+log = logging.getLogger(__name__)
+
+DP_ERROR_TEXT_WITHHELD = "its text withheld under DP; the process logs it"
+"""What a DP run's fallback reason says in place of the text of the error the model raised
+in the engine's probe (the reason names the error's class; the log holds the text)."""
 
 #: Added to per-sample norms before dividing (Opacus's and privacy.dpsgd's convention).
 _NORM_EPS = 1e-6
@@ -298,7 +307,7 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
     ``flat`` batched: a plan probed at one batch size says nothing of a larger one.
 
     Candidates: the ``"linear"`` engine for Sequential Linear/activation stacks, then
-    ``"vmap"`` for any model. With ``probe_x``/``probe_y`` (a few training samples) a
+    ``"vmap"`` for any model. With ``probe_x``/``probe_y`` (:func:`engine_probe`'s rows) a
     candidate is accepted only if it reproduces per-client autograd on them to 1e-5 relative
     (:func:`_probe_engine`: batch gradients, or DP's clipped per-sample sums), for a full batch
     and for a batch padded as the engine pads a smaller client's, so a model whose outputs mix
@@ -342,13 +351,21 @@ def batched_plan(flat: FlatModel, oracle: GradientOracle, probe_x: Tensor | None
 
 def engine_probe(splits: Iterable[tuple[Tensor, Tensor]],
                  oracle: GradientOracle) -> tuple[Tensor, Tensor] | None:
-    """The rows :func:`batched_plan` probes the engines with, taken in order from ``splits``
-    (clients' training ``(x, y)``): one fewer than a plain oracle's batch size (the probe adds
-    the padding row: a full batch, as the engine pads a smaller client's to it), at least 3;
-    under DP 3 (a model mixing the rows of a batch is refused under DP before training).
-    ``None`` when no split has a row. A model that mixes rows only in batches larger than
-    those it trains on is probed at the size it trains on."""
+    """The rows :func:`batched_plan` probes the engines with. Plain oracle: taken in order
+    from ``splits`` (clients' training ``(x, y)``), one fewer than its batch size (the probe
+    adds the padding row: a full batch, as the engine pads a smaller client's to it), at least
+    3; ``None`` when no split has a row. A model that mixes rows only in batches larger than
+    those it trains on is probed at the size it trains on.
+
+    Under DP (a model mixing the rows of a batch is refused before training) 3 synthetic rows
+    (:func:`synthetic_probe`) shaped and typed as the first split's, whatever its rows hold
+    (``None`` only without a split): the engine choice, and the fallback reason results.json
+    records, then depend on the model, the oracle and the data's shape and dtype, never on a
+    client's private records."""
     kind, _ = _oracle_kind(oracle)
+    if kind == "dp":
+        first = next(iter(splits), None)
+        return None if first is None else synthetic_probe(first[0], first[1], 3)
     size = max(3, int(oracle.batch_size) - 1) if kind == "plain" else 3  # type: ignore[attr-defined]
     xs, ys, held = [], [], 0
     for x, y in splits:
@@ -359,6 +376,21 @@ def engine_probe(splits: Iterable[tuple[Tensor, Tensor]],
             ys.append(y[:size - held])
             held += int(xs[-1].shape[0])
     return (torch.cat(xs), torch.cat(ys)) if xs else None
+
+
+def synthetic_probe(x: Tensor, y: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """``rows`` probe samples shaped, typed and placed like a row of ``x`` and of ``y``,
+    drawn from a fixed seed and reading nothing of their values: floating inputs uniform in
+    [0, 1) (distinct rows, inside the domain of a log or a square root), integer and boolean inputs 0 or 1 (valid indices of an embedding); targets
+    all 0 (a valid class index, and a valid binary or regression target)."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (rows, *x.shape[1:])
+    if x.dtype.is_floating_point or x.dtype.is_complex:
+        sx = torch.rand(shape, generator=generator).to(x.dtype)
+    else:
+        sx = torch.randint(0, 2, shape, generator=generator).to(x.dtype)
+    sy = torch.zeros((rows, *y.shape[1:]), dtype=y.dtype)
+    return sx.to(x.device), sy.to(y.device)
 
 
 def _oracle_loss(oracle: Any, kind: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -433,6 +465,15 @@ def _probe_engine(flat: FlatModel, oracle: Any, kind: str, plan: BatchedPlan, x:
                     return BatchedPlan("loop", f"{plan.engine} engine does not reproduce the model's "
                                                f"gradients{padded}" + (f" ({why})" if why else ""))
     except Exception as err:  # any model code: the batched path just does not apply
+        if kind == "dp":
+            # Under DP results.json records the error's class alone: model code's text is not
+            # a statement this module controls. Its full text stays in the local log.
+            log.warning("%s engine cannot run the model under DP-SGD (results.json records "
+                        "only the class %s): %s: %s", plan.engine, type(err).__name__,
+                        type(err).__name__, err)
+            return BatchedPlan("loop", f"{plan.engine} engine cannot run the model "
+                                       f"({type(err).__name__}; {DP_ERROR_TEXT_WITHHELD}"
+                                       + (f"; {why})" if why else ")"))
         return BatchedPlan("loop", f"{plan.engine} engine cannot run the model ({type(err).__name__}:"
                                    f" {err}" + (f"; {why})" if why else ")"))
     return plan

@@ -131,6 +131,55 @@ def test_a_model_the_engine_cannot_reproduce_runs_the_loop_and_says_why(
     assert len(logged) == 1  # once per reason, not once per round
 
 
+class _ShowsItsInput(torch.nn.Module):
+    """A model that cannot run under vmap and says so with its input in the error's text."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.last = torch.nn.Linear(int(torch.tensor(input_shape).prod()), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            float(x.detach().sum())
+        except RuntimeError:  # under vmap: no Python number of a batched tensor
+            raise ValueError(f"cannot read the input {x.detach()}") from None
+        return self.last(x.flatten(1))
+
+
+def test_a_dp_fallback_reason_holds_the_error_class_alone_and_the_log_its_text(
+        clients: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A DP run on the batched engine whose model raises in the engine's probe with its input
+    in the error's text: results.json's fallback reason held that text, so the first
+    client's training rows (their value 98765.25 here) reached the published document. Now
+    it holds the error's class and a fixed sentence, the process's log the full text; the
+    same per-client loop trains."""
+    from secure_fedora.learning.batched import DP_ERROR_TEXT_WITHHELD
+    from secure_fedora.runtimes.inprocess import build_context
+
+    marked = []
+    for c in clients:
+        x = c.train_x.clone()
+        x.view(x.shape[0], -1)[:, 0] = 98765.25
+        marked.append(type(c)(**{**c.__dict__, "train_x": x}))
+
+    def context(cfg: Any, data: Any) -> Any:
+        return build_context(cfg, data, model_factory=_ShowsItsInput)
+
+    sim = Simulation(_config("fedavg", "batched", True), tmp_path, clients=marked,
+                     context_factory=context)
+    with caplog.at_level(logging.WARNING):
+        results = sim.run()
+    record = results["methods"]["fedavg"]["extra"]["training_engine"]
+    assert record["runs"] == {"loop": 2}
+    assert record["fallbacks"] == [{
+        "reason": f"vmap engine cannot run the model (ValueError; {DP_ERROR_TEXT_WITHHELD}; "
+                  "the linear engine does not apply: the model is not an nn.Sequential)",
+        "count": 2}]
+    on_disk = (tmp_path / "results.json").read_text()
+    assert "cannot read the input" not in on_disk and "98765" not in on_disk
+    assert any("ValueError: cannot read the input" in r.getMessage() for r in caplog.records)
+
+
 def test_a_method_without_a_batched_client_half_runs_its_loop_and_says_so(
         clients: Any, tmp_path: Path) -> None:
     from secure_fedora.algorithms.methods import Local

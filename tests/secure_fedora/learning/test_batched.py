@@ -18,6 +18,7 @@ from secure_fedora.learning.batched import (
     BatchedTrainingError,
     ClientJob,
     batched_plan,
+    engine_probe,
     train_clients,
 )
 from secure_fedora.learning.client import (
@@ -909,3 +910,44 @@ def test_dp_clips_a_gradient_entry_that_overflows_float32_alike_in_every_engine(
     assert outcome.engine == engine.split("-")[0], outcome.reason
     assert outcome.steps == {0: 1}
     torch.testing.assert_close((theta - start)[0].double(), want, atol=1e-6, rtol=1e-5)
+
+
+class _LogFeatures(nn.Module):
+    """Reads each input as a log-feature, ``log(1 + x)``: NaN where one is below -1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(x)
+
+
+def _log_model() -> FlatModel:
+    torch.manual_seed(0)
+    return FlatModel(nn.Sequential(nn.Flatten(), _LogFeatures(), nn.Linear(16, 3)))
+
+
+def test_under_dp_the_engine_choice_reads_nothing_of_the_clients_rows():
+    """Under DP the engines were probed on the first client's first 3 training rows, so
+    whether a run was batched (results.json's training_engine) depended on private records:
+    a log-feature model was batched on positive rows and sent to the loop when a probe row
+    held a value below -1. The DP probe is now 3 synthetic rows of the data's shape and
+    dtype: the same plan whatever the rows hold (the plain oracle still probes real rows)."""
+    g = torch.Generator().manual_seed(0)
+    positive = (torch.rand(5, 1, 4, 4, generator=g) + 0.1, torch.randint(0, 3, (5,), generator=g))
+    negative = (positive[0][:4] - 3.0, positive[1][:4].flip(0))
+    plans = []
+    for x, y in (positive, negative):
+        flat = _log_model()  # plans are cached per model
+        oracle = DPGradient(flat.module, 1.0, 0.5, 4.0, ReproducibleNoise(0))
+        probe = engine_probe([(x, y)], oracle)
+        assert probe is not None
+        px, py = probe
+        assert px.shape == (3, 1, 4, 4) and px.dtype == x.dtype and py.shape == (3,)
+        assert py.dtype == y.dtype
+        assert not any(torch.equal(row, real) for row in px for real in x)
+        plan = batched_plan(flat, oracle, px, py)
+        plans.append((plan.engine, plan.reason))
+    assert plans[0] == plans[1] and plans[0][0] == "vmap"
+    empty = engine_probe([(positive[0][:0], positive[1][:0])], oracle)  # the shape suffices
+    assert empty is not None and torch.equal(empty[0], px) and torch.equal(empty[1], py)
+    assert engine_probe([], oracle) is None
+    real = engine_probe([negative], PlainGradient(4))
+    assert real is not None and torch.equal(real[0], negative[0][:3])
