@@ -69,6 +69,7 @@ from secure_fedora.learning.client import (
     aligned,
     diverged_hint,
     local_train,
+    pull_weight_overflows,
     retarget,
     same_row,
     start_scale_problem,
@@ -1041,9 +1042,15 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
     if failed:
         lam = max(float(jobs[r].lam) for r in range(len(jobs)) if jobs[r].index in failed)
         first = next(j for j in jobs if j.index == min(failed))  # its row was left unchanged
-        hint = start_scale_problem(flat, first.theta, first.x, first.y) or diverged_hint(cfg, lam)
+        if pull_weight_overflows(cfg, lam, first.theta.dtype):
+            # as local_train says before training: no start or input scale is the cause
+            why = f" (the pull's weight overflows {first.theta.dtype})"
+            hint = diverged_hint(cfg, lam)
+        else:
+            why = ""
+            hint = start_scale_problem(flat, first.theta, first.x, first.y) or diverged_hint(cfg, lam)
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
-                                   f" {sorted(failed)}; their updates were discarded"
+                                   f" {sorted(failed)}{why}; their updates were discarded"
                                    f" ({hint})", sorted(failed), steps)
     return BatchedOutcome(steps, plan.engine, alphas=alphas)
 

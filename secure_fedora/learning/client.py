@@ -113,6 +113,13 @@ def diverged_hint(cfg: TrainConfig, lam: float) -> str:
     return DIVERGED_HINT
 
 
+def pull_weight_overflows(cfg: TrainConfig, lam: float, dtype: torch.dtype) -> bool:
+    """Whether FEDORA's pull weight ``cfg.lr * lam`` is beyond the range of ``dtype`` (the
+    parameters'): then every step makes them non-finite, whatever they and the inputs are, so
+    the pull, not their scale, is the cause both engines name (:func:`diverged_hint`)."""
+    return lam > 0 and dtype.is_floating_point and cfg.lr * lam > torch.finfo(dtype).max
+
+
 def start_scale_problem(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor,
                         rows: int = 64) -> str | None:
     """Why training from ``theta`` on ``x``/``y`` cannot succeed at any learning rate, or None:
@@ -514,7 +521,7 @@ def local_train(
     if lam < 0 or (lam > 0 and phi is None):
         raise ClientUpdateError(f"invalid regularization: lam={lam}, phi given: {phi is not None}")
     who = "" if client is None else f"client {client}: "
-    if lam > 0 and theta.is_floating_point() and cfg.lr * lam > torch.finfo(theta.dtype).max:
+    if pull_weight_overflows(cfg, lam, theta.dtype):
         # the pull's weight itself overflows theta's dtype: every step would make theta
         # non-finite (as the batched engine finds), so say so before touching it
         raise ClientUpdateError(f"{who}local training would produce non-finite parameters (the pull's"

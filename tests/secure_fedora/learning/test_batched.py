@@ -615,6 +615,28 @@ def test_a_diverging_pull_is_named_by_both_engines(lam, named):
     assert torch.equal(theta, before)
 
 
+def test_a_pull_overflowing_float32_from_a_huge_start_is_named_as_the_pull_by_both_engines():
+    """An earlier round's unstable pull leaves theta huge (finite: its gradient's squared norm
+    already overflows) and the next noised lambda makes lr * lambda overflow float32. The loop
+    named the pull; the batched engine blamed "the inputs or the model's initial parameters"
+    (found by a generated config: DP-FEDORA, private validation, epsilon 0.05, engine
+    "batched"). Both name the pull, the cause a resume with fedora.max_pull fixes."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([16])
+    theta = _matrix(flat, 1) * 1e20
+    phi = theta + 1.0
+    before = theta.clone()
+    named = r"the pull's weight overflows torch.float32.*pull diverged: lr \* lambda = 5e\+38"
+    with pytest.raises(ClientUpdateError, match=named):
+        local_train(flat, theta[0], *data[0], CFG_PLAIN, PlainGradient(16), torch.Generator(),
+                    Workspace.for_size(flat.num_params), phi=phi[0], lam=1e40, client=0)
+    with pytest.raises(BatchedTrainingError, match=named) as err:
+        train_clients(flat, CFG_PLAIN, PlainGradient(16),
+                      _jobs(theta, data, phi=phi, lams=[1e40]))
+    assert "initial parameters" not in str(err.value)
+    assert torch.equal(theta, before)
+
+
 @pytest.mark.parametrize(("scale", "lr", "named"), [
     (1e30, 0.05, r"squared norm of the loss's gradient is already non-finite at the start of "
                  r"training, before any step \(so the learning rate is not the cause\).*scale the features"),
