@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from privacy.dpsgd import DPSGD
@@ -635,6 +637,44 @@ def test_a_pull_overflowing_float32_from_a_huge_start_is_named_as_the_pull_by_bo
                       _jobs(theta, data, phi=phi, lams=[1e40]))
     assert "initial parameters" not in str(err.value)
     assert torch.equal(theta, before)
+
+
+_CAUSES = ("pull's weight overflows", "pull diverged", "already non-finite at the start",
+           "lower training.lr")
+
+
+def _outcome(train):
+    """None when ``train()`` succeeds, else which of :data:`_CAUSES` its error names."""
+    try:
+        train()
+    except ClientUpdateError as err:
+        return tuple(cause in str(err) for cause in _CAUSES)
+    return None
+
+
+@settings(max_examples=30, derandomize=True, deadline=None, database=None)
+@given(start=st.sampled_from([1.0, 1e15, 1e20]), inputs=st.sampled_from([1.0, 1e30]),
+       lam=st.sampled_from([0.0, 1.0, 1e3, 1e30, 1e40]), lr=st.sampled_from([0.05, 1.0, 30.0]))
+def test_both_engines_train_or_name_the_same_cause(start, inputs, lam, lr):
+    """Whatever the start's scale, the inputs' scale, lambda and lr: the loop and the batched
+    engine both train, or both refuse naming the same cause (the pull, a non-finite start, the
+    learning rate), and neither changes the row it refused."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    (x, y), = _clients([8])
+    x = x * inputs
+    cfg = TrainConfig(lr=lr, momentum=0.0, weight_decay=0.0, batch_size=8, local_epochs=1)
+    theta = _matrix(flat, 1) * start
+    phi = theta + 1.0
+    loop_row, batched_row = theta.clone(), theta.clone()
+    loop = _outcome(lambda: local_train(
+        flat, loop_row[0], x, y, cfg, PlainGradient(8), torch.Generator().manual_seed(0),
+        Workspace.for_size(flat.num_params), phi=phi[0], lam=lam))
+    batched = _outcome(lambda: train_clients(
+        flat, cfg, PlainGradient(8), _jobs(batched_row, [(x, y)], phi=phi, lams=[lam]),
+        engine="auto"))
+    assert batched == loop
+    if loop is not None:
+        assert torch.equal(loop_row, theta) and torch.equal(batched_row, theta)
 
 
 @pytest.mark.parametrize(("scale", "lr", "named"), [
