@@ -67,12 +67,11 @@ from secure_fedora.learning.client import (
     Workspace,
     aliased_module,
     aligned,
-    diverged_hint,
+    failure_hint,
     local_train,
     pull_weight_overflows,
     retarget,
     same_row,
-    start_scale_problem,
 )
 from secure_fedora.learning.dp import DPGradient, expected_batch_size
 
@@ -1042,13 +1041,10 @@ def _train_batched(flat: FlatModel, cfg: TrainConfig, oracle: Any, kind: str | N
     if failed:
         lam = max(float(jobs[r].lam) for r in range(len(jobs)) if jobs[r].index in failed)
         first = next(j for j in jobs if j.index == min(failed))  # its row was left unchanged
-        if pull_weight_overflows(cfg, lam, first.theta.dtype):
-            # as local_train says before training: no start or input scale is the cause
-            why = f" (the pull's weight overflows {first.theta.dtype})"
-            hint = diverged_hint(cfg, lam)
-        else:
-            why = ""
-            hint = start_scale_problem(flat, first.theta, first.x, first.y) or diverged_hint(cfg, lam)
+        # as local_train says it, which refuses an overflowing pull weight before training
+        why = (f" (the pull's weight overflows {first.theta.dtype})"
+               if pull_weight_overflows(cfg, lam, first.theta.dtype) else "")
+        hint = failure_hint(flat, first.theta, first.x, first.y, cfg, lam)
         raise BatchedTrainingError(f"local training produced non-finite parameters for clients"
                                    f" {sorted(failed)}{why}; their updates were discarded"
                                    f" ({hint})", sorted(failed), steps)

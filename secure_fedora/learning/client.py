@@ -115,9 +115,27 @@ def diverged_hint(cfg: TrainConfig, lam: float) -> str:
 
 def pull_weight_overflows(cfg: TrainConfig, lam: float, dtype: torch.dtype) -> bool:
     """Whether FEDORA's pull weight ``cfg.lr * lam`` is beyond the range of ``dtype`` (the
-    parameters'): then every step makes them non-finite, whatever they and the inputs are, so
-    the pull, not their scale, is the cause both engines name (:func:`diverged_hint`)."""
+    parameters'): then every step makes them non-finite, so both engines refuse to train."""
     return lam > 0 and dtype.is_floating_point and cfg.lr * lam > torch.finfo(dtype).max
+
+
+def failure_hint(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor, cfg: TrainConfig,
+                 lam: float) -> str:
+    """The cause both engines name for a non-finite training result from ``theta``: a start
+    already non-finite (:func:`start_scale_problem`) first, noting a pull that is unstable
+    too, else :func:`diverged_hint`. So the pull's tag (``(FEDORA's pull diverged: ``) always
+    means that the loss and its gradient at the start were finite, as results.json's
+    ``assumptions.client_errors`` states of it."""
+    start = start_scale_problem(flat, theta, x, y)
+    if start is None:
+        return diverged_hint(cfg, lam)
+    pull = cfg.lr * lam
+    if lam > 0 and pull >= pull_stability_limit(cfg.lr, cfg.momentum, cfg.weight_decay):
+        start += (f"; FEDORA's pull is unstable too (lr * lambda = {pull:.3g} >= "
+                  f"{pull_limit_text(cfg.lr, cfg.momentum, cfg.weight_decay)}): an unstable "
+                  "pull of an earlier round can leave the parameters on such a scale; "
+                  f"fedora.max_pull = 1 bounds it, and {PULL_RESUME_HINT}")
+    return start
 
 
 def start_scale_problem(flat: FlatModel, theta: Tensor, x: Tensor, y: Tensor,
@@ -526,7 +544,7 @@ def local_train(
         # non-finite (as the batched engine finds), so say so before touching it
         raise ClientUpdateError(f"{who}local training would produce non-finite parameters (the pull's"
                                 f" weight overflows {theta.dtype}); update discarded"
-                                f" ({diverged_hint(cfg, lam)})")
+                                f" ({failure_hint(flat, theta, x, y, cfg, lam)})")
     if theta.data_ptr() % ALIGNMENT_BYTES:
         trained = workspace.aligned_row(theta).copy_(theta)
         retarget(oracle, theta, trained)
@@ -552,7 +570,7 @@ def local_train(
         if not finite:
             theta.copy_(start)
     if not finite:
-        hint = start_scale_problem(flat, theta, x, y) or diverged_hint(cfg, lam)
+        hint = failure_hint(flat, theta, x, y, cfg, lam)
         raise ClientUpdateError(f"{who}local training produced non-finite parameters; update discarded"
                                 f" ({hint})")
     return steps
