@@ -760,3 +760,76 @@ def test_a_dp_run_states_that_its_timings_are_outside_the_ledgers(tmp_path: Path
     results = server_app.run_federation(InMemoryGrid(plain / "nodes", rc, 3),  # type: ignore[arg-type]
                                         RunSettings.from_run_config(rc), 42)
     assert "timing" not in results["assumptions"]
+
+
+#: Settings a hunt put to both runtimes beyond the ones above (each a few seconds here): the
+#: sparsest graph with the most propagation, a richer summary and a sharp relatedness kernel
+#: on partial last batches; an active ``max_pull``; one participant a round; DP with a
+#: per-client budget, a fixed sample rate, sampled participants and evaluation every 2 rounds.
+HUNTED_SETTINGS = {
+    "k1-alpha099-q3-partial-batches": (
+        ["fedora"], {"fedora": {"k": 1, "alpha": 0.99, "q": 3, "tau": 1000.0},
+                     "data": {"train_per_client": 70, "val_per_client": 20, "test_per_client": 50},
+                     "training": {"rounds": 3, "participation": 0.67, "batch_size": 32},
+                     "evaluation": {"every": 2}}),
+    "max-pull-active": (
+        ["fedora"], {"fedora": {"max_pull": 0.2, "tau": 0.01},
+                     "training": {"rounds": 3, "lr": 0.3, "local_epochs": 2}}),
+    "two-clients-one-participant": (
+        ["fedora", "fedavg", "apfl", "ifca"],
+        {"data": {"num_clients": 2}, "fedora": {"k": 1},
+         "training": {"rounds": 3, "participation": 0.5, "local_epochs": 1}}),
+    "dp-override-sample-rate-every-2": (
+        ["fedora"], {"privacy": {"overrides": {"1": {"epsilon": 3.0}}, "sample_rate": 0.3,
+                                 "accountant": "rdp"},
+                     "training": {"rounds": 3, "participation": 0.67, "local_epochs": 1},
+                     "evaluation": {"every": 2}}),
+}
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("setting", list(HUNTED_SETTINGS))
+def test_hunted_settings_agree_bit_for_bit_between_the_runtimes(tmp_path: Path,
+                                                                setting: str) -> None:
+    """Per-client metrics, every round's statistics, every client's final state and (under
+    DP) every ledger entry but its time stamp are the in-process run's, bit for bit."""
+    from privacy.identity import client_ids
+    from privacy.ledger import read_ledger
+
+    methods, over = HUNTED_SETTINGS[setting]
+    dp = setting.startswith("dp-")
+    data = (dp_config(noise="reproducible") if dp else tiny_config()).model_dump(
+        mode="json", exclude_none=True)
+    for section, values in over.items():
+        data[section] = {**data.get(section, {}), **values}
+    cfg = parse_config({**data, "methods": methods})
+    rc = run_config(cfg, tmp_path, **{"result-dir": str(tmp_path / "res"),
+                                      "compare-methods": True, "reproducible-dp-noise": dp})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, cfg.data.num_clients)
+    results = server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    assert grid.errors == [] and results["events"] == []
+    stamped = {"timestamp", "prev_hash", "signature"}
+    for method in methods:
+        sim, outcome = in_process(cfg, tmp_path / method, method)
+        ours, theirs = results["methods"][method], outcome.to_json()
+        for part in ("selected", "final"):
+            assert ours[part] == theirs[part], (method, part)
+        rows = [r for r in results["rounds"] if r["method"] == method]
+        assert [{k: r[k] for k in twin} for r, twin in zip(rows, sim.history, strict=True)] \
+            == sim.history, method
+        for c, cid in enumerate(client_ids(cfg.data.num_clients)):
+            node = tmp_path / "nodes" / f"node-{c}" / "runs" / "42" / method
+            state = ClientRunState.load(node / "client.pt", c, 42, config_hash(cfg), method)
+            expected = sim.methods[method].client_state_dict(c)
+            assert sorted(state.algorithm) == sorted(expected)
+            for key, value in expected.items():
+                assert torch.equal(state.algorithm[key], value.cpu()), (method, c, key)
+            if dp:
+                mine = [{k: v for k, v in e.items() if k not in stamped}
+                        for e in read_ledger(node / f"{cid}.jsonl")]
+                twin = tmp_path / method / "inproc" / "ledgers" / method / f"{cid}.jsonl"
+                assert mine == [{k: v for k, v in e.items() if k not in stamped}
+                                for e in read_ledger(twin)], (method, cid)
+    if setting == "max-pull-active":  # the bound capped the pulls of a round: lambda = 0.2 / lr
+        assert any(r["pulled_fraction"] > 0 and r["mean_lambda"] == pytest.approx(
+            r["pulled_fraction"] * 0.2 / 0.3) for r in results["rounds"])
