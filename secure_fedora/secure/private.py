@@ -2122,17 +2122,50 @@ class FederationPrivacy:
             "release_stages": self.declared_release_stages(),
             "sample_rate": self.sample_rate,
             "steps_per_round": self.steps,
-            "clients": [
-                {"client": c.client_id, "epsilon_budget": c.budget.epsilon, "delta": c.budget.delta,
-                 "epsilon_spent": float(c.epsilon), "noise_multiplier": c.noise_multiplier,
-                 "refused_at_round": c.refused_at, "ledger_entries": len(c.ledger.entries),
-                 "ledger_head": c.ledger.head[1]}
-                for c in self.clients
-            ],
+            "clients": [client_row(
+                client=c.client_id, index=c.index, epsilon_budget=c.budget.epsilon,
+                delta=c.budget.delta, epsilon_spent=float(c.epsilon),
+                noise_multiplier=c.noise_multiplier, accountant=self.accountant,
+                summary_noise=c.plan.summary_noise, lambda_noise=c.plan.lambda_noise,
+                mechanism_noise=dict(c.plan.mechanism_noise),
+                # in process the server holds each client's own plan: never the config's stand-in
+                plan_reported=True, refused_at_round=c.refused_at,
+                ledger_entries=len(c.ledger.entries), ledger_head=c.ledger.head[1])
+                for c in self.clients],
             "events": self.events,
             **({"recoveries": self.recoveries} if self.recoveries else {}),
             **({"resumes": self.resumes} if self.resumes else {}),
         }
+
+
+#: The keys of each ``privacy.<method>.clients[]`` row of results.json, in order, written
+#: alike by both runtimes (:func:`client_row`).
+CLIENT_ROW_KEYS = ("client", "index", "epsilon_budget", "delta", "epsilon_spent",
+                   "noise_multiplier", "accountant", "summary_noise", "lambda_noise",
+                   "mechanism_noise", "plan_reported", "refused", "refused_at_round",
+                   "ledger_entries", "ledger_head")
+
+
+def client_row(*, client: str, index: int, epsilon_budget: float, delta: float,
+               epsilon_spent: float | None, noise_multiplier: float, accountant: str,
+               summary_noise: float | None, lambda_noise: float | None,
+               mechanism_noise: Mapping[str, float], plan_reported: bool,
+               refused_at_round: int | None, ledger_entries: int | None,
+               ledger_head: str | None) -> dict[str, Any]:
+    """One client's ``privacy.<method>.clients[]`` row of results.json, the same keys
+    (:data:`CLIENT_ROW_KEYS`) in both runtimes: its budget and exact epsilon spent, the noise
+    of each mechanism it releases under (None for a mechanism its method does not release;
+    ``mechanism_noise``: plug-in Gaussian mechanisms by name), ``plan_reported`` (False only
+    for a Flower client that reported no plan: the config's calibration stands for it), and
+    ``refused`` with ``refused_at_round``, the round of its first refused release (-1: refused
+    before a restart, round not recorded; None: never refused)."""
+    return {"client": client, "index": index, "epsilon_budget": epsilon_budget,
+            "delta": delta, "epsilon_spent": epsilon_spent, "noise_multiplier": noise_multiplier,
+            "accountant": accountant, "summary_noise": summary_noise,
+            "lambda_noise": lambda_noise, "mechanism_noise": dict(mechanism_noise),
+            "plan_reported": plan_reported, "refused": refused_at_round is not None,
+            "refused_at_round": refused_at_round, "ledger_entries": ledger_entries,
+            "ledger_head": ledger_head}
 
 
 def ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:

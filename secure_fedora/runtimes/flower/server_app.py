@@ -464,7 +464,9 @@ class _Server:
     events: list[dict[str, Any]] = field(default_factory=list)
     rejections: list[dict[str, Any]] = field(default_factory=list)
     privacy: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
-    refused: dict[str, set[int]] = field(default_factory=dict)
+    # per method, each client refused a release: the round of its first refusal (-1: refused
+    # before a resume of a checkpoint that recorded no round)
+    refused: dict[str, dict[int, int]] = field(default_factory=dict)
     # per method under DP: the accountant choice and plans, calibrated from the config as each
     # client calibrates its own (check_budget_plans), for results.json's privacy section
     plans: dict[str, Any] = field(default_factory=dict)
@@ -1652,7 +1654,7 @@ def _exchange_payloads(
             reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)
                       and "reason" in refusal else "no release")
             server.event(rnd, cid, node, f"refused its release ({reason}): {then}")
-            server.refused.setdefault(run.name, set()).add(cid)
+            server.refused.setdefault(run.name, {}).setdefault(cid, rnd)
             out.refused.add(cid)
             continue
         assert payload is not None
@@ -2124,7 +2126,7 @@ def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
         "events": server.events,
         "rejections": server.rejections,
         "privacy": server.privacy,
-        "refused": {name: sorted(cids) for name, cids in server.refused.items()},
+        "refused": {name: dict(sorted(at.items())) for name, at in server.refused.items()},
         "timings": server.timings,
         "relatedness_timing": server.relatedness_timing,
         "relatedness_details": server.relatedness_details,
@@ -2156,7 +2158,11 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
     server.events = list(state["events"])
     server.rejections = list(state["rejections"])
     server.privacy = {name: dict(rows) for name, rows in state["privacy"].items()}
-    server.refused = {name: set(cids) for name, cids in state["refused"].items()}
+    # an older checkpoint lists the refused clients without their round: -1, as in process
+    # for a client refused before a restart
+    server.refused = {name: ({int(c): int(r) for c, r in at.items()} if isinstance(at, Mapping)
+                             else dict.fromkeys((int(c) for c in at), -1))
+                      for name, at in state["refused"].items()}
     server.timings = dict(state["timings"])
     server.relatedness_timing = dict(state["relatedness_timing"])
     server.relatedness_details = dict(state["relatedness_details"])
@@ -2463,6 +2469,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     from secure_fedora.secure.private import (
         EPSILON_FIGURES,
         client_budget,
+        client_row,
         noise_assumptions,
         plan_table,
         release_stage_names,
@@ -2472,7 +2479,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
 
     cfg = server.cfg
     reported = server.privacy.get(name, {})
-    refused = server.refused.get(name, set())
+    refused = server.refused.get(name, {})
     choice, plans = server.plans[name]
     stages = release_stage_names(cfg, name, signed=True)
     budgets = [client_budget(cfg, c) for c in range(cfg.data.num_clients)]
@@ -2488,12 +2495,23 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
             rows = plan_table(cfg, name, group, admitted[refine], choice.name, choice, stages)
             table += [row if refine else {**row, "prv_refine": False} for row in rows]
 
-    def planned(c: int) -> dict[str, Any]:
+    def row(c: int) -> dict[str, Any]:
+        # the client's own report where it made one, else the config's calibration for it
         budget = budgets[c]
         plan = admitted[used[c]][(budget.epsilon, budget.delta)]
-        return {"epsilon_budget": budget.epsilon, "delta": budget.delta,
-                "noise_multiplier": plan.dpsgd_noise,
-                "plan_reported": "noise_multiplier" in reported.get(c, {})}
+        said = reported.get(c, {})
+        own = "noise_multiplier" in said
+        return client_row(
+            client=server.client_ids[c], index=c, epsilon_budget=budget.epsilon,
+            delta=budget.delta, epsilon_spent=said.get("epsilon_spent"),
+            noise_multiplier=said["noise_multiplier"] if own else plan.dpsgd_noise,
+            accountant=said["accountant"] if own else choice.name,
+            summary_noise=said.get("summary_noise") if own else plan.summary_noise,
+            lambda_noise=said.get("lambda_noise") if own else plan.lambda_noise,
+            mechanism_noise=said.get("mechanism_noise", {}) if own
+            else dict(plan.mechanism_noise),
+            plan_reported=own, refused_at_round=refused.get(c),
+            ledger_entries=said.get("ledger_entries"), ledger_head=said.get("ledger_head"))
 
     return {
         "method": name,
@@ -2512,9 +2530,7 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
                 "as last reported by it in a signed reply (plan_reported false: a client that "
                 "reported no plan, an older ClientApp, is stated with the config's "
                 "calibration); its signed ledger is the record",
-        "clients": [{"client": server.client_ids[c], "index": c, **planned(c),
-                     **reported.get(c, {}), "refused": c in refused}
-                    for c in range(cfg.data.num_clients)],
+        "clients": [row(c) for c in range(cfg.data.num_clients)],
         **({"resumes": server.resumes[name]} if server.resumes.get(name) else {}),
     }
 

@@ -418,6 +418,93 @@ def test_grid_refused_release_is_a_refusal_reply_and_the_client_takes_no_part(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_both_runtimes_write_the_same_client_rows_for_a_refused_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower wrote ``refused`` with ``accountant``, ``index``, ``plan_reported`` and the
+    summary and lambda noise per client, in process ``refused_at_round`` instead: the same
+    DP run with client 1's round-2 release refused now writes the same keys in both
+    runtimes, with the same values (the refusal's round included)."""
+    from secure_fedora.secure.private import FederationPrivacy
+
+    original = FederationPrivacy.admit
+
+    def admit(self, i, rnd, theta, with_lambda, noise=None):  # type: ignore[no-untyped-def]
+        if i == 1 and rnd == 2:  # what the gate does on a refusal (in both runtimes)
+            self.clients[i].refused_at, self.clients[i].refusal = rnd, "budget exhausted (test)"
+            return False
+        return original(self, i, rnd, theta, with_lambda, noise=noise)
+
+    monkeypatch.setattr(FederationPrivacy, "admit", admit)
+    cfg = with_methods(dp_config(rounds=2, noise="reproducible"), "fedora")
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True})
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 42)
+    sim, _ = in_process(cfg, tmp_path, "fedora")
+    grid_rows = results["privacy"]["fedora"]["clients"]
+    local_rows = sim.privacy["fedora"]["clients"]
+    assert [list(r) for r in grid_rows] == [list(r) for r in local_rows]
+    from secure_fedora.secure.private import CLIENT_ROW_KEYS
+
+    assert [list(r) for r in grid_rows] == [list(CLIENT_ROW_KEYS)] * 3
+    assert [(r["refused"], r["refused_at_round"]) for r in grid_rows] == \
+        [(False, None), (True, 2), (False, None)]
+    for row, twin in zip(grid_rows, local_rows, strict=True):
+        for key in ("client", "index", "epsilon_budget", "delta", "noise_multiplier",
+                    "accountant", "summary_noise", "lambda_noise", "mechanism_noise",
+                    "plan_reported", "refused", "refused_at_round", "ledger_entries"):
+            assert row[key] == twin[key], key
+        assert row["epsilon_spent"] == pytest.approx(twin["epsilon_spent"], rel=1e-9)
+        assert row["summary_noise"] > 0 and row["lambda_noise"] > 0
+        assert len(row["ledger_head"]) == len(twin["ledger_head"]) == 64  # each its own ledger's
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_resumed_flower_run_keeps_the_refusal_round_and_reads_an_older_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ServerApp checkpoints the round of each client's first refused release; a
+    checkpoint of an older ServerApp lists the refused clients alone: a resume of it states
+    them refused with ``refused_at_round`` -1 (round not recorded), as in process for a client
+    refused before a restart."""
+    from secure_fedora.core import crashpoints
+    from secure_fedora.runtimes.flower.protocol import MSG_ROUND
+    from secure_fedora.runtimes.inprocess import save_checkpoint
+    from secure_fedora.secure.private import FederationPrivacy
+
+    original = FederationPrivacy.admit
+
+    def admit(self, i, rnd, theta, with_lambda, noise=None):  # type: ignore[no-untyped-def]
+        if i == 1 and (rnd == 1 or self.clients[i].refused_at is not None):
+            self.clients[i].refused_at, self.clients[i].refusal = rnd, "budget exhausted (test)"
+            return False
+        return original(self, i, rnd, theta, with_lambda, noise=noise)
+
+    def die(_request, _reply):  # type: ignore[no-untyped-def]
+        raise crashpoints.InjectedCrash("server killed in round 2")
+
+    monkeypatch.setattr(FederationPrivacy, "admit", admit)
+    cfg = with_methods(dp_config(rounds=2, noise="reproducible"), "fedavg")
+    (tmp_path / "res").mkdir()
+    rc = run_config(cfg, tmp_path, **{"reproducible-dp-noise": True,
+                                      "result-dir": str(tmp_path / "res")})
+    grid = InMemoryGrid(tmp_path / "nodes", rc, 3)
+    grid.tamper_reply = {(0, 2, MSG_ROUND): die}
+    with pytest.raises(crashpoints.InjectedCrash):
+        server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)  # type: ignore[arg-type]
+    path = tmp_path / "res" / server_app.SERVER_CHECKPOINT
+    state = load_checkpoint(path)
+    assert state["refused"] == {"fedavg": {1: 1}}
+    save_checkpoint(path, {**state, "refused": {"fedavg": [1]}})  # an older ServerApp's
+    rc = {**rc, "resume": "42"}
+    results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777),  # type: ignore[arg-type]
+                                        RunSettings.from_run_config(rc), 777)
+    rows = results["privacy"]["fedavg"]["clients"]
+    assert [(r["refused"], r["refused_at_round"]) for r in rows] == \
+        [(False, None), (True, -1), (False, None)]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> None:
     """A ClientApp whose method trains with DP-SGD in its setup exchange (which no ledger
     records) answers with an error, not the model: the server half sees no setup reply, and

@@ -63,12 +63,16 @@ def test_every_client_row_states_the_plan_the_client_reported(tmp_path: Path) ->
 def test_a_client_reporting_no_plan_is_stated_with_the_config_calibration_marked(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An older ClientApp's ledger record holds only entries and head: its row states the
-    config's calibration (as every row did before) and says so (plan_reported false)."""
+    config's calibration (as every row did before), every mechanism's noise and the
+    accountant included, the keys of every other row, and says so (plan_reported false)."""
     _reporting(monkeypatch, lambda r: {"entries": r["entries"], "head": r["head"]})
-    rows = _run(tmp_path)["privacy"]["fedora"]["clients"]
+    section = _run(tmp_path)["privacy"]["fedora"]
+    rows = section["clients"]
     assert [r["plan_reported"] for r in rows] == [True, False, True]
-    assert rows[1]["noise_multiplier"] == rows[0]["noise_multiplier"]
-    assert "accountant" not in rows[1]
+    assert list(rows[1]) == list(rows[0])
+    for key in ("noise_multiplier", "summary_noise", "lambda_noise", "mechanism_noise"):
+        assert rows[1][key] == rows[0][key], key
+    assert rows[1]["accountant"] == section["accountant"]
 
 
 @pytest.mark.usefixtures("task_identity")
