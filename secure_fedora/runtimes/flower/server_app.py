@@ -2440,6 +2440,9 @@ def _run_method(grid: Grid, server: _Server, name: str,
     with server_half(algorithm, name, "server_finalize(replies)"):
         results = algorithm.server_finalize(final_payloads)
     extra = check_finalize_results(name, results)
+    engine = flower_training_engine(cfg)
+    if engine:  # as in process, only where an engine other than the default loop was asked for
+        extra["training_engine"] = engine
     server.history.extend(run.history)
     if server.relatedness is None:
         server.relatedness = relatedness_matrix([algorithm])
@@ -2450,6 +2453,25 @@ def _run_method(grid: Grid, server: _Server, name: str,
     final = {**summarize(t.last_test), **stale_clients(metric_rounds(t.metric_round), rounds, n)}
     return method_entry(name, selected, final, rounds, round(run.seconds["training"], 3),
                         round(run.seconds["evaluation"], 3), extra)
+
+
+#: Why a Flower run trains with the per-client loop whatever ``[training] engine`` asks.
+FLOWER_ENGINE_REASON = ("a Flower ClientApp trains its one client with the per-client loop; the "
+                        "batched engine trains a round's participants together in one process, "
+                        "which only the in-process runtime does")
+
+
+def flower_training_engine(cfg: ExperimentConfig) -> dict[str, Any]:
+    """results.json's ``methods.<name>.extra.training_engine`` on Flower: ``{}`` for the default
+    loop (as in process), else the engine that trained (``setting``: always ``"loop"``), what
+    was asked (``choice``) and why the loop trained (``reason``), so a run asking for the
+    batched engine is told it did not get it."""
+    asked = cfg.training.engine
+    if asked == "loop":
+        return {}
+    return {"setting": "loop",
+            "choice": f"training.engine = {asked!r} on Flower: the per-client loop",
+            "reason": FLOWER_ENGINE_REASON}
 
 
 def _model_fingerprint(server: _Server, name: str) -> str:
@@ -2592,6 +2614,9 @@ def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, 
                     ("security", "rejections"): len(server.rejections)}
         _say(f"run {run_id}: resuming from {settings.result_dir / SERVER_CHECKPOINT} "
              f"({sorted(server.outcomes)} finished)")
+    engine = flower_training_engine(cfg)
+    if engine:  # told, never silently: results.json states it per method too
+        _say(f"warning: {engine['choice']} ({engine['reason']})")
     _say(f"run {run_id}: waiting for {n} SuperNodes (config {settings.config_hash[:12]})")
     connected_by = time.monotonic() + settings.connect_timeout
     nodes = _wait_for_nodes(grid, n, settings.connect_timeout, settings.poll_interval)

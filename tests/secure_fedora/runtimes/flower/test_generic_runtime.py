@@ -505,6 +505,29 @@ def test_a_resumed_flower_run_keeps_the_refusal_round_and_reads_an_older_checkpo
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_flower_run_asking_for_the_batched_engine_states_the_loop_trained(
+    tmp_path: Path
+) -> None:
+    """``[training] engine = "batched"`` on Flower: each ClientApp trains its one client with
+    the per-client loop; results.json stated no engine (a user asking for batched was not
+    told). It now states the loop, what was asked and why, per method; the default loop
+    states nothing, as in process."""
+    for engine in ("batched", "auto", "loop"):
+        cfg = with_methods(tiny_config(rounds=1, engine=engine), "fedavg")
+        root = tmp_path / engine
+        rc = run_config(cfg, root)
+        results = server_app.run_federation(InMemoryGrid(root / "nodes", rc, 3),  # type: ignore[arg-type]
+                                            RunSettings.from_run_config(rc), 42)
+        extra = results["methods"]["fedavg"]["extra"]
+        if engine == "loop":
+            assert "training_engine" not in extra
+            continue
+        stated = extra["training_engine"]
+        assert stated["setting"] == "loop" and f"training.engine = {engine!r}" in stated["choice"]
+        assert "Flower ClientApp trains its one client" in stated["reason"]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_grid_refuses_dp_sgd_training_in_the_setup_exchange(tmp_path: Path) -> None:
     """A ClientApp whose method trains with DP-SGD in its setup exchange (which no ledger
     records) answers with an error, not the model: the server half sees no setup reply, and
