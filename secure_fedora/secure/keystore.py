@@ -56,6 +56,7 @@ from privacy.identity import (
     load_identity,
     validate_party_id,
 )
+from privacy.paths import path_problem, read_regular_bytes
 
 __all__ = [
     "API_KEYSTORE_OPTION",
@@ -472,6 +473,13 @@ def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
                 f"{ALLOWLIST_FILENAME} (a key file replaced or copied from another store); "
                 "nothing was written")
     chosen = {p: known[p] for p in parties}
+    # a key file of another kind would be read whole (a link to /dev/zero), waited on (a
+    # FIFO) or fail halfway through the writes (a directory)
+    for target in _key_files(dest, parties):
+        problem = path_problem(target, "file")
+        if problem is not None and problem != "does not exist":
+            raise IdentityError(f"{target} {problem}: not the public key file the run wrote; "
+                                "move it away, then resume; nothing was written")
     published = dest / ALLOWLIST_FILENAME
     if published.exists():  # a resumed run: its ledgers are signed by the published keys
         try:
@@ -489,6 +497,11 @@ def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
     return chosen
 
 
+def _key_files(dest: Path, parties: Sequence[str]) -> list[Path]:
+    """The public key files :func:`publish_public_keys` writes into ``dest``."""
+    return [dest / f"{party}.{suffix}" for party in parties for suffix in ("ed25519.pub", "x25519.pub")]
+
+
 def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
                         option: str = API_KEYSTORE_OPTION) -> dict[str, PublicIdentity]:
     """Write the public keys of ``parties`` from ``keystore`` into ``dest``: ``allowlist.json``
@@ -501,13 +514,12 @@ def publish_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
 
     chosen = check_public_keys(keystore, dest, parties, option)
     dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-    files = [(dest / f"{party}.{suffix}", keystore / f"{party}.{suffix}")
-             for party in parties for suffix in ("ed25519.pub", "x25519.pub")]
+    files = [(target, keystore / target.name) for target in _key_files(dest, parties)]
     published = [(target, src.read_bytes()) for target, src in files if src.is_file()]
     published.append((dest / ALLOWLIST_FILENAME, allowlist_bytes(chosen)))
     for target, data in published:
-        try:
-            held = target.read_bytes()
+        try:  # one byte more than the key file tells a longer file from it
+            held: bytes | None = read_regular_bytes(target, len(data) + 1)
         except FileNotFoundError:
             held = None
         if held == data:

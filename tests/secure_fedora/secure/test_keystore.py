@@ -93,6 +93,34 @@ def test_a_damaged_published_key_file_is_written_again_with_a_warning(tmp_path, 
     assert {p.name: p.stat().st_ino for p in run_keys.iterdir() if p != damaged} == inodes
 
 
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+def test_a_published_key_file_that_is_no_regular_file_is_refused_before_anything_is_written(
+        tmp_path, kind):
+    """A resumed run's keys/*.pub replaced by a link to /dev/zero was read whole (the resume
+    ran out of memory with a traceback), a FIFO blocked it forever, a directory stopped it
+    halfway with OSError: now refused, naming the file, before any key file is written."""
+    import os
+
+    store, run_keys = tmp_path / "store", tmp_path / "run" / "keys"
+    ensure_keystore(store, run_party_ids(2))
+    publish_public_keys(store, run_keys, run_party_ids(2))
+    odd = run_keys / "client-000.x25519.pub"
+    (run_keys / "client-000.ed25519.pub").write_bytes(b"damaged")  # would be written again
+    odd.unlink()
+    if kind == "device":
+        odd.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.mkdir()
+    before = {p.name: (p.is_symlink(), p.is_dir()) for p in run_keys.iterdir()}
+    with pytest.raises(IdentityError, match=re.escape(str(odd))
+                       + " (is a directory|is not a regular file).*nothing was written"):
+        publish_public_keys(store, run_keys, run_party_ids(2))
+    assert {p.name: (p.is_symlink(), p.is_dir()) for p in run_keys.iterdir()} == before
+    assert (run_keys / "client-000.ed25519.pub").read_bytes() == b"damaged"
+
+
 def _tiny_dp_config():  # type: ignore[no-untyped-def]
     from secure_fedora.core.config import parse_config
 
