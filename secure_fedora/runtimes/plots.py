@@ -17,13 +17,10 @@ from torch import Tensor  # noqa: E402
 
 from secure_fedora.core.files import atomic_write_with  # noqa: E402
 from secure_fedora.runtimes.results import metric_label  # noqa: E402
+from secure_fedora.runtimes.rundir import PLOT_FILES, PLOTS_FOLDER  # noqa: E402
 
 __all__ = ["PLOTS_FOLDER", "PLOT_FILES", "plot_accuracy_per_round", "plot_per_client", "plot_relatedness",
            "relatedness_matrix", "write_plots"]
-
-#: The folder of a run directory :func:`write_plots` writes, and the files it may hold.
-PLOTS_FOLDER = "plots"
-PLOT_FILES = ("accuracy_per_round.png", "per_client_accuracy.png", "relatedness.png")
 
 
 def _save(fig: plt.Figure, path: Path) -> None:

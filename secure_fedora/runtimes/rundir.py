@@ -702,6 +702,10 @@ def _private_unstarted(run_dir: Path, cfg: ExperimentConfig) -> bool:
 
 # the run's outputs (name -> whether it is a directory), written as it goes and at its end
 _RUN_OUTPUTS = {"results.json": False, "rounds.csv": False, "plots": True, "checkpoints": True}
+#: The folder of a CLI run's plots and the files drawn there (defined here, not in ``plots``,
+#: so that checking a run directory imports no matplotlib).
+PLOTS_FOLDER = "plots"
+PLOT_FILES = ("accuracy_per_round.png", "per_client_accuracy.png", "relatedness.png")
 
 
 def _nonce_note(run_dir: Path) -> str:
@@ -777,6 +781,13 @@ def check_resumable(run_dir: Path, cfg: ExperimentConfig, config_copy_required: 
             kind = "a directory" if want_dir else "a regular file"
             raise RunDirError(f"{resume}: {path} is not {kind}, so the run could not write it; "
                               "move it away, then resume")
+    # the CLI draws the plots: one that is a directory was found once the run had trained to
+    # its end
+    for name in PLOT_FILES if cli else ():
+        path = run_dir / PLOTS_FOLDER / name
+        if path.is_dir():
+            raise RunDirError(f"{resume}: {path} is not a regular file, so the run could not "
+                              "write it; move it away, then resume")
     if cfg.privacy.enabled:  # only a DP run uses a key store: its damaged record is refused
         recorded_keystore_extension(run_dir, resume)
         _refuse_nonce_only_folders(run_dir, cfg, resume)

@@ -534,7 +534,7 @@ def test_api_resume_of_an_empty_run_dir_says_a_plain_run_may_start_there(tmp_pat
         Experiment(cfg, run_dir=run_dir).run(resume=True)
 
 
-@pytest.mark.parametrize("blocked", ["rounds.csv", "plots", "checkpoints"])
+@pytest.mark.parametrize("blocked", ["rounds.csv", "plots", "checkpoints", "plots/relatedness.png"])
 def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, capsys, blocked):
     """A killed DP run whose rounds.csv had become a directory (or plots a file) was resumed:
     its rounds were trained, released and accounted again, then the run stopped with
@@ -550,7 +550,9 @@ def test_resume_refuses_an_output_of_the_wrong_kind_before_training(tmp_path, ca
         shutil.rmtree(run_dir / blocked, ignore_errors=True)
         (run_dir / blocked).write_text("not a folder")
     else:
-        (run_dir / "rounds.csv").mkdir()
+        # a plot a directory: the run was trained to its end, then stopped with "Is a
+        # directory" naming a temporary file (found by generated corruptions)
+        (run_dir / blocked).mkdir(parents=True)
     before = snapshot(run_dir)
     assert run(config, run_dir, "--resume") == 2
     kind = "a directory" if blocked in ("plots", "checkpoints") else "a regular file"
