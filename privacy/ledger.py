@@ -62,6 +62,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
 from privacy.durable import fsync_dir, truncate_and_fsync, write_all_and_fsync
 from privacy.errors import ToolkitError
+from privacy.paths import read_regular_bytes
 
 GENESIS_HASH = "0" * 64
 REFUSAL = "refusal"
@@ -118,9 +119,10 @@ def signing_payload(entry: dict[str, Any]) -> bytes:
 
 
 def _read_bytes(path: Path) -> bytes | None:
-    """The ledger file's bytes; None when it does not exist, LedgerError when it cannot be read."""
+    """The ledger file's bytes; None when it does not exist, LedgerError when it cannot be read
+    or is no regular file (a link to a device would be read without end, a FIFO waited on)."""
     try:
-        return path.read_bytes()
+        return read_regular_bytes(path)
     except FileNotFoundError:
         return None
     except OSError as exc:

@@ -563,3 +563,20 @@ def test_readme_names_every_ledger_entry_field():
     paragraph = readme.split("**Ledger files.**", 1)[1].split("\n- ", 1)[0]
     named = set(re.findall(r"`([a-z_]+)`", paragraph))
     assert set(ENTRY_FIELDS) <= named
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+def test_a_ledger_path_that_is_no_regular_file_is_refused_by_every_reader(tmp_path, kind):
+    """read_ledger and verify_ledger_file read a link to /dev/zero whole (out of memory) and
+    waited forever on a FIFO (found by generated corruptions of a run's ledgers): each now
+    raises LedgerError naming the file, at once."""
+    path = tmp_path / "c1.jsonl"
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    for reader in (read_ledger, lambda p: verify_ledger_file(p, KEY.public_key())):
+        with pytest.raises(LedgerError, match=re.escape(str(path))):
+            reader(path)
