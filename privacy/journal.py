@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from privacy.durable import SyncBatch, append_durably, move_tail_aside
 from privacy.errors import ToolkitError
+from privacy.paths import read_regular_bytes
 from privacy.sealing import SealingError, open_sealed, seal
 
 __all__ = ["ADMITTING_NAME", "MARKS_NAME", "JournalError", "JournalRecord", "ReleaseJournal", "RoundMarks",
@@ -241,9 +242,10 @@ class ReleaseJournal:
 def _read_lines(path: Path, what: str) -> tuple[list[bytes], tuple[bytes, int, int] | None]:
     """The complete lines of the append-only file ``path`` (none when it does not exist) and
     its torn tail, if any: the bytes after the last newline (a crash mid-append), their line
-    number and offset. JournalError naming ``what`` when the file cannot be read."""
+    number and offset. JournalError naming ``what`` when the file cannot be read or is no
+    regular file (a link to a device would be read without end, a FIFO waited on)."""
     try:
-        data = path.read_bytes()
+        data = read_regular_bytes(path)
     except FileNotFoundError:
         return [], None
     except OSError as exc:
