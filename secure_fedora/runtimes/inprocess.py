@@ -27,7 +27,7 @@ from privacy.accounting import format_exact
 from privacy.durable import ensure_descriptors
 from privacy.envelope import ledger_files
 from privacy.errors import ToolkitError
-from privacy.paths import check_path
+from privacy.paths import check_path, open_regular
 from secure_fedora import __version__
 from secure_fedora.algorithms.contract import (
     DataFacts,
@@ -966,7 +966,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     CheckpointError naming it."""
     path = check_path(path, "path", CheckpointError, "file")
     try:
-        fh = open(path, "rb")  # noqa: SIM115 - closed below, after the state is read
+        # a FIFO would block the open until a writer came: refused, as a device is
+        fh = os.fdopen(open_regular(path), "rb")  # noqa: SIM115 - closed below, after the state is read
     except OSError as err:
         raise CheckpointError(f"checkpoint {path} is unreadable: {err.strerror}") from err
     with fh:

@@ -268,6 +268,22 @@ class _Foreign:
     pass
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_checkpoint_that_is_no_regular_file_is_refused_at_once(tmp_path, kind):
+    """A checkpoint replaced by a FIFO blocked load_checkpoint, and so `run --resume`,
+    forever (found by generated corruptions of a run's files); a link to /dev/zero was
+    already refused, and both now name the file as unreadable."""
+    import os
+
+    path = tmp_path / "fedora.pt"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} is unreadable: not a regular file"):
+        load_checkpoint(path)
+
+
 def test_resealed_checkpoint_resumes_to_the_same_result(tmp_path, tiny_clients):
     cfg, ckpt, results = _finished_local_run(tmp_path, tiny_clients)
     save_checkpoint(ckpt, load_checkpoint(ckpt))
