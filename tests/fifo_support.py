@@ -28,3 +28,26 @@ def fifo_without_writer(path: Path, release_after: float = 20.0) -> Iterator[Pat
         yield path
     finally:
         writer.cancel()
+
+
+#: The kinds of :func:`not_a_regular_file`.
+NOT_REGULAR_KINDS = ("device", "fifo", "directory")
+
+
+@contextlib.contextmanager
+def not_a_regular_file(path: Path, kind: str, release_after: float = 20.0) -> Iterator[Path]:
+    """``path`` made as something a reader must refuse as a file: ``"device"`` a link to
+    /dev/zero (read whole, it has no end), ``"fifo"`` a FIFO without a writer
+    (:func:`fifo_without_writer`: a reader waiting on it fails rather than hangs), or
+    ``"directory"``."""
+    if kind == "fifo":
+        with fifo_without_writer(path, release_after):
+            yield path
+        return
+    if kind == "device":
+        path.symlink_to("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        raise ValueError(f"unknown kind {kind!r}; one of {NOT_REGULAR_KINDS}")
+    yield path

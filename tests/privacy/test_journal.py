@@ -4,6 +4,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from privacy.journal import JournalError, JournalRecord, ReleaseJournal, RoundMarks, payload_digest
+from tests.fifo_support import NOT_REGULAR_KINDS, not_a_regular_file
 
 KEY = X25519PrivateKey.generate()
 
@@ -160,22 +161,15 @@ def test_damaged_round_marks_are_refused_naming_the_file_and_line(tmp_path, dama
     assert path.read_bytes() == damage
 
 
-@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+@pytest.mark.parametrize("kind", NOT_REGULAR_KINDS)
 def test_a_journal_or_marks_path_that_is_no_regular_file_is_refused(tmp_path, kind):
     """A journal or round-marks file replaced by a link to /dev/zero was read whole (out of
     memory), a FIFO waited on forever (found by generated corruptions of a run's files): each
     is now a JournalError naming the file, at once."""
-    import os
     import re
 
     for name, opener in (("c1.journal", lambda p: ReleaseJournal(p, "c1", "fedora", KEY)),
                          ("rounds.released", RoundMarks)):
-        path = tmp_path / name
-        if kind == "device":
-            path.symlink_to("/dev/zero")
-        elif kind == "fifo":
-            os.mkfifo(path)
-        else:
-            path.mkdir()
-        with pytest.raises(JournalError, match=re.escape(str(path))):
+        with not_a_regular_file(tmp_path / name, kind) as path, \
+                pytest.raises(JournalError, match=re.escape(str(path))):
             opener(path)

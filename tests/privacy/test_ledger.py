@@ -26,6 +26,7 @@ from privacy.ledger import (
     verify_ledger,
     verify_ledger_file,
 )
+from tests.fifo_support import NOT_REGULAR_KINDS, not_a_regular_file
 
 KEY = Ed25519PrivateKey.generate()
 DELTA = 1e-5
@@ -565,18 +566,12 @@ def test_readme_names_every_ledger_entry_field():
     assert set(ENTRY_FIELDS) <= named
 
 
-@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+@pytest.mark.parametrize("kind", NOT_REGULAR_KINDS)
 def test_a_ledger_path_that_is_no_regular_file_is_refused_by_every_reader(tmp_path, kind):
     """read_ledger and verify_ledger_file read a link to /dev/zero whole (out of memory) and
     waited forever on a FIFO (found by generated corruptions of a run's ledgers): each now
     raises LedgerError naming the file, at once."""
-    path = tmp_path / "c1.jsonl"
-    if kind == "device":
-        path.symlink_to("/dev/zero")
-    elif kind == "fifo":
-        os.mkfifo(path)
-    else:
-        path.mkdir()
-    for reader in (read_ledger, lambda p: verify_ledger_file(p, KEY.public_key())):
-        with pytest.raises(LedgerError, match=re.escape(str(path))):
-            reader(path)
+    with not_a_regular_file(tmp_path / "c1.jsonl", kind) as path:
+        for reader in (read_ledger, lambda p: verify_ledger_file(p, KEY.public_key())):
+            with pytest.raises(LedgerError, match=re.escape(str(path))):
+                reader(path)

@@ -14,6 +14,7 @@ from secure_fedora.secure.keystore import (
     resolve_keystore,
     run_party_ids,
 )
+from tests.fifo_support import NOT_REGULAR_KINDS, not_a_regular_file
 
 
 def test_store_is_created_private_and_extended_without_touching_existing_keys(tmp_path):
@@ -93,31 +94,24 @@ def test_a_damaged_published_key_file_is_written_again_with_a_warning(tmp_path, 
     assert {p.name: p.stat().st_ino for p in run_keys.iterdir() if p != damaged} == inodes
 
 
-@pytest.mark.parametrize("kind", ["device", "fifo", "directory"])
+@pytest.mark.parametrize("kind", NOT_REGULAR_KINDS)
 def test_a_published_key_file_that_is_no_regular_file_is_refused_before_anything_is_written(
         tmp_path, kind):
     """A resumed run's keys/*.pub replaced by a link to /dev/zero was read whole (the resume
     ran out of memory with a traceback), a FIFO blocked it forever, a directory stopped it
     halfway with OSError: now refused, naming the file, before any key file is written."""
-    import os
-
     store, run_keys = tmp_path / "store", tmp_path / "run" / "keys"
     ensure_keystore(store, run_party_ids(2))
     publish_public_keys(store, run_keys, run_party_ids(2))
     odd = run_keys / "client-000.x25519.pub"
     (run_keys / "client-000.ed25519.pub").write_bytes(b"damaged")  # would be written again
     odd.unlink()
-    if kind == "device":
-        odd.symlink_to("/dev/zero")
-    elif kind == "fifo":
-        os.mkfifo(odd)
-    else:
-        odd.mkdir()
-    before = {p.name: (p.is_symlink(), p.is_dir()) for p in run_keys.iterdir()}
-    with pytest.raises(IdentityError, match=re.escape(str(odd))
-                       + " (is a directory|is not a regular file).*nothing was written"):
-        publish_public_keys(store, run_keys, run_party_ids(2))
-    assert {p.name: (p.is_symlink(), p.is_dir()) for p in run_keys.iterdir()} == before
+    with not_a_regular_file(odd, kind):
+        before = {p.name: (p.is_symlink(), p.is_dir()) for p in run_keys.iterdir()}
+        with pytest.raises(IdentityError, match=re.escape(str(odd))
+                           + " (is a directory|is not a regular file).*nothing was written"):
+            publish_public_keys(store, run_keys, run_party_ids(2))
+        assert {p.name: (p.is_symlink(), p.is_dir()) for p in run_keys.iterdir()} == before
     assert (run_keys / "client-000.ed25519.pub").read_bytes() == b"damaged"
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -732,6 +733,19 @@ def quiet_client_log(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(client_app.log, "disabled", True)
 
 
+def _hello_reply_of(handler: Callable[[Message, Context], Message], cfg: Any,
+                    node: str | None, tmp_path: Path) -> tuple[Message, Path]:
+    """The reply of ``handler`` under the ClientApp's withholding and error-reply wrappers to
+    a first-contact message of run 42 under ``cfg``, the node's ``client-errors`` set to
+    ``node`` (unset for None), and the node's state directory."""
+    rc = run_config(cfg, tmp_path)
+    state = tmp_path / "node-0"
+    conf = {"partition-id": 0, "state-dir": str(state), **({"client-errors": node} if node else {})}
+    wrapped = client_app._error_reply(client_app._withholding(handler))
+    return wrapped(Message(RecordDict(), dst_node_id=1, message_type="query.hello"),
+                   Context(42, 1, conf, RecordDict(), rc)), state
+
+
 @pytest.mark.usefixtures("task_identity", "quiet_client_log")
 @pytest.mark.parametrize(("node", "sent"), [
     (None, f"DataError ({WITHHELD})"),
@@ -751,13 +765,7 @@ def test_an_error_text_utf8_cannot_encode_is_answered_as_any_other(
     def fails(message: Message, context: Context) -> Message:
         raise DataError(f"label 17 at row 4711 of {UNENCODABLE}")
 
-    cfg = _dp_config("full")
-    rc = run_config(cfg, tmp_path)
-    state = tmp_path / "node-0"
-    conf = {"partition-id": 0, "state-dir": str(state), **({"client-errors": node} if node else {})}
-    handler = client_app._error_reply(client_app._withholding(fails))
-    reply = handler(Message(RecordDict(), dst_node_id=1, message_type="query.hello"),
-                    Context(42, 1, conf, RecordDict(), rc))
+    reply, state = _hello_reply_of(fails, _dp_config("full"), node, tmp_path)
     assert reply.has_error() and reply.error.reason == sent
     assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     error_to_proto(reply.error).SerializeToString()  # Flower can send it
@@ -824,12 +832,7 @@ def test_an_error_whose_own_text_raises_is_answered_with_the_withheld_text(
     def fails(message: Message, context: Context) -> Message:
         raise error()
 
-    rc = run_config(_config("full"), tmp_path)
-    state = tmp_path / "node-0"
-    conf = {"partition-id": 0, "state-dir": str(state), **({"client-errors": node} if node else {})}
-    handler = client_app._error_reply(client_app._withholding(fails))
-    reply = handler(Message(RecordDict(), dst_node_id=1, message_type="query.hello"),
-                    Context(42, 1, conf, RecordDict(), rc))
+    reply, state = _hello_reply_of(fails, _config("full"), node, tmp_path)
     assert reply.has_error() and reply.error.reason == sent
     assert reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
     assert error.__name__ in (state / "runs" / "42" / CLIENT_ERRORS_LOG).read_text(encoding="utf-8")
