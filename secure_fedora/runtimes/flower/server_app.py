@@ -2518,13 +2518,15 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
             table += [row if refine else {**row, "prv_refine": False} for row in rows]
 
     def row(c: int) -> dict[str, Any]:
-        # the client's own report where it made one, else the config's calibration for it
+        # the client's own report where it made one (the budget it enforces included),
+        # else the config's calibration for it
         budget = budgets[c]
         plan = admitted[used[c]][(budget.epsilon, budget.delta)]
         said = reported.get(c, {})
         own = "noise_multiplier" in said
         return client_row(
-            client=server.client_ids[c], index=c, epsilon_budget=budget.epsilon,
+            client=server.client_ids[c], index=c,
+            epsilon_budget=said.get("epsilon_budget", budget.epsilon),
             delta=budget.delta, epsilon_spent=said.get("epsilon_spent"),
             noise_multiplier=said["noise_multiplier"] if own else plan.dpsgd_noise,
             accountant=said["accountant"] if own else choice.name,
