@@ -172,10 +172,13 @@ def float64_linear_terms(a3: Tensor, g3: Tensor, factor: Tensor, has_weight: boo
 
 
 #: The powers of two a sample's loss is multiplied by, mildest first, when its per-sample
-#: gradient has an entry beyond the float range although every activation and backpropagated
-#: value is finite (a weight gradient ``g_k a_j``). The backward pass is linear in the loss, so
-#: the gradient comes out multiplied by exactly that power (only parts below the smallest
-#: normal float after scaling are lost, far below the largest entry's rounding).
+#: gradient has an entry beyond the float range although every activation is finite (a weight
+#: gradient ``g_k a_j``, or a backpropagated value). The backward pass is linear in the loss,
+#: so the gradient comes out multiplied by exactly that power (only parts below the smallest
+#: normal float after scaling are lost, far below the largest entry's rounding). 2^-128 brings
+#: any one float32 product ``g_k a_j`` into range. No smaller power is tried: at 2^-160 a loss
+#: gradient of at most 1 (cross-entropy's) is below float32's smallest subnormal, so the
+#: gradient would come out 0, not in its direction.
 LOSS_SCALES = (2.0**-32, 2.0**-64, 2.0**-96, 2.0**-128)
 
 
@@ -208,8 +211,10 @@ def clip_overflowing_rows(parts: list[Tensor], sq_norms: Tensor, max_norm: float
       ``g`` and ``a``): the sample's gradient is recomputed at the first scale ``s`` of
       :data:`LOSS_SCALES` where it comes out finite, and the row becomes ``grad * min(1, C /
       (||grad|| + 1e-6))`` with ``||grad|| = ||s * grad|| / s`` (float64, without overflow):
-      the sample clipped to norm C as a finite one is. A row non-finite at every scale (or
-      with a NaN entry that scaling does not mend) stays as it is (its sum is not finite).
+      the sample clipped to norm C as a finite one is.
+    - A row still not finite at every scale (its direction cannot be computed: an activation
+      or the loss overflowed, or the model gave NaN) becomes the zero vector, the rule of
+      every DP-SGD path (:func:`uncomputable_samples`): within C, and never non-finite.
     - A row with finite entries whose float64 factor is below the smallest normal number of
       its dtype (a norm beyond ``C / tiny``): the row becomes ``grad * factor`` computed in
       float64, as the fused paths add it (:func:`fused_clip_factors`).
@@ -246,7 +251,23 @@ def clip_overflowing_rows(parts: list[Tensor], sq_norms: Tensor, max_norm: float
         if bool(ok.any()):
             clip(bad[ok], [g[ok].to(torch.float64) for g in got], scale)
         bad = bad[~ok]
+    if bad.numel():
+        for p in parts:
+            p[bad] = 0
+        done.append(bad)
     return sq_norms.index_fill(0, torch.cat(done), 0.0) if done else sq_norms
+
+
+def uncomputable_samples(tensors: list[Tensor], batch: int) -> Tensor:
+    """The samples (a bool mask over ``batch``) with a non-finite entry in any of ``tensors``
+    (each ``(batch, ...)``: a sample's activations and backpropagated values). DP-SGD's rule,
+    the same in every path: such a sample's gradient is first recomputed with its loss scaled
+    (:data:`LOSS_SCALES`); one still not finite has no computable direction and contributes
+    the zero vector (within the clip norm C), so no non-finite value reaches the noised sum."""
+    bad = torch.zeros(batch, dtype=torch.bool, device=tensors[0].device if tensors else None)
+    for t in tensors:
+        bad |= ~torch.isfinite(t.reshape(batch, -1)).all(dim=1)
+    return bad
 
 
 def overflow_safe_linear_norms(layers: list[tuple[Tensor, Tensor, bool, bool]]) -> Tensor:
@@ -291,6 +312,30 @@ def _scale_rows(g2: Tensor, factors: Tensor) -> Tensor:
     if g2.shape[0] == batch:
         return g2 * factors
     return (g2.reshape(batch, -1, g2.shape[-1]) * factors[:, :, None]).reshape(g2.shape)
+
+
+def _float32_gradients_finite(layers: list[tuple[_LinearCapture, Tensor, Tensor]], scale: float,
+                              n: int) -> Tensor:
+    """Per sample (n,): whether its weight and bias gradients formed in float32 from
+    ``(cap, A, G)`` (A (n, T, in), G (n, T, out)), G multiplied by ``scale``, are finite, as
+    the per-sample paths (Opacus, vmap) form them: the fused paths never form them, and use
+    this only where a sample is recomputed or its factor is below float32's normal range."""
+    ok = torch.ones(n, dtype=torch.bool, device=layers[0][1].device if layers else None)
+    for cap, a3, g3 in layers:
+        gs = g3 * scale if scale != 1.0 else g3
+        if cap.weight is not None:
+            ok &= torch.isfinite(torch.einsum("nto,nti->noi", gs, a3)).flatten(1).all(dim=1)
+        if cap.bias is not None:
+            ok &= torch.isfinite(gs.sum(dim=1)).all(dim=1)
+    return ok
+
+
+def _zero_samples(t2: Tensor, index: Tensor, batch: int) -> Tensor:
+    """A copy of ``t2`` ((B*T, d), a sample's T rows consecutive) with the rows of the
+    samples ``index`` set to 0."""
+    t = t2.clone()
+    t.view(batch, -1, t.shape[-1])[index] = 0
+    return t
 
 
 def _sparse_row_norms(k: int, rows: Tensor, values: Tensor) -> Tensor:
@@ -505,7 +550,7 @@ class DPSGD:
         if batch == 0:
             self._write_noise()
         elif self.mode == "fused":
-            layers, factors, tiny = self._fused_pass(x, y, loss_fn)
+            layers, factors, extra = self._fused_pass(x, y, loss_fn)
             self._write_noise()
             with torch.no_grad():
                 for cap, a2, g2 in layers:
@@ -514,7 +559,7 @@ class DPSGD:
                         cap.weight.grad.addmm_(gc.T, a2, alpha=scale)
                     if cap.bias is not None:
                         cap.bias.grad.add_(gc.sum(dim=0), alpha=scale)
-                for cap, weight, bias in self._float64_terms(layers, tiny, batch):
+                for cap, weight, bias in extra:
                     if weight is not None:
                         cap.weight.grad.add_(weight, alpha=scale)
                     if bias is not None:
@@ -564,7 +609,7 @@ class DPSGD:
             return [torch.zeros_like(p) for p in self._params]
         if self.mode == "opacus":
             return self._opacus_clipped_sum(x, y, loss_fn)
-        layers, factors, tiny = self._fused_pass(x, y, loss_fn)
+        layers, factors, extra = self._fused_pass(x, y, loss_fn)
         by_param: dict[int, Tensor] = {}
         with torch.no_grad():
             for cap, a2, g2 in layers:
@@ -573,7 +618,7 @@ class DPSGD:
                     by_param[id(cap.weight)] = gc.T @ a2
                 if cap.bias is not None:
                     by_param[id(cap.bias)] = gc.sum(dim=0)
-            for cap, weight, bias in self._float64_terms(layers, tiny, int(x.shape[0])):
+            for cap, weight, bias in extra:
                 if weight is not None:
                     by_param[id(cap.weight)] += weight
                 if bias is not None:
@@ -625,14 +670,90 @@ class DPSGD:
 
     def _fused_pass(self, x: Tensor, y: Tensor, loss_fn: LossFn
                     ) -> tuple[list[tuple[_LinearCapture, Tensor, Tensor]], Tensor,
-                               tuple[Tensor, Tensor] | None]:
+                               list[tuple[_LinearCapture, Tensor | None, Tensor | None]]]:
         """Forward + backward to the Linear outputs; per-layer (A, G), clip factors (B, 1) and
-        the samples whose factor only float64 holds (index, factor; :func:`fused_clip_factors`).
+        the (weight, bias) gradient sums computed in float64 that are to be added besides:
+        those of the samples whose factor only float64 holds (:func:`fused_clip_factors`),
+        and those of the samples with a non-finite activation or backpropagated value, whose
+        rows of A and G are zeroed here (factor 0) and whose gradient is recomputed with the
+        loss scaled (:meth:`_rescaled_terms`; one that stays non-finite adds nothing).
 
         A and G are returned flattened to (B*T, in) and (B*T, out), where T is the number of
         positions per sample (1 for plain 2-D inputs; calls of a layer reused in one forward
         are stacked as extra positions, so their gradients add up per sample exactly).
         """
+        batch = int(x.shape[0])
+        layers, sq_norms = self._fused_layers(x, y, loss_fn)
+
+        def overflow_norms(where: tuple[Tensor, ...]) -> Tensor:
+            (index,) = where
+            return overflow_safe_linear_norms([
+                (a2.reshape(batch, -1, a2.shape[-1])[index], g2.reshape(batch, -1, g2.shape[-1])[index],
+                 cap.weight is not None, cap.bias is not None) for cap, a2, g2 in layers])
+
+        factors, tiny = fused_clip_factors(sq_norms, self.max_grad_norm, overflow_norms)
+        extra: list[tuple[_LinearCapture, Tensor | None, Tensor | None]] = []
+        bad = None
+        if not bool(torch.isfinite(sq_norms).all()):  # tiny is None where they all are
+            bad = uncomputable_samples([t for cap, a2, g2 in layers
+                                        for t in ((a2, g2) if cap.weight is not None else (g2,))],
+                                       batch)
+            if not bool(bad.any()):
+                bad = None
+        if tiny is not None:
+            (index,), f64 = tiny
+            if bad is not None:
+                keep = ~bad[index]
+                index, f64 = index[keep], f64[keep]
+            # the rule's: a gradient whose float32 entries overflow even at the last loss scale
+            # (a sum over positions) has no direction there and adds nothing (factor 0 already)
+            keep = _float32_gradients_finite([
+                (cap, a2.reshape(batch, -1, a2.shape[-1])[index],
+                 g2.reshape(batch, -1, g2.shape[-1])[index]) for cap, a2, g2 in layers],
+                LOSS_SCALES[-1], int(index.numel()))
+            extra += self._float64_terms(layers, (index[keep], f64[keep]), batch)
+        if bad is not None:
+            index = bad.nonzero().squeeze(1)
+            factors = factors.index_fill(0, index, 0.0)
+            layers = [(cap, _zero_samples(a2, index, batch), _zero_samples(g2, index, batch))
+                      for cap, a2, g2 in layers]
+            extra += self._rescaled_terms(x, y, loss_fn, index)
+        return layers, factors[:, None], extra
+
+    def _rescaled_terms(self, x: Tensor, y: Tensor, loss_fn: LossFn, index: Tensor
+                        ) -> list[tuple[_LinearCapture, Tensor | None, Tensor | None]]:
+        """The clipped (weight, bias) gradient sums, in float64, of the samples ``index`` whose
+        activations or backpropagated values are not finite: each recomputed with its loss
+        multiplied by the first scale of :data:`LOSS_SCALES` that makes them finite and
+        clipped with its float64 norm (as :func:`clip_overflowing_rows` does for the per-sample
+        paths); a sample never finite adds nothing (:func:`uncomputable_samples`)."""
+        terms: list[tuple[_LinearCapture, Tensor | None, Tensor | None]] = []
+        for scale in LOSS_SCALES:
+            if index.numel() == 0:
+                break
+            n = int(index.numel())
+            layers, _ = self._fused_layers(x[index], y[index], loss_fn, scale)
+            shaped = [(cap, a2.reshape(n, -1, a2.shape[-1]), g2.reshape(n, -1, g2.shape[-1]))
+                      for cap, a2, g2 in layers]
+            ok = ~uncomputable_samples([t for cap, a3, g3 in shaped
+                                        for t in ((a3, g3) if cap.weight is not None else (g3,))], n)
+            ok &= _float32_gradients_finite(shaped, 1.0, n)
+            if bool(ok.any()):
+                norms = overflow_safe_linear_norms([
+                    (a3[ok], g3[ok], cap.weight is not None, cap.bias is not None)
+                    for cap, a3, g3 in shaped]) / scale
+                factor = (self.max_grad_norm / (norms + _NORM_EPS)).clamp(max=1.0) / scale
+                terms += [(cap, *float64_linear_terms(a3[ok], g3[ok], factor, cap.weight is not None,
+                                                      cap.bias is not None))
+                          for cap, a3, g3 in shaped]
+            index = index[~ok]
+        return terms
+
+    def _fused_layers(self, x: Tensor, y: Tensor, loss_fn: LossFn, scale: float | None = None
+                      ) -> tuple[list[tuple[_LinearCapture, Tensor, Tensor]], Tensor]:
+        """Forward + backward (of the per-sample losses multiplied by ``scale`` if given) to
+        the Linear outputs: per-layer (A, G), flattened as :meth:`_fused_pass` returns them,
+        and the per-sample squared gradient norms (not checked for overflow)."""
         batch = int(x.shape[0])
         caps = self._captures
         for cap in caps:
@@ -642,7 +763,8 @@ class DPSGD:
         try:
             with torch.enable_grad():
                 out = self.model(x)
-                total_loss = self._per_sample_losses(out, y, loss_fn, batch).sum()
+                losses = self._per_sample_losses(out, y, loss_fn, batch)
+                total_loss = (losses if scale is None else losses * scale).sum()
         finally:
             self._capturing = False
         try:
@@ -697,14 +819,7 @@ class DPSGD:
         if sq_norms is None:
             sq_norms = torch.zeros(batch, dtype=out.dtype, device=out.device)
 
-        def overflow_norms(where: tuple[Tensor, ...]) -> Tensor:
-            (index,) = where
-            return overflow_safe_linear_norms([
-                (a2.reshape(batch, -1, a2.shape[-1])[index], g2.reshape(batch, -1, g2.shape[-1])[index],
-                 cap.weight is not None, cap.bias is not None) for cap, a2, g2 in layers])
-
-        factors, tiny = fused_clip_factors(sq_norms, self.max_grad_norm, overflow_norms)
-        return layers, factors[:, None], None if tiny is None else (tiny[0][0], tiny[1])
+        return layers, sq_norms
 
     @staticmethod
     def _layer_sq_norms(cap: _LinearCapture, a3: Tensor, g3: Tensor) -> Tensor:

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.dpsgd import (
+    LOSS_SCALES,
     clip_factors,
     clip_overflowing_rows,
     float64_linear_terms,
@@ -55,6 +56,7 @@ from privacy.dpsgd import (
     overflow_safe_linear_norms,
     poisson_sample,
     rescaled_gradient,
+    uncomputable_samples,
 )
 from privacy.mechanisms import overflow_safe_row_norms
 from privacy.noise import NoiseSource, is_noise_source
@@ -665,18 +667,75 @@ def _linear_clipped_sum(plan: BatchedPlan, rows: Tensor, x: Tensor, y: Tensor, v
             for layer, (a, gl) in reversed(list(zip(linears, pairs, strict=True)))])
 
     factors, tiny = fused_clip_factors(sq, clip, overflow_norms)
+    bad = None
+    if not bool(torch.isfinite(sq).all()):  # (tiny is None where every norm is finite)
+        k, width = sq.shape
+        bad = uncomputable_samples([t.reshape(k * width, -1) for pair in pairs for t in pair],
+                                   k * width).view(k, width)
+        if bool(bad.any()):
+            # no direction in float32: zeroed here (factor 0), recomputed with the loss scaled
+            factors = factors.masked_fill(bad, 0.0)
+            keep = ~bad.unsqueeze(2)
+            pairs = [(torch.where(keep, a, 0.0), torch.where(keep, gl, 0.0)) for a, gl in pairs]
+        else:
+            bad = None
     for layer, (a, gl) in zip(linears, pairs, strict=True):
         _write_linear(layer, out, a, gl * factors.unsqueeze(2), work=work)
     if tiny is not None:  # samples whose factor only float64 holds: added in float64
         (client, at), f64 = tiny
-        for layer, (a, gl) in zip(linears, pairs, strict=True):
-            _, w_off, (d_out, d_in), b_off = layer
-            for c, sample, f in zip(client.tolist(), at.tolist(), f64.unsqueeze(1), strict=True):
-                weight, bias = float64_linear_terms(a[c, sample][None, None], gl[c, sample][None, None],
-                                                    f, True, b_off is not None)
-                out[c, w_off:w_off + d_out * d_in] += weight.reshape(-1)
-                if bias is not None:
-                    out[c, b_off:b_off + d_out] += bias
+        if bad is not None:
+            kept = ~bad[client, at]
+            client, at, f64 = client[kept], at[kept], f64[kept]
+        _add_float64_terms(linears, pairs, out, client, at, f64, 1.0)
+    if bad is not None:
+        _add_rescaled(plan, linears, rows, x, y, valid, bad, clip, loss, out)
+
+
+def _add_float64_terms(linears: list[tuple[Any, ...]], pairs: list[tuple[Tensor, Tensor]],
+                       out: Tensor, client: Tensor, at: Tensor, f64: Tensor, scale: float) -> None:
+    """Add, computed in float64, ``f64 * grad_s / scale`` of each sample ``(client, at)`` into
+    its client's row of ``out``, ``grad_s`` its gradient from ``pairs`` (each Linear's (A, G),
+    last layer first, ``linears`` alike)."""
+    for layer, (a, gl) in zip(linears, pairs, strict=True):
+        _, w_off, (d_out, d_in), b_off = layer
+        for c, sample, f in zip(client.tolist(), at.tolist(), (f64 / scale).unsqueeze(1), strict=True):
+            weight, bias = float64_linear_terms(a[c, sample][None, None], gl[c, sample][None, None],
+                                                f, True, b_off is not None)
+            out[c, w_off:w_off + d_out * d_in] += weight.reshape(-1)
+            if bias is not None:
+                out[c, b_off:b_off + d_out] += bias
+
+
+def _add_rescaled(plan: BatchedPlan, linears: list[tuple[Any, ...]], rows: Tensor, x: Tensor,
+                  y: Tensor, valid: Tensor, bad: Tensor, clip: Tensor,
+                  loss: Callable[[Tensor, Tensor], Tensor], out: Tensor) -> None:
+    """The linear engine's :meth:`privacy.dpsgd.DPSGD._rescaled_terms`: each real sample of
+    ``bad`` (k, B) (a non-finite activation or backpropagated value) recomputed with its loss
+    multiplied by the first scale of :data:`~privacy.dpsgd.LOSS_SCALES` that makes it finite,
+    clipped with its float64 norm and added into its client's row of ``out``; a sample never
+    finite adds nothing (:func:`~privacy.dpsgd.uncomputable_samples`)."""
+    client, at = (bad & valid).nonzero(as_tuple=True)
+    for scale in LOSS_SCALES:
+        n = int(client.numel())
+        if n == 0:
+            return
+        sub = rows[client]
+        logits, saved = _linear_forward(plan, sub, x[client, at].unsqueeze(1))
+        g = _output_grad(logits, y[client, at].unsqueeze(1),
+                         torch.full((n, 1), scale, dtype=logits.dtype, device=logits.device), loss)
+        pairs = _linear_backward(plan, sub, saved, g, None)
+        ok = ~uncomputable_samples([t.reshape(n, -1) for pair in pairs for t in pair], n)
+        if bool(ok.any()):
+            mine = ok.nonzero().squeeze(1)
+            norms = overflow_safe_linear_norms([
+                (a[mine], gl[mine], True, layer[3] is not None)
+                for layer, (a, gl) in reversed(list(zip(linears, pairs, strict=True)))]) / scale
+            f64 = (clip[client[mine], 0].to(torch.float64) / (norms + _NORM_EPS)).clamp(max=1.0)
+            first = torch.zeros(1, dtype=torch.long)
+            for j, (m, c) in enumerate(zip(mine.tolist(), client[mine].tolist(), strict=True)):
+                _add_float64_terms(linears, [(a[m:m + 1], gl[m:m + 1]) for a, gl in pairs],
+                                   out[c:c + 1], first, first, f64[j:j + 1], scale)
+        client, at = client[~ok], at[~ok]
 
 
 def _reads_raw_input(plan: BatchedPlan) -> bool:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from privacy.dpsgd import DPSGD, DPSGDError, poisson_sample
+from privacy.dpsgd import DPSGD, DPSGDError, clip_overflowing_rows, poisson_sample
 from privacy.noise import CsprngNoise, ReproducibleNoise
 
 CE = nn.CrossEntropyLoss(reduction="none")
@@ -531,3 +531,43 @@ def test_fused_releases_are_pinned_bit_for_bit(case, flat_buffer, expected):
     else:
         model, (x, y) = _FrozenAndBiasless(), _data(7, seed=8)
     assert _released_gradient_digest(model, x, y, flat_buffer) == expected
+
+
+def test_a_row_not_finite_at_every_loss_scale_becomes_the_zero_vector():
+    """A per-sample gradient row still non-finite after every loss scale (its direction
+    cannot be computed) was left as it was, so the clipped sum and the noised update were
+    not finite. It is now the zero vector (within C), its squared norm 0; the other rows,
+    finite or recomputed, are clipped as before."""
+    parts = [torch.tensor([[3.0, 4.0], [float("nan"), 1.0], [float("inf"), 0.0]])]
+    sq = (parts[0] ** 2).sum(dim=1)
+
+    def recompute(index: torch.Tensor, scale: float) -> list[torch.Tensor]:
+        # row 2 comes out finite once scaled; row 1 never does
+        rows = torch.tensor([[0.0, 0.0], [float("nan"), 1.0], [6.0, 8.0]])[index] * scale
+        return [rows]
+
+    sq = clip_overflowing_rows(parts, sq, 1.0, recompute)
+    assert torch.equal(parts[0][0], torch.tensor([3.0, 4.0])) and float(sq[0]) == 25.0
+    assert torch.equal(parts[0][1], torch.zeros(2)) and float(sq[1]) == 0.0
+    torch.testing.assert_close(parts[0][2], torch.tensor([0.6, 0.8]))
+
+
+@pytest.mark.parametrize("mode", ["fused", "opacus"])
+def test_a_sample_whose_activations_overflow_adds_nothing_and_the_update_stays_finite(mode):
+    """Inputs of 3e38 through Linear(all ones) -> ReLU overflow float32's activations: the
+    sample's gradient has no direction (NaN), and both paths wrote a non-finite update
+    (noise included). Now it contributes the zero vector: the clipped sum is the other
+    samples' alone, and the noised update is finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 0])
+    extreme = torch.cat([x, torch.full((1, 2), 3e38)]), torch.cat([y, torch.tensor([1])])
+    with DPSGD(model, 0.5, 1.0, 5.0, ReproducibleNoise(0), mode=mode) as dp:
+        without = dp.clipped_gradient_sum(x, y, CE)
+        with_it = dp.clipped_gradient_sum(*extreme, CE)
+        for a, b in zip(with_it, without, strict=True):
+            torch.testing.assert_close(a, b)
+        dp.private_gradient(*extreme, CE)
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())

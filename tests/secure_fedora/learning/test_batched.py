@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from privacy.dpsgd import DPSGD
+from privacy.dpsgd import DPSGD, rescaled_gradient
 from privacy.noise import ReproducibleNoise
 from secure_fedora.learning.batched import (
     BatchedTrainingError,
@@ -978,6 +978,133 @@ def test_dp_clips_a_gradient_entry_that_overflows_float32_alike_in_every_engine(
     assert outcome.engine == engine.split("-")[0], outcome.reason
     assert outcome.steps == {0: 1}
     torch.testing.assert_close((theta - start)[0].double(), want, atol=1e-6, rtol=1e-5)
+
+
+class _ReluLinears(_TwoLinears):
+    """Linear -> ReLU -> Linear (not saturating: a huge input overflows the activations)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _OverPositions(_TwoLinears):
+    """Each row read as pairs (positions) through Linear -> Tanh -> Linear, logits summed
+    over the positions: fc1's weight gradient is a sum of products over positions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x.view(x.shape[0], -1, 2)))).sum(dim=1)
+
+
+class _NanFeatures(nn.Module):
+    """``log(1 + x)`` of each input (NaN below -1), then Linear -> Tanh -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _TwoLinears()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.log1p(x))
+
+
+def _extreme_case(case: str, engine: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A model and 6 rows of which row 4 (and row 1 in "mixed") is extreme."""
+    torch.manual_seed(0)
+    relu = case in ("activation-overflow", "huge-parameters")
+    if case == "positions-beyond-2^-128":
+        module: nn.Module = _OverPositions()
+    elif case == "model-nan":
+        module = _NanFeatures()
+    elif engine == "linear":
+        module = nn.Sequential(nn.Linear(2, 4), nn.ReLU() if relu else nn.Tanh(), nn.Linear(4, 3))
+    else:
+        module = _ReluLinears() if relu else _TwoLinears()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64 if case.startswith("positions") else 2, generator=g)
+    y = torch.randint(0, 3, (6,), generator=g)
+    w1, b1, w2, b2 = module.parameters()
+    with torch.no_grad():
+        if case == "activation-overflow":  # fc1's outputs overflow float32 (6e38)
+            w1.fill_(1.0)
+            x[4] = 3e38
+        elif case == "backprop-overflow":  # logits +-2.3e38: the loss and fc1's G overflow
+            w1.zero_(), b1.fill_(1.0), w2.zero_(), b2.zero_()
+            w2[0, 0], w2[1, 0], y[4] = 3e38, -3e38, 1
+        elif case == "positions-beyond-2^-128":  # 32 products of 3e38 * 1e38: beyond 2^-128
+            w1.zero_(), b1.zero_(), b2.zero_(), w2.fill_(1e38)
+            w2[1].fill_(-1e38)
+            x[4] = 3e38
+        elif case == "huge-parameters":
+            w1.fill_(1e38)
+            x.abs_()
+        elif case == "model-nan":
+            x[4] = -3.0
+        elif case == "mixed":  # a weight-gradient entry 1e46 (row 1), an activation NaN (row 4)
+            w1[:, 1] = -w1[:, 0]
+            w1[0] = torch.tensor([2.0, -2.0])
+            w2.mul_(1e10)
+            x[1], x[4] = 1e36, 3e38
+    return module, x, y
+
+
+def _clipped_or_zero(module: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float) -> torch.Tensor:
+    """The rule, from per-sample float32 autograd: each gradient (its loss scaled as DP-SGD
+    scales it where an entry overflows) clipped in float64, the zero vector where it is
+    still not finite; summed."""
+    params = list(module.parameters())
+    want = torch.zeros(sum(p.numel() for p in params), dtype=torch.float64)
+    for i in range(x.shape[0]):
+        def gradient(scale: float | None = None, i: int = i) -> list[torch.Tensor]:
+            loss = nn.functional.cross_entropy(module(x[i:i + 1]), y[i:i + 1])
+            return list(torch.autograd.grad(loss if scale is None else loss * scale, params))
+
+        pieces, scale = gradient(), 1.0
+        if not all(bool(torch.isfinite(p).all()) for p in pieces):
+            found = rescaled_gradient(gradient)
+            if found is None:
+                continue  # no direction: the zero vector
+            pieces, scale = found
+        grad = torch.cat([p.reshape(-1) for p in pieces]).double() / scale
+        want += grad * min(1.0, clip / (float(grad.norm()) + 1e-6))
+    return want
+
+
+_EXTREME_CASES = [(engine, case) for case in (
+    "activation-overflow", "backprop-overflow", "positions-beyond-2^-128", "huge-parameters",
+    "model-nan", "mixed") for engine in ("linear", "vmap", "loop-fused", "loop-opacus")
+    if engine != "linear" or case not in ("positions-beyond-2^-128", "model-nan")]
+
+
+@pytest.mark.parametrize(("engine", "case"), _EXTREME_CASES)
+def test_every_engine_treats_an_extreme_per_sample_gradient_by_one_rule(engine, case):
+    """Before: a sample whose activations overflow float32 (or whose model gives NaN) made
+    every engine's update non-finite (refused after the step had drawn its noise); a
+    backpropagated value overflowing float32 was scaled away by Opacus and vmap but made the
+    fused paths' update non-finite; a sum over positions beyond 2^-128 was refused by all.
+    The rule, in every engine: a per-sample gradient is computed in float32, its loss scaled
+    by the first power of two of LOSS_SCALES making it finite, and clipped to C in float64; one
+    still not finite contributes the zero vector. The update is finite and equals that sum."""
+    module, x, y = _extreme_case(case, engine)
+    clip = 0.5
+    want = -_clipped_or_zero(copy.deepcopy(module), x, y, clip) / 6  # lr 1, q * n = 6
+    flat = FlatModel(module)
+    start = torch.cat([p.detach().reshape(-1) for p in flat.params]).unsqueeze(0)
+    oracle = DPGradient(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0))
+    if engine == "loop-opacus":
+        oracle.dpsgd.close()
+        oracle.dpsgd = DPSGD(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0), mode="opacus")
+    cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=6, local_epochs=1)
+    theta = start.clone()
+    job = ClientJob(0, theta[0], x, y, torch.Generator(), noise=ReproducibleNoise(3),
+                    noise_multiplier=1e-9)
+    outcome = train_clients(flat, cfg, oracle, [job],
+                            engine="loop" if engine.startswith("loop") else "auto")
+    assert outcome.engine == engine.split("-")[0], outcome.reason
+    assert outcome.steps == {0: 1}
+    assert bool(torch.isfinite(theta).all())
+    # the reference step applied as the engines apply it (parameters of 1e38 do not move)
+    expected = (start[0].double() + want).float()
+    torch.testing.assert_close((theta[0] - start[0]).double(), (expected - start[0]).double(),
+                               atol=1e-6, rtol=1e-5)
 
 
 class _LogFeatures(nn.Module):
