@@ -49,9 +49,12 @@ def check_given_file(
     return path
 
 
-def path_problem(path: str | os.PathLike[str], want: str = "directory") -> str | None:
+def path_problem(path: str | os.PathLike[str], want: str = "directory", *,
+                 missing_ok: bool = False) -> str | None:
     """Why ``path`` is not the ``want`` it should name ("directory", or "file": a regular
-    file), as the words that follow the path in an error line, or None when it is one. The
+    file), as the words that follow the path in an error line, or None when it is one (and,
+    with ``missing_ok``, when nothing is there: a caller that will create it asks only
+    whether something else is in the way, never by comparing these words). The
     one wording of every command: ``does not exist`` only where the system says nothing is
     there; ``is a symbolic link loop ...`` where it or a folder on its way is a link that
     never ends (ELOOP); ``cannot be reached (<reason>)`` where the system cannot look (a
@@ -61,7 +64,7 @@ def path_problem(path: str | os.PathLike[str], want: str = "directory") -> str |
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return "does not exist"
+        return None if missing_ok else "does not exist"
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return "is a symbolic link loop (it or a folder on its way is a link that never resolves)"

@@ -476,8 +476,8 @@ def check_public_keys(keystore: Path, dest: Path, parties: Sequence[str],
     # a key file of another kind would be read whole (a link to /dev/zero), waited on (a
     # FIFO) or fail halfway through the writes (a directory)
     for target in _key_files(dest, parties):
-        problem = path_problem(target, "file")
-        if problem is not None and problem != "does not exist":
+        problem = path_problem(target, "file", missing_ok=True)
+        if problem is not None:
             raise IdentityError(f"{target} {problem}: not the public key file the run wrote; "
                                 "move it away, then resume; nothing was written")
     published = dest / ALLOWLIST_FILENAME

@@ -47,6 +47,23 @@ def test_path_problem_names_a_symbolic_link_loop_and_never_claims_it_absent(tmp_
     assert path_problem(tmp_path, "file") == "is a directory, not a file"
 
 
+def test_path_problem_missing_ok_says_only_what_is_in_the_way(tmp_path: Path):
+    """A caller about to create a path asks structurally whether something else is there
+    (``missing_ok``), not by comparing the words "does not exist"."""
+    from privacy.paths import path_problem
+
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "loop").symlink_to("loop")
+    assert path_problem(tmp_path / "missing", "file", missing_ok=True) is None
+    assert path_problem(tmp_path / "missing", missing_ok=True) is None
+    assert path_problem(tmp_path / "missing", "file") == "does not exist"
+    assert path_problem(tmp_path, "file", missing_ok=True) == "is a directory, not a file"
+    assert path_problem(tmp_path / "f", missing_ok=True) == "is not a directory"
+    assert path_problem(tmp_path / "f" / "x", missing_ok=True) == "cannot be reached (Not a directory)"
+    assert str(path_problem(tmp_path / "loop", "file", missing_ok=True)).startswith(
+        "is a symbolic link loop")
+
+
 def test_check_given_file_names_the_option_the_path_and_what_is_wrong(tmp_path: Path):
     """A file-taking flag's one error line: the flag, what the file is, its path, why, and
     what to give; a regular file is returned as a Path."""

@@ -63,11 +63,11 @@ class CertificateError(ToolkitError, ValueError):
 def _output_dir(out_dir: str | os.PathLike[str]) -> Path:
     """``out_dir`` resolved; CertificateError when it is a file, a symbolic link loop or
     cannot be reached (what :func:`privacy.paths.path_problem` says of it)."""
-    problem = path_problem(Path(out_dir).expanduser())
+    problem = path_problem(Path(out_dir).expanduser(), missing_ok=True)
     if problem == "is not a directory":
         raise CertificateError(f"output path {Path(out_dir).expanduser().resolve()} exists and "
                                "is not a directory")
-    if problem not in (None, "does not exist"):
+    if problem is not None:
         raise CertificateError(f"output path {out_dir} {problem}; name a directory")
     return Path(out_dir).expanduser().resolve()
 

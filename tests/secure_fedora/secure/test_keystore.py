@@ -9,6 +9,7 @@ from privacy.identity import IdentityError, load_allowlist, load_identity
 from secure_fedora.secure.keystore import (
     CLI_KEYSTORE_OPTION,
     KEYSTORE_HOME_ENV,
+    check_public_keys,
     ensure_keystore,
     publish_public_keys,
     resolve_keystore,
@@ -92,6 +93,22 @@ def test_a_damaged_published_key_file_is_written_again_with_a_warning(tmp_path, 
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and str(damaged) in warned[0] and "written again" in warned[0]
     assert {p.name: p.stat().st_ino for p in run_keys.iterdir() if p != damaged} == inodes
+
+
+def test_missing_key_files_are_no_problem_and_other_paths_in_their_way_are(tmp_path):
+    """check_public_keys accepts key files that are not there yet (a first run, or a resume
+    that lost some) and writes nothing; what is there of another kind, or cannot be looked
+    at, is refused by name."""
+    store, run_keys = tmp_path / "store", tmp_path / "run" / "keys"
+    ensure_keystore(store, run_party_ids(2))
+    assert set(check_public_keys(store, run_keys, run_party_ids(2))) == set(run_party_ids(2))
+    assert not run_keys.exists()
+    publish_public_keys(store, run_keys, run_party_ids(2))
+    (run_keys / "client-001.x25519.pub").unlink()
+    assert set(check_public_keys(store, run_keys, run_party_ids(2))) == set(run_party_ids(2))
+    (run_keys / "client-001.x25519.pub").symlink_to("client-001.x25519.pub")
+    with pytest.raises(IdentityError, match="client-001.x25519.pub is a symbolic link loop"):
+        check_public_keys(store, run_keys, run_party_ids(2))
 
 
 @pytest.mark.parametrize("kind", NOT_REGULAR_KINDS)
