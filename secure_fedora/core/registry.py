@@ -95,6 +95,10 @@ class Registry(Generic[T]):
         self._declarations = declarations
         self._entries: dict[str, T] = {}
         self._origins: dict[str, str] = {}
+        # names registered while the contrib package was imported, by whichever module (a
+        # contrib module may import the package that registers its entries): every process
+        # that loads contrib registers them too
+        self._via_contrib: set[str] = set()
         self._loaded = False
         self._loading = False
 
@@ -126,6 +130,8 @@ class Registry(Generic[T]):
                                     f"{clash!r} only in letter case (they would share files)")
             self._entries[name] = value
             self._origins.setdefault(name, origin)
+            if _importing_contrib:
+                self._via_contrib.add(name)
             return value
 
         if obj is None:
@@ -140,6 +146,7 @@ class Registry(Generic[T]):
             raise RegistryError(f"{self.kind} {name!r} is built in: it cannot be removed")
         self._entries.pop(name, None)
         self._origins.pop(name, None)
+        self._via_contrib.discard(name)
 
     def _load_builtins(self) -> None:
         """Import the modules that register the built-in entries (once they all imported;
@@ -225,11 +232,12 @@ class Registry(Generic[T]):
     def known_everywhere(self, name: str) -> bool:
         """Whether any process that looks ``name`` up knows it: registered by one of the
         built-in modules or a module of :data:`CONTRIB_PACKAGE` (each imported on a process's
-        first lookup), not by a module only this process imported. :class:`RegistryError` for
-        an unknown name."""
+        first lookup), or by any module while that package was imported (a contrib module that
+        imports an installed package registering its entries), not by a module only this
+        process imported. :class:`RegistryError` for an unknown name."""
         origin = self.origin(name)
-        return origin in self._modules or origin == CONTRIB_PACKAGE or origin.startswith(
-            CONTRIB_PACKAGE + ".")
+        return name in self._via_contrib or origin in self._modules or (
+            origin == CONTRIB_PACKAGE or origin.startswith(CONTRIB_PACKAGE + "."))
 
     def is_builtin(self, name: str) -> bool:
         """Whether ``name`` is a built-in entry, registered by one of the built-in modules
@@ -298,17 +306,24 @@ def declarer(entry: Any, attribute: str) -> Any:
 
 
 _contrib_loaded = False
+#: True while :func:`load_contrib` imports the contrib package: what registers then, from any
+#: module, is registered in every process that looks a name up (:meth:`Registry.known_everywhere`).
+_importing_contrib = False
 
 
 def load_contrib() -> None:
     """Import every module of :data:`CONTRIB_PACKAGE` once (each registers its entries)."""
-    global _contrib_loaded
+    global _contrib_loaded, _importing_contrib
     if _contrib_loaded:
         return
     _contrib_loaded = True
-    package = importlib.import_module(CONTRIB_PACKAGE)
-    for info in pkgutil.iter_modules(package.__path__, prefix=f"{CONTRIB_PACKAGE}."):
-        importlib.import_module(info.name)
+    _importing_contrib = True
+    try:
+        package = importlib.import_module(CONTRIB_PACKAGE)
+        for info in pkgutil.iter_modules(package.__path__, prefix=f"{CONTRIB_PACKAGE}."):
+            importlib.import_module(info.name)
+    finally:
+        _importing_contrib = False
 
 
 DatasetLoader = Callable[[int], Any]

@@ -254,6 +254,30 @@ def test_an_entry_records_the_module_that_registered_it(tmp_path: Path,
             sys.modules.pop(mod)
 
 
+def test_an_entry_a_contrib_module_imports_from_elsewhere_is_known_everywhere(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A contrib module that only imports a user's package (outside contrib) which registers
+    a method: every process that loads contrib registers it too, so the Flower apps know it
+    (the same package imported outside contrib loading stays this process's only)."""
+    pkg = f"userpkg_{uuid.uuid4().hex[:8]}"
+    (tmp_path / pkg).mkdir()
+    (tmp_path / pkg / "__init__.py").write_text("")
+    package, name = _contrib_method_module(tmp_path, monkeypatch)
+    (tmp_path / pkg / "method.py").write_text(NEW_METHOD.format(name=name))
+    (tmp_path / package / "my_method.py").write_text(f"import {pkg}.method  # noqa: F401\n")
+    try:
+        assert METHODS.origin(name) == f"{pkg}.method"
+        assert METHODS.known_everywhere(name)
+        METHODS.unregister(name)
+        assert name not in METHODS
+        METHODS.register(name, object())  # this process only, as a script's registration
+        assert not METHODS.known_everywhere(name)
+    finally:
+        METHODS.unregister(name)
+        for mod in [m for m in sys.modules if m.startswith((package, pkg))]:
+            sys.modules.pop(mod)
+
+
 def test_accepting_unregistered_accepts_names_only_and_records_them() -> None:
     """How the audits read a run's config.toml naming an entry the run's own process
     registered: inside the block a well-formed unknown name passes the check, declares nothing
