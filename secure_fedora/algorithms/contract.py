@@ -442,6 +442,7 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
         raise ContractError(f"method {name!r}: building it returned {type(method).__name__}, "
                             "not a FederatedAlgorithm (from_config / the factory must return "
                             "the method)")
+    _refuse_runtime_only_overrides(name, type(method))
     rules = ReplyRules.of(name, type(method), cfg)
     named = method_class(name)
     if named is not None and named is not type(method):
@@ -456,6 +457,29 @@ def build_method(name: str, ctx: Any, cfg: Any) -> Any:
     method.reply_rules = rules
     method.reply_schema = ReplySchema.of(method)
     return method
+
+
+#: Hooks of the in-process runtime's FederatedMethod that the Flower runtime never calls, with
+#: the contract's hook that both runtimes call instead: a plug-in's override would make the
+#: two runtimes report different results.
+RUNTIME_ONLY_HOOKS = {"extra_results": "server_finalize(replies)",
+                      "eval_row": "client_eval_row(i, message)",
+                      "eval_rows": "client_eval_row(i, message)"}
+
+
+def _refuse_runtime_only_overrides(name: str, cls: type) -> None:
+    """ContractError naming method ``name`` when its class, or a plug-in class it derives
+    from, defines one of :data:`RUNTIME_ONLY_HOOKS` (the toolkit's own classes may)."""
+    for hook, instead in RUNTIME_ONLY_HOOKS.items():
+        owner = next((k for k in cls.__mro__ if hook in vars(k)), None)
+        module = getattr(owner, "__module__", "") or ""
+        if owner is None or (module.startswith("secure_fedora.")
+                             and not module.startswith("secure_fedora.contrib")):
+            continue
+        raise ContractError(
+            f"method {name!r}: {owner.__name__} overrides {hook}, which only the in-process "
+            f"runtime calls (the Flower runtime would report other results); implement "
+            f"{instead} instead, which both runtimes call")
 
 
 #: Declarations the toolkit reads from a method's class beside :class:`FederatedAlgorithm`'s

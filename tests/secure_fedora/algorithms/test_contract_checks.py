@@ -1000,3 +1000,27 @@ def test_two_methods_stating_one_assumption_differently_is_a_config_error(tmp_pa
             "differently ('a' vs 'b')")):
         sim.run()
     assert sim.history == []
+
+
+@pytest.mark.parametrize(("hook", "instead"), [("extra_results", "server_finalize"),
+                                                ("eval_row", "client_eval_row")])
+def test_a_plug_in_overriding_an_in_process_only_hook_is_refused(tmp_path, register, hook, instead):
+    """``extra_results`` and ``eval_row`` are the in-process runtime's, never called on Flower:
+    a plug-in's override gave results the Flower runtime would not (an extra entry missing
+    there, another evaluated row); now refused when the method is built, naming the hook to
+    implement instead. Its own server_finalize entry reaches results.json."""
+    overrides = {"extra_results": lambda self: {**FederatedMethod.extra_results(self), "n": 1},
+                 "eval_row": lambda self, i: self.global_params}
+    name = register(f"toy_{hook}", type(f"Toy_{hook}", (Toy,), {hook: overrides[hook]}))
+    sim, _ = _run(tmp_path, _config(name, dp=False))
+    with pytest.raises(ContractError, match=rf"method '{name}': Toy_{hook} overrides {hook}, "
+                                            rf"which only the in-process runtime calls.*{instead}"):
+        sim.run()
+
+    class Counted(Toy):
+        def server_finalize(self, replies):
+            return {**super().server_finalize(replies), "n": 1}
+
+    counted = register("toy_counted", Counted)
+    sim, run = _run(tmp_path / "ok", _config(counted, dp=False))
+    assert sim.run()["methods"][counted]["extra"]["n"] == 1
