@@ -227,7 +227,9 @@ class ManagedProcess:
     env: Mapping[str, str]
     cwd: Path | None = None
     popen: subprocess.Popen[bytes] | None = None
-    known_descendants: set[int] = field(default_factory=set)
+    # pid -> start time: a pid alone may name another process once this one has exited (the
+    # kernel gives pids again), which a stop must not signal
+    known_descendants: dict[int, int] = field(default_factory=dict)
 
     def start(self) -> ManagedProcess:
         """Start the process in a new session, appending stdout and stderr to ``log_path``;
@@ -297,13 +299,23 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
     def refresh_descendants(self) -> list[int]:
-        """Remember the current descendants so they can be stopped even after re-parenting;
-        returns them (none once the process has exited)."""
+        """Remember the current descendants, each by pid and start time, so they can be
+        stopped even after re-parenting; returns them (none once the process has exited)."""
         if not self.running():
             return []
         found = descendants(self.pid)
-        self.known_descendants.update(found)
+        for pid in found:
+            if pid not in self.known_descendants or not self._known_alive(pid):
+                began = start_time(pid)
+                if began is not None:
+                    self.known_descendants[pid] = began
         return found
+
+    def _known_alive(self, pid: int) -> bool:
+        """True while the descendant remembered as ``pid`` runs (not a later process given
+        the same pid)."""
+        began = self.known_descendants.get(pid)
+        return began is not None and start_time(pid) == began
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the process group, the process and every known descendant."""
@@ -314,7 +326,7 @@ class ManagedProcess:
             _signal_group(self.popen.pid, sig)
             _signal_pid(self.popen.pid, sig)
         for pid in sorted(self.known_descendants):
-            if is_alive(pid):
+            if self._known_alive(pid):
                 _signal_pid(pid, sig)
 
     def stop(self, grace: float = 5.0, hard: bool = False) -> None:
@@ -328,7 +340,7 @@ class ManagedProcess:
     def _done(self) -> bool:
         """True once the process is reaped and no known descendant is alive."""
         return (self.popen is None or self.popen.poll() is not None) and not any(
-            is_alive(p) for p in self.known_descendants
+            self._known_alive(p) for p in self.known_descendants
         )
 
 

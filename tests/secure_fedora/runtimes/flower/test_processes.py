@@ -258,6 +258,35 @@ def test_a_pid_given_again_is_not_taken_for_the_recorded_process(
     assert other.poll() is None
 
 
+def test_a_stop_never_signals_a_process_given_a_remembered_descendants_pid(
+        tmp_path: Path, children: list[subprocess.Popen[bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A managed process remembers its descendants (each ClientApp a SuperNode ran) to stop
+    them after re-parenting. It remembered pids only, and a stop sent SIGKILL to whatever
+    process ran under such a pid by then: on a host that gives pids again (pid_max 32768) a
+    long deployment's stop, or a SuperNode's crash test, could kill an unrelated process. A
+    remembered pid now names the process with its start time; a later one is left alone."""
+    from secure_fedora.runtimes.flower import processes
+
+    other = _sleeper(children)  # never under the managed process
+    managed = processes.ManagedProcess("node", ["sleep", "120"], tmp_path / "node.log",
+                                       dict(os.environ)).start()
+    real_start_time = processes.start_time
+
+    def earlier(pid: int) -> int | None:
+        began = real_start_time(pid)
+        return began - 1 if pid == other.pid and began is not None else began
+
+    # the managed process once had a descendant with other's pid, started before other
+    monkeypatch.setattr(processes, "descendants", lambda pid: [other.pid])
+    monkeypatch.setattr(processes, "start_time", earlier)
+    assert managed.refresh_descendants() == [other.pid]
+    monkeypatch.undo()
+    managed.stop(hard=True)
+    assert not managed.running()
+    assert other.poll() is None, "a stop killed a process that only had a remembered pid"
+
+
 def test_a_deployment_still_running_is_refused_even_with_stop_stale(
         tmp_path: Path, children: list[subprocess.Popen[bytes]], no_federation: None,
         capsys: pytest.CaptureFixture[str]) -> None:
