@@ -548,12 +548,14 @@ def _accuracy(results: dict[str, Any] | None) -> dict[str, Any]:
 def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
     """The runtime's DP plan rows and budget events per method, as recorded in results.json.
 
-    Guarantee: ``events`` holds every event results.json records: the in-process runtime's
-    per method (``privacy.<method>.events``) and a runtime's run-level ones (``events``: on
-    Flower a refused release, an error reply, a missed exchange, each naming its method);
+    Guarantee: ``events`` holds every event results.json records, once: each method's refused
+    releases (``privacy.<method>.events``, both runtimes) and a runtime's run-level ones
+    (``events``: on Flower an error reply, a missed exchange, a refused release, each naming
+    its method; a refusal that its method's events list already is not repeated);
     ``note`` (:data:`PLANNED_EPSILON_NOTE`) where there is a plan row."""
     plan: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
+    listed: set[tuple[str, int, int] | None] = set()  # each refusal's _refusal_key
     privacy = (results or {}).get("privacy")
     if isinstance(privacy, dict):
         for method, body in privacy.items():
@@ -562,11 +564,31 @@ def _privacy_plan(results: dict[str, Any] | None) -> dict[str, Any]:
             for row in _list(body.get("plan")):
                 if isinstance(row, dict):
                     plan.append({"method": method, **row})
+            index = {row.get("client"): row.get("index") for row in _list(body.get("clients"))
+                     if isinstance(row, dict) and isinstance(row.get("client"), str)}
             for ev in _list(body.get("events")):
                 if isinstance(ev, dict):
                     events.append({"method": method, **ev})
-    events.extend(ev for ev in _list((results or {}).get("events")) if isinstance(ev, dict))
+                    if ev.get("event") == "refused" and isinstance(ev.get("client"), str):
+                        listed.add(_refusal_key(method, ev.get("round"), index.get(ev["client"])))
+    listed.discard(None)
+    events.extend(ev for ev in _list((results or {}).get("events")) if isinstance(ev, dict)
+                  and not (str(ev.get("event", "")).startswith(RUN_LEVEL_REFUSAL)
+                           and _refusal_key(ev.get("method"), ev.get("round"), ev.get("client"))
+                           in listed))
     return {"plan": plan, "events": events, **({"note": PLANNED_EPSILON_NOTE} if plan else {})}
+
+
+#: How a Flower run's run-level event of a refused release begins.
+RUN_LEVEL_REFUSAL = "refused its release ("
+
+
+def _refusal_key(method: Any, rnd: Any, client: Any) -> tuple[str, int, int] | None:
+    """``(method, round, client index)`` of a refusal, None where one is not of those types."""
+    if isinstance(method, str) and all(isinstance(v, int) and not isinstance(v, bool)
+                                       for v in (rnd, client)):
+        return method, rnd, client
+    return None
 
 
 def _resumes(results: dict[str, Any] | None,

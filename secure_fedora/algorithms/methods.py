@@ -334,6 +334,21 @@ def _unbatched_override(cls: type) -> str | None:
     return None
 
 
+def training_engine_entry(*, setting: str, choice: str, reason: str | None,
+                          runs: Mapping[str, int], fallbacks: Mapping[str, int]
+                          ) -> dict[str, Any]:
+    """results.json's ``methods.<name>.extra.training_engine``, the same keys in both
+    runtimes: the engine the setting resolved to (``setting``), what was asked and why it
+    resolved so (``choice``), why the runtime trains with that engine whatever was asked
+    (``reason``: Flower's, None in process), how many local-training passes (one a round in
+    which some client trained) each engine ran (``runs``: "linear"/"vmap" batched, "loop" per
+    client) and every reason a round fell back from the batched engine to the loop, with its
+    count (``fallbacks``)."""
+    return {"setting": setting, "choice": choice, "reason": reason,
+            "runs": dict(sorted(runs.items())),
+            "fallbacks": [{"reason": r, "count": n} for r, n in fallbacks.items()]}
+
+
 class FederatedMethod(MethodChecks, FederatedAlgorithm):
     """In-process base of every method: the contract plus the state layout (one (N x P)
     ``theta`` matrix of client parameters) and a generic round.
@@ -482,15 +497,15 @@ class FederatedMethod(MethodChecks, FederatedAlgorithm):
         return outcome
 
     def training_engine_results(self) -> dict[str, Any]:
-        """What trained the clients: the resolved setting, how many local-training passes each
-        engine ran ("linear"/"vmap": batched, "loop": per client) and every fallback reason
-        with its count (over the whole run: the counts are checkpointed). ``{}`` for the
-        default loop (nothing asked for, nothing to report)."""
+        """What trained the clients (:func:`training_engine_entry`; ``reason`` None: in
+        process the engine the setting resolves to runs, or a fallback names its reason),
+        over the whole run (the counts are checkpointed). ``{}`` for the default loop
+        (nothing asked for, nothing to report)."""
         if self.ctx.engine == "loop" and not self.ctx.engine_choice:
             return {}
-        return {"setting": self.ctx.engine, "choice": self.ctx.engine_choice,
-                "runs": dict(sorted(self._engine_runs.items())),
-                "fallbacks": [{"reason": r, "count": n} for r, n in self._engine_fallbacks.items()]}
+        return training_engine_entry(setting=self.ctx.engine, choice=self.ctx.engine_choice,
+                                     reason=None, runs=self._engine_runs,
+                                     fallbacks=self._engine_fallbacks)
 
     def client_eval_row(self, i: int, message: Payload | None = None) -> Tensor:
         """Client ``i`` is evaluated on its own row of ``theta`` (default)."""

@@ -1324,8 +1324,8 @@ class Simulation:
             if privacy is not None:
                 # the fingerprint model.json records, here under the anchor's digest of
                 # results.json, so that an audit can check that file against signed data
-                self.privacy[name] = {**privacy.summary(),
-                                      "model_fingerprint": model_fingerprint(ctx.flat.module)}
+                self.privacy[name] = privacy.summary(
+                    model_fingerprint=model_fingerprint(ctx.flat.module))
                 privacy.close()
 
     def _bind_resume(self) -> None:

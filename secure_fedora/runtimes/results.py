@@ -83,6 +83,47 @@ RESERVED_KEYS = frozenset({
 })
 
 
+#: The parts of results.json whose keys are a runtime's own, which the two runtimes need not
+#: share (every other key path is written by both, through the shared builders: a key that one
+#: runtime cannot know is written by the other too, null or empty with a stated meaning):
+#: ``runtime_keys`` by runtime (top-level keys; ``config_amendments`` in either, where a
+#: resume amended the config), the top-level sections holding each runtime's own statements
+#: (its assumptions and compute), and the maps whose keys are values (the engines that trained).
+RUNTIME_KEYS = {
+    "in-process": frozenset({"keystore_extended", "config_amendments"}),
+    "flower": frozenset({"run_id", "max_in_flight", "security", "node_of_client",
+                         "relatedness_timing", "relatedness_details", "timings", "rounds",
+                         "events", "seconds_total", "config_amendments"}),
+}
+RUNTIME_STATEMENTS = frozenset({"assumptions", "compute"})
+VALUE_KEYED_PATHS = ("methods.*.extra.training_engine.runs",)
+
+
+def shared_key_paths(doc: Mapping[str, Any]) -> set[str]:
+    """Every key path of results.json ``doc`` that both runtimes write (dotted, ``[]`` for a
+    list's items, ``*`` for a method's name under ``methods``/``privacy``), leaving out the
+    runtime's own parts (:data:`RUNTIME_KEYS`, :data:`RUNTIME_STATEMENTS`) and the keys of
+    :data:`VALUE_KEYED_PATHS`: two runs of one setting, one per runtime, give the same set."""
+    out: set[str] = set()
+    own = RUNTIME_KEYS.get(str(doc.get("runtime")), frozenset()) | RUNTIME_STATEMENTS
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, Mapping):
+            if path in VALUE_KEYED_PATHS:
+                return
+            for key, item in value.items():
+                named = "*" if path in ("methods", "privacy") else str(key)
+                sub = f"{path}.{named}" if path else named
+                out.add(sub)
+                walk(item, sub)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item, f"{path}[]")
+
+    walk({k: v for k, v in doc.items() if k not in own}, "")
+    return out
+
+
 #: results.json ``metric`` -> (its name in prose and axis labels, its short column prefix).
 METRIC_LABELS: dict[str, tuple[str, str]] = {"accuracy": ("accuracy", "acc"), "auc": ("ROC AUC", "AUC")}
 

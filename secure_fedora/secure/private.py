@@ -1552,8 +1552,7 @@ class FederationPrivacy:
             c.journal_non_releases()
             if err.refusal is not None:
                 c.refused_at, c.refusal, c.refusal_error = rnd, str(err.refusal), err.refusal
-            self.events.append({"round": rnd, "client": c.client_id, "event": "refused",
-                                "detail": err.reason})
+            self.events.append(refusal_event(rnd=rnd, client=c.client_id, detail=err.reason))
             raise
 
     @contextlib.contextmanager
@@ -1762,7 +1761,7 @@ class FederationPrivacy:
             c.journal_non_releases()
             rnd = release.round
             c.refused_at, c.refusal, c.refusal_error = rnd, str(err), err
-            self.events.append({"round": rnd, "client": c.client_id, "event": "refused", "detail": str(err)})
+            self.events.append(refusal_event(rnd=rnd, client=c.client_id, detail=str(err)))
             log.warning("%s", err)
             return None
         return released
@@ -2107,22 +2106,21 @@ class FederationPrivacy:
         c.lambda_stages = (key, noise, stages)
         return stages
 
-    def summary(self) -> dict[str, Any]:
-        """Per-client spending for results.json. ``epsilon_spent`` is the accountant's epsilon
-        exactly (the float64 value a Flower client reports and its ledger's close entry
-        states): it is rounded, up, only where it is shown."""
-        return {
-            "method": self.method,
-            **noise_assumptions(self.cfg),
-            "accountant": self.accountant,
-            "accountant_choice": None if self.accountant_choice is None
+    def summary(self, *, model_fingerprint: str) -> dict[str, Any]:
+        """``privacy.<method>`` of results.json (:func:`privacy_section`, the shape both
+        runtimes write): per-client spending, the run's refusal events, its ledger recoveries
+        and resumes. ``epsilon_spent`` is the accountant's epsilon exactly (the float64 value
+        a Flower client reports and its ledger's close entry states): it is rounded, up, only
+        where it is shown. ``model_fingerprint``: the fingerprint of the model the releases
+        come from."""
+        return privacy_section(
+            method=self.method, noise=noise_assumptions(self.cfg), accountant=self.accountant,
+            accountant_choice=None if self.accountant_choice is None
             else self.accountant_choice.to_json(),
-            "plan": self.plan_rows(),
-            "epsilon_figures": EPSILON_FIGURES,
-            "release_stages": self.declared_release_stages(),
-            "sample_rate": self.sample_rate,
-            "steps_per_round": self.steps,
-            "clients": [client_row(
+            plan=self.plan_rows(), release_stages=self.declared_release_stages(),
+            sample_rate=self.sample_rate, steps_per_round=self.steps,
+            model_fingerprint=model_fingerprint, note=IN_PROCESS_PRIVACY_NOTE,
+            clients=[client_row(
                 client=c.client_id, index=c.index, epsilon_budget=c.budget.epsilon,
                 delta=c.budget.delta, epsilon_spent=float(c.epsilon),
                 noise_multiplier=c.noise_multiplier, accountant=self.accountant,
@@ -2132,10 +2130,63 @@ class FederationPrivacy:
                 plan_reported=True, refused_at_round=c.refused_at,
                 ledger_entries=len(c.ledger.entries), ledger_head=c.ledger.head[1])
                 for c in self.clients],
-            "events": self.events,
-            **({"recoveries": self.recoveries} if self.recoveries else {}),
-            **({"resumes": self.resumes} if self.resumes else {}),
-        }
+            events=self.events, recoveries=self.recoveries, resumes=self.resumes)
+
+
+#: ``privacy.<method>.note`` of an in-process run: where its figures come from.
+IN_PROCESS_PRIVACY_NOTE = ("budgets, plan, each client's noise and spending as the run's own "
+                           "accountants hold them (the in-process server holds every client's "
+                           "plan: plan_reported true); each client's signed ledger is the record")
+
+#: The keys of ``privacy.<method>`` of results.json, in order, written alike by both runtimes
+#: (:func:`privacy_section`); ``noise_warning`` only with reproducible noise
+#: (:func:`noise_assumptions`), ``resumes`` only in a run that was resumed, and
+#: ``reply_entries`` added by the results builder.
+PRIVACY_SECTION_KEYS = ("method", "noise", "noise_warning", "accountant", "accountant_choice",
+                        "plan", "epsilon_figures", "release_stages", "sample_rate",
+                        "steps_per_round", "model_fingerprint", "note", "clients", "events",
+                        "recoveries", "resumes")
+
+
+def privacy_section(*, method: str, noise: Mapping[str, str], accountant: str,
+                    accountant_choice: Mapping[str, Any] | None,
+                    plan: Sequence[Mapping[str, Any]], release_stages: Mapping[str, list[str]],
+                    sample_rate: float, steps_per_round: int, model_fingerprint: str, note: str,
+                    clients: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]],
+                    recoveries: Sequence[Mapping[str, Any]] | None,
+                    resumes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """``privacy.<method>`` of results.json, the same keys (:data:`PRIVACY_SECTION_KEYS`) in
+    both runtimes: the noise mode (:func:`noise_assumptions`), accountant, plan rows,
+    :data:`EPSILON_FIGURES`, the release stages, the model's fingerprint, ``note`` (where the
+    runtime's figures come from), the :func:`client_row` rows, ``events`` (every refused
+    release, :func:`refusal_event`), ``recoveries`` (the torn ledger or journal tails a resume
+    repaired or quarantined; None where the runtime does not see them: on Flower each
+    SuperNode repairs its own and logs it) and ``resumes`` (only when the run was resumed)."""
+    return {
+        "method": method,
+        **noise,
+        "accountant": accountant,
+        "accountant_choice": None if accountant_choice is None else dict(accountant_choice),
+        "plan": [dict(row) for row in plan],
+        "epsilon_figures": EPSILON_FIGURES,
+        "release_stages": dict(release_stages),
+        "sample_rate": sample_rate,
+        "steps_per_round": steps_per_round,
+        "model_fingerprint": model_fingerprint,
+        "note": note,
+        "clients": [dict(row) for row in clients],
+        "events": [dict(e) for e in events],
+        "recoveries": None if recoveries is None else [dict(r) for r in recoveries],
+        **({"resumes": [dict(r) for r in resumes]} if resumes else {}),
+    }
+
+
+def refusal_event(*, rnd: int, client: str, detail: str) -> dict[str, Any]:
+    """One ``privacy.<method>.events`` row of results.json, alike in both runtimes: client
+    ``client`` (its id) refused its release of round ``rnd`` (0: the setup's), ``detail``
+    saying why (in process the refusal's error; on Flower the reason the client's signed
+    refusal gave)."""
+    return {"round": rnd, "client": client, "event": "refused", "detail": detail}
 
 
 #: The keys of each ``privacy.<method>.clients[]`` row of results.json, in order, written

@@ -467,6 +467,9 @@ class _Server:
     # per method, each client refused a release: the round of its first refusal (-1: refused
     # before a resume of a checkpoint that recorded no round)
     refused: dict[str, dict[int, int]] = field(default_factory=dict)
+    # per method, every refused release as the client's signed refusal gave it: round, client
+    # index and reason (results.json's privacy.<method>.events)
+    refusals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # per method under DP: the accountant choice and plans, calibrated from the config as each
     # client calibrates its own (check_budget_plans), for results.json's privacy section
     plans: dict[str, Any] = field(default_factory=dict)
@@ -537,6 +540,15 @@ class _Server:
         who = f"client {client} (node {node})" if client is not None else f"node {node}"
         where = "" if method is None else f"{method} "
         _say(f"{where}round {rnd}: {who}: {what}")
+
+    def refusal(self, rnd: int, client: int, node: int | None, reason: str, then: str) -> None:
+        """Record (an event, and under the method's refusals) and log that ``client`` refused
+        its release of round ``rnd`` for ``reason``; ``then``: what the run does about it."""
+        method, at = self._where(rnd)
+        self.event(rnd, client, node, f"refused its release ({reason}): {then}")
+        if method is not None:
+            self.refusals.setdefault(method, []).append(
+                {"round": at, "client": client, "detail": reason})
 
     def reject(
         self, rnd: int, client: int | None, node: int | None, error: EnvelopeError, then: str
@@ -1016,8 +1028,7 @@ def _take_uploads(
         if "refusal" in reply.content:
             refusal = reply.content["refusal"]
             reason = (refusal.get("reason") if isinstance(refusal, ConfigRecord) else None)
-            server.event(0, cid, node, f"refused its release ({reason or 'no release'}): no "
-                         "relatedness from it")
+            server.refusal(0, cid, node, str(reason or "no release"), "no relatedness from it")
             refused.add(cid)
             continue
         record = reply.content["upload"] if "upload" in reply.content else None
@@ -1653,7 +1664,7 @@ def _exchange_payloads(
         if refusal is not None:
             reason = (str(refusal["reason"]) if isinstance(refusal, ConfigRecord)
                       and "reason" in refusal else "no release")
-            server.event(rnd, cid, node, f"refused its release ({reason}): {then}")
+            server.refusal(rnd, cid, node, reason, then)
             server.refused.setdefault(run.name, {}).setdefault(cid, rnd)
             out.refused.add(cid)
             continue
@@ -2127,6 +2138,7 @@ def _save_server_checkpoint(server: _Server, current: dict[str, Any] | None,
         "rejections": server.rejections,
         "privacy": server.privacy,
         "refused": {name: dict(sorted(at.items())) for name, at in server.refused.items()},
+        "refusals": server.refusals,
         "timings": server.timings,
         "relatedness_timing": server.relatedness_timing,
         "relatedness_details": server.relatedness_details,
@@ -2163,6 +2175,9 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
     server.refused = {name: ({int(c): int(r) for c, r in at.items()} if isinstance(at, Mapping)
                              else dict.fromkeys((int(c) for c in at), -1))
                       for name, at in state["refused"].items()}
+    recorded = state.get("refusals")  # absent: an older checkpoint, whose events name them
+    server.refusals = ({name: [dict(r) for r in rows] for name, rows in recorded.items()}
+                       if isinstance(recorded, Mapping) else _refusals_of(server.events))
     server.timings = dict(state["timings"])
     server.relatedness_timing = dict(state["relatedness_timing"])
     server.relatedness_details = dict(state["relatedness_details"])
@@ -2173,6 +2188,26 @@ def _restore_server(server: _Server, state: Mapping[str, Any]) -> None:
                       for name, rows in state.get("resumes", {}).items()}
     server.nonce_heads = {scope: dict(head) for scope, head in
                           state.get("nonce_heads", {}).items()}
+
+
+#: How a refused release's run-level event begins (:meth:`_Server.refusal`).
+_REFUSAL_EVENT = "refused its release ("
+
+
+def _refusals_of(events: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every method's refused releases as the run-level ``events`` an older checkpoint
+    recorded state them (:meth:`_Server.refusal`'s text; what follows the reason, the
+    server's own words, holds no "): ")."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        text = str(e.get("event", ""))
+        if e.get("method") is None or e.get("client") is None or not text.startswith(
+                _REFUSAL_EVENT) or "): " not in text:
+            continue
+        reason = text[len(_REFUSAL_EVENT):].rpartition("): ")[0]
+        out.setdefault(str(e["method"]), []).append(
+            {"round": int(e["round"]), "client": int(e["client"]), "detail": reason})
+    return out
 
 
 def _check_same_clients(server: _Server, state: Mapping[str, Any]) -> None:
@@ -2440,7 +2475,7 @@ def _run_method(grid: Grid, server: _Server, name: str,
     with server_half(algorithm, name, "server_finalize(replies)"):
         results = algorithm.server_finalize(final_payloads)
     extra = check_finalize_results(name, results)
-    engine = flower_training_engine(cfg)
+    engine = flower_training_engine(cfg, run.history)
     if engine:  # as in process, only where an engine other than the default loop was asked for
         extra["training_engine"] = engine
     server.history.extend(run.history)
@@ -2461,17 +2496,25 @@ FLOWER_ENGINE_REASON = ("a Flower ClientApp trains its one client with the per-c
                         "which only the in-process runtime does")
 
 
-def flower_training_engine(cfg: ExperimentConfig) -> dict[str, Any]:
-    """results.json's ``methods.<name>.extra.training_engine`` on Flower: ``{}`` for the default
-    loop (as in process), else the engine that trained (``setting``: always ``"loop"``), what
-    was asked (``choice``) and why the loop trained (``reason``), so a run asking for the
-    batched engine is told it did not get it."""
+def flower_training_engine(cfg: ExperimentConfig,
+                           history: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """results.json's ``methods.<name>.extra.training_engine`` on Flower
+    (:func:`~secure_fedora.algorithms.methods.training_engine_entry`, the in-process shape):
+    ``{}`` for the default loop (as in process), else the engine that trained (``setting``:
+    always ``"loop"``), what was asked (``choice``) and why the loop trained (``reason``), so
+    a run asking for the batched engine is told it did not get it; ``runs``: the loop's
+    passes, one per round of the method's ``history`` with an accepted training reply (a
+    reply the server rejected is not seen as trained); ``fallbacks`` empty (the loop is what
+    the setting resolves to on Flower, not a fallback from it)."""
+    from secure_fedora.algorithms.methods import training_engine_entry
+
     asked = cfg.training.engine
     if asked == "loop":
         return {}
-    return {"setting": "loop",
-            "choice": f"training.engine = {asked!r} on Flower: the per-client loop",
-            "reason": FLOWER_ENGINE_REASON}
+    trained = sum(1 for row in history if row.get("replied"))
+    return training_engine_entry(
+        setting="loop", choice=f"training.engine = {asked!r} on Flower: the per-client loop",
+        reason=FLOWER_ENGINE_REASON, runs={"loop": trained} if trained else {}, fallbacks={})
 
 
 def _model_fingerprint(server: _Server, name: str) -> str:
@@ -2489,11 +2532,12 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
     """``privacy.<name>``: each client's spending as it last reported it (signed), and the
     stages each of its releases passes on its node (every reply signed by its pipeline)."""
     from secure_fedora.secure.private import (
-        EPSILON_FIGURES,
         client_budget,
         client_row,
         noise_assumptions,
         plan_table,
+        privacy_section,
+        refusal_event,
         release_stage_names,
         sample_rate_for,
         steps_per_round,
@@ -2537,26 +2581,25 @@ def _privacy_section(server: _Server, name: str) -> dict[str, Any]:
             plan_reported=own, refused_at_round=refused.get(c),
             ledger_entries=said.get("ledger_entries"), ledger_head=said.get("ledger_head"))
 
-    return {
-        "method": name,
-        **noise_assumptions(cfg),
-        "accountant": choice.name,
-        "accountant_choice": choice.to_json(),
-        "plan": table,
-        "epsilon_figures": EPSILON_FIGURES,
-        "release_stages": stages,
-        "sample_rate": sample_rate_for(cfg),
-        "steps_per_round": steps_per_round(cfg),
-        "model_fingerprint": _model_fingerprint(server, name),
-        "note": "budgets and plan as calibrated from the config (every client calibrates "
-                "its own the same way; a resumed PRV run ledgered before PRV's refining pass "
-                "keeps its ledgers' plan: prv_refine false); each client's noise and spending "
-                "as last reported by it in a signed reply (plan_reported false: a client that "
-                "reported no plan, an older ClientApp, is stated with the config's "
-                "calibration); its signed ledger is the record",
-        "clients": [row(c) for c in range(cfg.data.num_clients)],
-        **({"resumes": server.resumes[name]} if server.resumes.get(name) else {}),
-    }
+    return privacy_section(
+        method=name, noise=noise_assumptions(cfg), accountant=choice.name,
+        accountant_choice=choice.to_json(), plan=table, release_stages=stages,
+        sample_rate=sample_rate_for(cfg), steps_per_round=steps_per_round(cfg),
+        model_fingerprint=_model_fingerprint(server, name), note=FLOWER_PRIVACY_NOTE,
+        clients=[row(c) for c in range(cfg.data.num_clients)],
+        events=[refusal_event(rnd=int(r["round"]), client=server.client_ids[int(r["client"])],
+                              detail=str(r["detail"])) for r in server.refusals.get(name, [])],
+        # each SuperNode repairs its own ledger and journal and logs it: not the server's to see
+        recoveries=None, resumes=server.resumes.get(name, []))
+
+
+#: ``privacy.<method>.note`` of a Flower run: where its figures come from.
+FLOWER_PRIVACY_NOTE = (
+    "budgets and plan as calibrated from the config (every client calibrates its own the same "
+    "way; a resumed PRV run ledgered before PRV's refining pass keeps its ledgers' plan: "
+    "prv_refine false); each client's noise and spending as last reported by it in a signed "
+    "reply (plan_reported false: a client that reported no plan, an older ClientApp, is stated "
+    "with the config's calibration); its signed ledger is the record")
 
 
 def run_federation(grid: Grid, settings: RunSettings, run_id: int) -> dict[str, Any]:

@@ -495,13 +495,24 @@ def test_a_resumed_flower_run_keeps_the_refusal_round_and_reads_an_older_checkpo
     path = tmp_path / "res" / server_app.SERVER_CHECKPOINT
     state = load_checkpoint(path)
     assert state["refused"] == {"fedavg": {1: 1}}
-    save_checkpoint(path, {**state, "refused": {"fedavg": [1]}})  # an older ServerApp's
+    assert [(r["round"], r["client"]) for r in state["refusals"]["fedavg"]] == [(1, 1)]
+    older = {k: v for k, v in state.items() if k != "refusals"}  # an older ServerApp's
+    save_checkpoint(path, {**older, "refused": {"fedavg": [1]}})
     rc = {**rc, "resume": "42"}
     results = server_app.run_federation(InMemoryGrid(tmp_path / "nodes", rc, 3, run_id=777),  # type: ignore[arg-type]
                                         RunSettings.from_run_config(rc), 777)
     rows = results["privacy"]["fedavg"]["clients"]
     assert [(r["refused"], r["refused_at_round"]) for r in rows] == \
         [(False, None), (True, -1), (False, None)]
+    # the refusal before the resume, read from that checkpoint's run-level events: a privacy
+    # event of its method, as in process
+    assert [{k: e[k] for k in ("round", "client", "event")} for e in results["events"]
+            if "refused" in e["event"]] == [{"round": 1, "client": 1, "event": (
+                "refused its release (budget exhausted (test)): counts as not taking part in "
+                "the round exchange")}]
+    assert results["privacy"]["fedavg"]["events"] == [
+        {"round": 1, "client": "client-001", "event": "refused",
+         "detail": "budget exhausted (test)"}]
 
 
 @pytest.mark.usefixtures("task_identity")
@@ -525,6 +536,8 @@ def test_a_flower_run_asking_for_the_batched_engine_states_the_loop_trained(
         stated = extra["training_engine"]
         assert stated["setting"] == "loop" and f"training.engine = {engine!r}" in stated["choice"]
         assert "Flower ClientApp trains its one client" in stated["reason"]
+        # the in-process counts too: the loop trained the one round, never a fallback
+        assert stated["runs"] == {"loop": 1} and stated["fallbacks"] == []
 
 
 @pytest.mark.usefixtures("task_identity")
