@@ -2106,13 +2106,13 @@ class FederationPrivacy:
         c.lambda_stages = (key, noise, stages)
         return stages
 
-    def summary(self, *, model_fingerprint: str) -> dict[str, Any]:
+    def summary(self, *, model_fingerprint: str | None = None) -> dict[str, Any]:
         """``privacy.<method>`` of results.json (:func:`privacy_section`, the shape both
         runtimes write): per-client spending, the run's refusal events, its ledger recoveries
         and resumes. ``epsilon_spent`` is the accountant's epsilon exactly (the float64 value
         a Flower client reports and its ledger's close entry states): it is rounded, up, only
         where it is shown. ``model_fingerprint``: the fingerprint of the model the releases
-        come from."""
+        come from (the runtime gives it; None: not given)."""
         return privacy_section(
             method=self.method, noise=noise_assumptions(self.cfg), accountant=self.accountant,
             accountant_choice=None if self.accountant_choice is None
@@ -2151,7 +2151,8 @@ PRIVACY_SECTION_KEYS = ("method", "noise", "noise_warning", "accountant", "accou
 def privacy_section(*, method: str, noise: Mapping[str, str], accountant: str,
                     accountant_choice: Mapping[str, Any] | None,
                     plan: Sequence[Mapping[str, Any]], release_stages: Mapping[str, list[str]],
-                    sample_rate: float, steps_per_round: int, model_fingerprint: str, note: str,
+                    sample_rate: float, steps_per_round: int, model_fingerprint: str | None,
+                    note: str,
                     clients: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]],
                     recoveries: Sequence[Mapping[str, Any]] | None,
                     resumes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
