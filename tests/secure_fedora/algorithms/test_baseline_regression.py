@@ -36,7 +36,7 @@ import pytest
 
 from secure_fedora.algorithms.contract import declared_reply_entries
 from secure_fedora.runtimes.inprocess import build_clients
-from secure_fedora.secure.private import EPSILON_FIGURES
+from secure_fedora.secure.private import EPSILON_FIGURES, IN_PROCESS_PRIVACY_NOTE
 from tests.secure_fedora.algorithms.baseline_regression import (
     FIXTURES,
     METHODS,
@@ -167,6 +167,10 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
         for row in (body.get("accountant_choice") or {}).get("comparison", []):  # new as well
             _pop_choice_plan(row)
         _pop_client_row_additions(body)
+        # stated after the recording (one privacy section in both runtimes): the in-process
+        # note, and recoveries, none in a run that never crashed
+        assert body.pop("note") == IN_PROCESS_PRIVACY_NOTE
+        assert body.pop("recoveries") == []
     assert _shown_epsilons_rounded(got["privacy"]) == _shown_epsilons_rounded(expected["privacy"])
     _assert_shown_epsilons_close(got["privacy"], expected["privacy"])
     changed = CHANGED_STATS.get(name, set())
