@@ -324,10 +324,10 @@ def _exchange(
     t.wall = time.time() - t_start
     parts = []
     for node, reply in result.replies.items():
-        metrics = reply.content.get("metrics")
-        if metrics is None or "t-process-start" not in metrics:
+        stamps = _reply_timestamps(reply)
+        if stamps is None:
             continue
-        p0, h0, h1 = (float(metrics[k]) for k in ("t-process-start", "t-handler-start", "t-handler-end"))
+        p0, h0, h1 = stamps
         parts.append((max(p0 - pushed_at[node], 0.0), h0 - p0, h1 - h0, max(arrived[node] - h1, 0.0)))
     if parts:
         t.replies = len(parts)
@@ -335,6 +335,28 @@ def _exchange(
             sum(col) / len(parts) for col in zip(*parts, strict=True)
         )
     return result
+
+
+_TIMESTAMPS = ("t-process-start", "t-handler-start", "t-handler-end")
+
+
+def _reply_timestamps(reply: Message) -> tuple[float, float, float] | None:
+    """The ClientApp's process start, handler start and handler end a reply's metrics state
+    (wall-clock seconds), or None when the reply does not state all three as finite numbers.
+
+    Read before the reply's envelope is verified, so never trusted further than the timing
+    breakdown: a reply with malformed timestamps is left out of it, and its content is then
+    verified and checked like any other's (before, a missing key or a list value raised out of
+    the exchange and stopped the ServerApp)."""
+    metrics = reply.content.get("metrics")
+    if not isinstance(metrics, MetricRecord) or "t-process-start" not in metrics:
+        return None
+    values = [metrics.get(k) for k in _TIMESTAMPS]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in values):
+        return None
+    p0, h0, h1 = (float(v) for v in values)
+    return p0, h0, h1
 
 
 def _online(grid: Grid) -> set[int]:
@@ -726,6 +748,39 @@ def _reported_head(reply: Message) -> dict[str, Any]:
     return {"ledger_head": head, "ledger_entries": entries}
 
 
+def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, *,
+                      required: bool) -> dict[str, Any] | None:
+    """The spending, ledger state and plan a client reported with ``reply`` (its signed
+    ``metrics`` and ledger record), or None where it reported none and ``required`` is False.
+
+    Raises ValueError (the reply is then rejected as malformed, nothing of it recorded) for a
+    report in a run without DP (no client of such a run keeps a ledger), a reply of a DP run
+    that lacks it where ``required`` (every reply of a DP method exchange carries it), an
+    ``epsilon-spent`` that is not a finite number >= 0, an ``epsilon-budget`` that is not a
+    finite number > 0, a ``ledger-entries`` that is not an integer >= 0, or a malformed ledger
+    record (:func:`_reported_head`, :func:`_reported_plan`)."""
+    if not server.cfg.privacy.enabled:
+        if "epsilon-spent" in metrics or "ledger" in reply.content:
+            raise ValueError("reply reports a privacy ledger, but the run has no DP")
+        return None
+    if "epsilon-spent" not in metrics:
+        if required:
+            raise ValueError("reply of a DP run lacks its epsilon-spent report")
+        return None
+    spent, budget, entries = (metrics.get(k) for k in
+                              ("epsilon-spent", "epsilon-budget", "ledger-entries"))
+    if isinstance(spent, bool) or not isinstance(spent, int | float) \
+            or not math.isfinite(spent) or spent < 0:
+        raise ValueError(f"epsilon-spent must be a finite number >= 0, not {spent!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) \
+            or not math.isfinite(budget) or budget <= 0:
+        raise ValueError(f"epsilon-budget must be a finite number > 0, not {budget!r}")
+    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
+        raise ValueError(f"ledger-entries must be an integer >= 0, not {entries!r}")
+    return {"epsilon_spent": float(spent), "epsilon_budget": float(budget),
+            "ledger_entries": entries, **_reported_head(reply), **_reported_plan(reply)}
+
+
 def _reported_repeat(reply: Message) -> bool:
     """Whether a client's ledger record (signed with its reply) says the reply's release is
     one its node made before: its answer sent again from the node's saved state, or re-made
@@ -1042,11 +1097,8 @@ def _take_uploads(
             metrics = reply.content["metrics"]
             if isinstance(metrics, MetricRecord) and "epsilon-spent" in metrics:
                 try:  # the summary's ledger state, re-stated to the client in round 1
-                    privacy = {
-                        "epsilon_spent": float(metrics["epsilon-spent"]),
-                        "epsilon_budget": float(metrics["epsilon-budget"]),
-                        "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply),
-                        **_reported_plan(reply)}
+                    privacy = _reported_privacy(server, reply, metrics, required=False)
+                    assert privacy is not None  # "epsilon-spent" is in metrics
                 except (KeyError, TypeError, ValueError) as err:
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
                                   "no relatedness from it")
@@ -1629,13 +1681,7 @@ def _exchange_payloads(
             metrics = reply.content["metrics"]
             if not isinstance(metrics, MetricRecord):
                 raise TypeError("metrics is not a MetricRecord")
-            privacy = (
-                {"epsilon_spent": float(metrics["epsilon-spent"]),
-                 "epsilon_budget": float(metrics["epsilon-budget"]),
-                 "ledger_entries": int(metrics["ledger-entries"]), **_reported_head(reply),
-                 **_reported_plan(reply)}
-                if "epsilon-spent" in metrics else None
-            )
+            privacy = _reported_privacy(server, reply, metrics, required=True)
             refusal = reply.content["refusal"] if "refusal" in reply.content else None
             repeated = (privacy is not None and refusal is None and stage in ("round", "setup")
                         and _reported_repeat(reply))

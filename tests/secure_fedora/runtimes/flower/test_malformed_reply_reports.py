@@ -1,0 +1,144 @@
+"""What a reply reports besides its payload -- the ClientApp's timestamps and, under DP, its
+spending and ledger state -- is checked like the payload: a malformed or out-of-place report
+rejects only that client's reply (nothing of it recorded), it never raises out of the
+ServerApp. Found by mutating real replies at the ServerApp's reply check."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord
+
+from secure_fedora.core.config import ExperimentConfig
+from secure_fedora.runtimes.flower import server_app
+from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from tests.secure_fedora.runtimes.flower.deploy_support import (
+    InMemoryGrid,
+    dp_config,
+    run_config,
+    task_identity,
+    tiny_config,
+    with_methods,
+)
+from tests.secure_fedora.runtimes.flower.test_reply_schema import _resigned
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+_ = task_identity  # the fixture, imported for use above
+
+Change = Callable[[Any], None]
+
+
+def _run(root: Path, cfg: ExperimentConfig,
+         tamper: dict[tuple[int, int, str], Callable[[Message, Message], Message]]
+         ) -> dict[str, Any]:
+    rc = run_config(cfg, root, **{"result-dir": str(root / "res")})
+    grid = InMemoryGrid(root / "nodes", rc, cfg.data.num_clients, tamper_reply=tamper)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return server_app.run_federation(grid, RunSettings.from_run_config(rc), 42)
+
+
+def _metrics(**values: Any) -> Change:
+    """Set (a value) or drop (None) metrics of a reply."""
+    def apply(content: Any) -> None:
+        metrics = dict(content["metrics"])
+        for key, value in values.items():
+            if value is None:
+                metrics.pop(key, None)
+            else:
+                metrics[key] = value
+        content["metrics"] = MetricRecord(metrics)
+    return apply
+
+
+def _unsigned(change: Change) -> Callable[[Message, Message], Message]:
+    """Client 0's reply changed by ``change`` and left without its envelope."""
+    def tamper(request: Message, reply: Message) -> Message:
+        content = reply.content
+        del content["envelope"]
+        change(content)
+        return Message(content, reply_to=request)
+    return tamper
+
+
+def _rejected_client_0_round_1(results: dict[str, Any]) -> str:
+    assert [r["replied"] for r in results["rounds"]] == [2, 3]
+    [rejection] = results["security"]["rejections"]
+    assert (rejection["client"], rejection["round"]) == (0, 1)
+    return str(rejection["detail"])
+
+
+@pytest.mark.parametrize("change", [
+    _metrics(**{"t-handler-start": None}),
+    _metrics(**{"t-handler-end": [1, 2]}),
+    _metrics(**{"t-process-start": float("nan")}),
+], ids=["missing", "list", "nan"])
+def test_a_reply_with_malformed_timestamps_is_left_out_of_the_timing_only(tmp_path, change):
+    """The exchange read every reply's timestamps before its envelope was verified: a reply
+    whose ``t-handler-start`` was missing or held a list raised KeyError or TypeError out of
+    the ServerApp, so any node answering a message (even with an unsigned reply) stopped the
+    run. Signed by its client, such a reply is now taken (the timestamps are not part of what
+    it releases) and only left out of the timing breakdown; unsigned, it is rejected."""
+    signed = _run(tmp_path / "signed", with_methods(tiny_config(rounds=2), "fedavg"),
+                  {(0, 1, MSG_ROUND): _resigned(tmp_path / "signed", _settings(tmp_path / "signed"),
+                                                0, change)})
+    assert [r["replied"] for r in signed["rounds"]] == [3, 3]
+    assert not signed["security"]["rejections"]
+    unsigned = _run(tmp_path / "unsigned", with_methods(tiny_config(rounds=2), "fedavg"),
+                    {(0, 1, MSG_ROUND): _unsigned(change)})
+    assert "no envelope record" in _rejected_client_0_round_1(unsigned)
+
+
+def _settings(root: Path, cfg: ExperimentConfig | None = None) -> RunSettings:
+    cfg = cfg or with_methods(tiny_config(rounds=2), "fedavg")
+    return RunSettings.from_run_config(run_config(cfg, root, **{"result-dir": str(root / "res")}))
+
+
+@pytest.mark.parametrize("change, detail", [
+    (_metrics(**{"ledger-entries": float("inf")}), "ledger-entries must be an integer >= 0"),
+    (_metrics(**{"ledger-entries": 1.5}), "ledger-entries must be an integer >= 0"),
+    (_metrics(**{"epsilon-spent": float("nan")}), "epsilon-spent must be a finite number >= 0"),
+    (_metrics(**{"epsilon-spent": -1.0}), "epsilon-spent must be a finite number >= 0"),
+    (_metrics(**{"epsilon-budget": float("inf")}), "epsilon-budget must be a finite number > 0"),
+    (_metrics(**{"epsilon-spent": None}), "lacks its epsilon-spent report"),
+], ids=["entries-inf", "entries-fraction", "spent-nan", "spent-negative", "budget-inf",
+        "no-report"])
+def test_a_dp_reply_with_a_malformed_spending_report_is_rejected(tmp_path, change, detail):
+    """``int(ledger-entries)`` of a signed DP reply raised OverflowError out of the ServerApp
+    for an infinite count (only KeyError, TypeError and ValueError were caught); a NaN or
+    negative ``epsilon-spent``, an infinite budget or a fractional count was recorded as the
+    client's spending (and the count truncated), and a reply without any report was taken
+    without one. Each is now that client's rejected reply; the others' rounds go on."""
+    cfg = with_methods(dp_config(rounds=2), "fedavg")
+    results = _run(tmp_path, cfg,
+                   {(0, 1, MSG_ROUND): _resigned(tmp_path, _settings(tmp_path, cfg), 0, change)})
+    assert detail in _rejected_client_0_round_1(results)
+    [row] = [r for r in results["privacy"]["fedavg"]["clients"] if r["client"] == "client-000"]
+    assert row["epsilon_spent"] is None or row["epsilon_spent"] >= 0
+
+
+def _with_ledger(plan: bool) -> Change:
+    def apply(content: Any) -> None:
+        _metrics(**{"epsilon-spent": 1.0, "epsilon-budget": 8.0, "ledger-entries": 1})(content)
+        content["ledger"] = ConfigRecord({"entries": 1, "head": "a" * 64,
+                                          **({"noise-multiplier": 1.0, "accountant": "pld"}
+                                             if plan else {})})
+    return apply
+
+
+@pytest.mark.parametrize("plan", [False, True], ids=["spending", "spending-and-plan"])
+def test_a_spending_report_in_a_run_without_dp_is_rejected(tmp_path, plan):
+    """A run without DP recorded a client's (signed) spending report as its ledger state, then
+    stated it back to that client in every later request; with a plan in it the ServerApp
+    raised KeyError (no plan is calibrated without DP). It is now a rejected reply."""
+    results = _run(tmp_path, with_methods(tiny_config(rounds=2), "fedavg"),
+                   {(0, 1, MSG_ROUND): _resigned(tmp_path, _settings(tmp_path), 0,
+                                                 _with_ledger(plan))})
+    assert "the run has no DP" in _rejected_client_0_round_1(results)
+    assert "privacy" not in results or not results["privacy"]
+    json.loads((tmp_path / "res" / "results.json").read_text())
