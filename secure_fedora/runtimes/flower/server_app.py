@@ -1416,6 +1416,15 @@ def _compute_problem(device: Any, threads: Any) -> str | None:
     return None
 
 
+def _count(value: object, name: str, least: int) -> int:
+    """``value`` (a hello reply's ``name``) as an int of at least ``least``; ValueError for
+    anything else (a float, a bool, a smaller number), so that the reply is rejected as
+    malformed rather than truncated, recorded negative or raised past the check."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, not {value!r}")
+    return value
+
+
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                  schemas: dict[int, DataSchema]) -> None:
     """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
@@ -1470,9 +1479,10 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
             shape = info["input-shape"]
             if not isinstance(shape, list) or not all(isinstance(v, int) and v > 0 for v in shape):
                 raise ValueError(f"input-shape {shape!r}")
-            schema = DataSchema(tuple(int(v) for v in shape), int(info["num-classes"]),
+            schema = DataSchema(tuple(int(v) for v in shape),
+                                _count(info["num-classes"], "num-classes", 1),
                                 bool(info["multilabel"]))
-            sizes = {"id": cid, **{k: int(info[k]) for k in ("train", "val", "test")}}
+            sizes = {"id": cid, **{k: _count(info[k], k, 0) for k in ("train", "val", "test")}}
             sizes.update({k.removeprefix("meta-"): info[k] for k in info.keys()
                           if k.startswith("meta-")})
             errors = info["client-errors"]

@@ -142,3 +142,30 @@ def test_a_spending_report_in_a_run_without_dp_is_rejected(tmp_path, plan):
     assert "the run has no DP" in _rejected_client_0_round_1(results)
     assert "privacy" not in results or not results["privacy"]
     json.loads((tmp_path / "res" / "results.json").read_text())
+
+
+def _client_info(**values: Any) -> Change:
+    def apply(content: Any) -> None:
+        content["client"] = ConfigRecord({**dict(content["client"]), **values})
+    return apply
+
+
+@pytest.mark.parametrize("values, detail", [
+    ({"train": float("inf")}, "train must be an integer >= 0, not inf"),
+    ({"train": -5}, "train must be an integer >= 0, not -5"),
+    ({"test": 1.7}, "test must be an integer >= 0, not 1.7"),
+    ({"num-classes": float("inf")}, "num-classes must be an integer >= 1, not inf"),
+], ids=["train-inf", "train-negative", "test-fraction", "classes-inf"])
+def test_a_hello_reply_with_malformed_split_sizes_is_rejected(tmp_path, values, detail):
+    """A signed first-contact reply stating an infinite split size or class count raised
+    OverflowError out of the ServerApp; a negative size was recorded (results.json's client
+    rows stated ``train: -5``) and a fractional one truncated. Each is now a malformed hello
+    reply: the client is not identified and the run stops for it, naming the reason."""
+    from secure_fedora.runtimes.flower.protocol import MSG_HELLO, DeployError
+
+    cfg = with_methods(tiny_config(rounds=1), "fedavg")
+    tamper = {(0, 0, MSG_HELLO): _resigned(tmp_path, _settings(tmp_path, cfg), 0,
+                                           _client_info(**values))}
+    with pytest.raises(DeployError, match="needs every client's identification") as err:
+        _run(tmp_path, cfg, tamper)
+    assert f"hello reply malformed ({detail})" in str(err.value)
