@@ -2370,6 +2370,23 @@ def _last_release(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
+def _lost_marks(checks: Sequence[LedgerCheck], marks: RoundMarks,
+                admitting: RoundMarks | None) -> str | None:
+    """Why ``marks`` cannot be trusted, or None: a batch admission of round ``A``
+    (``admitting``) starts only after every earlier round's releases left, each after its
+    round's mark, so marks ending before a round that the ledgers record releases of and
+    that precedes ``A`` were lost or cut (``rounds.released`` deleted or emptied)."""
+    if admitting is None:
+        return None
+    released = [e["round"] for check in checks for e in check.entries
+                if e["mechanism"] not in NON_RELEASES and e["round"] < admitting.last]
+    if not released or marks.last >= max(released):
+        return None
+    return (f"and {str(marks.path)!r}, which marks rounds up to {marks.last} only, was lost"
+            f" or cut: {str(admitting.path)!r} shows round {admitting.last} was admitted,"
+            f" which happens only after round {max(released)} was marked")
+
+
 def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
                              admitting: RoundMarks | None = None) -> None:
     """JournalError when a client's last release lacks its journal record although the run
@@ -2384,8 +2401,11 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
     stays exempt (:func:`_check_journal_covers`): the crash window, before it left. A round
     ``admitting`` names last was admitted as one batch (journal fsyncs overlapping, no
     release leaving before the batch ended and the round was marked): there a same-round
-    entry of a higher-indexed client proves nothing, and only the mark does."""
+    entry of a higher-indexed client proves nothing, and only the mark does. Marks that
+    ``admitting`` shows were lost or cut (:func:`_lost_marks`) prove nothing either way: an
+    unjournaled last release is then refused too."""
     batched = admitting.last if admitting is not None else None
+    lost_marks = _lost_marks(checks, marks, admitting)
     for k, check in enumerate(checks):
         last = _last_release(check.entries)
         if last is None or check.journal.get(last["round"],
@@ -2393,7 +2413,7 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
             continue
         what = (f"client {check.client_id!r}: ledger entry {last['index']} records its"
                 f" round-{last['round']} {last['params']['release_kind']!r} release, but the"
-                f" journal {str(check.journal.path)!r} has no complete record of it, though")
+                f" journal {str(check.journal.path)!r} has no complete record of it,")
         consequence = (": the record was written and then lost or cut, and the release may"
                        " have left, so resuming would make it again with new noise, accounted"
                        " once. Nothing was written. Restore the journal from a copy, or start"
@@ -2405,12 +2425,17 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
                                    and last["round"] != batched))), None)
             if j != k and later is not None:
                 raise JournalError(
-                    f"{what} client {other.client_id!r} released after it (its ledger entry"
-                    f" {later['index']}, round {later['round']}){consequence}")
+                    f"{what} though client {other.client_id!r} released after it (its ledger"
+                    f" entry {later['index']}, round {later['round']}){consequence}")
         if marks.covers(last["round"], k):
             raise JournalError(
-                f"{what} {str(marks.path)!r} marks this client's releases of rounds up to"
-                f" {last['round']} as journaled before any left{consequence}")
+                f"{what} though {str(marks.path)!r} marks this client's releases of rounds up"
+                f" to {last['round']} as journaled before any left{consequence}")
+        if lost_marks is not None:
+            raise JournalError(
+                f"{what} {lost_marks}: the release may have left, so resuming would make it"
+                " again with new noise, accounted once. Nothing was written. Restore the"
+                " journal and the marks from a copy, or start a new run")
 
 
 def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:

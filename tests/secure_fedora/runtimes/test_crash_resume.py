@@ -970,6 +970,43 @@ def test_a_cut_journal_record_of_the_last_client_admitted_in_a_round_refuses_the
     assert _files(tmp_path) == before
 
 
+@pytest.mark.parametrize("damage", ["lost", "emptied"])
+def test_lost_round_marks_refuse_the_resume_of_a_cut_last_client_record(tmp_path, clients,
+                                                                        damage):
+    """With ``rounds.released`` lost (or emptied) as well, the cut above passed for the crash
+    window: the resume drew client-002's round-2 model again with fresh CSPRNG noise under the
+    ledger entry it consumed. ``rounds.admitting`` names round 2, admitted only after round
+    1's releases left, after round 1 was marked: marks that end before it were lost or cut,
+    and the unjournaled release is refused. Lost marks alone (every record kept) resume."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
+    folder = tmp_path / "ledgers" / "local"
+    journal = folder / "client-002.journal"
+    journal.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])
+    marks = folder / "rounds.released"
+    if damage == "lost":
+        marks.unlink()
+    else:
+        marks.write_bytes(b"")
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal' has no complete record of it,"
+                       r" and '.*rounds\.released', which marks rounds up to -1 only, was lost"
+                       r" or cut: '.*rounds\.admitting' shows round 2 was admitted"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+def test_lost_round_marks_alone_resume(tmp_path, clients):
+    """Lost marks with every journal record kept hide nothing: the resume goes on (each
+    release it re-makes is journaled) and the run verifies."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
+    (tmp_path / "ledgers" / "local" / "rounds.released").unlink()
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    report = verify_run(tmp_path)
+    assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
+
+
 def test_a_cut_summary_record_of_the_last_client_refuses_the_resume(tmp_path, clients):
     """Round 0: each noised summary leaves before the next client's is admitted, so the last
     client's had nothing written after it either: killed once it had left, its record cut,
