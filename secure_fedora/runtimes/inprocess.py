@@ -1900,10 +1900,6 @@ class Simulation:
             # written before the first ledger or envelope key (and by the anchor): fail now
             config_document(self.cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # partial copies of results.json, rounds.csv or a plot that a process killed while
-        # writing one left beside it (the files themselves are replaced atomically)
-        for leftover in remove_interrupted_result_writes(self.run_dir):
-            log.warning("removed %s, a result write that was interrupted", leftover)
         outcomes = {}
         self._found_finished = set()
         for name in self.cfg.methods:
@@ -1916,6 +1912,11 @@ class Simulation:
         # (an anchor.json copy kept apart still verifies) and writes only one that is
         # missing or damaged, e.g. after a kill between the last checkpoint and results.json
         trained_nothing = resume and self._found_finished == set(self.cfg.methods)
+        # partial copies of results.json, rounds.csv or a plot that a process killed while
+        # writing one left beside it (the files themselves are replaced atomically); removed
+        # only once every method's resume checks passed, so a refused resume changes no file
+        for leftover in remove_interrupted_result_writes(self.run_dir):
+            log.warning("removed %s, a result write that was interrupted", leftover)
         results = self.results(outcomes)
         crash_point("results")
         dp = self.cfg.privacy.enabled

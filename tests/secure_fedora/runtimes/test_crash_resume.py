@@ -1007,6 +1007,21 @@ def test_lost_round_marks_alone_resume(tmp_path, clients):
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 
 
+def test_a_refused_resume_keeps_an_interrupted_result_write(tmp_path, clients):
+    """A run killed while drawing a plot leaves its partial temporary copy; a resume refused
+    for a damaged journal used to delete it first: a refused resume now changes no file."""
+    cfg = config(["local"], True)
+    assert run_until_crash(cfg, tmp_path, clients, "results@1")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / ".accuracy_per_round.png.k1ll3d").write_bytes(b"\x89PNG partial")
+    journal = tmp_path / "ledgers" / "local" / "client-002.journal"
+    journal.write_bytes(journal.read_bytes() + journal.read_bytes().splitlines(keepends=True)[-1])
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match="unreadable record"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
 def test_a_cut_summary_record_of_the_last_client_refuses_the_resume(tmp_path, clients):
     """Round 0: each noised summary leaves before the next client's is admitted, so the last
     client's had nothing written after it either: killed once it had left, its record cut,
