@@ -1270,8 +1270,8 @@ class FederationPrivacy:
         (:meth:`~privacy.accounting.Accountant.reproducing`) is calibrated and accounted
         without it again, so it recomputes exactly what its ledgers record.
 
-        A ``ledger_dir`` that does not exist is created with every client's empty ledger and
-        ``with_files`` at once (:func:`create_ledger_dir`); one that exists must hold every
+        A ``ledger_dir`` that does not exist is created with every client's empty ledger, the
+        empty round mark files and ``with_files`` at once (:func:`create_ledger_dir`); one that exists must hold every
         client's ledger (LedgerError naming those lost otherwise, before anything is written).
         """
         ids = client_ids(num_clients)
@@ -1298,15 +1298,19 @@ class FederationPrivacy:
         if ledger_dir.is_dir():
             check_ledgers_present(ledger_dir, ids)
         else:
-            create_ledger_dir(ledger_dir, ids, with_files)
+            # the mark files are created with the ledgers, so one gone from the folder was lost
+            create_ledger_dir(ledger_dir, ids,
+                              {**(with_files or {}), MARKS_NAME: b"", ADMITTING_NAME: b""})
         checked: list[LedgerCheck] = []
+        gone = [p for p in (ledger_dir / MARKS_NAME, ledger_dir / ADMITTING_NAME)
+                if not p.exists()]
         # read before anything is written; a torn last mark waits for resume_after
         marks = RoundMarks(ledger_dir / MARKS_NAME, quarantine=not resume)
         admitting = RoundMarks(ledger_dir / ADMITTING_NAME, quarantine=not resume)
         if resume:  # every client's checks before anything is written: a refusal changes nothing
             checked = [_check_resumable(ledger_dir, cid, method, identity)
                        for cid, identity in zip(ids, identities, strict=True)]
-            _check_unjournaled_tails(checked, marks, admitting)
+            _check_unjournaled_tails(checked, marks, admitting, gone=gone)
             if accountant == "prv" and any(
                     not replay_accountant(c.entries, accountant).prv_refine for c in checked):
                 # a run ledgered before PRV's refining pass: its noise was calibrated without
@@ -2372,23 +2376,29 @@ def _last_release(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _lost_marks(checks: Sequence[LedgerCheck], marks: RoundMarks,
                 admitting: RoundMarks | None) -> str | None:
-    """Why ``marks`` cannot be trusted, or None: a batch admission of round ``A``
-    (``admitting``) starts only after every earlier round's releases left, each after its
-    round's mark, so marks ending before a round that the ledgers record releases of and
-    that precedes ``A`` were lost or cut (``rounds.released`` deleted or emptied)."""
-    if admitting is None:
-        return None
-    released = [e["round"] for check in checks for e in check.entries
-                if e["mechanism"] not in NON_RELEASES and e["round"] < admitting.last]
+    """Why ``marks`` cannot be trusted, or None: the admissions of a round ``A`` start only
+    after every earlier round's releases left, each after its round's mark, so marks ending
+    before a round that the ledgers record releases of and that precedes ``A`` were lost or
+    cut (``rounds.released`` deleted or emptied). ``A`` is the later of the last round
+    ``admitting`` names (a batch's round is named before its first ledger entry) and the last
+    round any client's ledger records a release of (signed entries, so this holds when both
+    mark files were lost)."""
+    entries = [e for check in checks for e in check.entries if e["mechanism"] not in NON_RELEASES]
+    batched = admitting.last if admitting is not None else -1
+    latest = max([batched, *(e["round"] for e in entries)])
+    released = [e["round"] for e in entries if e["round"] < latest]
     if not released or marks.last >= max(released):
         return None
+    shown = (f"{str(admitting.path)!r} shows round {latest} was admitted, which happens"
+             if admitting is not None and batched == latest
+             else f"the ledgers record round-{latest} releases, admitted")
     return (f"and {str(marks.path)!r}, which marks rounds up to {marks.last} only, was lost"
-            f" or cut: {str(admitting.path)!r} shows round {admitting.last} was admitted,"
-            f" which happens only after round {max(released)} was marked")
+            f" or cut: {shown} only after round {max(released)} was marked")
 
 
 def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
-                             admitting: RoundMarks | None = None) -> None:
+                             admitting: RoundMarks | None = None, *,
+                             gone: Sequence[Path] = ()) -> None:
     """JournalError when a client's last release lacks its journal record although the run
     went past that release's journal write: ``marks`` marks its round (a round is marked
     after its last journal record, before any of its releases leaves), or another client's
@@ -2402,10 +2412,14 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
     ``admitting`` names last was admitted as one batch (journal fsyncs overlapping, no
     release leaving before the batch ended and the round was marked): there a same-round
     entry of a higher-indexed client proves nothing, and only the mark does. Marks that
-    ``admitting`` shows were lost or cut (:func:`_lost_marks`) prove nothing either way: an
-    unjournaled last release is then refused too."""
+    ``admitting`` or the ledgers show were lost or cut (:func:`_lost_marks`), or mark files
+    ``gone`` from a ledger folder created with them, prove nothing either way: an unjournaled
+    last release is then refused too."""
     batched = admitting.last if admitting is not None else None
     lost_marks = _lost_marks(checks, marks, admitting)
+    if gone and lost_marks is None:
+        lost_marks = (f"and {', '.join(repr(str(p)) for p in gone)}, created with the ledgers,"
+                      f" {'is' if len(gone) == 1 else 'are'} gone (lost)")
     for k, check in enumerate(checks):
         last = _last_release(check.entries)
         if last is None or check.journal.get(last["round"],

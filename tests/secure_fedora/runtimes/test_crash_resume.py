@@ -996,12 +996,67 @@ def test_lost_round_marks_refuse_the_resume_of_a_cut_last_client_record(tmp_path
     assert _files(tmp_path) == before
 
 
-def test_lost_round_marks_alone_resume(tmp_path, clients):
-    """Lost marks with every journal record kept hide nothing: the resume goes on (each
-    release it re-makes is journaled) and the run verifies."""
+@pytest.mark.parametrize("damage", ["lost", "emptied"])
+def test_both_lost_mark_files_refuse_the_resume_of_a_cut_last_client_record(tmp_path, clients,
+                                                                           damage):
+    """With ``rounds.admitting`` lost (or emptied) together with ``rounds.released``, the cut
+    above passed for the crash window again: the resume drew client-002's round-2 model with
+    fresh CSPRNG noise under the ledger entry it consumed. The signed ledgers record round-2
+    releases, admitted only after round 1's releases left, after round 1 was marked: marks
+    ending before round 1 were lost, and the unjournaled release is refused."""
     cfg = _csprng_local()
     assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
-    (tmp_path / "ledgers" / "local" / "rounds.released").unlink()
+    folder = tmp_path / "ledgers" / "local"
+    journal = folder / "client-002.journal"
+    journal.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])
+    for name in ("rounds.released", "rounds.admitting"):
+        if damage == "lost":
+            (folder / name).unlink()
+        else:
+            (folder / name).write_bytes(b"")
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal' has no complete record of it,"
+                       r" and '.*rounds\.released', which marks rounds up to -1 only, was lost"
+                       r" or cut: the ledgers record round-2 releases, admitted only after"
+                       r" round 1 was marked"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(("method", "point", "lost"), [
+    ("local", "checkpoint@1", ("rounds.released", "rounds.admitting")),
+    ("fedora", "summary@3", ("rounds.released",))])
+def test_lost_mark_files_refuse_the_cut_last_record_of_a_first_round(tmp_path, clients, method,
+                                                                     point, lost):
+    """In a method's first releasing round no earlier round's mark shows the mark files were
+    lost: killed once round 1's models (or FEDORA's round-0 summaries) had left, client-002's
+    record cut and the mark files deleted, the resume drew that release again with fresh
+    CSPRNG noise. The mark files are created with the ledgers, so gone they show the loss."""
+    data = config_dict([method], True)
+    data["privacy"]["noise"] = "csprng"
+    cfg = parse_config(data)
+    assert run_until_crash(cfg, tmp_path, clients, point)
+    folder = tmp_path / "ledgers" / method
+    journal = folder / "client-002.journal"
+    assert len(journal.read_bytes().splitlines()) == 1
+    journal.write_bytes(b"")
+    for name in lost:
+        (folder / name).unlink()
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal' has no complete record of it,"
+                       r" and '.*rounds\.released'.*, created with the ledgers, (is|are) gone"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("lost", [("rounds.released",), ("rounds.released", "rounds.admitting")])
+def test_lost_round_marks_alone_resume(tmp_path, clients, lost):
+    """Lost marks (one mark file or both) with every journal record kept hide nothing: the
+    resume goes on (each release it re-makes is journaled) and the run verifies."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
+    for name in lost:
+        (tmp_path / "ledgers" / "local" / name).unlink()
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     report = verify_run(tmp_path)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
@@ -1095,7 +1150,7 @@ def test_a_power_loss_inside_an_admission_batch_resumes_exactly(tmp_path, client
     folder = tmp_path / "ledgers" / "local"
     assert [len(read_ledger(folder / f"client-00{k}.jsonl")) for k in range(3)] == [1, 1, 1]
     assert (folder / "rounds.admitting").read_bytes() == b'{"round":1,"clients":[]}\n'
-    assert not (folder / "rounds.released").exists()
+    assert (folder / "rounds.released").read_bytes() == b""  # created with the ledgers
     for k in (0, 1):  # the records a power loss may drop
         assert len((folder / f"client-00{k}.journal").read_bytes().splitlines()) == 1
         (folder / f"client-00{k}.journal").write_bytes(b"")
@@ -1133,8 +1188,9 @@ def test_an_admission_batch_makes_every_record_durable_before_the_round_is_marke
     Simulation(cfg, tmp_path, clients=clients).run()
     monkeypatch.undo()
     assert state["most"] >= 2
-    marks = [i for i, name in enumerate(events) if name == "rounds.released"]
-    assert len(marks) == 2  # rounds 1 and 2
+    # the first: its creation (empty) with the ledgers; then the marks of rounds 1 and 2
+    marks = [i for i, name in enumerate(events) if name == "rounds.released"][1:]
+    assert len(marks) == 2
     for rnd, at in enumerate(marks, start=1):
         synced = [name for name in events[:at] if name.endswith(".journal")]
         assert sorted(set(synced)) == [f"client-00{k}.journal" for k in range(3)]
@@ -1166,7 +1222,7 @@ def test_a_failed_journal_fsync_in_a_batch_loses_nothing(tmp_path, clients, refe
         Simulation(cfg, tmp_path, clients=clients).run()
     monkeypatch.undo()
     folder = tmp_path / "ledgers" / "local"
-    assert not (folder / "rounds.released").exists()
+    assert (folder / "rounds.released").read_bytes() == b""  # nothing marked
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert_same_run(tmp_path, reference(["local"], True))
 
