@@ -1120,6 +1120,10 @@ class Simulation:
         self.setup_seconds: dict[str, float] = {}
         # the methods this run's resume found finished in their checkpoints (trained nothing)
         self._found_finished: set[str] = set()
+        # run() removes the methods' partial checkpoint copies once every method ran (a
+        # later method's resume checks may still refuse the resume); run_method alone does
+        # it once its own checks passed
+        self._keep_interrupted_checkpoints = False
 
     # -- checkpoints --------------------------------------------------------------------
     def checkpoint_path(self, method: str) -> Path:
@@ -1469,11 +1473,8 @@ class Simulation:
         timing = {"training": 0.0, "evaluation": 0.0}
         self.round_timings[name] = []
         path = self.checkpoint_path(name)
-        if resume:
-            # partial checkpoints of a process killed while writing one (as large as a
-            # checkpoint each); this process holds the method's ledgers' locks under DP
-            for leftover in remove_interrupted_writes(path):
-                log.warning("removed %s, a checkpoint write that was interrupted", leftover)
+        if resume and not self._keep_interrupted_checkpoints:
+            self._remove_interrupted_checkpoints([name])
         if resume and path.exists():
             state = load_checkpoint(path)
             self._check_identity(state, path)
@@ -1616,6 +1617,14 @@ class Simulation:
             self.round_timings[name][-1]["checkpoint"] = time.perf_counter() - t0
         self.history.extend(history)
         return outcome
+
+    def _remove_interrupted_checkpoints(self, names: Sequence[str]) -> None:
+        """Delete the partial checkpoint copies of methods ``names`` that a process killed
+        while writing one left (as large as a checkpoint each); called while this process
+        holds the run directory, once the resume's checks that could refuse it passed."""
+        for name in names:
+            for leftover in remove_interrupted_writes(self.checkpoint_path(name)):
+                log.warning("removed %s, a checkpoint write that was interrupted", leftover)
 
     def _check_evaluated(self, name: str, tracker: Tracker, private: bool) -> None:
         """Refuse to complete a run whose results would rest on metrics no client reported,
@@ -1902,11 +1911,15 @@ class Simulation:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         outcomes = {}
         self._found_finished = set()
-        for name in self.cfg.methods:
-            outcomes[name] = self.run_method(name, resume=resume)
-            if name not in self._found_finished:  # a finished one's rows: checked below
-                self.write_rounds_csv()
-            crash_point("between_methods")
+        self._keep_interrupted_checkpoints = True
+        try:
+            for name in self.cfg.methods:
+                outcomes[name] = self.run_method(name, resume=resume)
+                if name not in self._found_finished:  # a finished one's rows: checked below
+                    self.write_rounds_csv()
+                crash_point("between_methods")
+        finally:
+            self._keep_interrupted_checkpoints = False
         self._record_amendments(None, None)  # every method had finished
         # a resume of a finished run trains nothing: it keeps the run's result files whole
         # (an anchor.json copy kept apart still verifies) and writes only one that is
@@ -1917,6 +1930,8 @@ class Simulation:
         # only once every method's resume checks passed, so a refused resume changes no file
         for leftover in remove_interrupted_result_writes(self.run_dir):
             log.warning("removed %s, a result write that was interrupted", leftover)
+        if resume:  # the same for partial checkpoint copies
+            self._remove_interrupted_checkpoints(self.cfg.methods)
         results = self.results(outcomes)
         crash_point("results")
         dp = self.cfg.privacy.enabled

@@ -1077,6 +1077,26 @@ def test_a_refused_resume_keeps_an_interrupted_result_write(tmp_path, clients):
     assert _files(tmp_path) == before
 
 
+def test_a_refused_resume_keeps_an_earlier_methods_interrupted_checkpoint_write(tmp_path,
+                                                                                clients):
+    """A partial checkpoint copy of the first method (a process killed while writing it) was
+    deleted when that method resumed, before the second method's resume checks refused a
+    damaged journal: the refused resume had changed the run directory. Partial checkpoint
+    copies are removed only once every method ran."""
+    cfg = config(["local", "fedavg"], True)
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@3")  # fedavg's round 1
+    (tmp_path / "checkpoints" / ".local.pt.k1ll3d").write_bytes(b"partial checkpoint")
+    journal = tmp_path / "ledgers" / "fedavg" / "client-002.journal"
+    journal.write_bytes(journal.read_bytes() + journal.read_bytes().splitlines(keepends=True)[-1])
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match="unreadable record"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+    journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[:-1]))
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)  # repaired: it resumes
+    assert not (tmp_path / "checkpoints" / ".local.pt.k1ll3d").exists()
+
+
 def test_a_cut_summary_record_of_the_last_client_refuses_the_resume(tmp_path, clients):
     """Round 0: each noised summary leaves before the next client's is admitted, so the last
     client's had nothing written after it either: killed once it had left, its record cut,
