@@ -1473,8 +1473,8 @@ class Simulation:
         timing = {"training": 0.0, "evaluation": 0.0}
         self.round_timings[name] = []
         path = self.checkpoint_path(name)
-        if resume and not self._keep_interrupted_checkpoints:
-            self._remove_interrupted_checkpoints([name])
+        # run_method alone: its partial checkpoint copies go once its resume checks passed
+        tidy = resume and not self._keep_interrupted_checkpoints
         if resume and path.exists():
             state = load_checkpoint(path)
             self._check_identity(state, path)
@@ -1492,6 +1492,8 @@ class Simulation:
                                          continues=False)
                 self.history.extend(state["history"])
                 self._found_finished.add(name)
+                if tidy:
+                    self._remove_interrupted_checkpoints([name])
                 return MethodOutcome(**state["outcome"])
             self._restore(state, method, tracker, round_gen, ctx, path)
             if privacy is not None:
@@ -1520,6 +1522,8 @@ class Simulation:
             t0 = time.perf_counter()
             method.setup()
             self.setup_seconds[name] = time.perf_counter() - t0
+        if tidy:
+            self._remove_interrupted_checkpoints([name])
         self._record_amendments(name, start_round, privacy is not None)
         amend = self._amended_attributes(name, method)
         self._attach_security(name, method, start_round - 1, privacy)

@@ -760,11 +760,13 @@ def test_a_resume_after_a_refused_step_check_refuses_that_release_again(tmp_path
     assert {p: p.read_bytes() for p in tmp_path.glob("ledgers/*/*")} == before
 
 
+@pytest.mark.parametrize("entry", ["run", "run_method"])
 def test_a_resume_removes_the_partial_checkpoint_of_a_write_that_was_killed(tmp_path, clients,
-                                                                           reference):
+                                                                           reference, entry):
     """A process killed while streaming a checkpoint leaves its temporary file (as large as a
     checkpoint: GBs at scale) beside it; every later resume kept it, so each such crash cost
-    that much disk for good. The resume of the method now removes it, and nothing else."""
+    that much disk for good. The resume now removes it, and nothing else (``run`` once every
+    method ran, ``run_method`` alone once its checks passed)."""
     cfg = config(["local"], False)
     assert run_until_crash(cfg, tmp_path, clients, "train@4")  # round 1's checkpoint written
     folder = tmp_path / "checkpoints"
@@ -772,6 +774,10 @@ def test_a_resume_removes_the_partial_checkpoint_of_a_write_that_was_killed(tmp_
     partial.write_bytes(b"SFCKPT2\n" + b" " * 100)
     other = folder / "notes.txt"
     other.write_text("kept")
+    if entry == "run_method":
+        Simulation(cfg, tmp_path, clients=clients).run_method("local", resume=True)
+        assert not partial.exists() and other.read_text() == "kept"
+        return
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert not partial.exists() and other.read_text() == "kept"
     assert comparable_results(tmp_path) == comparable_results(reference(["local"], False))
