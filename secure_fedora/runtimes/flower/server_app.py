@@ -748,7 +748,7 @@ def _reported_head(reply: Message) -> dict[str, Any]:
     return {"ledger_head": head, "ledger_entries": entries}
 
 
-def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, *,
+def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, client: int, *,
                       required: bool) -> dict[str, Any] | None:
     """The spending, ledger state and plan a client reported with ``reply`` (its signed
     ``metrics`` and ledger record), or None where it reported none and ``required`` is False.
@@ -757,8 +757,11 @@ def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, *,
     report in a run without DP (no client of such a run keeps a ledger), a reply of a DP run
     that lacks it where ``required`` (every reply of a DP method exchange carries it), an
     ``epsilon-spent`` that is not a finite number >= 0, an ``epsilon-budget`` that is not a
-    finite number > 0, a ``ledger-entries`` that is not an integer >= 0, or a malformed ledger
+    finite number > 0 or is not ``client``'s budget in the config, a ``ledger-entries`` that
+    is not an integer >= 0 or not the ledger record's entry count, or a malformed ledger
     record (:func:`_reported_head`, :func:`_reported_plan`)."""
+    from secure_fedora.secure.private import client_budget
+
     if not server.cfg.privacy.enabled:
         if "epsilon-spent" in metrics or "ledger" in reply.content:
             raise ValueError("reply reports a privacy ledger, but the run has no DP")
@@ -777,8 +780,16 @@ def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, *,
         raise ValueError(f"epsilon-budget must be a finite number > 0, not {budget!r}")
     if isinstance(entries, bool) or not isinstance(entries, int) or entries < 0:
         raise ValueError(f"ledger-entries must be an integer >= 0, not {entries!r}")
+    configured = float(client_budget(server.cfg, client).epsilon)
+    if float(budget) != configured:  # results.json would state it as the client's budget
+        raise ValueError(f"epsilon-budget {budget!r} is not the client's configured budget "
+                         f"{configured!r}")
+    head = _reported_head(reply)
+    if head and head["ledger_entries"] != entries:  # the record's count would be recorded
+        raise ValueError(f"ledger record's entries {head['ledger_entries']} differ from "
+                         f"ledger-entries {entries}")
     return {"epsilon_spent": float(spent), "epsilon_budget": float(budget),
-            "ledger_entries": entries, **_reported_head(reply), **_reported_plan(reply)}
+            "ledger_entries": entries, **head, **_reported_plan(reply)}
 
 
 def _reported_repeat(reply: Message) -> bool:
@@ -846,7 +857,13 @@ def _reported_plan(reply: Message) -> dict[str, Any]:
     if "ledger" not in reply.content:
         return {}
     record = reply.content["ledger"]
-    if not isinstance(record, ConfigRecord) or "noise-multiplier" not in record:
+    if not isinstance(record, ConfigRecord):
+        return {}
+    if "noise-multiplier" not in record:
+        stated = sorted(k for k in record.keys() if k in _PLAN_FIELDS or k == "accountant"
+                        or k.startswith(MECHANISM_NOISE_PREFIX))
+        if stated:  # part of a plan: neither the plan nor a record without one
+            raise ValueError(f"ledger record states {stated} without noise-multiplier")
         return {}
     plan: dict[str, Any] = {}
     for key, name in _PLAN_FIELDS.items():
@@ -1097,7 +1114,7 @@ def _take_uploads(
             metrics = reply.content["metrics"]
             if isinstance(metrics, MetricRecord) and "epsilon-spent" in metrics:
                 try:  # the summary's ledger state, re-stated to the client in round 1
-                    privacy = _reported_privacy(server, reply, metrics, required=False)
+                    privacy = _reported_privacy(server, reply, metrics, cid, required=False)
                     assert privacy is not None  # "epsilon-spent" is in metrics
                 except (KeyError, TypeError, ValueError) as err:
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
@@ -1425,6 +1442,39 @@ def _count(value: object, name: str, least: int) -> int:
     return value
 
 
+#: The partition facts a hello reply may state as ``meta-<key>`` (results.json's client rows).
+_META_FACTS = ("rotation_degrees", "group", "classes")
+#: The longest text a hello reply may state as a partition fact.
+MAX_META_CHARS = 200
+
+
+def _meta_facts(info: ConfigRecord, num_classes: int) -> dict[str, Any]:
+    """The partition facts of a hello reply's ``info`` (its ``meta-<key>`` entries, by key),
+    as a client publishes them: a bool, an int, a finite float or a text of at most
+    :data:`MAX_META_CHARS` characters; ``classes`` a list of class indices below
+    ``num_classes``. ValueError for another key or value, so that the reply is rejected as
+    malformed rather than a fact overwriting a checked split size or reaching results.json
+    as NaN."""
+    facts: dict[str, Any] = {}
+    for key in info.keys():
+        if not key.startswith("meta-"):
+            continue
+        name, value = key.removeprefix("meta-"), info[key]
+        if name not in _META_FACTS:
+            raise ValueError(f"{key[:40]!r} is not a partition fact ({', '.join(_META_FACTS)})")
+        if name == "classes":
+            ok = isinstance(value, list) and len(value) <= num_classes and all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < num_classes
+                for v in value)
+        else:
+            ok = (isinstance(value, bool | int) or isinstance(value, float) and math.isfinite(value)
+                  or isinstance(value, str) and len(value) <= MAX_META_CHARS)
+        if not ok:
+            raise ValueError(f"{key} {str(value)[:40]!r}")
+        facts[name] = value
+    return facts
+
+
 def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                  schemas: dict[int, DataSchema]) -> None:
     """Add each accepted hello reply's data schema to ``schemas`` and its split sizes to
@@ -1481,10 +1531,11 @@ def _take_hellos(server: _Server, replies: dict[int, tuple[Message, Envelope]],
                 raise ValueError(f"input-shape {shape!r}")
             schema = DataSchema(tuple(int(v) for v in shape),
                                 _count(info["num-classes"], "num-classes", 1),
-                                bool(info["multilabel"]))
-            sizes = {"id": cid, **{k: _count(info[k], k, 0) for k in ("train", "val", "test")}}
-            sizes.update({k.removeprefix("meta-"): info[k] for k in info.keys()
-                          if k.startswith("meta-")})
+                                info["multilabel"])
+            if not isinstance(schema.multilabel, bool):
+                raise ValueError(f"multilabel must be true or false, not {schema.multilabel!r:.40}")
+            sizes = {"id": cid, **{k: _count(info[k], k, 0) for k in ("train", "val", "test")},
+                     **_meta_facts(info, schema.num_classes)}
             errors = info["client-errors"]
             if errors not in CLIENT_ERRORS_MODES:
                 raise ValueError(f"client-errors {errors!r}")
@@ -1691,7 +1742,7 @@ def _exchange_payloads(
             metrics = reply.content["metrics"]
             if not isinstance(metrics, MetricRecord):
                 raise TypeError("metrics is not a MetricRecord")
-            privacy = _reported_privacy(server, reply, metrics, required=True)
+            privacy = _reported_privacy(server, reply, metrics, cid, required=True)
             refusal = reply.content["refusal"] if "refusal" in reply.content else None
             repeated = (privacy is not None and refusal is None and stage in ("round", "setup")
                         and _reported_repeat(reply))
@@ -1700,6 +1751,12 @@ def _exchange_payloads(
                 payload = record_to_payload(reply.content["payload"], envelope,
                                             f"{stage} reply of client {cid}", run.limits)
                 rules = run.algorithm.reply_rules
+                if stage == "evaluate" and payload:
+                    # an evaluation reply states its metrics only (no method declares
+                    # evaluation reply entries): an entry would otherwise pin the stage's
+                    # schema and be taken unread, outside any ledger under DP
+                    raise ValueError(f"evaluation reply carries entries {sorted(payload)[:8]}; "
+                                     "an evaluation reply carries its metrics only")
                 if rules is not None and stage in rules.entries:
                     rules.check_received(stage, cid, payload, run.schema)  # as in process
                 else:

@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.runtimes.flower import server_app
-from secure_fedora.runtimes.flower.protocol import MSG_ROUND, RunSettings
+from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, RunSettings
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     dp_config,
@@ -169,3 +169,73 @@ def test_a_hello_reply_with_malformed_split_sizes_is_rejected(tmp_path, values, 
     with pytest.raises(DeployError, match="needs every client's identification") as err:
         _run(tmp_path, cfg, tamper)
     assert f"hello reply malformed ({detail})" in str(err.value)
+
+
+@pytest.mark.parametrize("values, detail", [
+    ({"meta-train": float("inf")}, "'meta-train' is not a partition fact"),
+    ({"meta-id": 7}, "'meta-id' is not a partition fact"),
+    ({"meta-rotation_degrees": float("nan")}, "meta-rotation_degrees 'nan'"),
+    ({"meta-group": "g" * 5000}, "meta-group"),
+    ({"meta-classes": [0, 99]}, "meta-classes"),
+    ({"multilabel": "no"}, "multilabel must be true or false"),
+], ids=["meta-train", "meta-id", "meta-nan", "meta-long", "meta-classes", "multilabel-text"])
+def test_a_hello_reply_with_malformed_partition_facts_is_rejected(tmp_path, values, detail):
+    """A signed first-contact reply's ``meta-<key>`` entries were recorded unchecked, after the
+    split sizes were: ``meta-train: inf`` overwrote the checked size and raised OverflowError
+    out of the ServerApp, ``meta-id`` replaced the client's id in results.json, and a NaN,
+    a 5000-character text or a class the data does not have became a client row's fact; a
+    ``multilabel`` of ``"no"`` was read as true. Each is now a malformed hello reply."""
+    from secure_fedora.runtimes.flower.protocol import MSG_HELLO, DeployError
+
+    cfg = with_methods(dp_config(rounds=1), "fedavg")
+    tamper = {(0, 0, MSG_HELLO): _resigned(tmp_path, _settings(tmp_path, cfg), 0,
+                                           _client_info(**values))}
+    with pytest.raises(DeployError, match="needs every client's identification") as err:
+        _run(tmp_path, cfg, tamper)
+    assert "hello reply malformed" in str(err.value) and detail in str(err.value)
+
+
+def _ledger(**values: Any) -> Change:
+    def apply(content: Any) -> None:
+        record = dict(content["ledger"])
+        for key, value in values.items():
+            if value is None:
+                record.pop(key, None)
+            else:
+                record[key] = value
+        content["ledger"] = ConfigRecord(record)
+    return apply
+
+
+def _payload_entry(content: Any) -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    content["payload"] = ArrayRecord({"global": Array(np.zeros(4, np.float32))})
+
+
+@pytest.mark.parametrize("change, detail", [
+    (_metrics(**{"epsilon-budget": 1e18}), "is not the client's configured budget 8.0"),
+    (_ledger(entries=2**62), "differ from ledger-entries"),
+    (_ledger(**{"noise-multiplier": None}), "without noise-multiplier"),
+    (_payload_entry, "evaluation reply carries entries ['global']"),
+], ids=["budget", "entries", "partial-plan", "payload-entry"])
+def test_a_dp_evaluation_reply_with_a_report_no_client_makes_is_rejected(tmp_path, change,
+                                                                          detail):
+    """A signed DP evaluation reply stating another budget than the config's was recorded
+    (results.json's privacy row stated ``epsilon_budget: 1e+18``); a ledger record whose
+    entry count differed from ``ledger-entries`` recorded the record's count (a later, true
+    report then read as a ledger that went back and stopped the run); a plan without its
+    noise multiplier was recorded as no plan; an evaluation reply carrying a payload entry
+    was taken and the entry pinned the stage's schema, unread. Each is now a rejected reply:
+    the client keeps its last metrics and report."""
+    cfg = with_methods(dp_config(rounds=2), "fedavg")
+    results = _run(tmp_path, cfg,
+                   {(0, 1, MSG_EVALUATE): _resigned(tmp_path, _settings(tmp_path, cfg), 0,
+                                                    change)})
+    [rejection] = results["security"]["rejections"]
+    assert (rejection["client"], rejection["round"]) == (0, 1)
+    assert detail in rejection["detail"]
+    assert [r["evaluated"] for r in results["rounds"]] == [2, 3]
+    rows = results["privacy"]["fedavg"]["clients"]
+    assert all(r["epsilon_budget"] == 8.0 for r in rows)
