@@ -54,7 +54,7 @@ __all__ = ["ALLOWED_DTYPES", "ClientHalfError", "ContractError", "FederatedAlgor
            "ENTRY_NAME", "ReleaseSpec", "ReplyRules", "plug_in_reply_entries", "plug_in_round_mechanisms", "plug_in_setup_mechanism", "BUILT_IN_GAUSSIAN_MECHANISMS", "ReplySchema", "entry_problem",
            "expected_round_reply", "max_payload_bytes", "payload_size_problem", "tensor_problem",
            "RUNTIME_ROUND_COLUMNS", "SETUP", "ROUND", "EVALUATE", "FINALIZE", "build_method",
-           "check_messages", "check_model_sizes", "model_size_checked", "DataFacts",
+           "check_messages", "check_message_entries", "check_model_sizes", "model_size_checked", "DataFacts",
            "check_data_facts", "data_checked", "method_hook", "server_half", "is_builtin_method", "named_class_declarations",
            "check_eval_row", "check_round_statistics", "check_finalize_results", "check_client_state", "RUNTIME_EXTRA_KEYS", "check_setup_steps", "client_half", "no_reply_statistics", "round_statistics_of", "method_class", "SAT_OUT_PULL_DIVERGED", "with_sat_out_statistics",
            "method_releases", "round_mechanisms", "REPLY_STAGES", "declared_reply_entries",
@@ -290,6 +290,15 @@ class FederatedAlgorithm(ABC):
     def distributed_unsupported(cls, cfg: Any) -> str | None:
         """Why this method cannot run under ``cfg`` as separate processes (a runtime that
         moves only messages, e.g. Flower), naming the config key; ``None``: it can."""
+        return None
+
+    def message_entries(self, stage: str) -> Mapping[str, TensorSignature] | None:
+        """The entries (name -> dtype and shape) that every message of exchange ``stage``
+        (setup, round, evaluate or finalize) from this method's server half to a client
+        carries, exactly (``{}``: an empty message, or none). A Flower client checks a
+        received message against it (:func:`check_message_entries`) before any budget is
+        admitted or its client half runs. ``None`` (default): not declared, nothing checked
+        (the client half receives whatever the signed message carries)."""
         return None
 
     # ------------------------------------------------------------------ setup exchange
@@ -815,6 +824,41 @@ def check_messages(method: str, stage: str, rnd: int, messages: Any,
             raise ContractError(f"method {method!r}: its {stage} message to client {i} "
                                 f"{problem} (the Flower runtime could not send it)")
     return dict(messages)
+
+
+def check_message_entries(algorithm: Any, method: str, stage: str, i: int,
+                          message: Mapping[str, Tensor] | None) -> None:
+    """:class:`ContractError` naming ``method``, client ``i``, the exchange and the entry
+    unless ``message`` (the verified ``stage`` message to client ``i``; None: it carries no
+    payload, as ``{}``) carries exactly the entries :meth:`FederatedAlgorithm.message_entries`
+    declares, each of its dtype and shape and fit (:func:`entry_problem`). Nothing is checked
+    where the method declares nothing for ``stage``, nor where a plug-in method inherits a
+    built-in's declaration without making its own (its server half may send other messages).
+    A Flower client calls it before any budget is admitted: a refused message admits,
+    journals and saves nothing."""
+    cls = type(algorithm)
+    owner = next((c for c in cls.__mro__ if "message_entries" in vars(c)), None)
+    if owner is None or not (is_builtin_method(cls) or owner is cls):
+        return
+    with client_half(method, f"client {i}'s message_entries({stage!r})"):
+        declared = algorithm.message_entries(stage)
+    if declared is None:
+        return
+    got = dict(message or {})
+    where = f"method {method!r}: the {stage} message to client {i}"
+    if set(got) != set(declared):
+        raise ContractError(f"{where} carries {sorted(got)[:8]}, the method's {stage} messages "
+                            f"carry {sorted(declared)}; refused before anything was admitted or "
+                            "computed")
+    for name, tensor in got.items():
+        problem = entry_problem(name, tensor)
+        dtype, shape = declared[name]
+        if problem is None and (tensor.dtype, tuple(tensor.shape)) != (dtype, tuple(shape)):
+            problem = (f"is {tensor.dtype} {tuple(tensor.shape)}, the method's {stage} "
+                       f"messages carry {dtype} {tuple(shape)}")
+        if problem is not None:
+            raise ContractError(f"{where}: entry {name!r} {problem}; refused before anything "
+                                "was admitted or computed")
 
 
 def check_eval_row(method: str, i: int, row: Any, num_params: int) -> Tensor:

@@ -63,6 +63,7 @@ from secure_fedora.algorithms.contract import (
     FederatedAlgorithm,
     Payload,
     ReleaseSpec,
+    TensorSignature,
     check_client_state,
     check_eval_row,
     check_finalize_results,
@@ -347,6 +348,11 @@ def training_engine_entry(*, setting: str, choice: str, reason: str | None,
     return {"setting": setting, "choice": choice, "reason": reason,
             "runs": dict(sorted(runs.items())),
             "fallbacks": [{"reason": r, "count": n} for r, n in fallbacks.items()]}
+
+
+def _model_signature(ctx: MethodContext) -> TensorSignature:
+    """The dtype and shape of one model row of ``ctx``'s model (a flat parameter vector)."""
+    return ctx.init.dtype, tuple(ctx.init.shape)
 
 
 class FederatedMethod(MethodChecks, FederatedAlgorithm):
@@ -1550,6 +1556,11 @@ class FedAvg(FedAvgChecks, FederatedMethod):
         n = self.ctx.num_clients
         return {KIND_THETA: self.theta}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
 
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """Every round, evaluation and finalize message carries the global model alone."""
+        model = {KIND_GLOBAL: _model_signature(self.ctx)}
+        return {ROUND: model, EVALUATE: model, FINALIZE: model}.get(stage)
+
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Every participant receives the global model."""
         return {i: {KIND_GLOBAL: self.global_params} for i in participants}
@@ -1871,6 +1882,11 @@ class Fedora(FedoraChecks, FederatedMethod):
     def _setup_envelopes(self) -> bool:
         """FEDORA signs its summaries itself, on their own transport (``summary``)."""
         return False
+
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """The setup message is empty, a round message carries the client's ``phi_i`` alone,
+        an evaluation message nothing (a client is evaluated on its own ``theta_i``)."""
+        return {SETUP: {}, ROUND: {KIND_PHI: _model_signature(self.ctx)}, EVALUATE: {}}.get(stage)
 
     def setup_messages(self) -> dict[int, Payload]:
         """Every client is asked for its summary (an empty message)."""

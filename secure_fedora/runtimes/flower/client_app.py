@@ -95,6 +95,7 @@ from secure_fedora.algorithms.contract import (
     ReplySchema,
     check_client_state,
     check_eval_row,
+    check_message_entries,
     check_setup_steps,
     client_half,
     round_mechanisms,
@@ -1228,6 +1229,9 @@ def run_stage(
     apply_amendments(settings, method, algorithm, rnd)
     limits = PayloadLimits.for_model(ctx.flat.num_params)
     message = incoming(limits)
+    # before any state, ledger or journal is opened: a message the method's code cannot use
+    # admits no budget and journals nothing
+    check_message_entries(algorithm, method, stage, i, message)
     # one stage at a time per client: a late process (a round answered after its timeout) and
     # the next message's would otherwise each save a state the other missed; under the lock a
     # torn last line of the ledger or journal is a dead writer's, never a live append
