@@ -165,6 +165,7 @@ from privacy.accounting import (
     MIN_SAMPLE_RATE,
     AccountingSizeError,
     PlannedRelease,
+    _subsampled_gaussian_pld,
     check_pld_size,
     format_exact,
     format_ordered,
@@ -1018,15 +1019,11 @@ def _pld_epsilon_cached(counts: tuple[tuple[tuple[float, float], int], ...],
     return float(composed.get_epsilon_for_delta(delta))
 
 
-@functools.lru_cache(maxsize=4)
 def _subsampled_pld(noise_multiplier: float, sample_rate: float, discretization: float) -> Any:
-    """One Poisson-subsampled Gaussian release's PLD, as PLDAccountant builds it. Cached: it is
-    never modified (composing makes new ones), and :func:`check_pld_size` has bounded it
-    (about 10 MB at noise 1.2, q 0.1 and the finest recheck discretization)."""
-    return pld.privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, value_discretization_interval=discretization,
-        sampling_prob=sample_rate,
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    """One Poisson-subsampled Gaussian release's PLD, as PLDAccountant builds it: the
+    accounting layer's cached one, which :func:`check_pld_size` has just built (and bounded)
+    for the same (sigma, q, discretization), so the audit never builds it a second time."""
+    return _subsampled_gaussian_pld(noise_multiplier, sample_rate, discretization)
 
 
 def finer_pld_epsilon(releases: Sequence[tuple[float, float, int] | None], delta: float,
