@@ -933,6 +933,26 @@ class _TwoLinears(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+def _one_dp_step(flat: FlatModel, clip: float, engine: str, x: torch.Tensor, y: torch.Tensor,
+                 start: torch.Tensor) -> torch.Tensor:
+    """The (1, P) parameters after one DP-SGD step of ``engine`` ("loop-opacus", "loop" or
+    a batched engine's name) from ``start``: lr 1, all 6 rows of one client in the batch,
+    noise multiplier 1e-9; checks that engine trained and took the one step."""
+    oracle = DPGradient(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0))
+    if engine == "loop-opacus":
+        oracle.dpsgd.close()
+        oracle.dpsgd = DPSGD(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0), mode="opacus")
+    cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=6, local_epochs=1)
+    theta = start.clone()
+    job = ClientJob(0, theta[0], x, y, torch.Generator(), noise=ReproducibleNoise(3),
+                    noise_multiplier=1e-9)
+    outcome = train_clients(flat, cfg, oracle, [job],
+                            engine="loop" if engine.startswith("loop") else "auto")
+    assert outcome.engine == engine.split("-")[0], outcome.reason
+    assert outcome.steps == {0: 1}
+    return theta
+
+
 @pytest.mark.parametrize("at", [4, 0], ids=["after-the-probe-rows", "a-probe-row"])
 @pytest.mark.parametrize("engine", ["linear", "vmap", "loop-fused", "loop-opacus"])
 def test_dp_clips_a_gradient_entry_that_overflows_float32_alike_in_every_engine(engine, at):
@@ -965,18 +985,7 @@ def test_dp_clips_a_gradient_entry_that_overflows_float32_alike_in_every_engine(
         grad = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, list(wide.parameters()))])
         want += grad * min(1.0, clip / (float(grad.norm()) + 1e-6))
     want = -want / 6  # lr 1, divided by q * n = 6
-    oracle = DPGradient(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0))
-    if engine == "loop-opacus":
-        oracle.dpsgd.close()
-        oracle.dpsgd = DPSGD(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0), mode="opacus")
-    cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=6, local_epochs=1)
-    theta = start.clone()
-    job = ClientJob(0, theta[0], x, y, torch.Generator(), noise=ReproducibleNoise(3),
-                    noise_multiplier=1e-9)
-    outcome = train_clients(flat, cfg, oracle, [job],
-                            engine="loop" if engine.startswith("loop") else "auto")
-    assert outcome.engine == engine.split("-")[0], outcome.reason
-    assert outcome.steps == {0: 1}
+    theta = _one_dp_step(flat, clip, engine, x, y, start)
     torch.testing.assert_close((theta - start)[0].double(), want, atol=1e-6, rtol=1e-5)
 
 
@@ -1088,18 +1097,7 @@ def test_every_engine_treats_an_extreme_per_sample_gradient_by_one_rule(engine, 
     want = -_clipped_or_zero(copy.deepcopy(module), x, y, clip) / 6  # lr 1, q * n = 6
     flat = FlatModel(module)
     start = torch.cat([p.detach().reshape(-1) for p in flat.params]).unsqueeze(0)
-    oracle = DPGradient(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0))
-    if engine == "loop-opacus":
-        oracle.dpsgd.close()
-        oracle.dpsgd = DPSGD(flat.module, clip, 1.0, 6.0, ReproducibleNoise(0), mode="opacus")
-    cfg = TrainConfig(lr=1.0, momentum=0.0, weight_decay=0.0, batch_size=6, local_epochs=1)
-    theta = start.clone()
-    job = ClientJob(0, theta[0], x, y, torch.Generator(), noise=ReproducibleNoise(3),
-                    noise_multiplier=1e-9)
-    outcome = train_clients(flat, cfg, oracle, [job],
-                            engine="loop" if engine.startswith("loop") else "auto")
-    assert outcome.engine == engine.split("-")[0], outcome.reason
-    assert outcome.steps == {0: 1}
+    theta = _one_dp_step(flat, clip, engine, x, y, start)
     assert bool(torch.isfinite(theta).all())
     # the reference step applied as the engines apply it (parameters of 1e38 do not move)
     expected = (start[0].double() + want).float()

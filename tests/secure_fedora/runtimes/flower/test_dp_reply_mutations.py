@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.envelopes import ENVELOPE_RECORD, MessageSecurity
@@ -29,73 +28,43 @@ from secure_fedora.runtimes.flower.protocol import (
     MSG_EVALUATE,
     MSG_HELLO,
     DeployError,
-    RunSettings,
 )
 from tests.secure_fedora.runtimes.flower.deploy_support import (
-    InMemoryGrid,
     dp_config,
-    run_config,
     with_methods,
 )
-from tests.secure_fedora.runtimes.flower.test_reply_mutations import _content, _records
+from tests.secure_fedora.runtimes.flower.test_reply_mutations import (
+    _content,
+    _records,
+    capture_exchange,
+    task_identity_of_node_0,
+)
 
 CASES = 160
 WEIRD: list[Any] = [float("nan"), float("inf"), -float("inf"), -1.0, -1, 0, 0.5, 1.5, 2**62,
                     10**18, True, False, "x", "", "r" * 10000, [1, 2], [1.5], [], ["a"]]
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A tiny DP FEDORA run stopped at its round-1 evaluation: the server (whose hello
     replies were captured too) and method run, client 0's request and real reply of both."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    root = tmp_path_factory.mktemp("dp-mutations")
-    cfg = with_methods(dp_config(rounds=2), "fedora")
-    rc = run_config(cfg, root)
-    settings = RunSettings.from_run_config(rc)
-    cap: dict[str, Any] = {}
-    real_payloads, real_exchange = server_app._exchange_payloads, server_app._exchange
-    real_hellos = server_app._take_hellos
 
-    def hellos(server, replies, schemas):  # type: ignore[no-untyped-def]
-        if "hello" not in cap:
-            cap["hello"] = replies[0][0]
-            cap["hello-state"] = _hello_state(server)
-            real_hellos(server, replies, schemas)
-            cap["hello-row"] = copy.deepcopy(server.sizes[0])
-            return None
-        return real_hellos(server, replies, schemas)
+    def take_hellos(cap: dict[str, Any], real: Any) -> Any:
+        def hellos(server, replies, schemas):  # type: ignore[no-untyped-def]
+            if "hello" not in cap:
+                cap["hello"] = replies[0][0]
+                cap["hello-state"] = _hello_state(server)
+                real(server, replies, schemas)
+                cap["hello-row"] = copy.deepcopy(server.sizes[0])
+                return None
+            return real(server, replies, schemas)
+        return hellos
 
-    def payloads(grid, server, run, stage, rnd, messages, *rest):  # type: ignore[no-untyped-def]
-        if (stage, rnd) == ("evaluate", 1):
-            cap.update(server=server, run=run, payload=messages[0])
-        return real_payloads(grid, server, run, stage, rnd, messages, *rest)
-
-    def exchange(grid, messages, *rest):  # type: ignore[no-untyped-def]
-        out = real_exchange(grid, messages, *rest)
-        if "server" in cap:
-            cap["reply"] = out.replies[1000]
-            raise _Stop
-        return out
-
-    server_app._exchange_payloads, server_app._exchange = payloads, exchange
-    server_app._take_hellos = hellos
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), pytest.raises(_Stop):
-            server_app.run_federation(InMemoryGrid(root / "nodes", rc, 3), settings, 42)
-    finally:
-        server_app._exchange_payloads, server_app._exchange = real_payloads, real_exchange
-        server_app._take_hellos = real_hellos
-    cap["signer"] = MessageSecurity.for_client(root / "ids" / "client-000", root / "sig", 42,
-                                               settings.config_hash, 0, 3)
-    yield cap
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
+    with task_identity_of_node_0():
+        yield capture_exchange(tmp_path_factory.mktemp("dp-mutations"),
+                               with_methods(dp_config(rounds=2), "fedora"), "evaluate", 1,
+                               {"_take_hellos": take_hellos})
 
 class _Grid:
     """Answers the one pushed message with ``content``, signed by client 0 at the message's

@@ -12,7 +12,8 @@ import io
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,22 +45,23 @@ class _Stop(Exception):
     pass
 
 
-@pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The server, method run and client 0's real (unread) reply of round 1 of a tiny run."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    root = tmp_path_factory.mktemp("mutations")
-    cfg = with_methods(tiny_config(rounds=2), "fedavg")
+def capture_exchange(root: Path, cfg: Any, stage: str, rnd: int,
+                     patches: Mapping[str, Callable[[dict[str, Any], Any], Any]] | None = None
+                     ) -> dict[str, Any]:
+    """A three-client in-memory run of ``cfg`` under ``root`` stopped at its ``stage``
+    exchange of round ``rnd``: the server and method run (``server``, ``run``), client 0's
+    message (``payload``) and real, unread reply (``reply``), client 0's signer (``signer``)
+    and the config hash. ``patches`` maps other ``server_app`` functions to a maker
+    ``(captured, real function) -> replacement``, in place while the run goes."""
     rc = run_config(cfg, root)
     settings = RunSettings.from_run_config(rc)
     cap: dict[str, Any] = {}
     real_payloads, real_exchange = server_app._exchange_payloads, server_app._exchange
 
-    def payloads(grid, server, run, stage, rnd, messages, *rest):  # type: ignore[no-untyped-def]
-        if (stage, rnd) == ("round", 1):
+    def payloads(grid, server, run, at, r, messages, *rest):  # type: ignore[no-untyped-def]
+        if (at, r) == (stage, rnd):
             cap.update(server=server, run=run, payload=messages[0])
-        return real_payloads(grid, server, run, stage, rnd, messages, *rest)
+        return real_payloads(grid, server, run, at, r, messages, *rest)
 
     def exchange(grid, messages, *rest):  # type: ignore[no-untyped-def]
         out = real_exchange(grid, messages, *rest)
@@ -68,18 +70,41 @@ def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
             raise _Stop
         return out
 
-    server_app._exchange_payloads, server_app._exchange = payloads, exchange
+    replaced = {"_exchange_payloads": payloads, "_exchange": exchange}
+    replaced.update({name: make(cap, getattr(server_app, name))
+                     for name, make in (patches or {}).items()})
+    saved = {name: getattr(server_app, name) for name in replaced}
+    for name, function in replaced.items():
+        setattr(server_app, name, function)
     try:
         with contextlib.redirect_stdout(io.StringIO()), pytest.raises(_Stop):
             server_app.run_federation(InMemoryGrid(root / "nodes", rc, 3), settings, 42)
     finally:
-        server_app._exchange_payloads, server_app._exchange = real_payloads, real_exchange
+        for name, function in saved.items():
+            setattr(server_app, name, function)
     cap["signer"] = MessageSecurity.for_client(root / "ids" / "client-000", root / "sig", 42,
                                                settings.config_hash, 0, 3)
     cap["config_hash"] = settings.config_hash
-    yield cap
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    return cap
 
+
+@contextlib.contextmanager
+def task_identity_of_node_0() -> Iterator[None]:
+    """Flower's task identity of node 0 of run 42 (task 1) while in the block."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="module")
+def captured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The server, method run and client 0's real (unread) reply of round 1 of a tiny run."""
+    with task_identity_of_node_0():
+        yield capture_exchange(tmp_path_factory.mktemp("mutations"),
+                               with_methods(tiny_config(rounds=2), "fedavg"), "round", 1)
 
 class _Grid:
     """Answers the one pushed message with ``content`` (through the real exchange)."""
