@@ -476,14 +476,18 @@ RUNTIME_ONLY_HOOKS = {"extra_results": "server_finalize(replies)",
                       "eval_rows": "client_eval_row(i, message)"}
 
 
+def _defining_class(cls: type, attribute: str) -> type | None:
+    """The nearest class in ``cls``'s method resolution order whose own body defines
+    ``attribute`` (None where none does)."""
+    return next((k for k in cls.__mro__ if attribute in vars(k)), None)
+
+
 def _refuse_runtime_only_overrides(name: str, cls: type) -> None:
     """ContractError naming method ``name`` when its class, or a plug-in class it derives
     from, defines one of :data:`RUNTIME_ONLY_HOOKS` (the toolkit's own classes may)."""
     for hook, instead in RUNTIME_ONLY_HOOKS.items():
-        owner = next((k for k in cls.__mro__ if hook in vars(k)), None)
-        module = getattr(owner, "__module__", "") or ""
-        if owner is None or (module.startswith("secure_fedora.")
-                             and not module.startswith("secure_fedora.contrib")):
+        owner = _defining_class(cls, hook)
+        if owner is None or is_builtin_method(owner):
             continue
         raise ContractError(
             f"method {name!r}: {owner.__name__} overrides {hook}, which only the in-process "
@@ -837,7 +841,7 @@ def check_message_entries(algorithm: Any, method: str, stage: str, i: int,
     A Flower client calls it before any budget is admitted: a refused message admits,
     journals and saves nothing."""
     cls = type(algorithm)
-    owner = next((c for c in cls.__mro__ if "message_entries" in vars(c)), None)
+    owner = _defining_class(cls, "message_entries")
     if owner is None or not (is_builtin_method(cls) or owner is cls):
         return
     with client_half(method, f"client {i}'s message_entries({stage!r})"):
