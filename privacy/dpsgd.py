@@ -547,6 +547,10 @@ class DPSGD:
             raise DPSGDError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
         batch = int(x.shape[0])
         scale = 1.0 / self.expected_batch_size
+        # Checked and clipped before any noise is drawn or gradient written: a refused step
+        # leaves the noise source, the gradients and the step count as they were.
+        extra_rows = None if extra_gradients is None \
+            else self._clipped_extra_gradients(extra_gradients, scale)
         if batch == 0:
             self._write_noise()
         elif self.mode == "fused":
@@ -570,12 +574,14 @@ class DPSGD:
             with torch.no_grad():
                 for p, s in zip(self._params, sums, strict=True):
                     p.grad.add_(s, alpha=scale)
-        if extra_gradients is not None:
-            self._add_extra_gradients(extra_gradients, scale)
+        if extra_rows is not None:
+            self._add_extra_gradients(*extra_rows)
         self.steps += 1
 
-    def _add_extra_gradients(self, extra: Tensor, scale: float) -> None:
-        """Clip each row of the sparse ``(k, D)`` ``extra`` to C and add ``scale`` * their sum."""
+    def _clipped_extra_gradients(self, extra: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+        """Check the sparse ``(k, D)`` ``extra`` (DPSGDError when it is not a finite sparse COO
+        tensor of D columns) and clip each row to C: its column indices and ``scale`` times
+        its clipped values, for :meth:`_add_extra_gradients`. Reads no state but C."""
         total = sum(p.numel() for p in self._params)
         if not isinstance(extra, Tensor) or extra.layout != torch.sparse_coo or extra.dim() != 2 \
                 or extra.shape[1] != total:
@@ -588,7 +594,11 @@ class DPSGD:
         sq_norms = torch.zeros(extra.shape[0], dtype=values.dtype).index_add_(0, rows, values * values)
         factors = clip_factors(sq_norms, self.max_grad_norm,
                                lambda where: _sparse_row_norms(extra.shape[0], rows, values)[where])
-        clipped = values * factors[rows] * scale
+        return cols, values * factors[rows] * scale
+
+    def _add_extra_gradients(self, cols: Tensor, clipped: Tensor) -> None:
+        """Add the clipped extra values (:meth:`_clipped_extra_gradients`) to the ``.grad``
+        their columns fall in."""
         offset = 0
         with torch.no_grad():
             for p in self._params:

@@ -86,3 +86,52 @@ def test_an_extra_row_whose_squared_norm_overflows_is_clipped_to_c():
     expected = torch.zeros(d)
     expected[3], expected[9] = 1.5 * 0.6, 1.5 * 0.8
     torch.testing.assert_close(diff, expected / 8.0, atol=1e-6, rtol=1e-5)
+
+
+def _model_and_dp(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    return model, DPSGD(model, 1.5, 0.7, 8.0, ReproducibleNoise(5), mode=mode)
+
+
+def _state(model, dp):
+    return ([p.detach().clone() for p in model.parameters()],
+            [p.grad.clone() for p in model.parameters()], dp.steps)
+
+
+def _assert_same_state(a, b):
+    (params_a, grads_a, steps_a), (params_b, grads_b, steps_b) = a, b
+    assert steps_a == steps_b
+    for x, y in zip(params_a + grads_a, params_b + grads_b, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("mode", ["fused", "opacus"])
+@pytest.mark.parametrize("batch", [0, 5])
+@pytest.mark.parametrize("bad", ["dense", "width", "nan"])
+def test_a_refused_extra_gradient_changes_nothing_and_a_retry_matches_an_untouched_twin(
+        mode, batch, bad):
+    """extra_gradients are checked before the step draws noise or writes a gradient: the
+    refused step leaves the gradients, parameters, step count and noise source as they were,
+    and the step retried with a good input gives the bits of a twin that never saw the bad
+    one (its next noise draw included)."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(batch, 6, generator=gen), torch.randint(0, 3, (batch,), generator=gen)
+    d = 6 * 4 + 4 + 4 * 3 + 3
+    good = _sparse(torch.tensor([[0, 1], [2, d - 1]]), torch.tensor([1.0, 4.0]), (2, d))
+    wrong = {"dense": torch.zeros(1, d),
+             "width": _sparse(torch.tensor([[0], [0]]), torch.tensor([1.0]), (1, d + 1)),
+             "nan": _sparse(torch.tensor([[0], [0]]), torch.tensor([float("nan")]), (1, d))}[bad]
+    model, dp = _model_and_dp(mode)
+    twin_model, twin = _model_and_dp(mode)
+    with dp, twin:
+        for m, oracle in ((model, dp), (twin_model, twin)):  # a first step: gradients to keep
+            oracle.private_gradient(x, y, _loss)
+        before = _state(model, dp)
+        with pytest.raises(DPSGDError):
+            dp.private_gradient(x, y, _loss, extra_gradients=wrong)
+        _assert_same_state(_state(model, dp), before)
+        dp.private_gradient(x, y, _loss, extra_gradients=good)
+        twin.private_gradient(x, y, _loss, extra_gradients=good)
+        _assert_same_state(_state(model, dp), _state(twin_model, twin))
+        assert torch.equal(dp.noise.normal(7, 1.0), twin.noise.normal(7, 1.0))
