@@ -562,12 +562,15 @@ class AccountedWith:
         self.used = used
 
     def process(self, release: Release) -> Release:
-        """The release unchanged, each of its records matched to an unused ledger entry."""
+        """The release unchanged, each of its records matched to an unused ledger entry. All
+        or nothing: on a PipelineError no entry is marked used."""
         admitted = self._admitted(release.kind)
         if not release.records:
             raise PipelineError(f"release {release.kind!r} carries no mechanism record")
+        matched: set[int] = set()
         for record in release.records:
-            self.used.add(self.unused_entry(release.kind, record))
+            matched.add(self.unused_entry(release.kind, record, also_used=matched))
+        self.used |= matched
         return release.replace(metadata={**release.metadata,
                                          "ledger_index": int(admitted.metadata["ledger_index"]),
                                          "accounted_with": admitted.kind})
@@ -579,16 +582,18 @@ class AccountedWith:
                                 " (it must be admitted through the gate first)")
         return admitted
 
-    def unused_entry(self, kind: str, record: MechanismRecord) -> int:
+    def unused_entry(self, kind: str, record: MechanismRecord,
+                     also_used: set[int] | frozenset[int] = frozenset()) -> int:
         """The ledger index of the admitted release's unused entry that accounts ``record``
-        (not marked used); PipelineError when none does, so that a caller can refuse a
-        release before drawing its noise."""
+        (not marked used, nor in ``also_used``); PipelineError when none does, so that a
+        caller can refuse a release before drawing its noise. Marks nothing."""
         admitted = self._admitted(kind)
         last = int(admitted.metadata["ledger_index"])
         first = last - len(admitted.records) + 1
         params = record.ledger_params()
         match = next((e["index"] for e in _release_entries(self.ledger, admitted)
-                      if e["index"] not in self.used and e["round"] == admitted.round
+                      if e["index"] not in self.used and e["index"] not in also_used
+                      and e["round"] == admitted.round
                       and e["mechanism"] == record.mechanism
                       and all(e["params"].get(k) == v for k, v in params.items())), None)
         if record not in admitted.records or match is None:

@@ -530,6 +530,27 @@ def test_a_release_accounted_with_an_admitted_one_is_matched_to_its_entry_once(t
         AccountedWith(None, gate.ledger, set()).process(Release("lambda", torch.zeros(1), 1, [lam]))
 
 
+def test_a_release_refused_by_its_accounting_marks_no_entry_used(tmp_path):
+    """AccountedWith is all or nothing: a release of two records whose second the admitted
+    release does not account is refused with no entry marked used, so the first record's
+    entry still accounts a later, correct release."""
+    gate = _gate(tmp_path)
+    lam = scalar_record(0.5, 4.0, 20)
+    admitted = ReleasePipeline([gate]).run(Release("model", torch.zeros(2), 1, [_dpsgd(), lam]))
+    used: set[int] = set()
+    accounted = AccountedWith(admitted, gate.ledger, used)
+    unaccounted = scalar_record(0.5, 4.0, 19)
+    with pytest.raises(PipelineError, match="does not account it"):
+        accounted.process(Release("lambda", torch.zeros(()), 1, [lam, unaccounted]))
+    assert used == set()
+    # two records of one mechanism still take two distinct entries (here: only one exists)
+    with pytest.raises(PipelineError, match="already used"):
+        accounted.process(Release("lambda", torch.zeros(()), 1, [lam, lam]))
+    assert used == set()
+    out = accounted.process(Release("lambda", torch.zeros(()), 1, [lam]))
+    assert used == {1} and out.metadata["ledger_index"] == 1
+
+
 # -- the summary path, bit for bit ---------------------------------------------------------
 
 
