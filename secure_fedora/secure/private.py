@@ -94,7 +94,7 @@ from privacy.ledger import (
     restore_cut_tail,
     verify_ledger,
 )
-from privacy.mechanisms import scalar_record
+from privacy.mechanisms import clip_rows, scalar_record
 from privacy.noise import (
     REPRODUCIBLE_WARNING,
     CsprngNoise,
@@ -2014,11 +2014,16 @@ class FederationPrivacy:
         clip rows -> second moment -> Gaussian noise -> top-q eigenvectors -> gate + ledger ->
         journal.
 
-        Raises BudgetExceededError if any client's budget cannot pay for its summary: without
-        a summary the relatedness graph cannot be built, and no silent fallback exists.
+        Every client's input (planned noise, rows, ``q``) is checked before the first
+        client's noise is drawn or ledger written: a refused call changes nothing. Raises
+        BudgetExceededError if any client's budget cannot pay for its summary: without a
+        summary the relatedness graph cannot be built, and no silent fallback exists.
         """
         p = self.cfg.privacy
-        out = []
+        if len(data) > min(len(noise), len(self.clients)):
+            raise PipelineError(f"{len(data)} clients' data, {len(noise)} noise sources and "
+                                f"{len(self.clients)} clients; nothing was released")
+        built = []
         for i, c in enumerate(data):
             sigma = self.clients[i].plan.summary_noise
             if sigma is None:
@@ -2027,14 +2032,20 @@ class FederationPrivacy:
                     "the method does not declare the summary release (a ReleaseSpec('summary', "
                     "('gaussian_summary',), SETUP) in releases(cfg)); nothing was released")
             z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
-            n = int(z.shape[0])
-            if not 1 <= q <= z.shape[1]:  # before anything is drawn or written
+            if not 1 <= q <= z.shape[1]:
                 raise fedora.RelatednessError(
                     f"fedora.q = {q}: q must lie in [1, {z.shape[1]}] (the number of summary "
                     "features); lower fedora.q")
+            # the stages check clip, n, q, sigma and the noise source; clip_rows the rows
+            noised = second_moment_stages(p.summary_clip, int(z.shape[0]), q, sigma, noise[i])
+            clip_rows(z, p.summary_clip)
+            built.append((sigma, noised))
+        out = []
+        for i, (c, (sigma, noised)) in enumerate(zip(data, built, strict=True)):
+            # made again rather than kept from the check: one client's rows in memory at a time
+            z = fedora.summary_rows(c.train_x, c.train_y, num_classes)
             noise_state = self._prepare(i, 0, "summary", noise[i])
-            stages = [*second_moment_stages(p.summary_clip, n, q, sigma, noise[i]),
-                      *self._admission_stages(i)]
+            stages = [*noised, *self._admission_stages(i)]
             released = self._release(i, Release("summary", z, 0, [],
                                                 self._noise_metadata(i, noise_state)),
                                      ReleasePipeline(stages))
@@ -2071,6 +2082,14 @@ class FederationPrivacy:
                 f"method {self.method!r}: client {i}'s private lambda has no planned noise: the "
                 "method does not declare the lambda release (its round ReleaseSpec 'model' must "
                 "list ('dpsgd', 'gaussian_lambda') in releases(cfg)); nothing was released")
+        m = int(val_x.shape[0])
+        stages = self._lambda_stages(c, m, sigma, noise)
+        accounted = AccountedWith(c.admitted, c.ledger, c.used_entries)
+        # the record the stages will make, matched before the model runs or noise is drawn:
+        # a refused lambda leaves the noise source and the used entries as they were
+        record = scalar_record(self.cfg.privacy.lambda_clip, sigma, m)
+        accounted.unused_entry("lambda", dataclasses.replace(
+            record, params={**record.params, **noise_assumptions(self.cfg)}))
         model = bind(theta)
         was_training = isinstance(model, torch.nn.Module) and model.training
         if was_training:
@@ -2086,10 +2105,7 @@ class FederationPrivacy:
             raise ClientUpdateError(f"client {i}: non-finite validation losses, nothing released "
                                     f"({DIVERGED_HINT})")
         rnd = c.admitted.round if c.admitted is not None else 0
-        pipeline = ReleasePipeline([
-            *self._lambda_stages(c, int(val_x.shape[0]), sigma, noise),
-            AccountedWith(c.admitted, c.ledger, c.used_entries),
-        ], require_gate=False)
+        pipeline = ReleasePipeline([*stages, accounted], require_gate=False)
         released = pipeline.run(Release("lambda", (loss_local - loss_received).double(), rnd))
         diff = float(released.payload)  # type: ignore[arg-type]
         # the paper's rule on the released difference (inf beyond float range, not OverflowError)

@@ -721,6 +721,80 @@ def test_each_private_lambda_draws_from_the_noise_source_it_is_given(tmp_path, c
     assert first != second and first > 0.0
 
 
+def test_a_refused_private_lambda_draws_no_noise_and_evaluates_nothing(tmp_path, clients):
+    """A lambda release its admitted model release does not account (none admitted, a
+    validation split of another size than the accounted one, its entry used already) is
+    refused before the model is evaluated or noise drawn: the noise source and the used
+    entries stay as they were, and a retry with the right split releases the lambda of a
+    federation that never saw the wrong one."""
+    from privacy.pipeline import PipelineError
+
+    c = clients[0]
+    theta = torch.full((10,), -30.0)
+    theta[0] = 0.0  # far worse than phi: a positive, noised difference
+    phi = torch.zeros(10)
+    evaluated = []
+
+    def bind(t):
+        evaluated.append(t)
+        return lambda x: t.expand(x.shape[0], 10)
+
+    privacy, twin = _private_fedora(tmp_path / "a"), _private_fedora(tmp_path / "b")
+    noise, twin_noise = ReproducibleNoise(0), ReproducibleNoise(0)
+    try:
+        with pytest.raises(PipelineError, match="no admitted release"):
+            privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, noise, bind)
+        assert privacy.admit(0, 1, theta, with_lambda=True)
+        assert twin.admit(0, 1, theta, with_lambda=True)
+        with pytest.raises(PipelineError, match="does not account it"):
+            privacy.private_lambda(0, theta, phi, c.val_x[:-1], c.val_y[:-1], noise, bind)
+        assert evaluated == [] and privacy.clients[0].used_entries == set()
+        lam = privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, noise, bind)
+        assert lam == twin.private_lambda(0, theta, phi, c.val_x, c.val_y, twin_noise, bind)
+        used = set(privacy.clients[0].used_entries)
+        evaluated.clear()
+        with pytest.raises(PipelineError, match="already used"):
+            privacy.private_lambda(0, theta, phi, c.val_x, c.val_y, noise, bind)
+        assert evaluated == [] and privacy.clients[0].used_entries == used
+        assert torch.equal(noise.normal(5, 1.0), twin_noise.normal(5, 1.0))
+    finally:
+        privacy.close()
+        twin.close()
+
+
+@pytest.mark.parametrize("bad", ["labels", "nan rows"])
+def test_noised_summaries_check_every_client_before_the_first_release(tmp_path, clients, bad):
+    """One client's bad rows refuse the summaries before any client's noise is drawn or
+    ledger written: client 0's ledger bytes and every noise source stay as they were, and
+    the call with the data fixed gives the summaries of a federation that never saw it."""
+    import dataclasses
+
+    from privacy.mechanisms import MechanismError
+    from secure_fedora.algorithms.fedora import RelatednessError
+
+    broken = list(clients)
+    if bad == "labels":
+        broken[2] = dataclasses.replace(clients[2], train_y=clients[2].train_y + 10)
+    else:
+        x = clients[2].train_x.clone()
+        x[3] = float("nan")
+        broken[2] = dataclasses.replace(clients[2], train_x=x)
+    privacy, twin = _private_fedora(tmp_path / "a"), _private_fedora(tmp_path / "b")
+    noise = [ReproducibleNoise(i) for i in range(4)]
+    try:
+        ledger = privacy.clients[0].ledger.path.read_bytes()
+        with pytest.raises(MechanismError if bad == "nan rows" else RelatednessError):
+            privacy.noised_summaries(broken, 1, 10, noise)
+        assert privacy.clients[0].ledger.path.read_bytes() == ledger
+        assert all(c.summary_release is None for c in privacy.clients)
+        got = privacy.noised_summaries(clients, 1, 10, noise)
+        want = twin.noised_summaries(clients, 1, 10, [ReproducibleNoise(i) for i in range(4)])
+        assert torch.equal(got, want)
+    finally:
+        privacy.close()
+        twin.close()
+
+
 def test_private_lambda_refuses_non_finite_losses_before_any_release(tmp_path, clients):
     from secure_fedora.learning.client import ClientUpdateError
 
