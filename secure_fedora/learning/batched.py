@@ -924,6 +924,12 @@ class _MixtureStep:
         grad.mul_(a)
 
 
+def _positive_finite(value: object) -> bool:
+    """Whether ``value`` is a real number (not a bool), finite and > 0."""
+    return not isinstance(value, bool) and isinstance(value, int | float) \
+        and math.isfinite(value) and value > 0
+
+
 def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> None:
     seen_rows: set[int] = set()
     seen_noise: set[int] = set()
@@ -952,6 +958,13 @@ def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> N
             if not is_noise_source(job.noise) or job.noise_multiplier is None:
                 raise ClientUpdateError(f"client {job.index}: DP-SGD needs the client's noise"
                                         " source and noise multiplier")
+            # checked here, before any client's sample or noise is drawn (a noise source
+            # would refuse a bad std only after the other clients' draws of the step)
+            for name, value in (("noise multiplier", job.noise_multiplier),
+                                ("clip norm", job.max_grad_norm)):
+                if value is not None and not _positive_finite(value):
+                    raise ClientUpdateError(f"client {job.index}: DP-SGD's {name} must be a"
+                                            f" finite number > 0, got {value!r}")
             if id(job.noise) in seen_noise:
                 raise ClientUpdateError(f"client {job.index}: its noise source is shared with"
                                         " another job (each client draws from its own)")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from privacy.dpsgd import DPSGD, poisson_sample, rescaled_gradient
-from privacy.noise import NoiseSource
+from privacy.dpsgd import DPSGD, DPSGDError, poisson_sample, rescaled_gradient
+from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.tasks import Task
 
 __all__ = ["DPGradient", "check_per_sample_gradients", "check_rows_independent",
@@ -57,7 +57,15 @@ class DPGradient:
         return self.dpsgd.max_grad_norm
 
     def select(self, noise_multiplier: float, noise: NoiseSource) -> None:
-        """Use this client's noise multiplier and noise source from now on."""
+        """Use this client's noise multiplier and noise source from now on. DPSGDError (and
+        nothing changed) unless the multiplier is a finite number > 0 and ``noise`` a noise
+        source, as :class:`~privacy.dpsgd.DPSGD` requires of its own."""
+        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, int | float) \
+                or not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
+            raise DPSGDError(f"noise_multiplier must be a finite number > 0, got "
+                             f"{noise_multiplier!r} (without noise DP-SGD is not private)")
+        if not is_noise_source(noise):
+            raise DPSGDError(f"noise must be a privacy.noise.NoiseSource, got {type(noise).__name__}")
         self.dpsgd.noise_multiplier = float(noise_multiplier)
         self.dpsgd.noise = noise
 

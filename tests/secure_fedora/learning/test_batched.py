@@ -214,6 +214,46 @@ def test_dp_refuses_a_noise_source_shared_by_two_clients():
     assert torch.equal(theta, before)
 
 
+@pytest.mark.parametrize("change", [{"noise_multiplier": 0.0}, {"noise_multiplier": float("nan")},
+                                    {"noise_multiplier": -1.0}, {"max_grad_norm": 0.0},
+                                    {"max_grad_norm": float("inf")}])
+def test_dp_refuses_a_bad_noise_multiplier_or_clip_before_any_draw(change):
+    """A client's noise multiplier or clip bound that is not a finite number > 0 is refused
+    before any client's batch or noise is drawn (no noiseless step is ever taken): every
+    row, noise source and step count stays as it was."""
+    flat = FlatModel(make_model("mlp", seed=0))
+    data = _clients([8, 8])
+    theta = _matrix(flat, 2)
+    sources = [ReproducibleNoise(100 + i) for i in range(2)]
+    jobs = [ClientJob(i, theta[i], x, y, torch.Generator(), noise=sources[i],
+                      noise_multiplier=1.0) for i, (x, y) in enumerate(data)]
+    for key, value in change.items():
+        setattr(jobs[1], key, value)
+    before = theta.clone()
+    oracle = _dp_oracle(flat)
+    with pytest.raises(ClientUpdateError, match="client 1: DP-SGD's"):
+        train_clients(flat, CFG_FULL, oracle, jobs)
+    assert torch.equal(theta, before) and oracle.steps_executed == 0
+    for i, source in enumerate(sources):
+        assert torch.equal(source.generator.get_state(),
+                           ReproducibleNoise(100 + i).generator.get_state())
+
+
+def test_dp_oracle_refuses_a_client_without_noise():
+    """DPGradient.select takes only a finite noise multiplier > 0 (as DPSGD itself), so no
+    client's steps run without noise; a refused select changes nothing."""
+    from privacy.dpsgd import DPSGDError
+
+    oracle = _dp_oracle(FlatModel(make_model("mlp", seed=0)))
+    source = oracle.dpsgd.noise
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(DPSGDError, match="noise_multiplier"):
+            oracle.select(bad, ReproducibleNoise(1))
+    with pytest.raises(DPSGDError, match="NoiseSource"):
+        oracle.select(1.0, torch.Generator())
+    assert oracle.dpsgd.noise_multiplier == 1.0 and oracle.dpsgd.noise is source
+
+
 class _RecordingNoise(ReproducibleNoise):
     """A real reproducible source that also records the device of each Gaussian draw."""
 
