@@ -458,7 +458,6 @@ class DiracCanaryOracle:
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, grad: Tensor) -> None:
         """The step's gradient with the pending canaries' ``C e_j`` added the runtime's way."""
         pending = self._pending
-        self.inclusions[pending] += 1
         if self.private:
             k = int(pending.numel())
             indices = torch.stack([torch.arange(k), self.coordinates[pending]])
@@ -470,6 +469,8 @@ class DiracCanaryOracle:
             weight = self.clip_norm / max(1, int(x.shape[0]))
             grad.index_add_(0, self.coordinates[pending],
                             torch.full((int(pending.numel()),), weight, dtype=grad.dtype))
+        # counted once the step's gradient is made: a refused step includes no canary
+        self.inclusions[pending] += 1
 
 
 @dataclass(frozen=True)

@@ -926,3 +926,22 @@ def test_check_setting_against_ledger_scans_the_run_itself(tmp_path):
     # nothing left unchecked: the scan's warnings are returned for the caller to show
     assert whitebox.check_setting_against_ledger(setting, run) == []
     assert whitebox.check_setting_against_ledger(setting, run, allowlist=trusted) == []
+
+
+def test_a_refused_canary_step_counts_no_inclusion():
+    """The canaries of a step count as included only once its gradient is made: a step the
+    DP-SGD oracle refuses leaves the inclusion counts as they were."""
+    from privacy.dpsgd import DPSGDError
+    from privacy.noise import ReproducibleNoise
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    inner = DPGradient(model, 1.0, 1.0, 4.0, ReproducibleNoise(0))
+    oracle = DiracCanaryOracle(inner, torch.tensor([0, 5]), 1.0, 21, plain_rate=0.5,
+                               canary_generator=torch.Generator())
+    x, y = torch.zeros(4, 6), torch.zeros(4, dtype=torch.int64)
+    index = next(iter(oracle.batches(4, 1, torch.Generator())))  # rate 1: both canaries
+    with pytest.raises(DPSGDError, match="samples"):
+        oracle.gradient(model, x[index], y[:1], torch.zeros(21))
+    assert oracle.inclusions.tolist() == [0, 0]
+    oracle.gradient(model, x[index], y[index], torch.zeros(21))
+    assert oracle.inclusions.tolist() == [1, 1]
