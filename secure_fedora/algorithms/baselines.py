@@ -73,10 +73,13 @@ from secure_fedora.algorithms.config_checks import (
     validate_hyperparameters,
 )
 from secure_fedora.algorithms.contract import (
+    EVALUATE,
     FINALIZE,
     NUM_EXAMPLES_REASON,
     ROUND,
+    SETUP,
     Payload,
+    TensorSignature,
     payload_size_problem,
 )
 from secure_fedora.algorithms.held import HeldRows
@@ -96,6 +99,7 @@ from secure_fedora.algorithms.methods import (
     MessageState,
     MethodContext,
     _load_matrix,
+    _model_signature,
     _scalar,
 )
 from secure_fedora.core.registry import METHODS
@@ -456,6 +460,12 @@ class _GlobalModelMethod(_Baseline, FederatedMethod):
         n = self.ctx.num_clients
         return {KIND_THETA: self.uploads}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
 
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """Round and evaluation messages carry the global model alone; no setup message is
+        sent, and a finalize message (APFL's, without DP) is empty."""
+        model = {KIND_GLOBAL: _model_signature(self.ctx)}
+        return {SETUP: {}, ROUND: model, EVALUATE: model, FINALIZE: {}}.get(stage)
+
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Every participant receives the global model."""
         return {i: {KIND_GLOBAL: self.global_params} for i in participants}
@@ -579,6 +589,11 @@ class Ditto(DittoChecks, _GlobalModelMethod):
     def evaluation_messages(self, rnd: int, clients: Sequence[int]) -> dict[int, Payload]:
         """Nothing: a client is evaluated on its personal model ``v_i``."""
         return {}
+
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """As :class:`_GlobalModelMethod`'s, but an evaluation message carries nothing
+        (:meth:`evaluation_messages`)."""
+        return {} if stage == EVALUATE else super().message_entries(stage)
 
 
 class APFL(APFLChecks, _GlobalModelMethod):
@@ -781,6 +796,16 @@ class FedAMP(FedAMPChecks, _Baseline, FederatedMethod):
     def message_state(self) -> MessageState | None:
         """Uploads: the server's copies ``w_i``; downloads: the messages ``u_i``."""
         return {KIND_THETA: self.models}, {KIND_MESSAGE: self.messages}
+
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """A round message carries the client's own aggregate ``u_i`` alone (one model row);
+        evaluation messages are empty, and no setup or finalize message is sent."""
+        return {
+            SETUP: {},
+            ROUND: {KIND_MESSAGE: _model_signature(self.ctx)},
+            EVALUATE: {},
+            FINALIZE: {},
+        }.get(stage)
 
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Messages from the last accepted uploads; participant ``i`` receives ``u_i``."""
@@ -1008,6 +1033,17 @@ class IFCA(IFCAChecks, _Baseline, FederatedMethod):
 
     def _clusters_message(self) -> Payload:
         return self._clusters_payload(self.clusters, self.version)
+
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """Every round, evaluation and finalize message carries all ``K`` cluster models (one
+        K x P matrix of the model's dtype) and their version (a 0-d int64); no setup message
+        is sent."""
+        dtype, shape = _model_signature(self.ctx)
+        models = {
+            KIND_CLUSTERS: (dtype, (self.num_clusters, *shape)),
+            KEY_CLUSTERS_VERSION: (torch.int64, ()),
+        }
+        return {SETUP: {}, ROUND: models, EVALUATE: models, FINALIZE: models}.get(stage)
 
     @classmethod
     def largest_cluster_count(cls, num_params: int, dtype: torch.dtype) -> int:

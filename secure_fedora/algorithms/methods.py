@@ -1443,6 +1443,12 @@ class Local(LocalChecks, FederatedMethod):
         counts."""
         return {}, {}
 
+    def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
+        """Every message is empty: round messages carry nothing, evaluation messages carry
+        nothing, and Local sends no setup or finalize message (one carrying an entry is
+        refused)."""
+        return {SETUP: {}, ROUND: {}, EVALUATE: {}, FINALIZE: {}}.get(stage)
+
     @classmethod
     def reply_entries(cls, cfg: Any, stage: str) -> dict[str, str]:
         """A round reply carries only the step count (the model never leaves)."""
