@@ -1563,9 +1563,10 @@ class FedAvg(FedAvgChecks, FederatedMethod):
         return {KIND_THETA: self.theta}, {KIND_GLOBAL: self.global_params.expand(n, -1)}
 
     def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
-        """Every round, evaluation and finalize message carries the global model alone."""
+        """Every round, evaluation and finalize message carries the global model alone; no
+        setup message is sent (one carrying an entry is refused)."""
         model = {KIND_GLOBAL: _model_signature(self.ctx)}
-        return {ROUND: model, EVALUATE: model, FINALIZE: model}.get(stage)
+        return {SETUP: {}, ROUND: model, EVALUATE: model, FINALIZE: model}.get(stage)
 
     def configure(self, rnd: int, participants: Sequence[int]) -> dict[int, Payload]:
         """Every participant receives the global model."""
@@ -1891,8 +1892,10 @@ class Fedora(FedoraChecks, FederatedMethod):
 
     def message_entries(self, stage: str) -> dict[str, TensorSignature] | None:
         """The setup message is empty, a round message carries the client's ``phi_i`` alone,
-        an evaluation message nothing (a client is evaluated on its own ``theta_i``)."""
-        return {SETUP: {}, ROUND: {KIND_PHI: _model_signature(self.ctx)}, EVALUATE: {}}.get(stage)
+        an evaluation message nothing (a client is evaluated on its own ``theta_i``); no
+        finalize message is sent (one carrying an entry is refused)."""
+        return {SETUP: {}, ROUND: {KIND_PHI: _model_signature(self.ctx)}, EVALUATE: {},
+                FINALIZE: {}}.get(stage)
 
     def setup_messages(self) -> dict[int, Payload]:
         """Every client is asked for its summary (an empty message)."""

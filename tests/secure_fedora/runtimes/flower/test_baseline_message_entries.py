@@ -365,3 +365,16 @@ def test_every_stage_is_declared_and_shapes_follow_the_model_and_the_run(method:
     assert {s: algorithm.message_entries(s) for s in expected} == expected
     with pytest.raises(ContractError, match=r"the setup message to client 1 carries \['x'\]"):
         check_message_entries(algorithm, method, SETUP, 1, {"x": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("method, stage", [("fedavg", SETUP), ("fedprox", SETUP),
+                                           ("fedora", FINALIZE)])
+def test_a_stage_fedavg_fedprox_and_fedora_never_send_is_declared_empty(method: str,
+                                                                        stage: str) -> None:
+    """FedAvg and FedProx send no setup message, FEDORA no finalize message: each declares
+    that stage empty, so a message of it carrying an entry is refused by name."""
+    cfg = _config(method, False)
+    algorithm = build_algorithm(method, client_context(cfg, 1, build_clients(cfg)[1]), cfg)
+    assert algorithm.message_entries(stage) == {}
+    with pytest.raises(ContractError, match=rf"the {stage} message to client 1 carries \['x'\]"):
+        check_message_entries(algorithm, method, stage, 1, {"x": torch.zeros(2)})
