@@ -20,7 +20,10 @@ The last release a ledger records may lack its record (the crash window above), 
 of a complete record would look the same; where several clients' releases of a round leave
 together, :class:`RoundMarks` closes that gap: after the round's last journal record and
 before any of its releases leaves, one fsynced line marks the round, so a record missing
-from a marked round was cut, never left unwritten by a crash.
+from a marked round was cut, never left unwritten by a crash. Its file starts with a header
+line naming the run and chains each mark to the line before it (format 2), so a mark taken
+from another run or round is refused; a torn last mark shows its round's records were all
+written, and an empty file that it was cut.
 
 Entries that record no release (a refusal, a close, a repair) are journaled too, after they
 are fsynced, with their whole signed line (:meth:`JournalRecord.for_entry`): a ledger cut
@@ -37,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,19 +267,43 @@ MARKS_NAME = "rounds.released"
 ADMITTING_NAME = "rounds.admitting"
 
 
+#: The round-marks file format this version writes (:class:`RoundMarks`).
+MARKS_FORMAT = 2
+
+
+def marks_header(run: str | None = None) -> bytes:
+    """The first line of a new round-marks file (format :data:`MARKS_FORMAT`), naming ``run``
+    (32 hex digits; a fresh random one when None): the start of the chain its marks extend,
+    so a mark of another run cannot stand in for one of this run."""
+    run = secrets.token_hex(16) if run is None else run
+    return json.dumps({"round_marks": MARKS_FORMAT, "run": run},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+def _line_digest(line: bytes) -> str:
+    """What the next mark names as its ``prev``: the SHA-256 of ``line`` with its newline."""
+    return hashlib.sha256(line + b"\n").hexdigest()
+
+
 class RoundMarks:
     """The rounds whose releases were all journaled before any of them left (append-only,
-    one line ``{"round": r, "clients": [[first, last], ...]}`` per round, rounds increasing,
-    each fsynced; ``clients`` lists, as inclusive index ranges, the clients whose records the
-    mark covers, and a line without it covers every client).
+    each line fsynced).
+
+    Format 2 (what this version creates): a header line ``{"round_marks": 2, "run": <32 hex
+    digits>}``, then one line ``{"round": r, "clients": [[first, last], ...], "prev": <hex>}``
+    per round, rounds increasing; ``clients`` lists, as inclusive index ranges, the clients
+    whose records the mark covers, and ``prev`` is the SHA-256 of the line before it (newline
+    included), so a line taken from another run or round breaks the chain. Format 1 (runs
+    written before it): no header and no ``prev``, a line without ``clients`` covering every
+    client; it is read and extended in its own format (:attr:`format`).
 
     :meth:`mark` is called after a round's last journal record and before the round's first
     release leaves, so a covered client's release of a marked round has a complete record
     unless it was lost or cut afterwards (:meth:`covers`); an unmarked round's last records,
     and those of a client admitted after its round was marked (a method that releases one
     client before admitting the next), may be missing because of a crash (that release had
-    not left). A torn last line (a crash mid-append) marks
-    nothing: it is skipped on open and moved to ``<file>.torn-<position>`` by
+    not left). A torn last line (a crash mid-append) marks nothing: it is skipped on open
+    (kept in :attr:`torn`) and moved to ``<file>.torn-<position>`` by
     :meth:`quarantine_torn_tail` (with ``quarantine=True`` on open); marking is refused
     meanwhile. Any other damage raises JournalError naming the file and line."""
 
@@ -285,28 +313,69 @@ class RoundMarks:
         #: The clients the last mark covers, as sorted inclusive index ranges (None: every
         #: client).
         self.last_clients: tuple[tuple[int, int], ...] | None = None
+        #: 2 for a file with its header line, 1 for marks without one (an earlier version's
+        #: file), None for an empty or missing file.
+        self.format: int | None = None
         self._count = 0
+        self._prev = ""
         lines, self._torn = _read_lines(self.path, "round marks")
+        #: The bytes after the last newline found on open (a mark whose write began and did
+        #: not complete), until they are moved aside; None when the file ends in a newline.
+        self.torn: bytes | None = None if self._torn is None else self._torn[0]
         for pos, line in enumerate(lines):
-            try:
-                obj = json.loads(line)
-                rnd = obj["round"] if isinstance(obj, dict) \
-                    and set(obj) in ({"round"}, {"round", "clients"}) else None
-                clients = _clients_of(obj["clients"]) if rnd is not None \
-                    and "clients" in obj else None
-                if rnd is not None and "clients" in obj and clients is None:
-                    rnd = None  # not a mark's index ranges
-            except (ValueError, UnicodeDecodeError):
-                rnd = None
-            if not (isinstance(rnd, int) and not isinstance(rnd, bool) and rnd > self.last):
-                raise JournalError(
-                    f"round marks {str(self.path)!r} line {pos}: not a mark of a round after"
-                    f" round {self.last} ({line[:60]!r}); the file was damaged: restore it from"
-                    " a copy, or start a new run")
-            self.last, self.last_clients = rnd, clients
+            self._read_line(pos, line)
         self._count = len(lines)
         if quarantine:
             self.quarantine_torn_tail()
+
+    def _read_line(self, pos: int, line: bytes) -> None:
+        """Take line ``pos`` of the file, or raise JournalError naming it."""
+        try:
+            obj = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            obj = None
+        if pos == 0 and isinstance(obj, dict) and "round_marks" in obj:
+            version = obj["round_marks"]
+            if version != MARKS_FORMAT:
+                raise JournalError(
+                    f"round marks {str(self.path)!r}: round-marks format {version!r}, which this"
+                    f" version does not read (it reads formats 1 and {MARKS_FORMAT}); resume"
+                    " with the version that wrote it")
+            run = obj.get("run")
+            if set(obj) != {"round_marks", "run"} or not (
+                    isinstance(run, str) and len(run) == 32
+                    and all(ch in "0123456789abcdef" for ch in run)):
+                raise JournalError(
+                    f"round marks {str(self.path)!r} line 0: not a round-marks header"
+                    f" ({line[:60]!r}); the file was damaged: restore it from a copy, or start"
+                    " a new run")
+            self.format, self._prev = MARKS_FORMAT, _line_digest(line)
+            return
+        if self.format is None:
+            self.format = 1
+        keys = {"round", "clients", "prev"} if self.format == MARKS_FORMAT \
+            else ({"round"}, {"round", "clients"})
+        rnd = None
+        if isinstance(obj, dict) and (set(obj) == keys if isinstance(keys, set)
+                                      else set(obj) in keys):
+            rnd = obj["round"]
+            clients = _clients_of(obj["clients"]) if "clients" in obj else None
+            if "clients" in obj and clients is None:
+                rnd = None  # not a mark's index ranges
+        if not (isinstance(rnd, int) and not isinstance(rnd, bool) and rnd > self.last):
+            raise JournalError(
+                f"round marks {str(self.path)!r} line {pos}: not a mark of a round after"
+                f" round {self.last} in round-marks format {self.format} ({line[:60]!r}); the"
+                " file was damaged: restore it from a copy, or start a new run")
+        if self.format == MARKS_FORMAT:
+            if obj["prev"] != self._prev:
+                raise JournalError(
+                    f"round marks {str(self.path)!r} line {pos}: the mark of round {rnd} is not"
+                    " chained to the line before it (taken from another run or round, or an"
+                    " earlier line was changed); the file was damaged: restore it from a copy,"
+                    " or start a new run")
+            self._prev = _line_digest(line)
+        self.last, self.last_clients = rnd, clients
 
     def __len__(self) -> int:
         return self._count
@@ -317,7 +386,7 @@ class RoundMarks:
         if self._torn is None:
             return None
         torn, position, cut = self._torn
-        self._torn = None
+        self._torn = self.torn = None
         return move_tail_aside(self.path, cut, torn,
                                self.path.with_name(f"{self.path.name}.torn-{position}"))
 
@@ -336,19 +405,42 @@ class RoundMarks:
     def mark(self, rnd: int, clients: Iterable[int]) -> int:
         """Durably mark round ``rnd`` as journaled for ``clients`` (indices; fsynced, the
         directory too on creation) unless it or a later round is marked already; returns the
-        bytes written (0 when already marked)."""
+        bytes written (0 when already marked). A file in format 1 gets a format-1 line; an
+        empty or missing one its header first, in the same write."""
         if rnd <= self.last:
             return 0
         if self._torn is not None:
             raise JournalError(f"round marks {str(self.path)!r} end in a torn line; quarantine"
                                " it (quarantine_torn_tail) before marking")
         covered = _ranges_of(clients)
-        line = json.dumps({"round": rnd, "clients": covered},
-                          separators=(",", ":")).encode() + b"\n"
-        append_durably(self.path, line)
+        head = b""
+        if self.format is None:
+            head = marks_header()
+            self.format, self._prev = MARKS_FORMAT, _line_digest(head[:-1])
+        body: dict[str, Any] = {"round": rnd, "clients": covered}
+        if self.format == MARKS_FORMAT:
+            body["prev"] = self._prev
+        line = json.dumps(body, separators=(",", ":")).encode()
+        append_durably(self.path, head + line + b"\n")
+        if self.format == MARKS_FORMAT:
+            self._prev = _line_digest(line)
         self.last, self.last_clients = rnd, covered
-        self._count += 1
-        return len(line)
+        self._count += 1 + bool(head)
+        return len(head) + len(line) + 1
+
+
+def marks_written(path: Path) -> bool:
+    """Whether the round-marks file ``path`` holds anything beyond its header line (the
+    marks of a run; a file of a new run holds its header only)."""
+    try:
+        data = read_regular_bytes(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise JournalError(f"cannot read round marks {str(path)!r}: {exc}") from exc
+    if data.startswith(b'{"round_marks":'):
+        data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
+    return bool(data)
 
 
 def _ranges_of(clients: Iterable[int]) -> tuple[tuple[int, int], ...]:

@@ -68,11 +68,14 @@ from privacy.durable import SyncBatch, ensure_descriptors, fsync_dir, write_all_
 from privacy.identity import client_ids, load_identity
 from privacy.journal import (
     ADMITTING_NAME,
+    MARKS_FORMAT,
     MARKS_NAME,
     JournalError,
     JournalRecord,
     ReleaseJournal,
     RoundMarks,
+    marks_header,
+    marks_written,
     payload_digest,
 )
 from privacy.ledger import (
@@ -1283,9 +1286,10 @@ class FederationPrivacy:
         # every client's ledger stays open (and locked) until close: room for them first
         ensure_descriptors(num_clients, f"{num_clients} clients' ledgers")
         if not resume:
-            earlier = [str(p) for p in [*(ledger_dir / f"{cid}.journal" for cid in ids),
-                                        ledger_dir / MARKS_NAME, ledger_dir / ADMITTING_NAME]
+            earlier = [str(p) for p in (ledger_dir / f"{cid}.journal" for cid in ids)
                        if p.exists() and p.stat().st_size > 0]
+            earlier += [str(p) for p in (ledger_dir / MARKS_NAME, ledger_dir / ADMITTING_NAME)
+                        if marks_written(p)]
             if earlier:
                 raise JournalError(
                     f"{earlier[0]} holds releases of an earlier run in this directory"
@@ -1299,8 +1303,9 @@ class FederationPrivacy:
             check_ledgers_present(ledger_dir, ids)
         else:
             # the mark files are created with the ledgers, so one gone from the folder was lost
-            create_ledger_dir(ledger_dir, ids,
-                              {**(with_files or {}), MARKS_NAME: b"", ADMITTING_NAME: b""})
+            # each holding its header line, so an empty one was cut
+            create_ledger_dir(ledger_dir, ids, {**(with_files or {}), MARKS_NAME: marks_header(),
+                                                ADMITTING_NAME: marks_header()})
         checked: list[LedgerCheck] = []
         gone = [p for p in (ledger_dir / MARKS_NAME, ledger_dir / ADMITTING_NAME)
                 if not p.exists()]
@@ -2430,7 +2435,9 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
     entry of a higher-indexed client proves nothing, and only the mark does. Marks that
     ``admitting`` or the ledgers show were lost or cut (:func:`_lost_marks`), or mark files
     ``gone`` from a ledger folder created with them, prove nothing either way: an unjournaled
-    last release is then refused too."""
+    last release is then refused too. So is one when ``marks`` ends in a torn mark (a mark's
+    write begins only after every record of its round) or is empty (format 2 creates it
+    holding its header, so it was cut; a format-1 file cannot tell)."""
     batched = admitting.last if admitting is not None else None
     lost_marks = _lost_marks(checks, marks, admitting)
     if gone and lost_marks is None:
@@ -2466,6 +2473,18 @@ def _check_unjournaled_tails(checks: Sequence[LedgerCheck], marks: RoundMarks,
                 f"{what} {lost_marks}: the release may have left, so resuming would make it"
                 " again with new noise, accounted once. Nothing was written. Restore the"
                 " journal and the marks from a copy, or start a new run")
+        if marks.torn is not None:
+            raise JournalError(
+                f"{what} though {str(marks.path)!r} ends in a torn mark ({len(marks.torn)}"
+                " bytes after its last complete line), and a mark is written only after every"
+                f" record of its round{consequence}")
+        if marks.format is None:
+            raise JournalError(
+                f"{what} though {str(marks.path)!r} is empty: it is created holding a header"
+                f" line (round-marks format {MARKS_FORMAT}), so it was cut and may have marked"
+                " this release (an empty file of an earlier version, round-marks format 1,"
+                " cannot tell this crash window from such a cut either)"
+                f"{consequence}")
 
 
 def _journaled_lines(journal: ReleaseJournal) -> dict[int, str]:

@@ -3,8 +3,17 @@
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from privacy.journal import JournalError, JournalRecord, ReleaseJournal, RoundMarks, payload_digest
+from privacy.journal import (
+    JournalError,
+    JournalRecord,
+    ReleaseJournal,
+    RoundMarks,
+    marks_header,
+    marks_written,
+    payload_digest,
+)
 from tests.fifo_support import NOT_REGULAR_KINDS, not_a_regular_file
+from tests.marks_support import mark_lines
 
 KEY = X25519PrivateKey.generate()
 
@@ -114,9 +123,10 @@ def test_round_marks_are_durable_increasing_and_idempotent(tmp_path):
     assert marks.last == -1 and not path.exists()
     assert marks.mark(0, range(3)) > 0 and marks.mark(2, [0, 1, 2]) > 0
     assert marks.mark(2, [0]) == 0 and marks.mark(1, [0]) == 0  # marked already: nothing written
-    assert path.read_bytes() == (b'{"round":0,"clients":[[0,2]]}\n'
-                                 b'{"round":2,"clients":[[0,2]]}\n')
-    assert RoundMarks(path).last == 2
+    assert mark_lines(path) == ('{"round":0,"clients":[[0,2]]}\n'
+                                '{"round":2,"clients":[[0,2]]}\n')
+    reopened = RoundMarks(path)
+    assert reopened.last == 2 and reopened.format == 2 and len(reopened) == 3  # with the header
 
 
 def test_a_mark_covers_the_clients_admitted_when_it_was_written_and_every_earlier_round(
@@ -140,8 +150,9 @@ def test_a_torn_last_mark_marks_nothing_and_is_moved_aside_only_when_asked(tmp_p
     assert marks.last == 1 and path.read_bytes() == b'{"round":1}\n{"rou'  # nothing written
     with pytest.raises(JournalError, match="torn line"):
         marks.mark(2, [0])
+    assert marks.torn == b'{"rou'
     moved = marks.quarantine_torn_tail()
-    assert moved is not None and moved.read_bytes() == b'{"rou'
+    assert moved is not None and moved.read_bytes() == b'{"rou' and marks.torn is None
     assert marks.mark(2, [0]) > 0
     assert path.read_bytes() == b'{"round":1}\n{"round":2,"clients":[[0,0]]}\n'
 
@@ -159,6 +170,69 @@ def test_damaged_round_marks_are_refused_naming_the_file_and_line(tmp_path, dama
     with pytest.raises(JournalError, match=r"rounds\.released' line \d: not a mark"):
         RoundMarks(path)
     assert path.read_bytes() == damage
+
+
+def _marked(path, *rounds):
+    """A new format-2 marks file at ``path`` holding ``rounds`` as (round, clients) pairs."""
+    path.write_bytes(marks_header())
+    marks = RoundMarks(path)
+    for rnd, clients in rounds:
+        marks.mark(rnd, clients)
+    return path.read_bytes().splitlines(keepends=True)
+
+
+def test_a_mark_from_another_run_or_round_breaks_the_chain_and_is_refused(tmp_path):
+    """Format 2 chains each mark to the line before it, back to a header naming the run: a
+    mark of another run covering fewer clients (it would leave clients 1 and 2 unmarked, so
+    their cut records would pass for the crash window), a mark moved from another round, or
+    an earlier line changed, are refused naming the line; a format-1 file took any of them."""
+    ours = _marked(tmp_path / "rounds.released", (1, [0, 1, 2]), (2, [0, 1, 2]))
+    theirs = _marked(tmp_path / "other", (1, [0, 1, 2]), (2, [0]))
+    third = _marked(tmp_path / "third", (1, [0, 1, 2]), (3, [0, 1, 2]))
+    path = tmp_path / "rounds.released"
+    for damaged, line in [(ours[:2] + theirs[2:], 2), (ours[:1] + theirs[1:], 1),
+                          (ours[:2] + third[2:], 2),
+                          ([ours[0], ours[1].replace(b"[[0,2]]", b"[[0,1]]"), ours[2]], 2)]:
+        path.write_bytes(b"".join(damaged))
+        with pytest.raises(JournalError, match=rf"rounds\.released' line {line}: .*not chained"
+                           " to the line before it"):
+            RoundMarks(path)
+        assert path.read_bytes() == b"".join(damaged)  # nothing moved or written
+
+
+@pytest.mark.parametrize("header", [b'{"round_marks":3,"run":"00"}\n',
+                                    b'{"round_marks":2,"run":"xyz"}\n',
+                                    b'{"round_marks":2}\n'])
+def test_an_unknown_or_damaged_marks_header_is_refused(tmp_path, header):
+    path = tmp_path / "rounds.released"
+    path.write_bytes(header)
+    with pytest.raises(JournalError, match=r"round-marks format 3, which this version does not"
+                       r" read|line 0: not a round-marks header"):
+        RoundMarks(path)
+
+
+def test_format_1_marks_are_read_and_extended_in_format_1_and_an_empty_file_gets_a_header(
+        tmp_path):
+    """A run written before format 2 keeps its file's format (its lines carry no chain); an
+    empty or missing file (a new run creates its file with the header) gets the header in
+    the same write as its first mark."""
+    old = tmp_path / "old"
+    old.write_bytes(b'{"round":1,"clients":[[0,2]]}\n')
+    marks = RoundMarks(old)
+    assert marks.format == 1 and marks.mark(2, [0, 1]) > 0
+    assert old.read_bytes() == b'{"round":1,"clients":[[0,2]]}\n{"round":2,"clients":[[0,1]]}\n'
+    assert marks_written(old)
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        if path.name == "empty":
+            path.write_bytes(b"")
+        marks = RoundMarks(path)
+        assert marks.format is None and not marks_written(path)
+        marks.mark(0, [0])
+        reopened = RoundMarks(path)
+        assert (reopened.format, reopened.last, len(reopened)) == (2, 0, 2)
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(marks_header())
+    assert RoundMarks(fresh).format == 2 and not marks_written(fresh)
 
 
 @pytest.mark.parametrize("kind", NOT_REGULAR_KINDS)

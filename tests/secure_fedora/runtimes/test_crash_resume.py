@@ -13,12 +13,13 @@ import pytest
 
 from audits.verify import verify_run
 from privacy.accounting import ACCOUNTANT_REGISTRY, AccountingMethod, _epsilon
-from privacy.journal import JournalError
+from privacy.journal import JournalError, RoundMarks
 from privacy.ledger import LedgerError, read_ledger
 from secure_fedora.core import crashpoints
 from secure_fedora.core.config import load_config, parse_config
 from secure_fedora.runtimes.inprocess import Simulation, build_clients
 from secure_fedora.runtimes.rundir import RunDirError, check_resumable
+from tests.marks_support import mark_lines
 
 METHODS = ["fedora", "local", "fedavg", "fedprox", "ditto", "apfl", "fedamp", "ifca"]
 TIMING = ("seconds_training", "seconds_evaluation")
@@ -1068,6 +1069,113 @@ def test_lost_round_marks_alone_resume(tmp_path, clients, lost):
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 
 
+@pytest.mark.parametrize("cut", ["one-byte", "mid-line", "to-one-byte"])
+def test_a_round_mark_cut_short_refuses_the_resume_of_a_cut_last_client_record(tmp_path,
+                                                                              clients, cut):
+    """Round 2's mark cut short (its newline, half of it, all but its first byte) with
+    client-002's round-2 record cut: the torn mark was skipped as a crash inside its write and
+    the resume drew that release again with fresh CSPRNG noise. A mark is written only after
+    every record of its round, so any byte of it shows the record was written: refused,
+    nothing written."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")  # round 2 left, unsaved
+    folder = tmp_path / "ledgers" / "local"
+    journal = folder / "client-002.journal"
+    journal.write_bytes(journal.read_bytes().splitlines(keepends=True)[0])
+    marks = folder / "rounds.released"
+    data = marks.read_bytes()
+    last = data[:-1].rfind(b"\n") + 1  # where round 2's mark begins
+    keep = {"one-byte": len(data) - 1, "mid-line": (last + len(data)) // 2,
+            "to-one-byte": last + 1}[cut]
+    marks.write_bytes(data[:keep])
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal' has no complete record of it,"
+                       r" though '.*rounds\.released' ends in a torn mark"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize(("method", "point"), [("local", "checkpoint@1"),
+                                               ("fedora", "summary@3")])
+def test_an_emptied_round_marks_file_refuses_the_cut_last_record_of_a_first_round(
+        tmp_path, clients, method, point):
+    """In a method's first releasing round no earlier mark shows a loss: ``rounds.released``
+    emptied (not deleted) with client-002's record cut passed for the crash window and the
+    resume drew that release again with fresh CSPRNG noise. The file is created holding its
+    header line, so an empty one was cut: refused, nothing written."""
+    data = config_dict([method], True)
+    data["privacy"]["noise"] = "csprng"
+    cfg = parse_config(data)
+    assert run_until_crash(cfg, tmp_path, clients, point)
+    folder = tmp_path / "ledgers" / method
+    (folder / "client-002.journal").write_bytes(b"")
+    (folder / "rounds.released").write_bytes(b"")
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal' has no complete record of it,"
+                       r" though '.*rounds\.released' is empty.*round-marks format 2"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
+def test_a_round_mark_swapped_in_from_another_run_refuses_the_resume(tmp_path, clients):
+    """Each mark is chained to the line before it, back to the file's header, which names
+    its run: round 2's mark of another run of the same config, put in place of this run's,
+    is refused as damage before anything is written."""
+    cfg = _csprng_local()
+    assert run_until_crash(cfg, tmp_path / "a", clients, "checkpoint@2")
+    assert run_until_crash(cfg, tmp_path / "b", clients, "checkpoint@2")
+    theirs, ours = (tmp_path / run / "ledgers" / "local" / "rounds.released" for run in "ab")
+    lines = ours.read_bytes().splitlines(keepends=True)
+    ours.write_bytes(b"".join(lines[:-1]) + theirs.read_bytes().splitlines(keepends=True)[-1])
+    before = _files(tmp_path / "b")
+    with pytest.raises(JournalError, match=rf"rounds\.released' line {len(lines) - 1}: .*not"
+                       " chained to the line before it"):
+        Simulation(cfg, tmp_path / "b", clients=clients).run(resume=True)
+    assert _files(tmp_path / "b") == before
+
+
+def _as_format_1(folder):
+    """Rewrite the round-marks files in ``folder`` as a version before format 2 wrote them."""
+    for name in ("rounds.released", "rounds.admitting"):
+        (folder / name).write_text(mark_lines(folder / name))
+
+
+def test_round_marks_of_format_1_resume_as_before(tmp_path, clients):
+    """A run written before format 2 (no header, no chain) resumes under the same rules: killed
+    after round 2 left, it re-makes that round from the journals, its file extended in
+    format 1, and verifies."""
+    cfg = _csprng_local(rounds=3)
+    assert run_until_crash(cfg, tmp_path, clients, "checkpoint@2")
+    folder = tmp_path / "ledgers" / "local"
+    _as_format_1(folder)
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    marks = RoundMarks(folder / "rounds.released")
+    assert (marks.format, marks.last) == (1, 3)
+    assert mark_lines(folder / "rounds.released") == (folder / "rounds.released").read_text()
+    report = verify_run(tmp_path)
+    assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
+
+
+def test_an_empty_round_marks_file_of_format_1_refuses_a_release_lacking_its_record(tmp_path,
+                                                                                  clients):
+    """An empty file of an earlier version cannot tell a crash before the last client's
+    record from a cut of its only mark: with a release lacking its record the resume is
+    refused naming format 1, nothing written (in format 2 it resumes: the crash windows'
+    test above)."""
+    data = config_dict(["fedora"], True)
+    data["privacy"]["noise"] = "csprng"
+    cfg = parse_config(data)
+    assert run_until_crash(cfg, tmp_path, clients, "gate@3")  # client-002's summary entry
+    folder = tmp_path / "ledgers" / "fedora"
+    _as_format_1(folder)
+    assert (folder / "rounds.released").read_bytes() == b""
+    before = _files(tmp_path)
+    with pytest.raises(JournalError, match=r"client-002\.journal' has no complete record of it,"
+                       r" though '.*rounds\.released' is empty.*round-marks format 1"):
+        Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert _files(tmp_path) == before
+
+
 def test_a_refused_resume_keeps_an_interrupted_result_write(tmp_path, clients):
     """A run killed while drawing a plot leaves its partial temporary copy; a resume refused
     for a damaged journal used to delete it first: a refused resume now changes no file."""
@@ -1141,8 +1249,9 @@ def test_the_last_clients_crash_windows_still_resume_with_csprng_noise(tmp_path,
     assert [[(e["round"], e["mechanism"]) for e in read_ledger(folder / f"client-00{k}.jsonl")]
             for k in range(3)] == [[*setup, (1, "dpsgd"), (2, "dpsgd"), (2, "close")]] * 3
     marked = [0, 1, 2] if method == "fedora" else [1, 2]
-    assert (folder / "rounds.released").read_text() == "".join(
+    assert mark_lines(folder / "rounds.released") == "".join(
         f'{{"round":{r},"clients":[[0,2]]}}\n' for r in marked)
+    assert RoundMarks(folder / "rounds.released").format == 2  # chained from its header
     report = verify_run(tmp_path)
     assert report.ok, [str(f) for f in report.findings if f.severity == "error"]
 
@@ -1154,13 +1263,14 @@ def test_a_torn_round_mark_is_moved_aside_and_the_round_marked_again(tmp_path, c
     cfg = _csprng_local()
     assert run_until_crash(cfg, tmp_path, clients, "train@6")  # round 2 admitted, unmarked
     marks = tmp_path / "ledgers" / "local" / "rounds.released"
-    assert marks.read_bytes() == b'{"round":1,"clients":[[0,2]]}\n'
+    assert mark_lines(marks) == '{"round":1,"clients":[[0,2]]}\n'
     with marks.open("ab") as f:
         f.write(b'{"rou')
     results = Simulation(cfg, tmp_path, clients=clients).run(resume=True)
-    assert marks.read_bytes() == b'{"round":1,"clients":[[0,2]]}\n{"round":2,"clients":[[0,2]]}\n'
-    assert (marks.parent / "rounds.released.torn-1").read_bytes() == b'{"rou'
-    assert {"marks_quarantine": "rounds.released.torn-1"} in \
+    assert mark_lines(marks) == '{"round":1,"clients":[[0,2]]}\n{"round":2,"clients":[[0,2]]}\n'
+    assert RoundMarks(marks).last == 2  # the chain holds
+    assert (marks.parent / "rounds.released.torn-2").read_bytes() == b'{"rou'
+    assert {"marks_quarantine": "rounds.released.torn-2"} in \
         results["privacy"]["local"]["recoveries"]
 
 
@@ -1175,8 +1285,8 @@ def test_a_power_loss_inside_an_admission_batch_resumes_exactly(tmp_path, client
     assert run_until_crash(cfg, tmp_path, clients, "gate@3")  # round 1, client 2's entry
     folder = tmp_path / "ledgers" / "local"
     assert [len(read_ledger(folder / f"client-00{k}.jsonl")) for k in range(3)] == [1, 1, 1]
-    assert (folder / "rounds.admitting").read_bytes() == b'{"round":1,"clients":[]}\n'
-    assert (folder / "rounds.released").read_bytes() == b""  # created with the ledgers
+    assert mark_lines(folder / "rounds.admitting") == '{"round":1,"clients":[]}\n'
+    assert mark_lines(folder / "rounds.released") == ""  # created with the ledgers
     for k in (0, 1):  # the records a power loss may drop
         assert len((folder / f"client-00{k}.journal").read_bytes().splitlines()) == 1
         (folder / f"client-00{k}.journal").write_bytes(b"")
@@ -1248,7 +1358,7 @@ def test_a_failed_journal_fsync_in_a_batch_loses_nothing(tmp_path, clients, refe
         Simulation(cfg, tmp_path, clients=clients).run()
     monkeypatch.undo()
     folder = tmp_path / "ledgers" / "local"
-    assert (folder / "rounds.released").read_bytes() == b""  # nothing marked
+    assert mark_lines(folder / "rounds.released") == ""  # nothing marked
     Simulation(cfg, tmp_path, clients=clients).run(resume=True)
     assert_same_run(tmp_path, reference(["local"], True))
 
