@@ -110,6 +110,7 @@ __all__ = [
     "MAX_ABS_VALUE",
     "MAX_VECTOR_NORM",
     "MAX_WEIGHT_L1",
+    "GRAM_SYMMETRY_TOLERANCE",
     "HE_STANDARD_MAX_COEFF_BITS",
     "check_inner_product_upload",
     "context_from_bytes",
@@ -138,11 +139,16 @@ Encryption = Literal["symmetric", "public"]
 MAX_ABS_VALUE = 2.0**10
 MAX_VECTOR_NORM = 2.0**8
 MAX_WEIGHT_L1 = 2.0**8
+#: How far apart the decrypted <u_a, u_b> and <u_b, u_a> may be (CKKS noise is about 5e-6
+#: for any vector norm up to MAX_VECTOR_NORM); farther apart, the rows are not one Gram
+#: matrix's.
+GRAM_SYMMETRY_TOLERANCE = 2.0**-10
 
 _VECTOR_MAGIC = b"SFCV"
 _ROW_MAGIC = b"SFIR"
 _UPLOAD_MAGIC = b"SFIU"
 _FORMAT_VERSION = 1
+_SEAL_HEADER_BYTES = 16
 _CONTEXT_AD_PREFIX = b"secure-fedora/ckks-secret-context/v1\x00"
 
 
@@ -558,6 +564,16 @@ class _Engine:
         return _save(ct)
 
     def load(self, data: bytes, what: str) -> Any:
+        data = bytes(data)
+        # SEAL's header states the object's size (bytes 8-16, little endian) and SEAL reads no
+        # further: bytes after it would otherwise be accepted unread.
+        if len(data) >= _SEAL_HEADER_BYTES:
+            (size,) = struct.unpack("<Q", data[8:_SEAL_HEADER_BYTES])
+            if size != len(data):
+                raise CkksError(
+                    f"{what}: not a valid ciphertext for this context (its header "
+                    f"states {size} bytes, it has {len(data)})"
+                )
         ct = sealapi.Ciphertext(self.seal)
         try:
             with _scratch() as (path, _, write):
@@ -574,7 +590,7 @@ class _Engine:
         if got != level:
             raise CkksError(f"{what}: ciphertext at level {got}, expected level {level}")
         if not math.isclose(ct.scale, scale, rel_tol=1e-9):
-            raise CkksError(f"{what}: ciphertext scale {ct.scale:.6g}, expected {scale:.6g}")
+            raise CkksError(f"{what}: ciphertext scale {ct.scale:.12g}, expected {scale:.12g}")
 
     def decrypt(self, ct: Any) -> np.ndarray:
         pt = sealapi.Plaintext()
@@ -1175,6 +1191,27 @@ def inner_product_rows(
     return out
 
 
+def _check_gram(values: np.ndarray, indexes: Sequence[int]) -> None:
+    """CkksError unless the decrypted rows ``values`` (row ``k`` for vector ``indexes[k]``)
+    agree where they overlap as rows of one Gram matrix: <u_a, u_b> = <u_b, u_a> and
+    <u_a, u_a> >= 0, each within GRAM_SYMMETRY_TOLERANCE."""
+    tol = GRAM_SYMMETRY_TOLERANCE
+    for k, a in enumerate(indexes):
+        if values[k, a] < -tol:
+            raise CkksError(
+                f"decrypted row {a} gives <u_{a}, u_{a}> = {values[k, a]:.6g} < 0: "
+                "not a row of a Gram matrix (replaced, or under another scale)"
+            )
+        for m in range(k):
+            b = indexes[m]
+            if abs(values[k, b] - values[m, a]) > tol:
+                raise CkksError(
+                    f"decrypted rows {a} and {b} disagree on <u_{a}, u_{b}> ({values[k, b]:.6g} "
+                    f"vs {values[m, a]:.6g}): not rows of one Gram matrix (a row swapped, "
+                    "replaced or computed from other ciphertexts)"
+                )
+
+
 def decrypt_inner_product_rows(
     secret_ctx: ts.Context,
     layout: InnerProductLayout,
@@ -1187,7 +1224,9 @@ def decrypt_inner_product_rows(
     Row i of the result is <u_{rows[i].index}, u_g> for g in [0, num_vectors). Values are
     rounded to multiples of ``release_quantum`` (None: no rounding) before release, a
     heuristic mitigation of key-recovery attacks on CKKS decryptions. Raises
-    :class:`CkksError` for a public context or a ciphertext that is not a final row.
+    :class:`CkksError` for a public context, a ciphertext that is not a final row (level and
+    scale), values beyond what MAX_VECTOR_NORM allows, and rows that are not rows of one
+    symmetric Gram matrix (:data:`GRAM_SYMMETRY_TOLERANCE`).
     """
     eng = _engine(secret_ctx)
     eng.decryptor()
@@ -1196,15 +1235,20 @@ def decrypt_inner_product_rows(
         raise CkksError(f"release_quantum must be positive or None, got {release_quantum!r}")
     out = np.empty((len(rows), layout.num_vectors), dtype=np.float64)
     final_level = eng.top_level - 2
+    row_scale = eng.scale * eng.scale / eng.rescale_prime[eng.top_level - 1]
     for i, row in enumerate(rows):
         if not isinstance(row, EncryptedRow):
             raise CkksError(f"expected EncryptedRow, got {type(row).__name__}")
         ct = eng.load(row.data, f"encrypted row {row.index}")
         if eng.level_of(ct) != final_level:
             raise CkksError(f"encrypted row {row.index} is at level {eng.level_of(ct)}, expected {final_level}")
+        # a row's scale is 2^80 / (the prime its last rescale removed), as inner_product_rows
+        # leaves it: another scale would decode to the inner products times the ratio
+        eng.check(ct, final_level, row_scale, f"encrypted row {row.index}")
         vals = eng.decrypt(ct).real
         out[i] = vals[: layout.num_vectors]
     check_decrypted(out, MAX_VECTOR_NORM**2, "inner products")
+    _check_gram(out, [row.index for row in rows])
     if release_quantum is not None:
         out = np.round(out / release_quantum) * release_quantum
     return torch.from_numpy(out)

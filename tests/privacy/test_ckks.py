@@ -397,3 +397,56 @@ def test_context_parameters_are_read_from_the_context_built():
                    "security_level": "192-bit", "security_basis": ckks.HE_STANDARD_BASIS}
     server = ckks.public_context(ckks.create_secret_context(galois_keys=False), galois_keys=False)
     assert ckks.context_parameters(server)["security_level"] == "128-bit"
+
+
+def test_a_row_under_another_scale_or_another_rows_data_is_refused_not_decrypted(secret, server):
+    """A final-level row whose scale was changed decoded to the inner products times the
+    ratio of scales (within every bound: 2^59 gave zeros); a row whose ciphertext is another
+    row's, or an encryption of zero, decrypted without an error. The key holder now checks a
+    row's scale and that the rows agree as rows of one symmetric Gram matrix."""
+    vecs = _orthonormal(3, D, 1, seed=3).permute(0, 2, 1).reshape(3, D)
+    lay, _, rows, gram = _gram(secret, server, vecs)
+    assert (gram - vecs @ vecs.T).abs().max().item() < 1e-4
+    eng = ckks._engine(server)
+    ct = eng.load(rows[1].data, "row")
+    ct.scale = 2.0**59
+    rescaled = [rows[0], EncryptedRow(1, ckks._save(ct)), rows[2]]
+    with pytest.raises(CkksError, match="encrypted row 1: ciphertext scale 5.76460752303e\\+17"):
+        decrypt_inner_product_rows(secret, lay, rescaled)
+    copied = [rows[0], EncryptedRow(1, rows[2].data), rows[2]]
+    with pytest.raises(CkksError, match="row 1 gives <u_1, u_1> = .* < 0: not a row of a Gram"):
+        decrypt_inner_product_rows(secret, lay, copied)
+    zero = eng.new_ciphertext()
+    eng.encryptor("public").encrypt_zero(eng.parms_by_level[0], zero)
+    zero.scale = ct.scale = eng.scale**2 / eng.rescale_prime[eng.top_level - 1]
+    zeroed = [rows[0], rows[1], EncryptedRow(2, ckks._save(zero))]
+    with pytest.raises(CkksError, match="rows 2 and 0 disagree on <u_2, u_0>"):
+        decrypt_inner_product_rows(secret, lay, zeroed)
+
+
+def test_an_upload_replayed_under_another_vector_index_is_refused_at_decryption(secret, server):
+    """A client's ciphertexts relabelled with another vector's index put its values in the
+    wrong lanes: the rows decrypted within every bound and were released as overlaps."""
+    vecs = _orthonormal(3, D, 1, seed=4).permute(0, 2, 1).reshape(3, D)
+    lay = InnerProductLayout.plan(3, D)
+    ups = [encrypt_for_inner_products(secret, lay, v, vecs[v]) for v in range(3)]
+    ups[2] = InnerProductUpload(2, ups[1].packed, ups[1].broadcast)
+    rows = inner_product_rows(server, lay, ups)
+    with pytest.raises(CkksError, match="not rows of one Gram matrix"):
+        decrypt_inner_product_rows(secret, lay, rows)
+
+
+def test_a_ciphertext_with_bytes_after_its_end_is_refused(secret, server, plain_server):
+    """SEAL reads a ciphertext as far as its header's size field says: bytes appended to a
+    row, an upload's ciphertext or an encrypted vector's part were accepted unread."""
+    vecs = _orthonormal(2, D, 1, seed=5).permute(0, 2, 1).reshape(2, D)
+    lay, ups, rows, _ = _gram(secret, server, vecs)
+    longer = [rows[0], EncryptedRow(1, rows[1].data + b"\x00" * 8)]
+    with pytest.raises(CkksError, match="encrypted row 1: .* header states .* bytes, it has"):
+        decrypt_inner_product_rows(secret, lay, longer)
+    padded = InnerProductUpload(1, ups[1].packed, (ups[1].broadcast[0] + b"junk",))
+    with pytest.raises(CkksError, match="broadcast ciphertext 0 of vector 1: .* header states"):
+        ckks.check_inner_product_upload(server, lay, padded)
+    enc = encrypt_vector(secret, torch.ones(10, dtype=torch.float64))
+    with pytest.raises(CkksError, match="encrypted vector part 0: .* header states"):
+        decrypt_vector(secret, EncryptedVector(enc.length, enc.level, [enc.parts[0] + b"\x01"]))
