@@ -95,7 +95,7 @@ from flwr.serverapp import Grid, ServerApp
 from torch import Tensor
 
 from privacy.accounting import format_exact
-from privacy.ckks import InnerProductUpload, context_parameters
+from privacy.ckks import InnerProductLayout, InnerProductUpload, context_parameters
 from privacy.envelope import Envelope, EnvelopeError, EnvelopeStateError, check_nonce_memory
 from privacy.identity import client_ids
 from secure_fedora.algorithms.contract import (
@@ -1133,6 +1133,67 @@ def _take_uploads(
             server.ceremony_answered.setdefault(server.scope, set()).add(cid)
 
 
+def _open_ceremony(
+    server: _Server, holder: int, content: RecordDict, details: dict[str, Any]
+) -> tuple[str, dict[int, bytes]]:
+    """The key holder's accepted ceremony reply ``content``: set ``server.ckks_context`` from
+    its public context, fill ``details``; return the context's digest and every client's
+    sealed context. DeployError naming the key holder for a missing or unusable context (one
+    holding a secret key, without evaluation keys, or with other parameters) or a missing
+    sealed context."""
+    record = content["ceremony"] if "ceremony" in content else None
+    public = record.get("public-context") if isinstance(record, ConfigRecord) else None
+    if not isinstance(record, ConfigRecord) or not isinstance(public, bytes):
+        raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
+    try:
+        context = open_server_context(public)
+    except SecureRelatednessError as err:
+        raise DeployError(
+            f"the key holder (client {holder}) returned an unusable public CKKS context: {err}"
+        ) from None
+    sealed: dict[int, bytes] = {}
+    for cid, party in enumerate(server.client_ids):
+        blob = record.get(f"sealed-{party}")
+        if not isinstance(blob, bytes):
+            raise DeployError(
+                f"the key holder (client {holder}) sealed no CKKS context for {party}"
+            )
+        sealed[cid] = blob
+    server.ckks_context = context
+    details["public_context_bytes"] = len(public)
+    details["sealed_context_bytes"] = len(sealed[0])
+    details["server_context_has_secret_key"] = bool(context.has_secret_key())
+    details["ckks_parameters"] = context_parameters(context)
+    # re-stated to the key holder when it decrypts
+    return public_context_digest(public), sealed
+
+
+def _server_rows(
+    server: _Server,
+    layout: InnerProductLayout,
+    uploads: dict[int, list[InnerProductUpload]],
+    envelopes: dict[int, Envelope],
+    nodes: list[int],
+) -> list[bytes]:
+    """The encrypted Gram rows of every client's accepted ``uploads``, computed with the
+    public context only. Authentic but unusable ciphertexts are a malformed reply: each such
+    client is rejected (a recorded security event naming it) and dropped from ``uploads``,
+    and the run stops naming them (relatedness needs every client)."""
+    cfg = server.cfg
+    try:
+        rows, _ = gram_rows(
+            server.ckks_context, layout, cfg.data.num_clients, cfg.fedora.q, uploads
+        )
+    except InvalidUploadsError as err:
+        for cid, why in err.invalid.items():
+            server.reject(0, cid, server.node_of_client[cid], _malformed(envelopes[cid], why),
+                          "no relatedness from it")
+            del uploads[cid]
+        _require_all(server, uploads, nodes, "encrypted summary")  # raises, naming them
+        raise
+    return rows
+
+
 def _encrypted_overlaps(
     grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
 ) -> Tensor:
@@ -1165,25 +1226,8 @@ def _encrypted_overlaps(
     _require_all(server, replies, asked, "identification", asked_twice=bool(missing))
     server.nodes = sorted(server.node_of_client[cid] for cid in range(n))
     reply, env = replies[holder]
-    record = reply.content["ceremony"] if "ceremony" in reply.content else None
-    public = record.get("public-context") if isinstance(record, ConfigRecord) else None
-    if not isinstance(public, bytes):
-        raise DeployError(f"the key holder (client {holder}) returned no public CKKS context")
     t0 = time.perf_counter()
-    server.ckks_context = open_server_context(public)
-    answered = public_context_digest(public)  # re-stated to the key holder when it decrypts
-    sealed: dict[int, bytes] = {}
-    for cid, party in enumerate(server.client_ids):
-        blob = record.get(f"sealed-{party}")
-        if not isinstance(blob, bytes):
-            raise DeployError(
-                f"the key holder (client {holder}) sealed no CKKS context for {party}"
-            )
-        sealed[cid] = blob
-    details["public_context_bytes"] = len(public)
-    details["sealed_context_bytes"] = len(sealed[0])
-    details["server_context_has_secret_key"] = bool(server.ckks_context.has_secret_key())
-    details["ckks_parameters"] = context_parameters(server.ckks_context)
+    answered, sealed = _open_ceremony(server, holder, reply.content, details)
 
     # (b) every client's encrypted summary, its sealed context forwarded to it; a client
     # without an accepted upload is asked once more (it re-encrypts its saved summary: under
@@ -1213,15 +1257,7 @@ def _encrypted_overlaps(
 
     # (c) the encrypted Gram rows, computed with the public context only
     t1 = time.perf_counter()
-    try:
-        rows, _ = gram_rows(server.ckks_context, layout, n, q, uploads)
-    except InvalidUploadsError as err:  # authentic but unusable ciphertexts: a malformed reply
-        for cid, why in err.invalid.items():
-            server.reject(0, cid, server.node_of_client[cid], _malformed(envelopes[cid], why),
-                          "no relatedness from it")
-            del uploads[cid]
-        _require_all(server, uploads, nodes, "encrypted summary")  # raises, naming them
-        raise
+    rows = _server_rows(server, layout, uploads, envelopes, nodes)
     timing["server_compute_s"] = round(time.perf_counter() - t1, 4)
     details["rows_bytes"] = sum(len(r) for r in rows)
 
