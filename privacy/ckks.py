@@ -589,8 +589,11 @@ class _Engine:
         got = self.level_of(ct)
         if got != level:
             raise CkksError(f"{what}: ciphertext at level {got}, expected level {level}")
-        if not math.isclose(ct.scale, scale, rel_tol=1e-9):
-            raise CkksError(f"{what}: ciphertext scale {ct.scale:.12g}, expected {scale:.12g}")
+        # Exactly: SEAL adds only ciphertexts whose scales agree to the last bits, so a scale
+        # off in its last bits would pass a looser check and fail inside the server's sums
+        # ("scale mismatch"), naming no ciphertext.
+        if ct.scale != scale:
+            raise CkksError(f"{what}: ciphertext scale {ct.scale!r}, expected {scale!r}")
 
     def decrypt(self, ct: Any) -> np.ndarray:
         pt = sealapi.Plaintext()

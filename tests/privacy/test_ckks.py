@@ -411,7 +411,7 @@ def test_a_row_under_another_scale_or_another_rows_data_is_refused_not_decrypted
     ct = eng.load(rows[1].data, "row")
     ct.scale = 2.0**59
     rescaled = [rows[0], EncryptedRow(1, ckks._save(ct)), rows[2]]
-    with pytest.raises(CkksError, match="encrypted row 1: ciphertext scale 5.76460752303e\\+17"):
+    with pytest.raises(CkksError, match="encrypted row 1: ciphertext scale 5.764607523034235e\\+17, expected 1099512"):
         decrypt_inner_product_rows(secret, lay, rescaled)
     copied = [rows[0], EncryptedRow(1, rows[2].data), rows[2]]
     with pytest.raises(CkksError, match="row 1 gives <u_1, u_1> = .* < 0: not a row of a Gram"):
@@ -450,3 +450,27 @@ def test_a_ciphertext_with_bytes_after_its_end_is_refused(secret, server, plain_
     enc = encrypt_vector(secret, torch.ones(10, dtype=torch.float64))
     with pytest.raises(CkksError, match="encrypted vector part 0: .* header states"):
         decrypt_vector(secret, EncryptedVector(enc.length, enc.level, [enc.parts[0] + b"\x01"]))
+
+
+def test_a_ciphertext_whose_scale_is_off_in_its_last_bits_is_refused_naming_it(secret, server,
+                                                                              plain_server):
+    """A scale within 1e-9 of 2^40 passed the upload checks, then SEAL refused to add it to
+    the others inside the server's sums: "scale mismatch", a ValueError naming no ciphertext
+    (out of weighted_sums; from inner_product_rows for every upload alike)."""
+    eng = ckks._engine(secret)
+    vecs = _orthonormal(3, D, 1, seed=6).permute(0, 2, 1).reshape(3, D)
+    lay = InnerProductLayout.plan(3, D)
+    ups = [encrypt_for_inner_products(secret, lay, v, vecs[v]) for v in range(3)]
+    ct = eng.load(ups[1].packed[0], "packed")
+    ct.scale = ct.scale * (1 + 2.0**-40)
+    ups[1] = InnerProductUpload(1, (ckks._save(ct),), ups[1].broadcast)
+    with pytest.raises(CkksError, match="packed ciphertext 0 of vector 1: ciphertext scale"):
+        ckks.check_inner_product_upload(server, lay, ups[1])
+    with pytest.raises(CkksError, match="packed ciphertext 0 of vector 1: ciphertext scale"):
+        inner_product_rows(server, lay, ups)
+    rows = encrypt_rows(secret, torch.ones(2, 10, dtype=torch.float64))
+    ct = eng.load(rows[1].part_bytes()[0], "part")
+    ct.scale = ct.scale * (1 - 2.0**-45)
+    rows[1] = EncryptedVector(rows[1].length, rows[1].level, [ckks._save(ct)])
+    with pytest.raises(CkksError, match="encrypted vector part 0: ciphertext scale"):
+        weighted_sums(plain_server, rows, torch.full((2, 2), 0.5, dtype=torch.float64))

@@ -51,6 +51,7 @@ from secure_fedora.secure.relatedness import (
 N, Q, D = 3, 1, 20
 P = 9000  # two ciphertexts per propagation row (8192 parameters each)
 SEED = 20261206
+LAST_BITS_SCALE = 2.0**40 * (1 + 2.0**-40)  # within 1e-9 of the scale 2^40, not equal to it
 
 
 class World:
@@ -215,9 +216,10 @@ def upload_case(w: World, rng: random.Random, kind: str) -> tuple[str, str]:
         columns = [
             _upload(blob, packed=up.broadcast[:1], broadcast=[*up.packed, *up.broadcast[1:]])
         ]
-    elif kind == "scale":
+    elif kind in ("scale", "scale-last-bits"):  # the last: SEAL's sums refuse it, unnamed
         up = InnerProductUpload.deserialize(blob)
         scale = rng.choice([2.0**20, 2.0**41, 2.0**59, 1.0, float("nan")])
+        scale = LAST_BITS_SCALE if kind == "scale-last-bits" else scale
         columns = [_upload(blob, packed=[_rescaled(w.server_ctx, up.packed[0], scale)])]
     elif kind == "parameters":
         up = InnerProductUpload.deserialize(blob)
@@ -418,8 +420,9 @@ def propagation_case(w: World, rng: random.Random, kind: str) -> tuple[str, str]
             rng.choice([0, 1, 2, 2**32 - 1]),
         )
         msgs[j] = bytes(head)
-    elif kind == "scale":
+    elif kind in ("scale", "scale-last-bits"):
         scale = rng.choice([2.0**20, 2.0**41, 2.0**59])
+        scale = LAST_BITS_SCALE if kind == "scale-last-bits" else scale
 
         def rescale(parts: list[bytes]) -> None:
             parts[0] = _rescaled(client.keys.ctx, parts[0], scale)
@@ -465,11 +468,12 @@ FLOWS: dict[str, tuple[Callable[[World, random.Random, str], tuple[str, str]], l
             "resent",
             "levels-swapped",
             "scale",
+            "scale-last-bits",
             "parameters",
             "count",
             "not-bytes",
         ],
-        96,
+        102,
     ),
     "rows": (
         rows_case,
@@ -518,10 +522,11 @@ FLOWS: dict[str, tuple[Callable[[World, random.Random, str], tuple[str, str]], l
             "huge",
             "header",
             "scale",
+            "scale-last-bits",
             "level",
             "part-in-seal-header-size",
         ],
-        50,
+        55,
     ),
 }
 
@@ -539,6 +544,7 @@ MUST_REFUSE = {
         "other-key",
         "levels-swapped",
         "scale",
+        "scale-last-bits",
         "parameters",
         "count",
         "not-bytes",
@@ -567,7 +573,15 @@ MUST_REFUSE = {
         "other-key",
     },
     "sealed": {"truncated", "bit-flip", "other-client", "empty", "not-bytes"},
-    "propagation": {"truncated", "other-key", "empty", "huge", "scale", "part-in-seal-header-size"},
+    "propagation": {
+        "truncated",
+        "other-key",
+        "empty",
+        "huge",
+        "scale",
+        "scale-last-bits",
+        "part-in-seal-header-size",
+    },
 }
 
 

@@ -47,6 +47,7 @@ from tests.secure_fedora.runtimes.flower.test_reply_mutations import (
     task_identity_of_node_0,
 )
 from tests.secure_fedora.secure.test_encrypted_mutations import (
+    LAST_BITS_SCALE,
     _edit_seal_header,
     _flip,
     _other_parameters,
@@ -216,9 +217,10 @@ def _mutated_columns(cap: dict[str, Any], rng: random.Random, client: int, kind:
     if kind == "levels-swapped":
         up = InnerProductUpload.deserialize(blob)
         return [_upload(blob, packed=up.broadcast[:1], broadcast=[*up.packed, *up.broadcast[1:]])]
-    if kind == "scale":
+    if kind in ("scale", "scale-last-bits"):
         up = InnerProductUpload.deserialize(blob)
         scale = rng.choice([2.0**20, 2.0**41, 2.0**59, 1.0])
+        scale = LAST_BITS_SCALE if kind == "scale-last-bits" else scale
         return [_upload(blob, packed=[_rescaled(cap["server"].ckks_context, up.packed[0], scale)])]
     if kind == "parameters":
         up = InnerProductUpload.deserialize(blob)
@@ -243,6 +245,7 @@ SUMMARY_KINDS = [
     "other-client-reindexed",
     "levels-swapped",
     "scale",
+    "scale-last-bits",
     "parameters",
     "count",
     "not-bytes",
@@ -451,7 +454,7 @@ def ceremony_reply_case(cap: dict[str, Any], rng: random.Random, kind: str) -> s
 
 
 FLOWS = {
-    "summary reply": (summary_reply_case, SUMMARY_KINDS, 70),
+    "summary reply": (summary_reply_case, SUMMARY_KINDS, 75),
     "decryption request": (decrypt_request_case, ROW_KINDS, 48),
     "summary request": (summary_request_case, REQUEST_KINDS, 28),
     "ceremony reply": (ceremony_reply_case, CEREMONY_KINDS, 27),
