@@ -29,13 +29,13 @@ def test_cli_run_smoke(tmp_path):
     assert json.loads((out / "results.json").read_text())["methods"] == results["methods"]
 
 
-def test_cli_reports_config_errors_with_the_key(tmp_path):
+def test_cli_reports_config_errors_with_the_key(tmp_path, capsys):
+    # in-process: the tiny-noise tests below run `run` as a real process
     bad = tmp_path / "bad.toml"
     bad.write_text('[training]\nrounds = -3\n')
-    proc = subprocess.run([sys.executable, "-m", "secure_fedora.cli", "run", str(bad), "--out",
-                           str(tmp_path / "r")], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "training.rounds" in proc.stderr
+    assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "training.rounds" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def embedded_sigterm(monkeypatch) -> list:
@@ -452,23 +452,35 @@ def test_help_does_not_import_torch_or_the_subsystems():
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("command", [["sweep"], ["audit"], ["audit", "verify"], ["audit", "report"],
-                                     ["audit", "canary"], ["audit", "whitebox"],
-                                     ["audit", "leakage"], ["audit", "replay"], ["deploy"],
-                                     ["deploy", "local"], ["keys", "init"]])
-def test_every_commands_help_imports_no_torch(command: list[str]):
+HELP_COMMANDS = [["sweep"], ["audit"], ["audit", "verify"], ["audit", "report"],
+                 ["audit", "canary"], ["audit", "whitebox"], ["audit", "leakage"],
+                 ["audit", "replay"], ["deploy"], ["deploy", "local"], ["keys", "init"]]
+
+
+def test_every_commands_help_imports_no_torch():
     """A sub-command's ``--help`` lists its flags without loading torch, matplotlib or flwr
-    (``sweep --help`` and every ``audit ... --help`` loaded torch, 2-8 s on a busy machine)."""
+    (``sweep --help`` and every ``audit ... --help`` loaded torch, 2-8 s on a busy machine).
+    One fresh interpreter prints every command's help in turn, checking the loaded modules
+    after each: a help that loads one is named (a module an earlier help imported stays
+    loaded, so whichever help imports a heavy module first is the one named)."""
     import subprocess
     import sys
 
-    code = ("import sys\nfrom secure_fedora.cli import main\ntry:\n"
-            f"    main({command + ['--help']!r})\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'matplotlib', 'flwr') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    code = ("import contextlib, io, json, sys\nfrom secure_fedora.cli import main\n"
+            f"for command in {HELP_COMMANDS!r}:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try:\n            main(command + ['--help'])\n"
+            "        except SystemExit:\n            pass\n"
+            "    print(json.dumps([command, out.getvalue(), sorted(m for m in"
+            " ('torch', 'matplotlib', 'flwr') if m in sys.modules)]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "--help" in out.stdout  # the command's own help was printed
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [command for command, _, _ in rows] == HELP_COMMANDS
+    for command, text, heavy in rows:
+        assert "--help" in text, command  # the command's own help was printed
+        assert heavy == [], command
 
 
 def test_the_planned_epsilon_is_printed_rounded_up():
