@@ -468,6 +468,58 @@ def test_a_resumed_node_whose_journal_lost_a_release_record_is_refused(tmp_path:
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("older_state", [False, True])
+def test_a_release_that_left_is_not_drawn_again_once_its_journal_record_is_cut(
+        tmp_path: Path, older_state: bool) -> None:
+    """The Flower side of the in-process marks files: client 1's round-2 reply left its node
+    and the ServerApp died before taking it; then the node's last sealed journal record (that
+    release's) is cut, with or without client.pt (and its nonce memory) put back to the copy
+    from before round 2, so that the ledger's round-2 entries look like a ``gate`` crash.
+    Its saved state's record count, or else the node's release journal holding the bytes that
+    left, tells them apart: the resume refuses (NodeStateError naming the file) instead of
+    drawing round 2 with fresh CSPRNG noise, and the ledger and release journal gain nothing."""
+    import shutil
+
+    from secure_fedora.runtimes.flower.state import NodeStateError
+
+    cfg = with_methods(dp_config(rounds=2, noise="csprng"), "fedavg")
+    cut = tmp_path / "cut"
+    folder = cut / "nodes" / "node-1" / "runs" / "42" / "fedavg"
+    kept = tmp_path / "kept"
+
+    def keep_state(message: Message) -> Message:
+        kept.mkdir()
+        for name in ("client.pt", "client-001.nonces.jsonl"):
+            shutil.copyfile(folder / name, kept / name)
+        return message
+
+    rc, grid = _federation(cut, cfg)
+    grid.tamper_request = {(1, 2, MSG_ROUND): keep_state}
+    grid.tamper_reply = _crash_after_reply(client=1, rnd=2)
+    with pytest.raises(crashpoints.InjectedCrash):
+        _run(rc, grid)
+    journal = folder / "client-001.journal"
+    records = journal.read_bytes().splitlines(keepends=True)
+    assert len(records) == 2  # round 1's and round 2's, both released
+    journal.write_bytes(records[0])
+    if older_state:
+        for name in ("client.pt", "client-001.nonces.jsonl"):
+            shutil.copyfile(kept / name, folder / name)
+    ledger = (folder / "client-001.jsonl").read_bytes()
+    released = (folder.parent / "releases.jsonl").read_bytes()
+    rc = {**rc, "resume": "42"}
+    grid = InMemoryGrid(cut / "nodes", rc, 3, run_id=777)
+    with pytest.raises(DeployError, match=r"client-001 \(node 1001\) refuses to go on"):
+        _run(rc, grid, run_id=777)
+    refusals = [err for c, _, err in grid.errors if c == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert ("releases.jsonl: resume diverged" if older_state else
+            "client-001.journal: this client's saved state") in str(refusals[0])
+    assert (folder / "client-001.jsonl").read_bytes() == ledger
+    assert (folder.parent / "releases.jsonl").read_bytes() == released
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_prv_run_ledgered_before_the_refining_pass_states_the_noise_its_clients_released(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A PRV run ledgered by a version without PRV's refining pass, killed in round 2 and
