@@ -444,7 +444,8 @@ def _check_privacy(
     writing nothing; None without DP. Once the ledger's creation completed (its model record
     ``runs/<run_id>/<method>/model.json`` exists), a ledger missing was lost and a record of
     another model than ``module`` (this node's software builds another one for the run's
-    config) means the run's releases came from another model: both are a NodeStateError.
+    config) means the run's releases came from another model: both are a NodeStateError; so
+    is a missing record beside a ledger that holds anything (it was lost).
     ``reported`` is how many ledger entries this client
     already reported (its saved state's or the server's record): a torn last line below it
     was complete once, so the ledger was cut, and NodeStateError is raised unless the journal
@@ -476,14 +477,28 @@ def _check_privacy(
             raise NodeStateError(f"{record} {problem}; refuse to go on (run the node with the"
                                  " run's secure-fedora version, or start a new run)")
     try:
-        return check_ledger(ledger_dir / f"{cid}.jsonl", cid, method,
-                            identity, reported=reported,
-                            reported_by="this client already reported them")
+        checked = check_ledger(ledger_dir / f"{cid}.jsonl", cid, method,
+                               identity, reported=reported,
+                               reported_by="this client already reported them")
     except LedgerCutError as err:
         raise NodeStateError(f"{err} (the node's state-dir), or start a new run") from None
     except (LedgerError, JournalError) as err:  # damaged: every later message is refused too
         raise NodeStateError(f"{err} (in the node's state-dir; restore it from a copy, or "
                              "start a new run)") from None
+    if not record.is_file():
+        # written before the ledger's first entry (only an empty ledger is the crash window
+        # of its creation): writing it again would bind the releases on record to whatever
+        # model this node builds now
+        from privacy.ledger import torn_line_index
+
+        if (checked.head[0] or len(checked.journal)
+                or torn_line_index(checked.ledger_path) is not None):
+            raise NodeStateError(
+                f"{record} is missing, but this client's ledger of {method!r} holds"
+                f" {checked.head[0]} entries: the record of the model its releases come from,"
+                " written before the first, was lost or deleted. Restore the node's state-dir"
+                " from a copy, or start a new run")
+    return checked
 
 
 #: A node's journal record of a release this message would make, found where the node is not

@@ -24,7 +24,7 @@ its local disk, under the ``state-dir`` given in its node config:
 ``runs/<run_id>/<method>/model.json``
     With DP, the fingerprint and architecture of the model the ledger's releases come from,
     written once the ledger is created (:func:`~secure_fedora.secure.private.create_ledgers_in`):
-    with it present, a missing ledger was lost.
+    with it present, a missing ledger was lost; missing beside a ledger with entries, it was.
 ``runs/<run_id>/<method>/<client id>.journal``
     With DP, sealed to the client (:mod:`privacy.journal`): each admitted release, after its
     ledger entries and before it is computed, with the state of the client's noise source

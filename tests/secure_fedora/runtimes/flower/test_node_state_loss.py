@@ -696,6 +696,29 @@ def test_a_node_killed_while_creating_its_ledger_resumes(tmp_path: Path, point: 
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_a_model_record_deleted_beside_a_ledger_with_entries_is_refused_as_lost(
+        tmp_path: Path) -> None:
+    """Found by a kill-and-corrupt hunt: a node's model.json deleted after its ledger recorded
+    releases was written again from whatever model the node built then (a node upgraded to
+    software building another model would go on unnoticed). The record is written before the
+    ledger's first entry, so it is refused as lost, naming the file, and nothing is written."""
+    cfg = with_methods(dp_config(noise="reproducible"), "fedavg")
+    record = _run_dir(tmp_path, 1) / "fedavg" / "model.json"
+
+    def delete(message: Message) -> Message:
+        record.unlink()
+        return message
+
+    grid, run = _run(tmp_path, cfg, {(1, 2, MSG_ROUND): delete})
+    with pytest.raises(DeployError, match=r"client client-001 \(node 1001\) refuses to go on"):
+        run()
+    refusals = [err for client, _, err in grid.errors if client == 1]
+    assert refusals and all(isinstance(e, NodeStateError) for e in refusals)
+    assert f"{record} is missing" in str(refusals[0])
+    assert not record.exists()
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_ledger_deleted_before_its_first_answer_is_refused_as_lost(tmp_path: Path) -> None:
     """Client 1 killed after its first release was admitted (the release never left), so its
     state still recorded an empty ledger and the server had seen none, then its ledger
