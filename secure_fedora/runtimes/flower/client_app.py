@@ -456,7 +456,7 @@ def _check_privacy(
         return None
     from privacy.identity import load_identity
     from privacy.journal import JournalError
-    from privacy.ledger import LedgerCutError, LedgerError
+    from privacy.ledger import LedgerCutError, LedgerError, torn_line_index
 
     if node.identity_dir is None:
         raise DeployError(
@@ -489,8 +489,6 @@ def _check_privacy(
         # written before the ledger's first entry (only an empty ledger is the crash window
         # of its creation): writing it again would bind the releases on record to whatever
         # model this node builds now
-        from privacy.ledger import torn_line_index
-
         if (checked.head[0] or len(checked.journal)
                 or torn_line_index(checked.ledger_path) is not None):
             raise NodeStateError(
