@@ -17,7 +17,9 @@ Steps (``N`` clients, summaries ``U_i`` of ``d x q``; column ``r`` of client ``i
    :func:`public_keys` (public, relinearization and Galois keys, no secret key) for the
    server and :func:`seal_keys` (the secret context sealed to every client's X25519 key, the
    key holder's own included). Client: :func:`open_keys`. Server: :func:`open_server_context`
-   refuses a context that holds a secret key or lacks the evaluation keys;
+   refuses a context that holds a secret key or lacks the evaluation keys. Where an untrusted
+   server forwards the sealed contexts (Flower), the key holder signs each
+   (:func:`sign_sealed_keys`) and a client opens it with :func:`open_signed_keys`;
 2. client: :func:`encrypt_summary`, its q columns as q serialized uploads;
 3. server: :func:`parse_upload` checks each client's q uploads (vector indices, ciphertext
    counts); :func:`gram_rows` computes the encrypted Gram rows with the public context only,
@@ -54,6 +56,7 @@ client and stops the run instead, naming the client.)
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -86,7 +89,7 @@ from privacy.ckks import (
 )
 from privacy.envelope import EnvelopeError
 from privacy.errors import ToolkitError
-from privacy.identity import SERVER_ID, Identity
+from privacy.identity import SERVER_ID, Identity, PublicIdentity
 from privacy.pipeline import EncryptPayload
 from secure_fedora.secure.transport import (
     KIND_RELATEDNESS_RELEASE,
@@ -107,6 +110,7 @@ __all__ = [
     "InvalidUploadsError",
     "SecureRelatednessError",
     "ceremony_summary",
+    "check_sealed_signature",
     "create_keys",
     "decrypt_rows",
     "encrypt_summary",
@@ -115,12 +119,15 @@ __all__ = [
     "gram_rows",
     "open_keys",
     "open_server_context",
+    "open_signed_keys",
     "overlaps_from_rows",
     "parse_upload",
     "plan_layout",
     "public_keys",
     "run_key_ceremony",
     "seal_keys",
+    "sealed_context_statement",
+    "sign_sealed_keys",
     "summary_encryption",
     "unpack_summary_upload",
 ]
@@ -192,6 +199,131 @@ def open_keys(blob: bytes, identity: Identity) -> ts.Context:
         return open_secret_context(bytes(blob), identity.agreement_key, identity.party_id)
     except (CkksError, TypeError) as exc:
         raise SecureRelatednessError(f"{identity.party_id}: {exc}") from None
+
+
+_SEALED_CONTEXT_DOMAIN = "secure-fedora/sealed-ckks-context/v1"
+
+
+def sealed_context_statement(
+    *,
+    run_id: int,
+    config_hash: str,
+    key_holder: str,
+    recipient: str,
+    public_digest: str,
+    blob: bytes,
+) -> bytes:
+    """The bytes the key holder signs for one sealed secret context: a domain tag, the run
+    (id and config hash), the key holder's and the recipient's party ids, the SHA-256 (hex)
+    of the public context the server is to compute with, and the SHA-256 of the sealed blob.
+    Any two statements that differ in one of these differ as bytes (canonical JSON)."""
+    return json.dumps(
+        {
+            "domain": _SEALED_CONTEXT_DOMAIN,
+            "run-id": int(run_id),
+            "config-hash": str(config_hash),
+            "key-holder": str(key_holder),
+            "recipient": str(recipient),
+            "public-context-sha256": str(public_digest),
+            "sealed-context-sha256": hashlib.sha256(bytes(blob)).hexdigest(),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def sign_sealed_keys(
+    key_holder: Identity,
+    sealed: Mapping[str, bytes],
+    public_digest: str,
+    *,
+    run_id: int,
+    config_hash: str,
+) -> dict[str, bytes]:
+    """Key holder: its Ed25519 signature of every recipient's sealed context
+    (:func:`sealed_context_statement`), binding the blob to the run, the recipient and the
+    public context ``public_digest`` (SHA-256 hex) it hands the server."""
+    return {
+        recipient: key_holder.sign(
+            sealed_context_statement(
+                run_id=run_id,
+                config_hash=config_hash,
+                key_holder=key_holder.party_id,
+                recipient=recipient,
+                public_digest=public_digest,
+                blob=blob,
+            )
+        )
+        for recipient, blob in sealed.items()
+    }
+
+
+def check_sealed_signature(
+    blob: object,
+    signature: object,
+    public_digest: object,
+    recipient: str,
+    key_holder: PublicIdentity,
+    *,
+    run_id: int,
+    config_hash: str,
+) -> None:
+    """Raise SecureRelatednessError naming the key holder unless ``signature`` is
+    ``key_holder``'s signature of ``blob`` sealed for ``recipient`` in this run (id and
+    config hash) beside the public context ``public_digest``."""
+    ok = (
+        isinstance(blob, bytes)
+        and isinstance(signature, bytes)
+        and isinstance(public_digest, str)
+        and len(public_digest) == 64
+        and key_holder.verify(
+            signature,
+            sealed_context_statement(
+                run_id=run_id,
+                config_hash=config_hash,
+                key_holder=key_holder.party_id,
+                recipient=recipient,
+                public_digest=public_digest,
+                blob=blob,
+            ),
+        )
+    )
+    if not ok:
+        shown = public_digest[:12] if isinstance(public_digest, str) else repr(public_digest)
+        raise SecureRelatednessError(
+            f"the CKKS context offered to {recipient} is not signed by the key holder "
+            f"{key_holder.party_id} for run {run_id}, {recipient} and public context {shown} "
+            "(made, or sealed for another run, recipient or public context, by someone else): "
+            "refused, nothing encrypted"
+        )
+
+
+def open_signed_keys(
+    blob: object,
+    signature: object,
+    public_digest: object,
+    identity: Identity,
+    key_holder: PublicIdentity,
+    *,
+    run_id: int,
+    config_hash: str,
+) -> ts.Context:
+    """Client: open the secret context sealed to ``identity`` only when the key holder signed
+    it for this run, this recipient and the public context ``public_digest`` the server
+    states (:func:`check_sealed_signature`, checked before the blob is opened); then as
+    :func:`open_keys`. A context sealed by anyone else (the server) to this client's real
+    X25519 key is refused naming the key holder."""
+    check_sealed_signature(
+        blob,
+        signature,
+        public_digest,
+        identity.party_id,
+        key_holder,
+        run_id=run_id,
+        config_hash=config_hash,
+    )
+    assert isinstance(blob, bytes)
+    return open_keys(blob, identity)
 
 
 def open_server_context(blob: bytes) -> ts.Context:

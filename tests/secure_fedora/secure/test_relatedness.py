@@ -14,12 +14,14 @@ from secure_fedora.secure.relatedness import (
     gram_rows,
     open_keys,
     open_server_context,
+    open_signed_keys,
     overlaps_from_rows,
     parse_upload,
     plan_layout,
     public_keys,
     run_key_ceremony,
     seal_keys,
+    sign_sealed_keys,
 )
 
 N, D = 7, 794
@@ -164,6 +166,38 @@ def test_step_keys_refuse_a_missing_key_holder_a_foreign_blob_and_a_server_conte
         open_server_context(public_context_bytes(secret, galois_keys=False))
     with pytest.raises(SecureRelatednessError, match="cannot publish"):
         public_keys(ceremony.client_context)  # a client's copy carries no evaluation keys
+
+
+def test_signed_keys_open_only_as_the_key_holder_signed_them(ceremony):
+    """A client opens a sealed context only with the key holder's signature binding it to the
+    run (id, config hash), the client and the public context; a context anyone else sealed to
+    the client's real key, or a genuine one re-bound, is refused naming the key holder."""
+    secret = ceremony.key_holder_context
+    holder, b = Identity.generate("client-000"), Identity.generate("client-001")
+    recipients = {i.party_id: i.agreement_key.public_key() for i in (holder, b)}
+    digest = "a" * 64
+    sealed = seal_keys(secret, recipients, "client-000")
+    signed = sign_sealed_keys(holder, sealed, digest, run_id=7, config_hash="c" * 64)
+    run = {"run_id": 7, "config_hash": "c" * 64}
+    assert open_signed_keys(
+        sealed["client-001"], signed["client-001"], digest, b, holder.public, **run
+    ).has_secret_key()
+    forger = Identity.generate("client-000")  # the server, claiming the key holder's id
+    forged = seal_keys(secret, {"client-001": recipients["client-001"]}, "client-001")
+    forged_sig = sign_sealed_keys(forger, forged, digest, **run)["client-001"]
+    refused = r"not signed by the key holder client-000 for run \d, client-001"
+    for blob, sig, pub, where in [
+        (forged["client-001"], forged_sig, digest, run),
+        (forged["client-001"], signed["client-001"], digest, run),
+        (forged["client-001"], None, digest, run),
+        (sealed["client-001"], signed["client-000"], digest, run),
+        (sealed["client-001"], signed["client-001"], "b" * 64, run),
+        (sealed["client-001"], signed["client-001"], digest, {**run, "run_id": 8}),
+        (sealed["client-001"], signed["client-001"], digest, {**run, "config_hash": "d" * 64}),
+        (sealed["client-001"], signed["client-001"], None, run),
+    ]:
+        with pytest.raises(SecureRelatednessError, match=refused):
+            open_signed_keys(blob, sig, pub, b, holder.public, **where)
 
 
 def test_step_layout_and_client_encryption_errors(ceremony, steps):
