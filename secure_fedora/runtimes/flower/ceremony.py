@@ -10,7 +10,11 @@ only move their bytes in signed messages:
   and the secret context sealed to every client of the allowlist; later decrypts the
   encrypted Gram rows (``decrypt_rows``) into the ``q x q`` overlap blocks and releases
   nothing else;
-- client (``client_app.encrypted_summary``): ``open_keys``, then ``encrypt_summary``;
+- key holder: signs each sealed context for the run, its recipient and the public context
+  (``sign_sealed_keys``);
+- client (``client_app.encrypted_summary``): ``open_signed_keys`` (refuses, naming the key
+  holder, a context the key holder did not sign for this run, this client and the public
+  context the server states), then ``encrypt_summary``;
 - server (``server_app._encrypted_overlaps``): ``open_server_context`` (refuses a context that
   holds a secret key), ``parse_upload`` per client, ``gram_rows`` with the public context only.
 
@@ -50,13 +54,30 @@ from secure_fedora.secure.relatedness import (
     seal_keys,
 )
 
-__all__ = ["CeremonyError", "KeyHolderStore", "layout_for", "public_context_digest"]
+__all__ = [
+    "CeremonyError",
+    "KeyHolderStore",
+    "SealedContext",
+    "layout_for",
+    "public_context_digest",
+]
 
 
 def public_context_digest(public: bytes) -> str:
     """SHA-256 (hex) of a serialized public CKKS context: what the server re-states to the key
     holder as the ceremony it accepted (``answered-ceremony``)."""
     return hashlib.sha256(public).hexdigest()
+
+
+@dataclass(frozen=True)
+class SealedContext:
+    """One client's sealed secret context as the server forwards it: the blob, the key
+    holder's signature of it (:func:`~secure_fedora.secure.relatedness.sign_sealed_keys`) and
+    the digest of the public context the server computes with, which that signature binds."""
+
+    blob: bytes
+    signature: bytes
+    public_digest: str
 
 
 class CeremonyError(DeployError, SecureRelatednessError):

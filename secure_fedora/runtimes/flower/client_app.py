@@ -84,6 +84,7 @@ from privacy.identity import (
     SERVER_ID,
     Identity,
     IdentityError,
+    PublicIdentity,
     client_ids,
     load_allowlist,
 )
@@ -106,7 +107,11 @@ from secure_fedora.core.files import remove_interrupted_writes
 from secure_fedora.data.partition import ClientData
 from secure_fedora.data.sources import fingerprint_client
 from secure_fedora.learning.client import evaluate, name_resume_command
-from secure_fedora.runtimes.flower.ceremony import KeyHolderStore, layout_for
+from secure_fedora.runtimes.flower.ceremony import (
+    KeyHolderStore,
+    layout_for,
+    public_context_digest,
+)
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, client_context
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity, reply_kind
 from secure_fedora.runtimes.flower.payloads import (
@@ -167,8 +172,9 @@ from secure_fedora.secure.private import (
 )
 from secure_fedora.secure.relatedness import (
     decrypt_rows,
-    open_keys,
+    open_signed_keys,
     overlaps_from_rows,
+    sign_sealed_keys,
     summary_encryption,
     unpack_summary_upload,
 )
@@ -852,6 +858,24 @@ def _key_holder_store(node: NodeSettings, run_id: int, identity: Identity) -> Ke
     return KeyHolderStore(node.state_dir / "runs" / str(run_id) / "ckks", identity)
 
 
+def _key_holder_identity(settings: RunSettings, node: NodeSettings) -> PublicIdentity:
+    """The key holder's public identity from this node's allowlist (the federation's keys,
+    installed with this client's identity): the key its sealed CKKS contexts must be signed
+    with. DeployError naming the key holder when the allowlist does not list it."""
+    holder = client_ids(settings.experiment.data.num_clients)[settings.key_holder]
+    try:
+        allowlist = load_allowlist(node.identity_dir / ALLOWLIST_FILENAME)
+    except IdentityError as err:
+        raise DeployError(str(err)) from None
+    if holder not in allowlist:
+        raise DeployError(
+            f"allowlist {node.identity_dir / ALLOWLIST_FILENAME} lacks the key holder {holder}: "
+            "this client cannot check that its CKKS context was made by the key holder; "
+            "install the federation's allowlist"
+        )
+    return allowlist[holder]
+
+
 def _encrypted_mode(settings: RunSettings, what: str) -> None:
     mode = settings.experiment.fedora.relatedness
     if "encrypted" not in mode:
@@ -861,7 +885,8 @@ def _encrypted_mode(settings: RunSettings, what: str) -> None:
 def ceremony(message: Message, context: Context) -> Message:
     """First contact in the encrypted modes: identify this client; the key holder also runs
     the CKKS key ceremony (or repeats its stored result) and returns the public context and
-    the secret context sealed to every client's X25519 key from the allowlist."""
+    the secret context sealed to every client's X25519 key from the allowlist, each signed
+    with its identity key for this run, its recipient and the public context."""
     started = time.time()
     settings, node, security, _ = _open_request(message, context)
     conf = _check_hash(message, "fedora", settings)
@@ -888,15 +913,31 @@ def ceremony(message: Message, context: Context) -> Message:
             raise DeployError(f"the allowlist lacks the X25519 keys of {missing[:5]}")
         store = _key_holder_store(node, _run_id(context), security.identity)
         public, sealed = store.ceremony({p: allowlist[p].agreement_key for p in parties})
+        # each blob signed for this run, its recipient and this public context: a client opens
+        # no context that the key holder did not make for it (the server forwards them)
+        signed = sign_sealed_keys(
+            security.identity,
+            sealed,
+            public_context_digest(public),
+            run_id=_run_id(context),
+            config_hash=settings.config_hash,
+        )
         content["ceremony"] = ConfigRecord(
-            {"public-context": public, **{f"sealed-{p}": sealed[p] for p in parties}}
+            {
+                "public-context": public,
+                **{f"sealed-{p}": sealed[p] for p in parties},
+                **{f"signature-{p}": signed[p] for p in parties},
+            }
         )
     content["metrics"] = MetricRecord(_timings(started))
     return _reply(security, message, content, 0)
 
 
 def encrypted_summary(message: Message, context: Context) -> Message:
-    """Release ``Enc(U_i)``: open the sealed CKKS context, compute the summary (noised through
+    """Release ``Enc(U_i)``: open the sealed CKKS context (only one the key holder, as this
+    node's allowlist lists it, signed for this run, this client and the public context the
+    server states: else SecureRelatednessError naming the key holder, before the summary is
+    computed, encrypted or journaled), compute the summary (noised through
     the budget gate in noised+encrypted mode), encrypt its q columns; plus initial accuracy.
     A summary the budget refuses is answered with a signed ``refusal`` record holding the
     budget's text (no upload)."""
@@ -909,13 +950,23 @@ def encrypted_summary(message: Message, context: Context) -> Message:
     ckks = message.content["ckks"] if "ckks" in message.content else None
     if not isinstance(ckks, ConfigRecord) or not isinstance(ckks.get("sealed-context"), bytes):
         raise DeployError("encrypted summary request lacks ckks/sealed-context")
+    holder = _key_holder_identity(settings, node)
     layout = layout_for(cfg, DataSchema.of(ensure_partition(node, cfg)))
     if (ckks.get("num-vectors"), ckks.get("dim")) != (layout.num_vectors, layout.dim):
         raise DeployError(
             f"the server's layout ({ckks.get('num-vectors')}, {ckks.get('dim')}) differs from "
             f"this run's ({layout.num_vectors}, {layout.dim})"
         )
-    ctx = open_keys(ckks["sealed-context"], security.identity)
+    # before anything is computed, encrypted or journaled
+    ctx = open_signed_keys(
+        ckks["sealed-context"],
+        ckks.get("context-signature"),
+        ckks.get("public-context-digest"),
+        security.identity,
+        holder,
+        run_id=_run_id(context),
+        config_hash=settings.config_hash,
+    )
     i = node.partition_id
 
     def respond(u: torch.Tensor, metrics: dict[str, float], verified: JournalAppend,

@@ -41,11 +41,13 @@ config, default 0) adds its ceremony messages (:mod:`secure_fedora.runtimes.flow
 ``query.ceremony`` (server -> every node)
     content: ``ConfigRecord "fedora"`` with ``config-hash`` and ``key-holder``.
     reply: ``ConfigRecord "client"`` (``client-id``, ``config-hash``); the key holder's reply
-    also holds ``ConfigRecord "ceremony"``: ``public-context`` (no secret key) and
-    ``sealed-<client id>`` for every client.
+    also holds ``ConfigRecord "ceremony"``: ``public-context`` (no secret key),
+    ``sealed-<client id>`` and the key holder's Ed25519 signature of it, ``signature-<client
+    id>`` (:func:`secure_fedora.secure.relatedness.sign_sealed_keys`), for every client.
 ``query.encrypted_summary`` (server -> each client's node)
     content: ``ConfigRecord "fedora"`` (``config-hash``) and ``ConfigRecord "ckks"`` with
-    ``sealed-context``, ``num-vectors`` and ``dim``. reply: ``ConfigRecord "upload"`` with
+    ``sealed-context``, ``context-signature``, ``public-context-digest`` (SHA-256 hex of the
+    public context the server computes with), ``num-vectors`` and ``dim``. reply: ``ConfigRecord "upload"`` with
     ``columns`` (q serialized :class:`privacy.ckks.InnerProductUpload`).
 ``query.decrypt_overlaps`` (server -> the key holder's node)
     content: ``ConfigRecord "rows"`` with ``rows``. reply: ``ArrayRecord "overlaps"``

@@ -126,7 +126,11 @@ from secure_fedora.data.sources import combine_fingerprints
 from secure_fedora.learning.client import PULL_DIVERGED, PULL_RESUME_HINT
 from secure_fedora.learning.client import PULL_RESUME_COMMAND as IN_PROCESS_RESUME
 from secure_fedora.learning.models import model_fingerprint
-from secure_fedora.runtimes.flower.ceremony import layout_for, public_context_digest
+from secure_fedora.runtimes.flower.ceremony import (
+    SealedContext,
+    layout_for,
+    public_context_digest,
+)
 from secure_fedora.runtimes.flower.contexts import DataSchema, build_algorithm, server_context
 from secure_fedora.runtimes.flower.envelopes import (
     MessageSecurity,
@@ -181,6 +185,7 @@ from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
     SecureRelatednessError,
+    check_sealed_signature,
     gram_rows,
     open_server_context,
     parse_upload,
@@ -1067,12 +1072,13 @@ def _addressed(
 
 
 def _take_uploads(
-    grid: Grid, server: _Server, sealed: dict[int, bytes], client_of: dict[int, int],
+    grid: Grid, server: _Server, sealed: dict[int, SealedContext], client_of: dict[int, int],
     uploads: dict[int, list[InnerProductUpload]], envelopes: dict[int, Envelope],
     upload_bytes: dict[int, int], val0: Tensor, test0: Tensor, timing: dict[str, Any],
     refused: set[int],
 ) -> None:
-    """Ask the clients of ``sealed`` (client -> its sealed CKKS context) for ``Enc(U_i)``; add
+    """Ask the clients of ``sealed`` (client -> its sealed CKKS context, with the key holder's
+    signature and the public context's digest, which the client checks) for ``Enc(U_i)``; add
     each accepted upload (and its envelope and size) to ``uploads`` and each client whose
     budget refused its summary (a signed refusal, its text an event) to ``refused``; the others
     are events or rejections. An error reply that the same message raises again on every try
@@ -1083,9 +1089,10 @@ def _take_uploads(
     layout, q = layout_for(cfg, server.schema), cfg.fedora.q
     messages = dict(
         _addressed(server, cid, MSG_ENCRYPTED_SUMMARY, RecordDict({"ckks": ConfigRecord({
-            "sealed-context": blob, "num-vectors": layout.num_vectors,
+            "sealed-context": given.blob, "context-signature": given.signature,
+            "public-context-digest": given.public_digest, "num-vectors": layout.num_vectors,
             "dim": layout.dim})}))
-        for cid, blob in sealed.items()
+        for cid, given in sealed.items()
     )
     ex = _exchange(grid, messages, _relatedness_wait(server), server.settings.poll_interval,
                    server.settings.max_in_flight)
@@ -1135,12 +1142,13 @@ def _take_uploads(
 
 def _open_ceremony(
     server: _Server, holder: int, content: RecordDict, details: dict[str, Any]
-) -> tuple[str, dict[int, bytes]]:
+) -> tuple[str, dict[int, SealedContext]]:
     """The key holder's accepted ceremony reply ``content``: set ``server.ckks_context`` from
     its public context, fill ``details``; return the context's digest and every client's
-    sealed context. DeployError naming the key holder for a missing or unusable context (one
-    holding a secret key, without evaluation keys, or with other parameters) or a missing
-    sealed context."""
+    sealed context with the key holder's signature. DeployError naming the key holder for a
+    missing or unusable context (one holding a secret key, without evaluation keys, or with
+    other parameters), a missing sealed context, or one its signature does not bind to this
+    run, its client and this public context (every client checks it again)."""
     record = content["ceremony"] if "ceremony" in content else None
     public = record.get("public-context") if isinstance(record, ConfigRecord) else None
     if not isinstance(record, ConfigRecord) or not isinstance(public, bytes):
@@ -1151,21 +1159,39 @@ def _open_ceremony(
         raise DeployError(
             f"the key holder (client {holder}) returned an unusable public CKKS context: {err}"
         ) from None
-    sealed: dict[int, bytes] = {}
+    digest = public_context_digest(public)
+    signer = server.security.verifier.allowlist[server.client_ids[holder]]
+    sealed: dict[int, SealedContext] = {}
     for cid, party in enumerate(server.client_ids):
-        blob = record.get(f"sealed-{party}")
+        blob, signature = record.get(f"sealed-{party}"), record.get(f"signature-{party}")
         if not isinstance(blob, bytes):
             raise DeployError(
                 f"the key holder (client {holder}) sealed no CKKS context for {party}"
             )
-        sealed[cid] = blob
+        try:
+            check_sealed_signature(
+                blob,
+                signature,
+                digest,
+                party,
+                signer,
+                run_id=server.run_id,
+                config_hash=server.settings.config_hash,
+            )
+        except SecureRelatednessError as err:
+            raise DeployError(
+                f"the key holder (client {holder}) returned a sealed CKKS context that fails "
+                f"its signature check: {err}"
+            ) from None
+        assert isinstance(signature, bytes)
+        sealed[cid] = SealedContext(blob, signature, digest)
     server.ckks_context = context
     details["public_context_bytes"] = len(public)
-    details["sealed_context_bytes"] = len(sealed[0])
+    details["sealed_context_bytes"] = len(sealed[0].blob)
     details["server_context_has_secret_key"] = bool(context.has_secret_key())
     details["ckks_parameters"] = context_parameters(context)
     # re-stated to the key holder when it decrypts
-    return public_context_digest(public), sealed
+    return digest, sealed
 
 
 def _server_rows(

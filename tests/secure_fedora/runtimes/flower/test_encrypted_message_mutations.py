@@ -33,7 +33,13 @@ from secure_fedora.runtimes.flower.protocol import (
     RunSettings,
 )
 from secure_fedora.runtimes.flower.state import NodeStateError, ReleaseJournal
-from secure_fedora.secure.relatedness import SecureRelatednessError
+from secure_fedora.secure.relatedness import (
+    SecureRelatednessError,
+    create_keys,
+    public_keys,
+    seal_keys,
+    sealed_context_statement,
+)
 from tests.secure_fedora.runtimes.flower.deploy_support import (  # noqa: F401 - a fixture
     InMemoryGrid,
     run_config,
@@ -369,7 +375,7 @@ def summary_request_case(cap: dict[str, Any], rng: random.Random, kind: str) -> 
     elif kind == "bit-flip":
         record["sealed-context"] = _flip(rng, blob)
     elif kind == "other-client":
-        record["sealed-context"] = cap["sealed"][(c + 1) % 3]
+        record["sealed-context"] = cap["sealed"][(c + 1) % 3].blob
     elif kind == "empty":
         record["sealed-context"] = rng.choice([b"", "x", 0])
     elif kind == "layout":
@@ -399,6 +405,8 @@ CEREMONY_KINDS = [
     "garbage",
     "missing",
     "sealed-missing",
+    "signature-missing",
+    "signature-swapped",
     "genuine",
 ]
 
@@ -433,6 +441,14 @@ def ceremony_reply_case(cap: dict[str, Any], rng: random.Random, kind: str) -> s
         record.pop("public-context")
     elif kind == "sealed-missing":
         record.pop(f"sealed-{server.client_ids[rng.randrange(3)]}")
+    elif kind == "signature-missing":
+        record.pop(f"signature-{server.client_ids[rng.randrange(3)]}")
+    elif kind == "signature-swapped":  # client 0's blob with client 1's signature, and back
+        ids = server.client_ids
+        record[f"signature-{ids[0]}"], record[f"signature-{ids[1]}"] = (
+            record[f"signature-{ids[1]}"],
+            record[f"signature-{ids[0]}"],
+        )
     elif kind != "genuine":
         raise AssertionError(kind)
     saved = server.ckks_context
@@ -457,7 +473,7 @@ FLOWS = {
     "summary reply": (summary_reply_case, SUMMARY_KINDS, 75),
     "decryption request": (decrypt_request_case, ROW_KINDS, 48),
     "summary request": (summary_request_case, REQUEST_KINDS, 28),
-    "ceremony reply": (ceremony_reply_case, CEREMONY_KINDS, 27),
+    "ceremony reply": (ceremony_reply_case, CEREMONY_KINDS, 33),
 }
 MUST_REFUSE = {
     "summary reply": set(SUMMARY_KINDS)
@@ -532,3 +548,84 @@ def test_an_unusable_public_context_from_the_key_holder_stops_the_run_naming_it(
     ):
         server_app.run_federation(grid, settings, 42)  # type: ignore[arg-type]
     assert not any(m.metadata.message_type == MSG_ENCRYPTED_SUMMARY for m in grid.sent)
+
+
+FORGED = [
+    "server-made, unsigned",
+    "server-made, signed by the server",
+    "server-made, the genuine signature",
+    "another client's context and signature",
+    "signed for another run",
+    "signed for another config",
+    "another public context stated",
+    "genuine",
+]
+
+
+@pytest.mark.parametrize("kind", FORGED)
+def test_a_context_the_key_holder_did_not_seal_for_this_run_and_client_is_refused(
+    run: dict[str, Any], kind: str
+) -> None:
+    """A client opens only a secret context that the key holder signed for this run, this
+    client and the public context the server states. A context the server made and sealed to
+    the client's real X25519 key (whose secret key the server would hold) was opened and
+    used to encrypt the client's summary; it, and a genuine blob re-bound to another client,
+    run or public context, is refused naming the key holder, nothing encrypted or journaled."""
+    server, c = run["server"], 1
+    holder = run["signers"][HOLDER].identity
+    party = server.client_ids[c]
+    record = dict(run["requests"][MSG_ENCRYPTED_SUMMARY, c]["ckks"][1])
+    agreement = run["signers"][c].identity.agreement_key.public_key()
+
+    def holder_signs(blob: bytes, **over: Any) -> bytes:
+        fields = dict(
+            run_id=42,
+            config_hash=run["settings"].config_hash,
+            key_holder=holder.party_id,
+            recipient=party,
+            public_digest=record["public-context-digest"],
+            blob=blob,
+        )
+        return holder.sign(sealed_context_statement(**{**fields, **over}))
+
+    if kind.startswith("server-made"):
+        secret = create_keys()
+        record["sealed-context"] = seal_keys(secret, {party: agreement}, party)[party]
+        record["public-context-digest"] = public_context_digest(public_keys(secret))
+        if kind == "server-made, unsigned":
+            del record["context-signature"]
+        elif kind == "server-made, signed by the server":
+            record["context-signature"] = server.security.identity.sign(
+                sealed_context_statement(
+                    run_id=42,
+                    config_hash=run["settings"].config_hash,
+                    key_holder=holder.party_id,
+                    recipient=party,
+                    public_digest=record["public-context-digest"],
+                    blob=record["sealed-context"],
+                )
+            )
+    elif kind == "another client's context and signature":
+        other = run["sealed"][2]
+        record["sealed-context"], record["context-signature"] = other.blob, other.signature
+    elif kind == "signed for another run":
+        record["context-signature"] = holder_signs(record["sealed-context"], run_id=43)
+    elif kind == "signed for another config":
+        record["context-signature"] = holder_signs(record["sealed-context"], config_hash="0" * 64)
+    elif kind == "another public context stated":
+        record["public-context-digest"] = public_context_digest(public_keys(create_keys()))
+    _, message = server_app._addressed(
+        server, c, MSG_ENCRYPTED_SUMMARY, RecordDict({"ckks": ConfigRecord(record)})
+    )
+    before = _journal(run, c)
+    with task_identity_of_node_0():
+        if kind == "genuine":
+            reply = client_app.encrypted_summary(message, _context(run, c))
+            assert len(reply.content["upload"]["columns"]) == 1
+            return
+        with pytest.raises(SecureRelatednessError) as refused:
+            client_app.encrypted_summary(message, _context(run, c))
+    text = str(refused.value)
+    assert "not signed by the key holder client-000 for run 42, client-001" in text, text
+    assert "nothing encrypted" in text
+    assert _journal(run, c) == before
