@@ -583,6 +583,10 @@ class _Engine:
             raise CkksError(f"{what}: not a valid ciphertext for this context ({exc})") from exc
         if ct.size() != 2:
             raise CkksError(f"{what}: ciphertext has {ct.size()} polynomials, expected 2")
+        # All-zero polynomials encrypt nothing under any key; SEAL refuses every product with
+        # one ("result ciphertext is transparent") deep in a computation, naming no ciphertext.
+        if ct.is_transparent():
+            raise CkksError(f"{what}: ciphertext is transparent (all zero), not an encryption")
         return ct
 
     def check(self, ct: Any, level: int, scale: float, what: str) -> None:

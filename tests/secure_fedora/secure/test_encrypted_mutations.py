@@ -155,6 +155,25 @@ def _rescaled(ctx: ts.Context, blob: bytes, scale: float) -> bytes:
     return ckks._save(ct)
 
 
+def _transparent(ctx: ts.Context, blob: bytes) -> bytes:
+    """``blob``'s ciphertext with all-zero polynomials (same parameters, level and scale),
+    written by hand: SEAL's own evaluator never produces a transparent ciphertext."""
+    ct = ckks._engine(ctx).load(blob, "ciphertext")
+    n, moduli = ct.poly_modulus_degree(), ct.coeff_modulus_size()
+    head = blob[:5] + b"\x00" + blob[6:8]  # SEAL header: no compression
+
+    def framed(body: bytes) -> bytes:
+        return head + struct.pack("<Q", 16 + len(body)) + body
+
+    data = framed(struct.pack("<Q", 2 * n * moduli) + bytes(8 * 2 * n * moduli))
+    return framed(
+        struct.pack("<4Q", *ct.parms_id())
+        + b"\x01"  # NTT form
+        + struct.pack("<QQQdQ", 2, n, moduli, ct.scale, 1)
+        + data
+    )
+
+
 def _other_parameters(rng: random.Random) -> bytes:
     """A ciphertext under other CKKS parameters (ring degree, moduli or scale)."""
     degree, bits, scale = rng.choice(
@@ -228,6 +247,13 @@ def upload_case(w: World, rng: random.Random, kind: str) -> tuple[str, str]:
         columns = rng.choice([[], [blob, blob]])
     elif kind == "not-bytes":
         columns = rng.choice([None, [None], [1], ["x"], blob])
+    elif kind == "transparent":  # all-zero polynomials: SEAL's products refuse it, unnamed
+        up = InnerProductUpload.deserialize(blob)
+        if rng.random() < 0.5:
+            columns = [_upload(blob, packed=[_transparent(w.server_ctx, up.packed[0])])]
+        else:
+            zero = _transparent(w.server_ctx, up.broadcast[-1])
+            columns = [_upload(blob, broadcast=[*up.broadcast[:-1], zero])]
     else:
         raise AssertionError(kind)
     sent = {k: w.columns[k] for k in range(N)}
@@ -293,6 +319,8 @@ def rows_case(w: World, rng: random.Random, kind: str) -> tuple[str, str]:
         rows = []
     elif kind == "not-a-list":
         rows = rng.choice([None, b"x", w.rows[0], 3, [None]])
+    elif kind == "transparent":
+        rows[k] = EncryptedRow(k, _transparent(w.ctx, data[k])).serialize()
     else:
         raise AssertionError(kind)
     try:
@@ -436,6 +464,12 @@ def propagation_case(w: World, rng: random.Random, kind: str) -> tuple[str, str]
             parts[0] = parts[0] + b"\x00" * rng.randrange(1, 64)
 
         msgs[j] = _vector(blob, trailing)
+    elif kind == "transparent":
+
+        def zero(parts: list[bytes]) -> None:
+            parts[-1] = _transparent(client.keys.ctx, parts[-1])
+
+        msgs[j] = _vector(blob, zero)
     else:
         raise AssertionError(kind)
     try:
@@ -472,8 +506,9 @@ FLOWS: dict[str, tuple[Callable[[World, random.Random, str], tuple[str, str]], l
             "parameters",
             "count",
             "not-bytes",
+            "transparent",
         ],
-        102,
+        108,
     ),
     "rows": (
         rows_case,
@@ -492,8 +527,9 @@ FLOWS: dict[str, tuple[Callable[[World, random.Random, str], tuple[str, str]], l
             "huge",
             "empty",
             "not-a-list",
+            "transparent",
         ],
-        56,
+        60,
     ),
     "context": (
         context_case,
@@ -525,8 +561,9 @@ FLOWS: dict[str, tuple[Callable[[World, random.Random, str], tuple[str, str]], l
             "scale-last-bits",
             "level",
             "part-in-seal-header-size",
+            "transparent",
         ],
-        55,
+        60,
     ),
 }
 
@@ -548,6 +585,7 @@ MUST_REFUSE = {
         "parameters",
         "count",
         "not-bytes",
+        "transparent",
     },
     "rows": {
         "truncated",
@@ -562,6 +600,7 @@ MUST_REFUSE = {
         "huge",
         "empty",
         "not-a-list",
+        "transparent",
     },
     "context": {
         "truncated",
@@ -581,6 +620,7 @@ MUST_REFUSE = {
         "scale",
         "scale-last-bits",
         "part-in-seal-header-size",
+        "transparent",
     },
 }
 
