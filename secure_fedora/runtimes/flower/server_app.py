@@ -1204,7 +1204,9 @@ def _server_rows(
     """The encrypted Gram rows of every client's accepted ``uploads``, computed with the
     public context only. Authentic but unusable ciphertexts are a malformed reply: each such
     client is rejected (a recorded security event naming it) and dropped from ``uploads``,
-    and the run stops naming them (relatedness needs every client)."""
+    and the run stops naming them (relatedness needs every client). A failure no client's
+    ciphertexts explain stops the run with a DeployError naming the key holder whose public
+    context the rows were computed with and the clients whose uploads went in."""
     cfg = server.cfg
     try:
         rows, _ = gram_rows(
@@ -1217,6 +1219,12 @@ def _server_rows(
             del uploads[cid]
         _require_all(server, uploads, nodes, "encrypted summary")  # raises, naming them
         raise
+    except SecureRelatednessError as err:
+        raise DeployError(
+            f"the encrypted Gram rows of clients {sorted(uploads)} could not be computed under "
+            f"the public CKKS context of the key holder (client {server.settings.key_holder}), "
+            f"no client's ciphertexts explaining it: {err}; the run stops"
+        ) from None
     return rows
 
 

@@ -21,6 +21,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from privacy.ckks import EncryptedRow, InnerProductUpload
+from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.ceremony import public_context_digest
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity
@@ -58,6 +59,7 @@ from tests.secure_fedora.secure.test_encrypted_mutations import (
     _flip,
     _other_parameters,
     _rescaled,
+    _transparent,
     _upload,
 )
 
@@ -69,85 +71,90 @@ class _Stop(BaseException):
     """Ends the captured run once the key holder has answered the decryption."""
 
 
+def capture_run(root: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    """A three-client run of ``cfg`` (an encrypted relatedness mode) stopped after the key
+    holder's decryption: the server, every request and reply of the ceremony, the encrypted
+    summaries and the decryption, and every client's signer (call it inside
+    ``task_identity_of_node_0()``)."""
+    rc = run_config(cfg, root)
+    settings = RunSettings.from_run_config(rc)
+    cap: dict[str, Any] = {"requests": {}, "replies": {}}
+    real_take, real_rows = server_app._take_uploads, server_app._server_rows
+
+    def take(grid, server, sealed, client_of, uploads, *rest):  # type: ignore[no-untyped-def]
+        real_take(grid, server, sealed, client_of, uploads, *rest)
+        cap.update(
+            server=server,
+            sealed=dict(sealed),
+            uploads=dict(uploads),
+            envelopes=dict(rest[0]),
+            val0=rest[2],
+            test0=rest[3],
+        )
+
+    def rows(server, layout, uploads, envelopes, nodes):  # type: ignore[no-untyped-def]
+        cap.update(layout=layout, nodes=list(nodes))
+        cap["rows"] = real_rows(server, layout, uploads, envelopes, nodes)
+        return cap["rows"]
+
+    def keep_request(kind: str, client: int):  # type: ignore[no-untyped-def]
+        def keep(request: Message) -> Message:
+            cap["requests"][kind, client] = _records(request)
+            return request
+
+        return keep
+
+    def keep_reply(kind: str, client: int):  # type: ignore[no-untyped-def]
+        def keep(_request: Message, reply: Message) -> Message:
+            cap["replies"][kind, client] = _records(reply)
+            if kind == MSG_DECRYPT:
+                raise _Stop
+            return reply
+
+        return keep
+
+    kinds = (MSG_CEREMONY, MSG_ENCRYPTED_SUMMARY, MSG_DECRYPT)
+    grid = InMemoryGrid(
+        root / "nodes",
+        rc,
+        3,
+        tamper_request={(c, 0, k): keep_request(k, c) for c in range(3) for k in kinds},
+        tamper_reply={(c, 0, k): keep_reply(k, c) for c in range(3) for k in kinds},
+    )
+    saved = (server_app._take_uploads, server_app._server_rows)
+    server_app._take_uploads, server_app._server_rows = take, rows
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), pytest.raises(_Stop):
+            server_app.run_federation(grid, settings, 42)  # type: ignore[arg-type]
+    finally:
+        server_app._take_uploads, server_app._server_rows = saved
+    cap.update(
+        grid=grid,
+        rc=rc,
+        root=root,
+        settings=settings,
+        answered=cap["requests"][MSG_DECRYPT, HOLDER]["rows"][1]["answered-ceremony"],
+        overlaps=cap["replies"][MSG_DECRYPT, HOLDER]["overlaps"][1]["overlaps"],
+    )
+    cap["signers"] = {
+        c: MessageSecurity.for_client(
+            settings.identity_dir.parent / f"client-{c:03d}",
+            root / "signers" / str(c),
+            42,
+            settings.config_hash,
+            c,
+            3,
+        )
+        for c in range(3)
+    }
+    return cap
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A three-client encrypted run stopped after the key holder's decryption: the server,
-    every request and reply of the ceremony, the encrypted summaries and the decryption."""
-    root = tmp_path_factory.mktemp("encrypted-mutations")
+    """:func:`capture_run` of an encrypted run (no DP)."""
     with task_identity_of_node_0():
-        cfg = enc_config()
-        rc = run_config(cfg, root)
-        settings = RunSettings.from_run_config(rc)
-        cap: dict[str, Any] = {"requests": {}, "replies": {}}
-        real_take, real_rows = server_app._take_uploads, server_app._server_rows
-
-        def take(grid, server, sealed, client_of, uploads, *rest):  # type: ignore[no-untyped-def]
-            real_take(grid, server, sealed, client_of, uploads, *rest)
-            cap.update(
-                server=server,
-                sealed=dict(sealed),
-                uploads=dict(uploads),
-                envelopes=dict(rest[0]),
-                val0=rest[2],
-                test0=rest[3],
-            )
-
-        def rows(server, layout, uploads, envelopes, nodes):  # type: ignore[no-untyped-def]
-            cap.update(layout=layout, nodes=list(nodes))
-            cap["rows"] = real_rows(server, layout, uploads, envelopes, nodes)
-            return cap["rows"]
-
-        def keep_request(kind: str, client: int):  # type: ignore[no-untyped-def]
-            def keep(request: Message) -> Message:
-                cap["requests"][kind, client] = _records(request)
-                return request
-
-            return keep
-
-        def keep_reply(kind: str, client: int):  # type: ignore[no-untyped-def]
-            def keep(_request: Message, reply: Message) -> Message:
-                cap["replies"][kind, client] = _records(reply)
-                if kind == MSG_DECRYPT:
-                    raise _Stop
-                return reply
-
-            return keep
-
-        kinds = (MSG_CEREMONY, MSG_ENCRYPTED_SUMMARY, MSG_DECRYPT)
-        grid = InMemoryGrid(
-            root / "nodes",
-            rc,
-            3,
-            tamper_request={(c, 0, k): keep_request(k, c) for c in range(3) for k in kinds},
-            tamper_reply={(c, 0, k): keep_reply(k, c) for c in range(3) for k in kinds},
-        )
-        saved = (server_app._take_uploads, server_app._server_rows)
-        server_app._take_uploads, server_app._server_rows = take, rows
-        try:
-            with contextlib.redirect_stdout(io.StringIO()), pytest.raises(_Stop):
-                server_app.run_federation(grid, settings, 42)  # type: ignore[arg-type]
-        finally:
-            server_app._take_uploads, server_app._server_rows = saved
-        cap.update(
-            grid=grid,
-            rc=rc,
-            root=root,
-            settings=settings,
-            answered=cap["requests"][MSG_DECRYPT, HOLDER]["rows"][1]["answered-ceremony"],
-            overlaps=cap["replies"][MSG_DECRYPT, HOLDER]["overlaps"][1]["overlaps"],
-        )
-        cap["signers"] = {
-            c: MessageSecurity.for_client(
-                settings.identity_dir.parent / f"client-{c:03d}",
-                root / "signers" / str(c),
-                42,
-                settings.config_hash,
-                c,
-                3,
-            )
-            for c in range(3)
-        }
-        yield cap
+        yield capture_run(tmp_path_factory.mktemp("encrypted-mutations"), enc_config())
 
 
 def _context(cap: dict[str, Any], client: int) -> Context:
@@ -237,6 +244,10 @@ def _mutated_columns(cap: dict[str, Any], rng: random.Random, client: int, kind:
         return rng.choice([[1], ["x"], [[blob]]])
     if kind == "replayed":  # the client's own earlier upload, signed again: genuine
         return list(columns)
+    if kind == "transparent":  # all-zero polynomials: SEAL's products refuse it, unnamed
+        up = InnerProductUpload.deserialize(blob)
+        zero = _transparent(cap["server"].ckks_context, up.broadcast[-1])
+        return [_upload(blob, broadcast=[*up.broadcast[:-1], zero])]
     raise AssertionError(kind)
 
 
@@ -256,6 +267,7 @@ SUMMARY_KINDS = [
     "count",
     "not-bytes",
     "replayed",
+    "transparent",
 ]
 
 
@@ -470,7 +482,7 @@ def ceremony_reply_case(cap: dict[str, Any], rng: random.Random, kind: str) -> s
 
 
 FLOWS = {
-    "summary reply": (summary_reply_case, SUMMARY_KINDS, 75),
+    "summary reply": (summary_reply_case, SUMMARY_KINDS, 80),
     "decryption request": (decrypt_request_case, ROW_KINDS, 48),
     "summary request": (summary_request_case, REQUEST_KINDS, 28),
     "ceremony reply": (ceremony_reply_case, CEREMONY_KINDS, 33),
@@ -629,3 +641,27 @@ def test_a_context_the_key_holder_did_not_seal_for_this_run_and_client_is_refuse
     assert "not signed by the key holder client-000 for run 42, client-001" in text, text
     assert "nothing encrypted" in text
     assert _journal(run, c) == before
+
+
+def test_rows_the_server_cannot_compute_for_no_client_s_fault_stop_the_run_naming_the_key_holder(
+    run: dict[str, Any],
+) -> None:
+    """``_server_rows`` let gram_rows' SecureRelatednessError for a failure no upload explains
+    (here: a server context holding the secret key) out of the ServerApp unattributed; it is
+    a DeployError naming the key holder and the clients whose uploads went in, no one rejected."""
+    server = run["server"]
+    saved, rejections = server.ckks_context, len(server.rejections)
+    server.ckks_context = _holder_keys(run)
+    try:
+        with pytest.raises(
+            DeployError,
+            match=r"rows of clients \[0, 1, 2\] could not be computed under the public CKKS "
+            r"context of the key holder \(client 0\), no client's ciphertexts explaining it: "
+            r".*secret key",
+        ):
+            server_app._server_rows(
+                server, run["layout"], dict(run["uploads"]), dict(run["envelopes"]), run["nodes"]
+            )
+    finally:
+        server.ckks_context = saved
+    assert len(server.rejections) == rejections
