@@ -771,8 +771,9 @@ def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, cl
     Raises ValueError (the reply is then rejected as malformed, nothing of it recorded) for a
     report in a run without DP (no client of such a run keeps a ledger), a reply of a DP run
     that lacks it where ``required`` (every reply of a DP method exchange carries it), an
-    ``epsilon-spent`` that is not a finite number >= 0, an ``epsilon-budget`` that is not a
-    finite number > 0 or is not ``client``'s budget in the config, a ``ledger-entries`` that
+    ``epsilon-spent`` that is not a finite number >= 0 or exceeds the budget, an
+    ``epsilon-budget`` that is not a finite number > 0 or is not ``client``'s budget in the
+    config, a ``ledger-entries`` that
     is not an integer >= 0 or not the ledger record's entry count, or a malformed ledger
     record (:func:`_reported_head`, :func:`_reported_plan`)."""
     from secure_fedora.secure.private import client_budget
@@ -796,6 +797,8 @@ def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, cl
     if float(budget) != configured:  # results.json would state it as the client's budget
         raise ValueError(f"epsilon-budget {budget!r} is not the client's configured budget "
                          f"{configured!r}")
+    if float(spent) > configured:  # its gate refuses every release that would pass the budget
+        raise ValueError(f"epsilon-spent {spent!r} exceeds the client's budget {configured!r}")
     head = _reported_head(reply)
     if head and head["ledger_entries"] != entries:  # the record's count would be recorded
         raise ValueError(f"ledger record's entries {head['ledger_entries']} differ from "
@@ -1124,10 +1127,12 @@ def _take_uploads(
             continue
         if _take_metrics(server, cid, reply, env, val0, test0):
             metrics = reply.content["metrics"]
-            if isinstance(metrics, MetricRecord) and "epsilon-spent" in metrics:
-                try:  # the summary's ledger state, re-stated to the client in round 1
-                    privacy = _reported_privacy(server, reply, metrics, cid, required=False)
-                    assert privacy is not None  # "epsilon-spent" is in metrics
+            if isinstance(metrics, MetricRecord) and (cfg.privacy.enabled
+                                                      or "epsilon-spent" in metrics):
+                try:  # the summary's ledger state, re-stated to the client in round 1; every
+                    # DP client reports it (the reply of a DP run without it is malformed)
+                    privacy = _reported_privacy(server, reply, metrics, cid, required=True)
+                    assert privacy is not None  # a DP run's report, or ValueError
                 except (KeyError, TypeError, ValueError) as err:
                     server.reject(0, cid, node, _malformed(env, f"ledger record ({err})"),
                                   "no relatedness from it")

@@ -13,7 +13,7 @@ import contextlib
 import io
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,10 +376,12 @@ def decrypt_request_case(cap: dict[str, Any], rng: random.Random, kind: str) -> 
 REQUEST_KINDS = ["truncated", "bit-flip", "other-client", "empty", "layout", "no-record", "genuine"]
 
 
-def summary_request_case(cap: dict[str, Any], rng: random.Random, kind: str) -> str:
-    """The server's encrypted-summary request to client ``c`` with its sealed context or
-    layout damaged (signed by the server), handled by the client."""
-    c = rng.randrange(3)
+def summary_request(
+    cap: dict[str, Any], rng: random.Random, kind: str, clients: Sequence[int] = range(3)
+) -> tuple[int, Message]:
+    """The server's encrypted-summary request to a client ``c`` of ``clients`` with its sealed
+    context or layout damaged by ``kind``, signed by the server: ``(c, request)``."""
+    c = clients[rng.randrange(len(clients))]
     record = dict(cap["requests"][MSG_ENCRYPTED_SUMMARY, c]["ckks"][1])
     blob = record["sealed-context"]
     if kind == "truncated":
@@ -396,6 +398,12 @@ def summary_request_case(cap: dict[str, Any], rng: random.Random, kind: str) -> 
         raise AssertionError(kind)
     content = RecordDict() if kind == "no-record" else RecordDict({"ckks": ConfigRecord(record)})
     _, message = server_app._addressed(cap["server"], c, MSG_ENCRYPTED_SUMMARY, content)
+    return c, message
+
+
+def summary_request_case(cap: dict[str, Any], rng: random.Random, kind: str) -> str:
+    """:func:`summary_request` handled by the client, which answered it before."""
+    c, message = summary_request(cap, rng, kind)
     before = _journal(cap, c)
     try:
         reply = client_app.encrypted_summary(message, _context(cap, c))
