@@ -508,18 +508,27 @@ MUST_REFUSE = {
 def test_mutated_encrypted_messages_end_genuine_or_in_a_named_refusal(
     run: dict[str, Any], flow: str
 ) -> None:
-    make, kinds, cases = FLOWS[flow]
-    rng = random.Random(f"{SEED}-{flow}")
-    outcomes: Counter[tuple[str, str]] = Counter()
     with task_identity_of_node_0():
-        for n in range(cases):
-            kind = kinds[n % len(kinds)]
-            outcome = make(run, rng, kind)
-            assert not (kind in MUST_REFUSE[flow] and outcome == "genuine"), (flow, kind)
-            assert kind != "genuine" or outcome == "genuine", (flow, outcome)
-            outcomes[kind, outcome] += 1
+        run_flow(run, flow, FLOWS, MUST_REFUSE, SEED)
+
+
+def run_flow(run: dict[str, Any], flow: str, flows: dict[str, Any],
+             must_refuse: dict[str, set[str]], seed: int) -> Counter[tuple[str, str]]:
+    """Run ``flow``'s seeded cases (``flows[flow]``: case maker, kinds, count) against the
+    captured ``run``: a kind in ``must_refuse[flow]`` never ends genuine, a genuine one always
+    does, and more than half the cases end in a refusal. The outcomes by (kind, outcome)."""
+    make, kinds, cases = flows[flow]
+    rng = random.Random(f"{seed}-{flow}")
+    outcomes: Counter[tuple[str, str]] = Counter()
+    for n in range(cases):
+        kind = kinds[n % len(kinds)]
+        outcome = make(run, rng, kind)
+        assert not (kind in must_refuse[flow] and outcome == "genuine"), (flow, kind)
+        assert kind != "genuine" or outcome == "genuine", (flow, outcome)
+        outcomes[kind, outcome] += 1
     assert sum(outcomes.values()) == cases
     assert sum(n for (_, o), n in outcomes.items() if o != "genuine") > cases // 2, outcomes
+    return outcomes
 
 
 @pytest.mark.usefixtures("task_identity")
