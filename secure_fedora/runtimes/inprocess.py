@@ -1779,10 +1779,15 @@ class Simulation:
         """The server's check of the ledger state each DP client reported with its accepted
         evaluation reply (the values after ``offset`` metrics), as the Flower server checks
         every reply's: a report that does not extend the client's previous one (fewer
-        entries, another last line at the same count, a lower epsilon) stops the run with a
-        LedgerError naming the client; otherwise it becomes the client's latest report."""
+        entries, another last line at the same count, a lower epsilon) or states another
+        epsilon for the same entries and last line stops the run with a LedgerError naming
+        the client; otherwise it becomes the client's latest report."""
         from privacy.ledger import LedgerError
-        from secure_fedora.secure.private import ledger_went_back, read_ledger_report
+        from secure_fedora.secure.private import (
+            ledger_spend_changed,
+            ledger_went_back,
+            read_ledger_report,
+        )
 
         label = next(n for n, m in self.methods.items() if m is method)
         seen = self._ledger_reports.setdefault(label, {})
@@ -1795,6 +1800,13 @@ class Simulation:
                     f"evaluation reply of round {rnd}: entries it had reported were lost, cut or "
                     "replaced, so its accounting would record fewer releases than it made; the "
                     "run stops (restore the ledger from a copy, or start a new run)")
+            changed = ledger_spend_changed(seen.get(i), report)
+            if changed is not None:
+                raise LedgerError(
+                    f"{label}: client {i} reported another spend for the same ledger ({changed})"
+                    f" in its evaluation reply of round {rnd}: its epsilon is computed from its "
+                    "ledger alone, so one of the two figures is not its ledger's spend; the run "
+                    "stops")
             seen[i] = report
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,

@@ -2265,6 +2265,26 @@ def ledger_went_back(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -
     return None
 
 
+def ledger_spend_changed(before: Mapping[str, Any] | None, now: Mapping[str, Any]) -> str | None:
+    """How a client's newly reported ledger state states another spend for the ledger it
+    reported before: the same ``ledger_entries`` and ``ledger_head`` with an
+    ``epsilon_spent`` of another value (a client's epsilon is its accountant replayed
+    from those entries, bit for bit under every accountant, so a second figure for one ledger
+    is not that ledger's spend); None otherwise, or when either report lacks its ledger
+    state. The server-side check of both runtimes, beside :func:`ledger_went_back`: such a
+    report stops the run."""
+    if before is None or any(k not in r for r in (before, now)
+                             for k in ("ledger_entries", "ledger_head")):
+        return None
+    if (now["ledger_entries"], now["ledger_head"]) != (before["ledger_entries"],
+                                                       before["ledger_head"]):
+        return None
+    if float(now["epsilon_spent"]) == float(before["epsilon_spent"]):
+        return None
+    return (f"epsilon {format_exact(now['epsilon_spent'])} for the {before['ledger_entries']}"
+            f" entries it had reported with epsilon {format_exact(before['epsilon_spent'])}")
+
+
 #: The fields a DP client's evaluation reply reports after its metrics, in process (the
 #: float64 vector of kind ``evaluate.reply``): epsilon spent and budget, the ledger's entry
 #: count, then its head (SHA-256 of the last line) as 8 words of 32 bits, each exact in float64.

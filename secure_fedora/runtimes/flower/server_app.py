@@ -181,6 +181,7 @@ from secure_fedora.runtimes.inprocess import (
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
 from secure_fedora.runtimes.results import PROCESS_KEYS as _RUN_PROCESS_KEYS
 from secure_fedora.runtimes.rundir import amendment_readers
+from secure_fedora.secure.private import ledger_spend_changed as _ledger_spend_changed
 from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
@@ -979,15 +980,25 @@ def _take_ledger_report(server: _Server, name: str, cid: int, node: int,
     its ``reply`` for method ``name``) as the last one seen from it, after the checks every
     reply carrying a ledger record gets: a ledger that went back from the one recorded
     (:func:`~secure_fedora.secure.private.ledger_went_back`) or a plan the config does not
-    admit (:func:`_plan_used`) stops the run with a DeployError naming the client, and
-    nothing of the reply is recorded."""
-    went_back = _ledger_went_back(server.privacy.get(name, {}).get(cid), privacy)
+    admit (:func:`_plan_used`) stops the run with a DeployError naming the client, as does
+    another epsilon for the ledger state recorded
+    (:func:`~secure_fedora.secure.private.ledger_spend_changed`), and nothing of the reply
+    is recorded."""
+    before = server.privacy.get(name, {}).get(cid)
+    went_back = _ledger_went_back(before, privacy)
     if went_back is not None:
         raise DeployError(
             f"{name}: client {server.client_ids[cid]} (node {node}) reported a ledger that "
             f"went back ({went_back}) in its {reply}: entries it had reported were lost, cut "
             "or replaced on its node, so its accounting would record fewer releases than it "
             "made; the run stops (restore the node's state-dir, or start a new run)")
+    changed = _ledger_spend_changed(before, privacy)
+    if changed is not None:
+        raise DeployError(
+            f"{name}: client {server.client_ids[cid]} (node {node}) reported another spend "
+            f"for the same ledger ({changed}) in its {reply}: its epsilon is computed from "
+            "its ledger alone, so one of the two figures is not its ledger's spend; the run "
+            "stops (run every node and the server on one version, or start a new run)")
     _plan_used(server, name, cid, privacy)
     server.privacy.setdefault(name, {})[cid] = privacy
 

@@ -1037,6 +1037,25 @@ def test_a_ledger_that_went_back_by_a_little_reads_below_where_it_was():
     assert ledger_went_back({"epsilon_spent": 2.5}, {"epsilon_spent": 2.5}) is None
 
 
+def test_another_spend_for_the_same_ledger_is_named_and_a_grown_ledger_is_not():
+    """The same entries and head with another epsilon (higher too, by one float step) are
+    named; another count or head, an equal epsilon, or a report without a ledger state is
+    not this check's (:func:`ledger_went_back` judges those)."""
+    import math
+
+    from secure_fedora.secure.private import ledger_spend_changed
+
+    before = {"epsilon_spent": 2.5, "ledger_entries": 5, "ledger_head": "a" * 64}
+    assert ledger_spend_changed(before, {**before, "epsilon_spent": math.nextafter(2.5, 3)}) \
+        == "epsilon 2.5000000000000004 for the 5 entries it had reported with epsilon 2.5"
+    assert "epsilon 2.4" in ledger_spend_changed(before, {**before, "epsilon_spent": 2.4})
+    assert ledger_spend_changed(before, dict(before)) is None
+    assert ledger_spend_changed(None, before) is None
+    assert ledger_spend_changed(before, {**before, "ledger_entries": 6, "ledger_head": "b" * 64,
+                                         "epsilon_spent": 3.0}) is None
+    assert ledger_spend_changed({"epsilon_spent": 2.5}, {**before, "epsilon_spent": 3.0}) is None
+
+
 def test_a_plan_over_budget_reads_above_the_budget_it_exceeds(monkeypatch):
     """The refusal showed the budget with :g (six significant digits, to nearest): a plan
     spending 123456.75 of a budget of 123456.7 read "123456.7500 > budget 123457", under it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,13 @@ from flwr.app import ConfigRecord, Message, MetricRecord
 
 from secure_fedora.core.config import ExperimentConfig
 from secure_fedora.runtimes.flower import server_app
-from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, RunSettings
+from secure_fedora.runtimes.flower.protocol import (
+    MSG_EVALUATE,
+    MSG_FINALIZE,
+    MSG_ROUND,
+    DeployError,
+    RunSettings,
+)
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     dp_config,
@@ -239,3 +246,33 @@ def test_a_dp_evaluation_reply_with_a_report_no_client_makes_is_rejected(tmp_pat
     assert [r["evaluated"] for r in results["rounds"]] == [2, 3]
     rows = results["privacy"]["fedavg"]["clients"]
     assert all(r["epsilon_budget"] == 8.0 for r in rows)
+
+
+def _spent_above(step: Callable[[float], float]) -> Change:
+    """The reply's epsilon-spent raised by ``step``, its ledger state left as it is."""
+    def apply(content: Any) -> None:
+        spent = float(content["metrics"]["epsilon-spent"])
+        _metrics(**{"epsilon-spent": step(spent)})(content)
+    return apply
+
+
+@pytest.mark.parametrize("rnd, kind, step", [
+    (1, MSG_EVALUATE, lambda e: math.nextafter(e, math.inf)),
+    (3, MSG_FINALIZE, lambda e: e + 0.05),
+], ids=["evaluate-one-ulp", "finalize"])
+def test_a_signed_reply_stating_another_spend_for_the_same_ledger_stops_the_run(
+        tmp_path, rnd, kind, step):
+    """Client 0's evaluation reply of round 1 (its ledger as its round reply stated it) or its
+    finalize reply (as its last evaluation reply) states a higher epsilon, within the budget,
+    for the same entries and head: it was recorded, and results.json could state a spend its
+    ledger does not account (a client's epsilon is its ledger replayed, bit for bit). Now the
+    run stops naming the client, and no results.json is written."""
+    cfg = with_methods(dp_config(rounds=2), "fedavg")
+    tamper = {(0, rnd, kind): _resigned(tmp_path, _settings(tmp_path, cfg), 0,
+                                        _spent_above(step))}
+    with pytest.raises(DeployError, match=r"fedavg: client client-000 \(node \d+\) reported "
+                                          r"another spend for the same ledger \(epsilon .* for "
+                                          r"the \d+ entries it had reported with epsilon .*\) in "
+                                          r"its (evaluate|finalize) reply"):
+        _run(tmp_path, cfg, tamper)
+    assert not (tmp_path / "res" / "results.json").exists()
