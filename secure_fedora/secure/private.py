@@ -2272,14 +2272,17 @@ def ledger_spend_changed(before: Mapping[str, Any] | None, now: Mapping[str, Any
     from those entries, bit for bit under every accountant, so a second figure for one ledger
     is not that ledger's spend); None otherwise, or when either report lacks its ledger
     state. The server-side check of both runtimes, beside :func:`ledger_went_back`: such a
-    report stops the run."""
+    report stops the run. Figures within a relative 1e-12 are the same spend, as
+    :func:`ledger_went_back` reads them: a node resumed on another CPU model may replay its
+    accountant with numpy's other vector code, whose last bits can differ."""
     if before is None or any(k not in r for r in (before, now)
                              for k in ("ledger_entries", "ledger_head")):
         return None
     if (now["ledger_entries"], now["ledger_head"]) != (before["ledger_entries"],
                                                        before["ledger_head"]):
         return None
-    if float(now["epsilon_spent"]) == float(before["epsilon_spent"]):
+    now_spent, before_spent = float(now["epsilon_spent"]), float(before["epsilon_spent"])
+    if abs(now_spent - before_spent) <= 1e-12 * max(abs(now_spent), abs(before_spent)):
         return None
     return (f"epsilon {format_exact(now['epsilon_spent'])} for the {before['ledger_entries']}"
             f" entries it had reported with epsilon {format_exact(before['epsilon_spent'])}")

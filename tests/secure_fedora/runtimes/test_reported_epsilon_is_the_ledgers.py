@@ -121,10 +121,8 @@ def test_a_plug_in_mechanisms_run_reports_its_replayed_ledgers_epsilon(
 def test_a_report_stating_another_spend_for_the_same_ledger_stops_the_run(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clients: Any) -> None:  # noqa: F811
     """Client 1's second evaluation reply re-states its first one's ledger (entries and head)
-    with an epsilon one float step higher, within its budget: it was accepted and became the
+    with an epsilon higher by a relative 1e-9, within its budget: it was accepted and became the
     client's latest report. The server now stops the run naming the client."""
-    import math
-
     from privacy.ledger import LedgerError
 
     first: list[list[float]] = []
@@ -137,7 +135,7 @@ def test_a_report_stating_another_spend_for_the_same_ledger_stops_the_run(
         if not first:
             first.append(values)
             return values
-        return [math.nextafter(first[0][0], math.inf), *first[0][1:]]
+        return [first[0][0] * (1 + 1e-9), *first[0][1:]]
 
     monkeypatch.setattr(private, "ledger_report", report)
     cfg = parse_config(config_dict(["fedavg"], True, rounds=2))
