@@ -32,7 +32,12 @@
    methods: a recorded final epsilon below the pessimistic PLD value by more than
    ``rel_tol`` is an error (no valid accountant can be tighter than that), and the recorded
    value is compared with the method that is not the recorder's (PLD for ``"rdp"``, RDP for
-   ``"pld"``/``"prv"``): ``cross_difference`` says by how much they differ.
+   ``"pld"``/``"prv"``): ``cross_difference`` says by how much they differ. A plug-in
+   accountant's ledger (any other registered name) is checked as a PRV one (PLD at
+   checkpoints; under-reporting an error); where the accountant is registered in this process
+   (``imports=``) every release entry's ``epsilon_after`` must also equal (within
+   ``SPENT_TOL``) what it computes from the ledger's releases with the recorded
+   ``accountant_params``, else an unchecked ``plug_in_accountant`` warning says it was not.
 3. **Budgets**: every entry's ``epsilon_after <= budget_epsilon`` and the independent
    epsilon ``<= budget_epsilon * (1 + rel_tol)``; ``epsilon_after`` never decreases; a
    refusal spends nothing; ``budget_epsilon``, ``delta`` and ``accountant`` do not change
@@ -160,9 +165,12 @@ from dp_accounting import pld, rdp
 from audits.arguments import MAX_COUNT
 from audits.options import API_AUDIT_OPTIONS, DEFAULT_PLD_CHECKPOINTS, DEFAULT_REL_TOL
 from privacy.accounting import (
+    ACCOUNTANT_REGISTRY,
     MAX_NOISE_MULTIPLIER,
     MAX_STEPS,
     MIN_SAMPLE_RATE,
+    Accountant,
+    AccountingError,
     AccountingSizeError,
     PlannedRelease,
     _subsampled_gaussian_pld,
@@ -562,8 +570,9 @@ def _schema(entry: dict[str, Any]) -> list[str]:
         out.append(f"delta must be in (0, 1), got {entry['delta']!r}")
     if not _number(entry["budget_epsilon"]) or entry["budget_epsilon"] <= 0:
         out.append(f"budget_epsilon must be a finite number > 0, got {entry['budget_epsilon']!r}")
-    if entry["accountant"] not in ACCOUNTANTS:
-        out.append(f"accountant must be one of {ACCOUNTANTS}, got {entry['accountant']!r}")
+    if not isinstance(entry["accountant"], str) or not entry["accountant"]:
+        # a plug-in accountant's name too: _plug_in_accountant_findings checks it
+        out.append(f"accountant must be a non-empty string, got {entry['accountant']!r:.80}")
     if not isinstance(entry["timestamp"], str):
         out.append("timestamp must be a string")
     if not isinstance(entry["prev_hash"], str) or not _HEX64.match(entry["prev_hash"]):
@@ -1185,8 +1194,9 @@ def dpsgd_claim_problem(claim: float, entries: Sequence[dict[str, Any]], delta: 
         raise AuditError(f"rel_tol must be in [0, 1), got {rel_tol!r:.80}")
     dpsgd = [e for e in entries if e.get("mechanism") == "dpsgd"
              and isinstance(e.get("params"), dict) and not _release_problems(e["params"])]
-    if dpsgd and accountant not in ACCOUNTANTS:
-        return f"it names no known accountant ({accountant!r}) to check the claim {claim:.6g} with"
+    if dpsgd and accountant not in ACCOUNTANT_REGISTRY:
+        return (f"it names no accountant registered in this process ({accountant!r}) to check"
+                f" the claim {claim:.6g} with (a plug-in's registers when its module is imported)")
     recorded = mechanism_epsilon(dpsgd, "dpsgd", delta, accountant) if dpsgd else 0.0
     assert recorded is not None  # every entry passed _release_problems
     if claim < recorded * (1 - rel_tol):
@@ -1918,22 +1928,24 @@ def _plan_epsilon_findings(
             if problem is not None:
                 err(i, problem)
         chosen, stated = row["accountant"], row["planned_epsilon"]
-        if chosen not in ACCOUNTANTS:
-            err(i, f"accountant must be one of {ACCOUNTANTS}, got {chosen!r:.80}")
+        if not isinstance(chosen, str) or not chosen:
+            err(i, f"accountant must be a non-empty string, got {chosen!r:.80}")
         elif not _number(stated):
             err(i, f"planned_epsilon must be a number, got {stated!r:.80}")
-        elif chosen != "prv" and _number(row[f"planned_epsilon_{chosen}"]):
+        elif chosen in ("rdp", "pld") and _number(row[f"planned_epsilon_{chosen}"]):
             if float(stated) != float(row[f"planned_epsilon_{chosen}"]):
                 err(
                     i,
                     f"planned_epsilon is {stated!r}, but the plan's accountant {chosen!r}"
                     f" gives planned_epsilon_{chosen} {row[f'planned_epsilon_{chosen}']!r}",
                 )
-        else:  # PRV (dp_accounting has none: its PLD bounds it), or the key stated null
-            name = "pld" if chosen == "prv" else chosen
+        else:  # PRV or a plug-in (dp_accounting has neither: its PLD bounds them), or null
+            name = chosen if chosen in ("rdp", "pld") else "pld"
             # PRV's bound adds its discretization error (absolute: 0.01 for a run ledgered
-            # before PRV refined it), so only a value below the pessimistic PLD is wrong
-            problem = stated_problem("planned_epsilon", stated, name, upper=chosen != "prv")
+            # before PRV refined it), and a plug-in's may be looser still, so only a value
+            # below the pessimistic PLD is wrong
+            problem = stated_problem("planned_epsilon", stated, name,
+                                     upper=chosen in ("rdp", "pld"))
             if problem is not None:
                 err(i, f"{problem} (its accountant: {chosen!r})")
     if old:
@@ -2215,6 +2227,62 @@ def _nested_release_problem(mechanism: str, release: tuple[Any, Any],
             " release it was accounted in")
 
 
+def _plug_in_accountant_findings(entries: Sequence[dict[str, Any] | None], accountant: Any,
+                                 delta: Any, client_id: str, method: str | None,
+                                 imports_flag: str) -> list[Finding]:
+    """Findings on a ledger kept by a plug-in accountant (a name other than the built-ins'):
+    where it is registered in this process (``imports=``), every release entry's
+    ``epsilon_after`` must be what it computes again from the ledger's releases up to that
+    entry, with the ``accountant_params`` the ledger records (an error otherwise); where it
+    is not, an unchecked warning says its figures were not recomputed (the independent PLD
+    check of every entry runs either way). Nothing for a built-in accountant."""
+    if not isinstance(accountant, str) or not accountant or accountant in ACCOUNTANTS \
+            or not _number(delta) or not 0 < delta < 1:
+        return []
+
+    def finding(severity: Severity, pos: int | None, message: str,
+                unchecked: bool = False) -> Finding:
+        return Finding(severity, "plug_in_accountant", message, client_id, pos, method,
+                       unchecked=unchecked)
+
+    if accountant not in ACCOUNTANT_REGISTRY:
+        return [finding("warning", None, f"accountant {accountant!r} is not registered in this"
+                        " process, so the epsilons it recorded were not recomputed with it (the"
+                        " independent PLD check ran); import a module you trust that registers"
+                        f" it with privacy.accounting.register_accountant ({imports_flag}: its"
+                        " dotted name on PYTHONPATH, never a file of the run under review) and"
+                        " verify again", unchecked=True)]
+    releases = [(i, e) for i, e in enumerate(entries) if e is not None
+                and e.get("mechanism") not in (REFUSAL, REPAIR, CLOSE)]
+    recorded = {json.dumps(e["params"].get("accountant_params"), sort_keys=True)
+                for _, e in releases if isinstance(e.get("params"), dict)}
+    acc = Accountant.reproducing(json.loads(recorded.pop()), accountant) \
+        if len(recorded) == 1 else None
+    if acc is None:
+        return [finding("error", None, f"the ledger's accountant_params ({len(recorded)}"
+                        f" distinct) are not those of the accountant {accountant!r} registered"
+                        f" in this process ({Accountant(accountant).parameters}): its epsilons"
+                        " cannot be recomputed")]
+    out: list[Finding] = []
+    for i, e in releases:
+        p = e.get("params")
+        if not isinstance(p, dict) or _release_problems(p):
+            break  # reported by the entry checks; what follows cannot be composed
+        try:
+            acc.record(p["noise_multiplier"], p["sample_rate"], p["steps"])
+            again = acc.epsilon(float(delta))
+        except AccountingError as exc:
+            out.append(finding("error", i, f"accountant {accountant!r} cannot recompute the"
+                               f" epsilon after this entry: {exc}"))
+            break
+        rec = e.get("epsilon_after")
+        if not _number(rec) or abs(rec - again) > SPENT_TOL * max(1.0, again):
+            out.append(finding("error", i, f"recorded epsilon_after {rec!r:.40} is not the"
+                               f" epsilon {again!r} that accountant {accountant!r} computes"
+                               " from the ledger's releases up to this entry"))
+    return out
+
+
 def _verify_client(path: Path, method: str | None, client_id: str,
                    key: Ed25519PublicKey | None, ctx: _RunContext, rel_tol: float,
                    pld_checkpoints: int) -> ClientVerification:
@@ -2359,9 +2427,15 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                      " independent RDP check of every entry ran", unchecked=True)
             else:
                 err(None, "pld_too_large", f"epsilon cannot be verified independently: {exc}")
+    # a plug-in accountant (any other name) is held to dp_accounting's PLD, as PRV is: no
+    # valid accountant is tighter than it; its own figures are recomputed just below
+    checked_as = (accountant if accountant in ACCOUNTANTS else "pld") \
+        if isinstance(accountant, str) and accountant else None
+    findings.extend(_plug_in_accountant_findings(entries, accountant, delta, client_id, method,
+                                                 ctx.options["imports"]))
     independent: list[float | None] = [None] * len(entries)
-    if accountant in ACCOUNTANTS and _number(delta) and 0 < delta < 1:
-        independent = independent_epsilons(releases, float(delta), accountant, pld_checkpoints)
+    if checked_as is not None and _number(delta) and 0 < delta < 1:
+        independent = independent_epsilons(releases, float(delta), checked_as, pld_checkpoints)
     series: list[EntryCheck] = []
     for i, e in enumerate(entries):
         ind = independent[i]
@@ -3502,11 +3576,13 @@ def _import_trusted(name: str, run: Path, flag: str, off: Sequence[str]) -> Impo
 
 
 def _registry_entries() -> set[str]:
-    """``"<kind> '<name>'"`` of every dataset, partitioner, model, loss and method registered."""
+    """``"<kind> '<name>'"`` of every dataset, partitioner, model, loss and method registered,
+    and ``"accountant '<name>'"`` of every plug-in accountant."""
     from secure_fedora.core.registry import DATASETS, LOSSES, METHODS, MODELS, PARTITIONERS
 
     return {f"{r.kind} {n!r}" for r in (DATASETS, PARTITIONERS, MODELS, LOSSES, METHODS)
-            for n in r.names()}
+            for n in r.names()} | {f"accountant {n!r}" for n in ACCOUNTANT_REGISTRY
+                                   if n not in ACCOUNTANTS}
 
 
 def _off_path_note(exc: BaseException, off: Sequence[str]) -> str:

@@ -631,7 +631,8 @@ register_accountant(AccountingMethod(
                "neighboring_relation": "add_or_remove_one"},
 ))
 
-#: Names of the built-in accountants (what ledgers may name).
+#: Names of the built-in accountants (a ledger may name any registered one: looked up in
+#: :data:`ACCOUNTANT_REGISTRY` when checked, so a plug-in's counts).
 ACCOUNTANT_KINDS: tuple[str, ...] = tuple(ACCOUNTANT_REGISTRY)
 
 

@@ -14,7 +14,8 @@ separators=(",", ":"), ensure_ascii=True, allow_nan=False)``) of one entry, foll
   mechanism-specific fields (``clip_norm``, ``sensitivity``, ...);
 - ``epsilon_after``: the client's cumulative epsilon after this entry (a refusal or repair
   spends nothing, so its value equals the previous one);
-- ``delta``, ``budget_epsilon``, ``accountant`` (``"rdp"``/``"prv"``), ``timestamp`` (UTC,
+- ``delta``, ``budget_epsilon``, ``accountant`` (a registered accountant's name: ``"rdp"``,
+  ``"prv"``, ``"pld"`` or a plug-in's), ``timestamp`` (UTC,
   ISO 8601);
 - ``prev_hash``: SHA-256 hex of the previous line's UTF-8 bytes without its newline
   (:data:`GENESIS_HASH`, 64 zeros, for the first entry);
@@ -59,7 +60,12 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from privacy.accounting import ACCOUNTANT_KINDS, Accountant, AccountingError, validate_release
+from privacy.accounting import (
+    ACCOUNTANT_REGISTRY,
+    Accountant,
+    AccountingError,
+    validate_release,
+)
 from privacy.durable import fsync_dir, truncate_and_fsync, write_all_and_fsync
 from privacy.errors import ToolkitError
 from privacy.paths import read_regular_bytes
@@ -250,8 +256,11 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
         out.append(f"delta must be in (0, 1), got {entry['delta']!r}")
     if not _is_number(entry["budget_epsilon"]) or entry["budget_epsilon"] <= 0:
         out.append(f"budget_epsilon must be a number > 0, got {entry['budget_epsilon']!r}")
-    if entry["accountant"] not in ACCOUNTANT_KINDS:
-        out.append(f"accountant must be one of {ACCOUNTANT_KINDS}, got {entry['accountant']!r}")
+    if not isinstance(entry["accountant"], str) or entry["accountant"] not in ACCOUNTANT_REGISTRY:
+        # looked up now, not at import: a plug-in registers its accountant after this module
+        out.append(f"accountant must be a registered accountant {tuple(ACCOUNTANT_REGISTRY)}"
+                   f" (a plug-in's registers when its module is imported),"
+                   f" got {entry['accountant']!r:.80}")
     if not isinstance(entry["timestamp"], str):
         out.append("timestamp must be a string")
     if not isinstance(entry["prev_hash"], str) or not _HEX64.match(entry["prev_hash"]):

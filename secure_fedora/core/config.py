@@ -502,10 +502,15 @@ class PrivacyConfig(_Section):
     @model_validator(mode="after")
     def _known_accountant(self) -> PrivacyConfig:
         from privacy.accounting import ACCOUNTANT_REGISTRY
+        from secure_fedora.core.registry import accept_unregistered, load_contrib
 
-        if self.accountant != "auto" and self.accountant not in ACCOUNTANT_REGISTRY:
+        load_contrib()  # a drop-in module may register the accountant
+        if self.accountant != "auto" and self.accountant not in ACCOUNTANT_REGISTRY \
+                and not accept_unregistered("accountant", self.accountant):
             raise ValueError(f"privacy.accountant must be 'auto' or one of"
-                             f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r}")
+                             f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r} (a"
+                             " plug-in accountant is registered by importing the module that"
+                             " calls privacy.accounting.register_accountant)")
         return self
 
     @model_validator(mode="before")

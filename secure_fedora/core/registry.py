@@ -276,13 +276,20 @@ class Registry(Generic[T]):
     def accepted_unregistered(self, name: object) -> bool:
         """Whether ``name`` is unknown here and accepted (and recorded) by an enclosing
         :func:`accepting_unregistered`; False outside one and for every registered name."""
-        accepted = _ACCEPTED.get()
-        if accepted is None or not isinstance(name, str) or name in self \
-                or NAME_PATTERN.fullmatch(name) is None:
-            return False
-        if (self.kind, name) not in accepted:
-            accepted.append((self.kind, name))
-        return True
+        return name not in self and accept_unregistered(self.kind, name)
+
+
+def accept_unregistered(kind: str, name: object) -> bool:
+    """Whether ``name``, of a ``kind`` this process does not hold (a registry's, or
+    ``"accountant"`` for :data:`privacy.accounting.ACCOUNTANT_REGISTRY`), is accepted (and
+    recorded) by an enclosing :func:`accepting_unregistered`; False outside one and for a
+    name not of :data:`NAME_PATTERN`."""
+    accepted = _ACCEPTED.get()
+    if accepted is None or not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
+        return False
+    if (kind, name) not in accepted:
+        accepted.append((kind, name))
+    return True
 
 
 def declared(entry: Any, attribute: str) -> Any:
