@@ -208,8 +208,9 @@ def read_complete_entries(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return entries
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float (not bool); an int too large for a float is not one."""
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (a bool is not one, nor an int too large for
+    a float): the test every reported or ledgered number passes."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False
     try:
@@ -250,11 +251,11 @@ def _field_problems(entry: dict[str, Any]) -> list[str]:
                 validate_release(p["noise_multiplier"], p["sample_rate"], p["steps"])
             except AccountingError as exc:
                 out.append(f"params: {exc}")
-    if not _is_number(entry["epsilon_after"]) or entry["epsilon_after"] < 0:
+    if not is_finite_number(entry["epsilon_after"]) or entry["epsilon_after"] < 0:
         out.append(f"epsilon_after must be a finite number >= 0, got {entry['epsilon_after']!r}")
-    if not _is_number(entry["delta"]) or not (0 < entry["delta"] < 1):
+    if not is_finite_number(entry["delta"]) or not (0 < entry["delta"] < 1):
         out.append(f"delta must be in (0, 1), got {entry['delta']!r}")
-    if not _is_number(entry["budget_epsilon"]) or entry["budget_epsilon"] <= 0:
+    if not is_finite_number(entry["budget_epsilon"]) or entry["budget_epsilon"] <= 0:
         out.append(f"budget_epsilon must be a number > 0, got {entry['budget_epsilon']!r}")
     if not isinstance(entry["accountant"], str) or entry["accountant"] not in ACCOUNTANT_REGISTRY:
         # looked up now, not at import: a plug-in registers its accountant after this module
@@ -355,7 +356,7 @@ def verify_ledger(entries: Sequence[dict[str, Any] | str], public_key: Ed25519Pu
                     f" {expected_client!r}")
         eps = entry["epsilon_after"]
         eps_before = prev_eps if prev_eps is not None else 0.0
-        if _is_number(eps):
+        if is_finite_number(eps):
             if prev_eps is not None and eps < prev_eps:
                 problem("epsilon_decreased", f"epsilon_after {eps!r} is below the previous"
                         f" entry's {prev_eps!r}")
@@ -397,7 +398,7 @@ def _close_problems(entry: dict[str, Any], pos: int, closed_at: int | None,
         out.append(("bad_close", f"close states final_index {params['final_index']!r} at"
                     f" position {pos}"))
     spent = params["epsilon_spent"]
-    if not _is_number(spent) or spent != epsilon or entry["epsilon_after"] != epsilon:
+    if not is_finite_number(spent) or spent != epsilon or entry["epsilon_after"] != epsilon:
         out.append(("bad_close", f"close states epsilon_spent {spent!r}, the ledger's final"
                     f" epsilon is {epsilon!r}"))
     return out
@@ -675,8 +676,8 @@ class LedgerWriter:
             "mechanism": mechanism,
             "params": params,
             "epsilon_after": float(epsilon_after),
-            "delta": float(delta) if _is_number(delta) else delta,
-            "budget_epsilon": float(budget_epsilon) if _is_number(budget_epsilon)
+            "delta": float(delta) if is_finite_number(delta) else delta,
+            "budget_epsilon": float(budget_epsilon) if is_finite_number(budget_epsilon)
             else budget_epsilon,
             "accountant": accountant,
             "timestamp": _utc_now(),

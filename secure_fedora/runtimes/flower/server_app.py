@@ -98,6 +98,7 @@ from privacy.accounting import format_exact
 from privacy.ckks import InnerProductLayout, InnerProductUpload, context_parameters
 from privacy.envelope import Envelope, EnvelopeError, EnvelopeStateError, check_nonce_memory
 from privacy.identity import client_ids
+from privacy.ledger import is_finite_number
 from secure_fedora.algorithms.contract import (
     EVALUATE,
     FINALIZE,
@@ -343,17 +344,6 @@ def _exchange(
     return result
 
 
-def _finite_number(value: object) -> bool:
-    """Whether a reported ``value`` is a finite int or float (a bool is not one, nor an int
-    too large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 _TIMESTAMPS = ("t-process-start", "t-handler-start", "t-handler-end")
 
 
@@ -369,7 +359,7 @@ def _reply_timestamps(reply: Message) -> tuple[float, float, float] | None:
     if not isinstance(metrics, MetricRecord) or "t-process-start" not in metrics:
         return None
     values = [metrics.get(k) for k in _TIMESTAMPS]
-    if not all(_finite_number(v) for v in values):
+    if not all(is_finite_number(v) for v in values):
         return None
     p0, h0, h1 = (float(v) for v in values)
     return p0, h0, h1
@@ -789,9 +779,9 @@ def _reported_privacy(server: _Server, reply: Message, metrics: MetricRecord, cl
         return None
     spent, budget, entries = (metrics.get(k) for k in
                               ("epsilon-spent", "epsilon-budget", "ledger-entries"))
-    if not _finite_number(spent) or spent < 0:
+    if not is_finite_number(spent) or spent < 0:
         raise ValueError(f"epsilon-spent must be a finite number >= 0, not {spent!r}")
-    if not _finite_number(budget) or budget <= 0:
+    if not is_finite_number(budget) or budget <= 0:
         raise ValueError(f"epsilon-budget must be a finite number > 0, not {budget!r}")
     entries = _count(entries, "ledger-entries", 0)
     configured = float(client_budget(server.cfg, client).epsilon)
@@ -885,13 +875,13 @@ def _reported_plan(reply: Message) -> dict[str, Any]:
     for key, name in _PLAN_FIELDS.items():
         if key in record:
             value = record[key]
-            if not _finite_number(value) or value <= 0:
+            if not is_finite_number(value) or value <= 0:
                 raise ValueError(f"ledger record's {key} must be a positive number")
             plan[name] = float(value)
     for key in record.keys():
         if key.startswith(MECHANISM_NOISE_PREFIX):
             value = record[key]
-            if not _finite_number(value) or value <= 0:
+            if not is_finite_number(value) or value <= 0:
                 raise ValueError(f"ledger record's {key} must be a positive number")
             plan.setdefault("mechanism_noise", {})[key[len(MECHANISM_NOISE_PREFIX):]] = \
                 float(value)
