@@ -58,6 +58,7 @@ from privacy.dpsgd import (
     rescaled_gradient,
     uncomputable_samples,
 )
+from privacy.ledger import is_finite_number
 from privacy.mechanisms import overflow_safe_row_norms
 from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.client import (
@@ -926,8 +927,7 @@ class _MixtureStep:
 
 def _positive_finite(value: object) -> bool:
     """Whether ``value`` is a real number (not a bool), finite and > 0."""
-    return not isinstance(value, bool) and isinstance(value, int | float) \
-        and math.isfinite(value) and value > 0
+    return is_finite_number(value) and value > 0  # type: ignore[operator]
 
 
 def _validate(flat: FlatModel, jobs: Sequence[ClientJob], kind: str | None) -> None:

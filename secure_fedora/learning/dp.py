@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from privacy.dpsgd import DPSGD, DPSGDError, poisson_sample, rescaled_gradient
+from privacy.ledger import is_finite_number
 from privacy.noise import NoiseSource, is_noise_source
 from secure_fedora.learning.tasks import Task
 
@@ -60,8 +61,7 @@ class DPGradient:
         """Use this client's noise multiplier and noise source from now on. DPSGDError (and
         nothing changed) unless the multiplier is a finite number > 0 and ``noise`` a noise
         source, as :class:`~privacy.dpsgd.DPSGD` requires of its own."""
-        if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, int | float) \
-                or not math.isfinite(noise_multiplier) or noise_multiplier <= 0:
+        if not is_finite_number(noise_multiplier) or noise_multiplier <= 0:
             raise DPSGDError(f"noise_multiplier must be a finite number > 0, got "
                              f"{noise_multiplier!r} (without noise DP-SGD is not private)")
         if not is_noise_source(noise):
