@@ -883,7 +883,8 @@ def _encrypted_mode(settings: RunSettings, what: str) -> None:
 
 
 def ceremony(message: Message, context: Context) -> Message:
-    """First contact in the encrypted modes: identify this client; the key holder also runs
+    """First contact in the encrypted modes: identify this client (DeployError naming the key
+    holder when this node's allowlist does not list it); the key holder also runs
     the CKKS key ceremony (or repeats its stored result) and returns the public context and
     the secret context sealed to every client's X25519 key from the allowlist, each signed
     with its identity key for this run, its recipient and the public context."""
@@ -898,6 +899,9 @@ def ceremony(message: Message, context: Context) -> Message:
             f"the server names client {conf.get('key-holder')!r} as key holder, the run config "
             f"names client {settings.key_holder}"
         )
+    # at first contact, not once the key holder has made its keys: a node that could not
+    # check its sealed context's signature stops the run now
+    _key_holder_identity(settings, node)
     content = RecordDict(
         {"client": ConfigRecord({"client-id": node.partition_id,
                                  "config-hash": settings.config_hash})}

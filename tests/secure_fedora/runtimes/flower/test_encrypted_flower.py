@@ -47,7 +47,13 @@ from privacy.envelope import (
     UnknownSenderError,
     WrongRecipientError,
 )
-from privacy.identity import Identity, load_identity
+from privacy.identity import (
+    ALLOWLIST_FILENAME,
+    Identity,
+    allowlist_bytes,
+    load_allowlist,
+    load_identity,
+)
 from secure_fedora.algorithms import fedora
 from secure_fedora.core.config import ExperimentConfig, config_hash, parse_config
 from secure_fedora.runtimes.flower import client_app, server_app
@@ -385,6 +391,13 @@ def test_client_ceremony_handlers_check_the_key_holder_and_the_layout(tmp_path: 
     with pytest.raises(DeployError, match=r"layout \(4, 794\) differs from this run's \(3, 794\)"):
         handle(client_app.encrypted_summary, MSG_ENCRYPTED_SUMMARY, 1, ckks=ConfigRecord(
             {"sealed-context": sealed, "num-vectors": 4, "dim": 794}))
+    # a node whose allowlist lacks the key holder stops the run at its first contact, before
+    # the key holder has made its keys, not when its summary is asked for
+    node_allowlist = Path(nodes[1002]["identity-dir"]) / ALLOWLIST_FILENAME
+    listed = load_allowlist(node_allowlist)
+    node_allowlist.write_bytes(allowlist_bytes({p: listed[p] for p in ("server", "client-002")}))
+    with pytest.raises(DeployError, match="lacks the key holder client-000"):
+        handle(client_app.ceremony, MSG_CEREMONY, 2, fedora={"key-holder": 0})
 
 
 # --------------------------------------------------------------------------- grid runs
