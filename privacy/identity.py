@@ -640,8 +640,31 @@ def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
     return {party: parties[party] for party in sorted(parties)}
 
 
+def _check_key_holder_entry(allowlist: str | os.PathLike[str],
+                            listed: Mapping[str, PublicIdentity],
+                            key_holder: str | os.PathLike[str]) -> None:
+    """IdentityError unless ``listed`` (read from ``allowlist``) lists the keys of the client
+    whose public key file is ``key_holder``."""
+    holder = load_public_file(key_holder)
+    if holder.party_id == SERVER_ID:
+        raise IdentityError(f"{key_holder} is the server's public key file: the key holder is "
+                            f"a client; give its client-XYZ{PUBLIC_FILE_SUFFIX}")
+    if holder.party_id not in listed:
+        raise IdentityError(
+            f"allowlist {allowlist} lacks the key holder {holder.party_id} ({key_holder}): this "
+            "node could not check that its CKKS context was made by the key holder; nothing "
+            "was written")
+    if listed[holder.party_id] != holder:
+        raise IdentityError(
+            f"allowlist {allowlist} lists other public keys for the key holder "
+            f"{holder.party_id} than {key_holder}: this node would open CKKS contexts signed "
+            "by a key the key holder does not hold; assemble the allowlist from the key "
+            "holder's current public key file; nothing was written")
+
+
 def install_allowlist(directory: str | os.PathLike[str],
-                      allowlist: str | os.PathLike[str]) -> tuple[str, bool]:
+                      allowlist: str | os.PathLike[str],
+                      key_holder: str | os.PathLike[str] | None = None) -> tuple[str, bool]:
     """Install the federation's ``allowlist`` into a party's identity ``directory`` (the one
     :func:`init_party` made): written as ``directory/allowlist.json``, the file a Flower
     party reads. Returns the party and whether an allowlist with other content was replaced.
@@ -649,7 +672,10 @@ def install_allowlist(directory: str | os.PathLike[str],
     Refused (IdentityError, nothing written): a directory holding no identity or several
     parties' keys, keys that do not load, an allowlist that does not load, lacks ``server``
     or this party, or lists another public key for this party (assembled from another
-    public key file than this directory's)."""
+    public key file than this directory's); with ``key_holder``, the CKKS key holder's public
+    key file (:func:`load_public_file`, a client's), an allowlist that lacks that client or
+    lists other keys for it (a client opens only CKKS contexts signed by the key its
+    allowlist lists for the key holder)."""
     directory = Path(directory)
     check_key_directory(directory)
     parties = _parties_with_keys(directory)
@@ -673,6 +699,8 @@ def install_allowlist(directory: str | os.PathLike[str],
             f"allowlist {allowlist} lists other public keys for {party} than {directory} "
             f"holds: it was assembled from another {party}{PUBLIC_FILE_SUFFIX} (an older one, "
             "or another host's); nothing was written")
+    if key_holder is not None:
+        _check_key_holder_entry(allowlist, listed, key_holder)
     data = allowlist_bytes(listed)
     dest = directory / ALLOWLIST_FILENAME
     replaced = dest.exists() and dest.read_bytes() != data

@@ -326,12 +326,14 @@ def cmd_keys_allowlist(args: argparse.Namespace) -> int:
 
 def cmd_keys_install(args: argparse.Namespace) -> int:
     """``secure-fedora keys install``: install the operator's allowlist into a party's identity
-    directory (refused when it lists other keys for that party)."""
+    directory (refused when it lists other keys for that party or, with ``--key-holder``,
+    lacks the key holder's keys or lists other ones)."""
     from privacy.identity import install_allowlist
 
-    party, replaced = install_allowlist(args.directory, args.allowlist)
+    party, replaced = install_allowlist(args.directory, args.allowlist, args.key_holder)
+    checked = f", key holder checked against {args.key_holder}" if args.key_holder else ""
     Console().print(f"installed {args.allowlist} as {Path(args.directory) / 'allowlist.json'} "
-                    f"for {party}{' (replacing another allowlist)' if replaced else ''}",
+                    f"for {party}{' (replacing another allowlist)' if replaced else ''}{checked}",
                     markup=False)
     return 0
 
@@ -411,6 +413,11 @@ def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
                         "(checks that it lists this party's own public keys)")
     install.add_argument("directory", help="the party's identity directory (keys party)")
     install.add_argument("allowlist", help="the allowlist.json the operator sent")
+    install.add_argument(
+        "--key-holder", metavar="PUBLIC_FILE", default=None,
+        help="the CKKS key holder's public key file (client-XYZ.public.json, from the key "
+             "holder over a channel that keeps it intact; fedora.relatedness = encrypted or "
+             "noised+encrypted): refused unless the allowlist lists exactly these keys for it")
     install.set_defaults(func=cmd_keys_install)
 
     import importlib

@@ -23,6 +23,7 @@ from privacy.identity import (
     init_keys,
     load_allowlist,
     load_identity,
+    load_public_file,
     load_public_identity,
     validate_party_id,
 )
@@ -355,6 +356,37 @@ def test_assemble_allowlist_refuses_private_misnamed_duplicate_or_missing_files(
     assert not (tmp_path / "client-001" / ALLOWLIST_FILENAME).exists()
     with pytest.raises(IdentityError, match="holds no identity"):
         install_allowlist(again, allowlist)
+
+
+def test_install_with_key_holder_refuses_an_allowlist_without_its_genuine_keys(tmp_path):
+    """keys install --key-holder: the key holder's entry (what a node checks its CKKS
+    context's signature against) must be the key holder's own public key file's, or nothing
+    is written."""
+    from privacy.identity import assemble_allowlist, init_party, install_allowlist
+
+    files = {p: init_party(tmp_path / p, p)[1] for p in ("server", "client-000", "client-001")}
+    holder = files["client-000"]
+    other = init_party(tmp_path / "elsewhere", "client-000")[1]  # another host's client-000
+    cases = {
+        "lacks the key holder client-000": [files["server"], files["client-001"]],
+        "other public keys for the key holder client-000": [files["server"], other,
+                                                            files["client-001"]],
+    }
+    node = tmp_path / "client-001"
+    for match, public_files in cases.items():
+        allowlist = tmp_path / "allowlist.json"
+        allowlist.write_bytes(allowlist_bytes(assemble_allowlist(public_files)))
+        install_allowlist(node, allowlist)  # without --key-holder: only its own entry checked
+        installed = (node / ALLOWLIST_FILENAME).read_bytes()
+        with pytest.raises(IdentityError, match=match):
+            install_allowlist(node, allowlist, key_holder=holder)
+        assert (node / ALLOWLIST_FILENAME).read_bytes() == installed
+    with pytest.raises(IdentityError, match="the key holder is a client"):
+        install_allowlist(node, allowlist, key_holder=files["server"])
+    genuine = tmp_path / "genuine.json"
+    genuine.write_bytes(allowlist_bytes(assemble_allowlist(files.values(), num_clients=2)))
+    assert install_allowlist(node, genuine, key_holder=holder) == ("client-001", True)
+    assert load_allowlist(node / ALLOWLIST_FILENAME)["client-000"] == load_public_file(holder)
 
 
 def test_assemble_allowlist_refuses_one_key_under_two_parties(tmp_path):
