@@ -167,6 +167,7 @@ def round_bars(quiet: bool) -> tuple[Progress, Callable[[str, int, int], None]]:
 def cmd_local(args: argparse.Namespace) -> int:
     """Run every method of the config on a local TLS + node-authenticated Flower deployment,
     then stop it."""
+    from privacy.identity import client_ids
     from privacy.paths import check_given_file
     from secure_fedora.core.config import check_path_argument, load_config
     from secure_fedora.runtimes.flower.local import RunTimeouts, deploy_local, local_commands
@@ -211,11 +212,19 @@ def cmd_local(args: argparse.Namespace) -> int:
         if args.client_public_keys is not None:
             allowlist = Path(workdir).expanduser().resolve() / "identities" / "server" / \
                 "allowlist.json"
+            cfg = load_config(config) if isinstance(config, str) else config
+            holder = ""
+            if "encrypted" in cfg.fedora.relatedness:
+                num_clients = args.clients if args.clients is not None else cfg.data.num_clients
+                party = client_ids(num_clients)[args.key_holder]
+                holder = (f" --key-holder {party}.public.json`, the key holder's file as it "
+                          "sent it: the clients open only CKKS contexts signed by the key the "
+                          "allowlist lists for it")
             console.print(f"[bold]deploy:[/bold] the federation's allowlist is "
                           f"{escape(str(allowlist))}: install it on every client's host (`secure-"
-                          "fedora keys install DIR ALLOWLIST`), whose identity directory DIR "
-                          "each SuperNode line names NODE_IDENTITY_DIR, and keep a copy for "
-                          "`audit verify --allowlist`")
+                          f"fedora keys install DIR ALLOWLIST{holder or '`'}), whose identity "
+                          "directory DIR each SuperNode line names NODE_IDENTITY_DIR, and keep a "
+                          "copy for `audit verify --allowlist`")
         return 0
     restore = _interrupt_on_termination()
     bars, on_round = round_bars(args.quiet)

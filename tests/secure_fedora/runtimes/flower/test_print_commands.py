@@ -131,12 +131,15 @@ def test_print_commands_with_client_public_keys_writes_no_client_private_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`--client-public-keys`: the clients made their identities on their own hosts; the
     workdir receives the server's identity only, with the allowlist of it and the clients'
-    public keys, which each client installs; a missing client's file is refused before
-    anything is written, and the flag without --print-commands is refused."""
+    public keys, which each client installs (with encrypted relatedness: checking the key
+    holder's entry against its file, as the printed advice says); a missing client's file is
+    refused before anything is written, and the flag without --print-commands is refused."""
     from privacy.identity import client_ids, init_party, install_allowlist, load_allowlist
 
     config = tmp_path / "c.toml"
-    config.write_text(tomli_w.dumps(config_document(dp_config())))
+    document = config_document(dp_config())
+    document["fedora"].update(relatedness="noised+encrypted", k=1)
+    config.write_text(tomli_w.dumps(document))
     hosts = tmp_path / "hosts"
     pubs = {cid: init_party(hosts / cid, cid) for cid in client_ids(3)}
     files = [str(f) for _, f in pubs.values()]
@@ -150,9 +153,13 @@ def test_print_commands_with_client_public_keys_writes_no_client_private_key(
     with pytest.raises(DeployError, match="goes with --print-commands"):
         args.func(args)
     assert not work.exists()
-    args = _parser().parse_args([*flags, "--print-commands", "--client-public-keys", *files])
+    args = _parser().parse_args([*flags, "--print-commands", "--key-holder", "1",
+                                 "--client-public-keys", *files])
     assert args.func(args) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 1 + 3 + 3 + 3
+    printed = capsys.readouterr()
+    assert len(printed.out.splitlines()) == 1 + 3 + 3 + 3
+    assert "keys install DIR ALLOWLIST --key-holder client-001.public.json" in " ".join(
+        printed.err.split())
     assert sorted(p.name for p in (work / "identities").iterdir()) == ["server"]
     assert not list(work.rglob("client-*.key"))
     allowlist = work / "identities" / "server" / "allowlist.json"
@@ -160,7 +167,7 @@ def test_print_commands_with_client_public_keys_writes_no_client_private_key(
     assert sorted(listed) == [*client_ids(3), "server"]
     assert all(listed[cid] == pub for cid, (pub, _) in pubs.items())
     for cid in client_ids(3):
-        assert install_allowlist(hosts / cid, allowlist) == (cid, False)
+        assert install_allowlist(hosts / cid, allowlist, files[1]) == (cid, False)
     run_toml = (work / "run.toml").read_text()
     assert str(work / "identities" / "server") in run_toml
 
