@@ -34,6 +34,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "accepting_unregistered",
+    "accountant_known_everywhere",
     "declared",
     "declarer",
 ]
@@ -316,6 +317,8 @@ _contrib_loaded = False
 #: True while :func:`load_contrib` imports the contrib package: what registers then, from any
 #: module, is registered in every process that looks a name up (:meth:`Registry.known_everywhere`).
 _importing_contrib = False
+#: Accountants registered while :func:`load_contrib` imported the contrib package.
+_accountants_via_contrib: set[str] = set()
 
 
 def load_contrib() -> None:
@@ -323,14 +326,30 @@ def load_contrib() -> None:
     global _contrib_loaded, _importing_contrib
     if _contrib_loaded:
         return
+    from privacy.accounting import ACCOUNTANT_REGISTRY
+
     _contrib_loaded = True
     _importing_contrib = True
+    before = set(ACCOUNTANT_REGISTRY)
     try:
         package = importlib.import_module(CONTRIB_PACKAGE)
         for info in pkgutil.iter_modules(package.__path__, prefix=f"{CONTRIB_PACKAGE}."):
             importlib.import_module(info.name)
     finally:
         _importing_contrib = False
+        _accountants_via_contrib.update(set(ACCOUNTANT_REGISTRY) - before)
+
+
+def accountant_known_everywhere(name: str) -> bool:
+    """Whether every process that loads a config knows accountant ``name``
+    (:data:`privacy.accounting.ACCOUNTANT_REGISTRY`): a built-in one, or one registered while
+    :func:`load_contrib` imported the contrib package, as :meth:`Registry.known_everywhere`
+    answers for the other registries; False for one only this process registered."""
+    from privacy.accounting import ACCOUNTANT_KINDS, ACCOUNTANT_REGISTRY
+
+    load_contrib()
+    return name in ACCOUNTANT_KINDS or (name in _accountants_via_contrib
+                                        and name in ACCOUNTANT_REGISTRY)
 
 
 DatasetLoader = Callable[[int], Any]

@@ -495,12 +495,20 @@ def check_apps_know_entries(cfg: ExperimentConfig) -> None:
     """Refuse a config naming a registry entry the Flower apps' own processes will not know.
 
     A ServerApp and each ClientApp parse the config in a process of their own, which
-    registers the built-in datasets, partitioners, models, losses and methods and every module
-    of ``secure_fedora/contrib/``, and nothing else. An entry this process registered from
+    registers the built-in datasets, partitioners, models, losses, methods and accountants and
+    every module of ``secure_fedora/contrib/``, and nothing else. An entry this process registered from
     another module (a script's, a notebook's) would make every app fail on its first message,
     after the whole deployment started; :class:`DeployError` names each such setting first.
     """
-    from secure_fedora.core.registry import DATASETS, LOSSES, METHODS, MODELS, PARTITIONERS
+    from privacy.accounting import ACCOUNTANT_REGISTRY
+    from secure_fedora.core.registry import (
+        DATASETS,
+        LOSSES,
+        METHODS,
+        MODELS,
+        PARTITIONERS,
+        accountant_known_everywhere,
+    )
 
     named = [("data.dataset", DATASETS, cfg.data.dataset),
              ("data.partition", PARTITIONERS, cfg.data.partition),
@@ -517,6 +525,14 @@ def check_apps_know_entries(cfg: ExperimentConfig) -> None:
                 "process only, and the Flower apps run in processes of their own that know the "
                 "built-in entries and the modules of secure_fedora/contrib/ (add it there, or "
                 "run it in process: `secure-fedora run` or the Python API)")
+    accountant = cfg.privacy.accountant
+    if cfg.privacy.enabled and accountant != "auto" and not accountant_known_everywhere(accountant):
+        problems.append(
+            f"privacy.accountant: accountant {accountant!r} is registered by module "
+            f"{ACCOUNTANT_REGISTRY[accountant].compute.__module__!r} of this process only, and "
+            "the Flower apps run in processes of their own that know the built-in accountants "
+            "and those the modules of secure_fedora/contrib/ register (add it there, or run it "
+            "in process: `secure-fedora run` or the Python API)")
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 
