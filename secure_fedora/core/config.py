@@ -510,7 +510,9 @@ class PrivacyConfig(_Section):
             raise ValueError(f"privacy.accountant must be 'auto' or one of"
                              f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r} (a"
                              " plug-in accountant is registered by importing the module that"
-                             " calls privacy.accounting.register_accountant)")
+                             " calls privacy.accounting.register_accountant; the CLI and the"
+                             " Flower apps, processes of their own, import those of"
+                             " secure_fedora/contrib/)")
         return self
 
     @model_validator(mode="before")

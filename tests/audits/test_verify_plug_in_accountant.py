@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from audits.verify import verify_run
 from privacy.accounting import (
-    ACCOUNTANT_REGISTRY,
     Accountant,
     BudgetExceededError,
     MechanismRecord,
@@ -86,15 +84,8 @@ def run(plug_in_run: Path, tmp_path: Path) -> Path:
 def fresh_auditor() -> Iterator[None]:
     """This process as an auditor's that never imported the plug-in module: its accountant
     unregistered and the module unimported; both put back afterwards."""
-    method = ACCOUNTANT_REGISTRY.pop(NAME)
-    package = sys.modules[MODULE.rpartition(".")[0]]
-    sys.modules.pop(MODULE)
-    try:
+    with accountant_plugin.unregistered():
         yield
-    finally:
-        ACCOUNTANT_REGISTRY[NAME] = method
-        sys.modules[MODULE] = accountant_plugin
-        package.accountant_plugin = accountant_plugin  # type: ignore[attr-defined]
 
 
 def test_the_run_ledgers_spends_and_resumes_under_the_plug_in(plug_in_run: Path) -> None:
@@ -201,5 +192,6 @@ def test_a_run_config_naming_an_unregistered_accountant_is_refused_by_name(
     doc["privacy"]["accountant"] = NAME
     with pytest.raises(ConfigError, match=rf"got '{NAME}' \(a plug-in accountant is registered"
                                           r" by importing the module that calls"
-                                          r" privacy.accounting.register_accountant\)"):
+                                          r" privacy.accounting.register_accountant; the CLI"
+                                          r" and the Flower apps.* secure_fedora/contrib/\)"):
         parse_config(doc)

@@ -8,6 +8,9 @@ epsilons differ from every built-in accountant's, so a test can tell which analy
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from privacy.accounting import ACCOUNTANT_REGISTRY, AccountingMethod, register_accountant
@@ -28,3 +31,19 @@ if NAME not in ACCOUNTANT_REGISTRY:
         NAME, "Opacus's RDP analysis plus a relative margin", _compute,
         lambda o: {"library": "opacus", "orders": "opacus_default_alphas",
                    "relative_margin": MARGIN}))
+
+
+@contextmanager
+def unregistered() -> Iterator[None]:
+    """This process as one that never imported this module (an auditor's, or a Flower node's
+    or server's without it in ``secure_fedora/contrib/``): its accountant unregistered and the
+    module unimported; both put back afterwards."""
+    this, method = sys.modules[__name__], ACCOUNTANT_REGISTRY.pop(NAME)
+    package = sys.modules[__name__.rpartition(".")[0]]
+    sys.modules.pop(__name__)
+    try:
+        yield
+    finally:
+        ACCOUNTANT_REGISTRY[NAME] = method
+        sys.modules[__name__] = this
+        package.accountant_plugin = this  # type: ignore[attr-defined]
