@@ -102,6 +102,7 @@ from privacy.sealing import SealingError, open_sealed, seal
 __all__ = [
     "CkksError",
     "CkksParameters",
+    "DecryptedValuesError",
     "EncryptedRow",
     "EncryptedVector",
     "Encryption",
@@ -154,6 +155,12 @@ _CONTEXT_AD_PREFIX = b"secure-fedora/ckks-secret-context/v1\x00"
 
 class CkksError(ToolkitError):
     """Invalid CKKS input, context, ciphertext or layout (the message names the culprit)."""
+
+
+class DecryptedValuesError(CkksError):
+    """Ciphertexts that load and decrypt, to values no honest computation gives (beyond the
+    inputs' limits, or rows that are not one Gram matrix's): the fault is in what was
+    encrypted or computed, not in the ciphertexts' form."""
 
 
 @dataclass(frozen=True)
@@ -888,7 +895,7 @@ def check_decrypted(values: np.ndarray, bound: float, what: str) -> None:
     corrupted in transit, decrypts to values far beyond it, not to an error."""
     peak = float(np.max(np.abs(values))) if values.size else 0.0
     if not np.isfinite(values).all() or peak > bound * (1.0 + 1e-6) + 1e-3:
-        raise CkksError(f"decrypted {what} reach |x| = {peak:.4g}, beyond the {bound:g} that the "
+        raise DecryptedValuesError(f"decrypted {what} reach |x| = {peak:.4g}, beyond the {bound:g} that the "
                         "encrypted inputs' limits allow: a ciphertext under another key, or "
                         "corrupted (ciphertexts are not authenticated by CKKS itself)")
 
@@ -1205,14 +1212,14 @@ def _check_gram(values: np.ndarray, indexes: Sequence[int]) -> None:
     tol = GRAM_SYMMETRY_TOLERANCE
     for k, a in enumerate(indexes):
         if values[k, a] < -tol:
-            raise CkksError(
+            raise DecryptedValuesError(
                 f"decrypted row {a} gives <u_{a}, u_{a}> = {values[k, a]:.6g} < 0: "
                 "not a row of a Gram matrix (replaced, or under another scale)"
             )
         for m in range(k):
             b = indexes[m]
             if abs(values[k, b] - values[m, a]) > tol:
-                raise CkksError(
+                raise DecryptedValuesError(
                     f"decrypted rows {a} and {b} disagree on <u_{a}, u_{b}> ({values[k, b]:.6g} "
                     f"vs {values[m, a]:.6g}): not rows of one Gram matrix (a row swapped, "
                     "replaced or computed from other ciphertexts)"

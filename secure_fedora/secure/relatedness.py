@@ -29,7 +29,11 @@ Steps (``N`` clients, summaries ``U_i`` of ``d x q``; column ``r`` of client ``i
    decrypts them into inner products rounded to the 2^-16 grid
    (:func:`privacy.ckks.decrypt_inner_product_rows`); :func:`overlaps_from_rows` arranges
    rows into the (N, N, q, q) blocks (zero for excluded clients). The key holder releases
-   these inner products and nothing else.
+   these inner products and nothing else. Rows it refuses for their values
+   (:class:`RowValuesError`: a client's corrupt ciphertexts spoil every row) are followed by
+   :func:`isolated_rows` (server: each client's rows from its uploads alone) and
+   :func:`blame_uploads` (key holder: :class:`CorruptUploadsError` naming the clients whose
+   rows alone fail, or every client when none does).
 
 What each party learns (honest-but-curious): the server sees ciphertexts only, then the
 released overlaps; the key holder sees the overlaps (it holds the secret key, so it must be
@@ -69,7 +73,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from torch import Tensor
 
 from privacy.ckks import (
+    GRAM_SYMMETRY_TOLERANCE,
     CkksError,
+    DecryptedValuesError,
     EncryptedRow,
     Encryption,
     InnerProductLayout,
@@ -106,9 +112,12 @@ from secure_fedora.secure.transport import (
 
 __all__ = [
     "CkksCeremony",
+    "CorruptUploadsError",
     "EncryptedOverlaps",
     "InvalidUploadsError",
+    "RowValuesError",
     "SecureRelatednessError",
+    "blame_uploads",
     "ceremony_summary",
     "check_sealed_signature",
     "create_keys",
@@ -117,6 +126,7 @@ __all__ = [
     "encrypted_newcomer_overlaps",
     "encrypted_overlaps",
     "gram_rows",
+    "isolated_rows",
     "open_keys",
     "open_server_context",
     "open_signed_keys",
@@ -146,6 +156,36 @@ class InvalidUploadsError(SecureRelatednessError):
         self.invalid = dict(sorted(invalid.items()))
         named = "; ".join(f"client {c}: {why}" for c, why in self.invalid.items())
         super().__init__(f"encrypted summary refused: {named}")
+
+
+class RowValuesError(SecureRelatednessError):
+    """The key holder decrypted the encrypted Gram rows to values no honest computation gives
+    (beyond the inputs' limits, or not one Gram matrix's rows). Every client's ciphertexts went
+    into every row (the server's sums mix them), so the values alone cannot say whose upload
+    is at fault: :func:`isolated_rows` and :func:`blame_uploads` find out."""
+
+
+class CorruptUploadsError(SecureRelatednessError):
+    """Encrypted summaries that are authentic and well-formed but decrypt to values no honest
+    upload gives. ``certain``: each client in ``clients`` is at fault (its uploads, with
+    nothing of any other client's, decrypt to such values); otherwise ``clients`` are every
+    client whose uploads went in, one or more of them at fault."""
+
+    def __init__(self, clients: Sequence[int], certain: bool, detail: str) -> None:
+        self.clients, self.certain, self.detail = sorted(clients), certain, detail
+        named = ", ".join(str(c) for c in self.clients)
+        if certain:
+            who = f"client {named}'s" if len(self.clients) == 1 else f"clients {named}'s"
+            super().__init__(
+                f"{who} encrypted summary decrypts to values no honest upload gives, with no "
+                f"other client's ciphertexts in the sums (authentic, but not an encryption of "
+                f"a summary under the run's keys): {detail}; nothing is released")
+        else:
+            super().__init__(
+                f"one or more of clients {named} sent an encrypted summary that decrypts to "
+                f"values no honest upload gives ({detail}); each client's uploads alone "
+                "decrypt to rows that pass, and the server's sums mix their ciphertexts, so "
+                "which client cannot be told; nothing is released")
 
 
 # --------------------------------------------------------------------------------------
@@ -470,8 +510,70 @@ def decrypt_rows(
             f"encrypted rows are for vectors {indexes[:8]}, not the requested {list(vectors)[:8]}")
     try:
         return decrypt_inner_product_rows(secret_ctx, layout, parsed)
+    except DecryptedValuesError as exc:
+        raise RowValuesError(f"encrypted rows refused: {exc}") from None
     except CkksError as exc:
         raise SecureRelatednessError(f"encrypted rows refused: {exc}") from None
+
+
+def isolated_rows(
+    server_ctx: ts.Context,
+    layout: InnerProductLayout,
+    num_clients: int,
+    q: int,
+    uploads: Mapping[int, Sequence[InnerProductUpload]],
+) -> tuple[list[bytes], list[int]]:
+    """Server, after the key holder refused the rows (:class:`RowValuesError`): for each
+    client in ``uploads`` (in order), its ``q`` encrypted Gram rows computed from its own
+    uploads alone (an encryption of zero standing in for every other client), and the
+    vectors they are for. They decrypt to the client's own q x q block and zeros: what the
+    key holder sees of it in the joint rows, nothing more."""
+    rows: list[bytes] = []
+    vectors: list[int] = []
+    for i in sorted(uploads):
+        got, wanted = gram_rows(server_ctx, layout, num_clients, q, {i: uploads[i]},
+                                [i * q + r for r in range(q)])
+        rows += got
+        vectors += wanted
+    return rows, vectors
+
+
+def blame_uploads(
+    secret_ctx: ts.Context, layout: InnerProductLayout, rows: object, vectors: Sequence[int],
+    q: int, refused: str,
+) -> CorruptUploadsError:
+    """Key holder: the error naming whose uploads made the refused joint rows (``refused``,
+    the :class:`RowValuesError`'s text) wrong, from :func:`isolated_rows`' ``rows`` for
+    ``vectors``. A client is named when its own rows fail :func:`decrypt_rows`' checks or
+    give another client's lanes anything but zero (within
+    :data:`~privacy.ckks.GRAM_SYMMETRY_TOLERANCE`): only its ciphertexts went into them, so
+    no other client can make it fail. When none fails alone, every client is named as one
+    that may be at fault. Releases nothing: it returns an error."""
+    if not isinstance(rows, (list, tuple)) or len(rows) != len(vectors):
+        raise SecureRelatednessError("the isolated encrypted rows are not one per vector")
+    clients = sorted({v // q for v in vectors})
+    if [v for c in clients for v in range(c * q, (c + 1) * q)] != list(vectors):
+        raise SecureRelatednessError(
+            f"isolated encrypted rows are for vectors {list(vectors)[:8]}, not every row of "
+            "each client in turn")
+    faults: dict[int, str] = {}
+    for k, c in enumerate(clients):
+        mine = list(range(c * q, (c + 1) * q))
+        try:
+            values = decrypt_rows(secret_ctx, layout, list(rows[k * q:(k + 1) * q]), mine)
+        except RowValuesError as err:
+            faults[c] = str(err)
+            continue
+        others = torch.ones(layout.num_vectors, dtype=torch.bool)
+        others[mine] = False
+        peak = float(values[:, others].abs().max()) if bool(others.any()) else 0.0
+        if peak > GRAM_SYMMETRY_TOLERANCE:
+            faults[c] = (f"its rows alone give |x| = {peak:.4g} in other clients' lanes, where "
+                         "zeros stand in")
+    if faults:
+        detail = "; ".join(f"client {c}: {why}" for c, why in faults.items())
+        return CorruptUploadsError(list(faults), True, f"{detail} (with every client: {refused})")
+    return CorruptUploadsError(clients, False, refused)
 
 
 def overlaps_from_rows(
@@ -890,8 +992,17 @@ def _run(
                 del uploads[i]
     clock.lap("server_compute")
 
-    gram = link.to_key_holder(
-        enc_rows, lambda received: decrypt_rows(cer.key_holder_context, layout, received, wanted))
+    try:
+        gram = link.to_key_holder(
+            enc_rows, lambda received: decrypt_rows(cer.key_holder_context, layout, received, wanted))
+    except SecureRelatednessError as err:
+        if not isinstance(err.__cause__, RowValuesError):
+            raise
+        # whose upload: each client's rows computed alone and checked by the key holder (in
+        # one process, handed over directly: a refusal, not a protocol message)
+        alone, vectors = isolated_rows(cer.server_context, layout, n, q, uploads)
+        raise blame_uploads(cer.key_holder_context, layout, alone, vectors, q,
+                            str(err.__cause__)) from None
     gram = link.release(gram)
     clock.lap("key_holder_decrypt")
     result = EncryptedOverlaps(

@@ -77,6 +77,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from privacy.accounting import BudgetExceededError
+from privacy.ckks import InnerProductLayout
 from privacy.envelope import Envelope, NonceMemoryLostError
 from privacy.errors import ToolkitError
 from privacy.identity import (
@@ -171,6 +172,8 @@ from secure_fedora.secure.private import (
     setup_plug_ins,
 )
 from secure_fedora.secure.relatedness import (
+    RowValuesError,
+    blame_uploads,
     decrypt_rows,
     open_signed_keys,
     overlaps_from_rows,
@@ -1036,6 +1039,9 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     n, q = cfg.data.num_clients, cfg.fedora.q
     vectors = range(n * q)  # every row: the Flower runtime needs every client
     layout = layout_for(cfg, DataSchema.of(ensure_partition(node, cfg)))
+    alone = record.get("isolated-rows") if isinstance(record, ConfigRecord) else None
+    if alone is not None:
+        return _blame_reply(message, security, store, layout, rows, alone, n, q, started)
     gram = decrypt_rows(store.secret_context(), layout, rows, vectors)
     overlaps = overlaps_from_rows(gram, vectors, n, q)
     _, journal = run_paths(node, _run_id(context))
@@ -1056,6 +1062,32 @@ def decrypt_overlaps_handler(message: Message, context: Context) -> Message:
     return _reply(security, message, content, 0)
 
 
+
+
+def _blame_reply(message: Message, security: MessageSecurity, store: Any,
+                 layout: InnerProductLayout, rows: object, alone: object, n: int, q: int,
+                 started: float) -> Message:
+    """Key holder, asked whose upload made the rows wrong (the request's ``isolated-rows``,
+    the server's :func:`~secure_fedora.secure.relatedness.isolated_rows` after a
+    :class:`~secure_fedora.secure.relatedness.RowValuesError`): the joint ``rows`` must be
+    refused again, then the reply names the clients (``ConfigRecord "blame"``: ``clients``,
+    ``certain``), nothing decrypted; the values stay in this node's log. Nothing is
+    journaled: nothing is released."""
+    vectors = range(n * q)
+    try:
+        decrypt_rows(store.secret_context(), layout, rows, vectors)
+    except RowValuesError as err:
+        refused = str(err)
+    else:
+        raise DeployError("asked whose encrypted summary made the Gram rows wrong, but the rows "
+                          "decrypt to values that pass; refusing to answer")
+    blame = blame_uploads(store.secret_context(), layout, alone, vectors, q, refused)
+    log.warning("key holder: %s", blame)
+    content = RecordDict({
+        "blame": ConfigRecord({"clients": blame.clients, "certain": blame.certain}),
+        "metrics": MetricRecord(_timings(started)),
+    })
+    return _reply(security, message, content, 0)
 
 
 def _journaled(verified: JournalAppend, client: int, kind: str, digest: str | None = None) -> bool:

@@ -51,7 +51,9 @@ config, default 0) adds its ceremony messages (:mod:`secure_fedora.runtimes.flow
     ``columns`` (q serialized :class:`privacy.ckks.InnerProductUpload`).
 ``query.decrypt_overlaps`` (server -> the key holder's node)
     content: ``ConfigRecord "rows"`` with ``rows``. reply: ``ArrayRecord "overlaps"``
-    (N x N x q x q, float64), nothing else.
+    (N x N x q x q, float64), nothing else. After a RowValuesError the server asks again
+    with ``isolated-rows`` too (each client's rows computed from its uploads alone); the
+    reply is then ``ConfigRecord "blame"`` (``clients``, ``certain``), nothing decrypted.
 
 The experiment configuration travels in the run config (key ``experiment``, the validated
 config as JSON), so server and clients use one config; every message carries its hash and a

@@ -185,10 +185,13 @@ from secure_fedora.runtimes.rundir import amendment_readers
 from secure_fedora.secure.private import ledger_spend_changed as _ledger_spend_changed
 from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
 from secure_fedora.secure.relatedness import (
+    CorruptUploadsError,
     InvalidUploadsError,
+    RowValuesError,
     SecureRelatednessError,
     check_sealed_signature,
     gram_rows,
+    isolated_rows,
     open_server_context,
     parse_upload,
 )
@@ -1234,6 +1237,38 @@ def _server_rows(
     return rows
 
 
+def _blame_uploads(
+    grid: Grid, server: _Server, layout: InnerProductLayout,
+    uploads: dict[int, list[InnerProductUpload]], rows: list[bytes], answered: str, problem: str,
+) -> DeployError:
+    """The key holder refused the encrypted Gram rows' values (``problem``, its
+    RowValuesError): each client's rows computed from its own uploads alone
+    (:func:`~secure_fedora.secure.relatedness.isolated_rows`) go to the key holder, whose
+    answer names the clients (:class:`~secure_fedora.secure.relatedness.CorruptUploadsError`,
+    the in-process runtime's wording). The error to stop the run with; nothing is released."""
+    cfg, holder = server.cfg, server.settings.key_holder
+    n, q = cfg.data.num_clients, cfg.fedora.q
+    refused = f"the key holder (client {holder}) refused the encrypted Gram rows ({problem})"
+    alone, _ = isolated_rows(server.ckks_context, layout, n, q, uploads)
+    node, message = _addressed(server, holder, MSG_DECRYPT, RecordDict({"rows": ConfigRecord(
+        {"rows": rows, "isolated-rows": alone, "answered-ceremony": answered})}))
+    ex = _exchange(grid, {node: message}, _relatedness_wait(server), server.settings.poll_interval)
+    why = ex.errors.get(node) or ("no reply in time" if ex.missing else None)
+    if why is None:
+        env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
+        record = ex.replies[node].content.get("blame") if env is not None else None
+        clients = record.get("clients") if isinstance(record, ConfigRecord) else None
+        certain = record.get("certain") if isinstance(record, ConfigRecord) else None
+        if (isinstance(clients, list) and clients and isinstance(certain, bool)
+                and all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < n
+                        for c in clients) and len(set(clients)) == len(clients)):
+            blame = CorruptUploadsError(clients, certain, "the values stay with the key holder")
+            return DeployError(f"{refused}: {blame}; the run stops")
+        why = "its answer was rejected" if env is None else f"its answer is malformed ({record!r})"
+    return DeployError(f"{refused} and did not say whose encrypted summary made them wrong "
+                       f"({why}); the run stops")
+
+
 def _encrypted_overlaps(
     grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
 ) -> Tensor:
@@ -1316,6 +1351,9 @@ def _encrypted_overlaps(
         ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
         timing.setdefault("decrypt", ex.timing.to_json())
         problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
+        if problem is not None and RowValuesError.__name__ in problem:
+            # the same rows are refused again: ask instead whose upload made them wrong
+            raise _blame_uploads(grid, server, layout, uploads, rows, answered, problem)
         if problem is not None and "NodeStateError" in problem:
             # its store is not the one whose ceremony was accepted: it refuses again
             raise DeployError(

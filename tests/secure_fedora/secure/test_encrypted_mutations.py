@@ -34,19 +34,27 @@ from secure_fedora.secure.encrypted_propagation import (
     PropagationServer,
 )
 from secure_fedora.secure.relatedness import (
+    CorruptUploadsError,
     InvalidUploadsError,
+    RowValuesError,
     SecureRelatednessError,
+    blame_uploads,
     create_keys,
     decrypt_rows,
     encrypt_summary,
+    encrypted_overlaps,
     gram_rows,
+    isolated_rows,
     open_keys,
     open_server_context,
     parse_upload,
     plan_layout,
     public_keys,
+    run_key_ceremony,
     seal_keys,
+    summary_encryption,
 )
+from secure_fedora.secure.transport import UnaccountedReleases
 
 N, Q, D = 3, 1, 20
 P = 9000  # two ciphertexts per propagation row (8192 parameters each)
@@ -270,12 +278,18 @@ def upload_case(w: World, rng: random.Random, kind: str) -> tuple[str, str]:
         return "refused: ciphertexts", str(err)
     try:
         gram = decrypt_rows(w.ctx, w.layout, rows, vectors)
-    except SecureRelatednessError as err:
+    except RowValuesError as err:
         # garbage decrypts to values beyond every bound, in no telling which entries (the
         # products wrap modulo q), so no client can be named from them; a relocated
         # ciphertext breaks the Gram matrix's symmetry
         assert "beyond the" in str(err) or "not rows of one Gram matrix" in str(err), err
-        return "refused: decryption", str(err)
+        # each client's rows computed alone name the client whose ciphertexts are garbage; a
+        # relocated one passes alone, and every client is named as possibly at fault
+        alone, order = isolated_rows(w.server_ctx, w.layout, N, Q, uploads)
+        blame = blame_uploads(w.ctx, w.layout, alone, order, Q, str(err))
+        assert blame.clients == ([c] if blame.certain else list(range(N))), blame
+        assert blame.certain or kind == "other-client-reindexed", blame
+        return "refused: decryption, blamed", str(blame)
     assert float((gram - w.gram).abs().max()) < 1e-4, kind
     return "genuine", ""
 
@@ -641,3 +655,34 @@ def test_mutated_encrypted_messages_give_the_genuine_result_or_a_named_refusal(
     assert sum(outcomes.values()) == cases
     refused = sum(n for (_, o), n in outcomes.items() if o != "genuine")
     assert refused > cases // 2, outcomes
+
+
+class _UnderAnotherKey(UnaccountedReleases):
+    """Client ``client``'s upload released encrypted under another key holder's context: an
+    authentic upload (in process nothing is signed) of well-formed ciphertexts."""
+
+    def __init__(self, client: int, layout: Any) -> None:
+        self.client, self.layout, self.other = client, layout, create_keys()
+
+    def release_upload(self, i: int, rnd: int, kind: str, payload: Any, **stages: Any) -> Any:
+        if i == self.client:
+            stages["encrypt"] = summary_encryption(self.other, self.layout, i)
+        return super().release_upload(i, rnd, kind, payload, **stages)
+
+
+@pytest.mark.parametrize("client", [0, 2])
+def test_a_summary_under_another_key_is_refused_in_process_naming_its_client(
+    world: World, client: int
+) -> None:
+    """The in-process runtime refused such an upload at decryption as the key holder's
+    "encrypted rows refused: decrypted inner products reach |x| = ...", naming no client; it
+    names the client (the key holder itself too) and releases nothing."""
+    u = torch.stack(world.u)
+    ceremony = run_key_ceremony(N, 0)
+    with pytest.raises(CorruptUploadsError) as refused:
+        encrypted_overlaps(u, 0, ceremony=ceremony,
+                           releases=_UnderAnotherKey(client, world.layout))
+    assert refused.value.clients == [client] and refused.value.certain
+    assert str(refused.value).startswith(
+        f"client {client}'s encrypted summary decrypts to values no honest upload gives")
+    assert "beyond the 65536" in str(refused.value)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from privacy.ckks import EncryptedRow, InnerProductUpload
@@ -37,6 +38,7 @@ from secure_fedora.runtimes.flower.state import NodeStateError, ReleaseJournal
 from secure_fedora.secure.relatedness import (
     SecureRelatednessError,
     create_keys,
+    encrypt_summary,
     public_keys,
     seal_keys,
     sealed_context_statement,
@@ -204,6 +206,48 @@ def _decrypt(cap: dict[str, Any], rows: Any, answered: Any = None) -> str:
     return "genuine"
 
 
+class _HolderGrid:
+    """Delivers each pushed message to the key holder's ClientApp handler, as Flower runs it
+    (an error is an error reply)."""
+
+    def __init__(self, cap: dict[str, Any]) -> None:
+        self.cap, self.replies = cap, {}
+        self.handle = client_app._error_reply(
+            client_app._withholding(client_app.decrypt_overlaps_handler))
+
+    def get_node_ids(self) -> list[int]:
+        return [1000, 1001, 1002]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = "m"
+            self.replies["m"] = self.handle(m, _context(self.cap, HOLDER))
+        return ["m"]
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        return [self.replies.pop(i) for i in ids if i in self.replies]
+
+
+def _blame(cap: dict[str, Any], uploads: dict[int, Any], rows: list[bytes], client: int) -> str:
+    """After the key holder refused ``rows``' values: the ServerApp's question whose upload
+    made them wrong (``_blame_uploads``), answered by the key holder's real handler. The
+    error names ``client`` alone, or every client as one or more at fault; nothing is
+    journaled anywhere."""
+    before = [_journal(cap, c) for c in range(3)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        err = server_app._blame_uploads(
+            _HolderGrid(cap), cap["server"], cap["layout"], uploads, rows, cap["answered"],
+            "RowValuesError: withheld")
+    assert isinstance(err, DeployError)
+    text = str(err)
+    assert [_journal(cap, c) for c in range(3)] == before
+    assert "the key holder (client 0) refused the encrypted Gram rows" in text, text
+    if f"client {client}'s encrypted summary decrypts to values no honest upload gives" in text:
+        return "server stops: client named"
+    assert "one or more of clients 0, 1, 2 sent an encrypted summary" in text, text
+    return "server stops: clients named"
+
+
 # --------------------------------------------------------------------------- mutations
 
 
@@ -314,7 +358,10 @@ def summary_reply_case(cap: dict[str, Any], rng: random.Random, kind: str) -> st
             assert f"missing clients [{c}]" in str(err), err
             assert server.rejections[-1]["client"] == c, kind
             return "rejected: unusable ciphertexts"
-    return _decrypt(cap, rows)
+    outcome = _decrypt(cap, rows)
+    if outcome == "key holder refuses: RowValuesError":
+        return _blame(cap, every, rows, c)
+    return outcome
 
 
 ROW_KINDS = [
@@ -682,3 +729,28 @@ def test_rows_the_server_cannot_compute_for_no_client_s_fault_stop_the_run_namin
     finally:
         server.ckks_context = saved
     assert len(server.rejections) == rejections
+
+
+@pytest.mark.parametrize("part", ["packed", "broadcast"])
+def test_a_summary_under_another_key_is_refused_at_decryption_naming_its_client(
+    run: dict[str, Any], part: str
+) -> None:
+    """Client 2's authentic reply whose ciphertexts (its packed or its broadcast ones) are
+    another context's: they load and sit at the right level and scale, and the key holder
+    refused the rows they spoil without naming anyone (its RowValuesError). The ServerApp now
+    asks the key holder about each client's rows computed alone, and the run stops naming
+    client 2 only; nothing is journaled, no overlaps are released."""
+    c, layout = 2, run["layout"]
+    good = InnerProductUpload.deserialize(
+        run["replies"][MSG_ENCRYPTED_SUMMARY, c]["upload"][1]["columns"][0])
+    foreign = InnerProductUpload.deserialize(encrypt_summary(
+        create_keys(), layout, c, torch.linalg.qr(torch.randn(
+        layout.dim, 1, generator=torch.Generator().manual_seed(0)))[0])[0])
+    bad = InnerProductUpload(c, foreign.packed if part == "packed" else good.packed,
+                             foreign.broadcast if part == "broadcast" else good.broadcast)
+    uploads = {**run["uploads"], c: [bad]}
+    with task_identity_of_node_0(), contextlib.redirect_stdout(io.StringIO()):
+        rows = server_app._server_rows(run["server"], layout, dict(uploads),
+                                       dict(run["envelopes"]), run["nodes"])
+        assert _decrypt(run, rows) == "key holder refuses: RowValuesError"
+        assert _blame(run, uploads, rows, c) == "server stops: client named"
