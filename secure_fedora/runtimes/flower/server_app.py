@@ -1269,15 +1269,68 @@ def _blame_uploads(
                        f"({why}); the run stops")
 
 
+def _key_holder_overlaps(
+    grid: Grid, server: _Server, layout: InnerProductLayout,
+    uploads: dict[int, list[InnerProductUpload]], rows: list[bytes], answered: str,
+    timing: dict[str, Any],
+) -> Tensor:
+    """The key holder's (N, N, q, q) overlaps of the encrypted Gram ``rows``, asked once more
+    (the same rows) when its answer is missing or refused. Stops the run (DeployError) when
+    it refuses the rows' values, naming the clients whose uploads made them wrong
+    (:func:`_blame_uploads`), when its store is not the ceremony's, or when it answers
+    nothing usable twice."""
+    cfg, holder, poll = server.cfg, server.settings.key_holder, server.settings.poll_interval
+    n, q = cfg.data.num_clients, cfg.fedora.q
+    overlaps: Tensor | None = None
+    problem: str | None = None
+    for attempt in range(2):
+        if attempt:
+            server.event(0, holder, server.node_of_client[holder], f"no overlaps: {problem}")
+            _await_clients(grid, server, [holder])
+            _find_moved(grid, server, 0, spares_too=True)
+            _say(f"{server.scope}: decryption asked again of the key holder")
+        node, message = _addressed(server, holder, MSG_DECRYPT, RecordDict({"rows": ConfigRecord(
+            {"rows": rows, "answered-ceremony": answered})}))
+        ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
+        timing.setdefault("decrypt", ex.timing.to_json())
+        problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
+        if problem is not None and RowValuesError.__name__ in problem:
+            # the same rows are refused again: ask instead whose upload made them wrong
+            raise _blame_uploads(grid, server, layout, uploads, rows, answered, problem)
+        if problem is not None and "NodeStateError" in problem:
+            # its store is not the one whose ceremony was accepted: it refuses again
+            raise DeployError(
+                f"the key holder (client {holder}, node {node}) refuses to decrypt, its node's "
+                f"CKKS store being lost or replaced since the key ceremony ({problem}); the "
+                "run stops")
+        if problem is None:
+            env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
+            if env is None:
+                problem = "its reply was rejected"
+            else:
+                try:
+                    overlaps = checked_array(ex.replies[node].content, "overlaps", "overlaps",
+                                             torch.float64, (n, n, q, q), env)
+                    break
+                except EnvelopeError as err:
+                    server.reject(0, holder, node, err, "no overlaps")
+                    problem = f"its overlaps were refused ({err.reason})"
+    if overlaps is None:
+        raise DeployError(
+            f"the key holder (client {holder}) did not return the overlaps, asked twice: "
+            f"{problem}"
+        )
+    return overlaps
+
+
 def _encrypted_overlaps(
     grid: Grid, server: _Server, nodes: list[int], val0: Tensor, test0: Tensor
 ) -> Tensor:
     """Encrypted modes: key ceremony, ``Enc(U_i)`` from every client, encrypted Gram rows on
     the server (public context only), decryption of the overlap blocks by the key holder."""
     cfg = server.cfg
-    n, q = cfg.data.num_clients, cfg.fedora.q
+    n = cfg.data.num_clients
     holder = server.settings.key_holder
-    poll = server.settings.poll_interval
     details: dict[str, Any] = {"key_holder": holder}
     timing: dict[str, Any] = {}
 
@@ -1338,51 +1391,11 @@ def _encrypted_overlaps(
 
     # (d) the key holder decrypts the q x q blocks, and only those (asked once more, the same
     # rows, when its answer is missing or refused)
-    overlaps: Tensor | None = None
-    problem: str | None = None
-    for attempt in range(2):
-        if attempt:
-            server.event(0, holder, server.node_of_client[holder], f"no overlaps: {problem}")
-            _await_clients(grid, server, [holder])
-            _find_moved(grid, server, 0, spares_too=True)
-            _say(f"{server.scope}: decryption asked again of the key holder")
-        node, message = _addressed(server, holder, MSG_DECRYPT, RecordDict({"rows": ConfigRecord(
-            {"rows": rows, "answered-ceremony": answered})}))
-        ex = _exchange(grid, {node: message}, _relatedness_wait(server), poll)
-        timing.setdefault("decrypt", ex.timing.to_json())
-        problem = (ex.errors.get(node) or ("no reply in time" if ex.missing else None))
-        if problem is not None and RowValuesError.__name__ in problem:
-            # the same rows are refused again: ask instead whose upload made them wrong
-            raise _blame_uploads(grid, server, layout, uploads, rows, answered, problem)
-        if problem is not None and "NodeStateError" in problem:
-            # its store is not the one whose ceremony was accepted: it refuses again
-            raise DeployError(
-                f"the key holder (client {holder}, node {node}) refuses to decrypt, its node's "
-                f"CKKS store being lost or replaced since the key ceremony ({problem}); the "
-                "run stops")
-        if problem is None:
-            env = server.accept(0, node, ex.replies[node], MSG_DECRYPT, holder, "no overlaps")
-            if env is None:
-                problem = "its reply was rejected"
-            else:
-                try:
-                    overlaps = checked_array(ex.replies[node].content, "overlaps", "overlaps",
-                                             torch.float64, (n, n, q, q), env)
-                    break
-                except EnvelopeError as err:
-                    server.reject(0, holder, node, err, "no overlaps")
-                    problem = f"its overlaps were refused ({err.reason})"
-    if overlaps is None:
-        raise DeployError(
-            f"the key holder (client {holder}) did not return the overlaps, asked twice: "
-            f"{problem}"
-        )
+    overlaps = _key_holder_overlaps(grid, server, layout, uploads, rows, answered, timing)
     timing["wall_s"] = round(time.perf_counter() - t0, 4)
     server.relatedness_timing = timing
     server.relatedness_details = details
     return overlaps
-
-
 
 
 def _ckks_overlaps(grid: Grid, server: _Server) -> dict[str, Any]:

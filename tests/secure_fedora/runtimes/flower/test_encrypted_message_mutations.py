@@ -229,17 +229,15 @@ class _HolderGrid:
 
 
 def _blame(cap: dict[str, Any], uploads: dict[int, Any], rows: list[bytes], client: int) -> str:
-    """After the key holder refused ``rows``' values: the ServerApp's question whose upload
-    made them wrong (``_blame_uploads``), answered by the key holder's real handler. The
-    error names ``client`` alone, or every client as one or more at fault; nothing is
-    journaled anywhere."""
+    """The ServerApp's decryption step (``_key_holder_overlaps``) for ``rows`` whose values
+    the key holder refuses, answered by the key holder's real handler: the run stops naming
+    ``client`` alone, or every client as one or more at fault; nothing is journaled
+    anywhere."""
     before = [_journal(cap, c) for c in range(3)]
-    with contextlib.redirect_stdout(io.StringIO()):
-        err = server_app._blame_uploads(
-            _HolderGrid(cap), cap["server"], cap["layout"], uploads, rows, cap["answered"],
-            "RowValuesError: withheld")
-    assert isinstance(err, DeployError)
-    text = str(err)
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(DeployError) as stopped:
+        server_app._key_holder_overlaps(_HolderGrid(cap), cap["server"], cap["layout"],
+                                        uploads, rows, cap["answered"], {})
+    text = str(stopped.value)
     assert [_journal(cap, c) for c in range(3)] == before
     assert "the key holder (client 0) refused the encrypted Gram rows" in text, text
     if f"client {client}'s encrypted summary decrypts to values no honest upload gives" in text:
@@ -737,9 +735,10 @@ def test_a_summary_under_another_key_is_refused_at_decryption_naming_its_client(
 ) -> None:
     """Client 2's authentic reply whose ciphertexts (its packed or its broadcast ones) are
     another context's: they load and sit at the right level and scale, and the key holder
-    refused the rows they spoil without naming anyone (its RowValuesError). The ServerApp now
-    asks the key holder about each client's rows computed alone, and the run stops naming
-    client 2 only; nothing is journaled, no overlaps are released."""
+    refused the rows they spoil without naming anyone (a DeployError "did not return the
+    overlaps, asked twice: SecureRelatednessError ..."). The ServerApp now asks the key holder
+    about each client's rows computed alone, and the run stops naming client 2 only; nothing
+    is journaled, no overlaps are released."""
     c, layout = 2, run["layout"]
     good = InnerProductUpload.deserialize(
         run["replies"][MSG_ENCRYPTED_SUMMARY, c]["upload"][1]["columns"][0])
