@@ -651,6 +651,13 @@ class AfterGate(ABC):
 
     needs_gate: bool = True
 
+    def precheck(self, release: Release) -> None:
+        """Raise to refuse ``release`` before any stage of the pipeline call that runs this
+        one has run (no noise drawn, no ledger entry written): for a refusal that depends on
+        the release's round and kind only, which no stage changes. The default checks
+        nothing."""
+        return None
+
     @abstractmethod
     def process(self, release: Release) -> Release:
         """Return the (possibly re-wrapped) release; raise to stop it leaving."""
@@ -712,18 +719,26 @@ class JournalRelease(AfterGate):
         self.conflict = conflict
         self.syncs: SyncBatch | None = None
 
+    def precheck(self, release: Release) -> None:
+        """JournalError when the journal already records this round's release of this kind
+        and the run is not resumed: raised by the pipeline before its gate writes the
+        ledger (or any noise is drawn), so the refusal leaves ledger, accountant, journal and
+        noise source as they were."""
+        rnd, kind = release.round, release.kind
+        if not self.resumed and self.journal.get(rnd, kind) is not None:
+            raise JournalError(
+                f"journal {str(self.journal.path)!r} already records the round-{rnd} {kind!r}"
+                f" release{self.conflict}"
+            )
+
     def process(self, release: Release) -> Release:
         """The release with the journal record on disk (or matched), noise state removed."""
+        self.precheck(release)
         metadata = dict(release.metadata)
         noise_state = metadata.pop(NOISE_STATE, b"")
         rnd, kind, ledger_index = release.round, release.kind, int(metadata["ledger_index"])
         digest = release_digest(release.payload)
         record = self.journal.get(rnd, kind)
-        if record is not None and not self.resumed:
-            raise JournalError(
-                f"journal {str(self.journal.path)!r} already records the round-{rnd} {kind!r}"
-                f" release{self.conflict}"
-            )
         written = 0
         if record is None:
             kept = noise_state if self.keep_noise_state else b""
@@ -892,8 +907,10 @@ class ReleasePipeline:
 
     def run(self, release: Release, *, start: int = 0, stop: int | None = None) -> Release:
         """The release after stages ``start`` to ``stop`` (default: all); exceptions from a
-        stage propagate (nothing returned). Starting after the gate needs a release the gate
-        passed; an after-gate stage that changes the records is an error."""
+        stage propagate (nothing returned). Every after-gate stage of the call checks the
+        release first (:meth:`AfterGate.precheck`), so such a refusal comes before any stage
+        ran. Starting after the gate needs a release the gate passed; an after-gate stage
+        that changes the records is an error."""
         if not isinstance(release, Release):
             raise PipelineError(f"run() needs a Release, got {type(release).__name__}")
         if (self.gate_position is not None and start > self.gate_position
@@ -902,12 +919,19 @@ class ReleasePipeline:
                 f"release {release.kind!r} (round {release.round}) did not pass this"
                 f" pipeline's gate; stages after it cannot run on it")
         end = len(self.stages) if stop is None else stop
+        for stage in self.stages[start:end]:  # refusals that need no stage to have run
+            if isinstance(stage, AfterGate):
+                stage.precheck(release)
         for position in range(start, end):
             stage = self.stages[position]
             out = stage.process(release)
             if not isinstance(out, Release):
                 raise PipelineError(f"stage {type(stage).__name__} returned"
                                     f" {type(out).__name__}, not a Release")
+            if (out.kind, out.round) != (release.kind, release.round):
+                raise PipelineError(f"stage {type(stage).__name__} changed the release's kind"
+                                    f" or round ({release.kind!r}, {release.round} to"
+                                    f" {out.kind!r}, {out.round})")
             after_gate = self.gate_position is not None and position > self.gate_position
             if (isinstance(stage, AfterGate) or after_gate) and out.records != release.records:
                 raise PipelineError(f"after-gate stage {type(stage).__name__} changed the"

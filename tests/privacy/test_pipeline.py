@@ -406,6 +406,11 @@ def test_after_gate_stages_only_follow_the_gate_and_never_change_the_records(tmp
     pipe = ReleasePipeline([gate, Sneaky()])
     with pytest.raises(PipelineError, match="changed the release's records"):
         pipe.run(Release("model", torch.zeros(2), 0, [_dpsgd()]))
+    # the after-gate stages' prechecks read the kind and round a call starts with
+    renamed = ReleasePipeline([Transform(lambda p: p, "t")], require_gate=False)
+    renamed.stages[0].process = lambda r: r.replace(kind="other")
+    with pytest.raises(PipelineError, match="changed the release's kind or round"):
+        renamed.run(Release("model", torch.zeros(2), 0))
     # a release that did not pass the gate cannot enter the stages after it
     pipe = ReleasePipeline([gate, check])
     with pytest.raises(PipelineError, match="did not pass"):
@@ -478,6 +483,50 @@ def test_journal_stage_records_once_strips_the_noise_state_and_catches_divergenc
     assert journal.get(2, "upload").payload_sha256 == payload_digest(encrypted.payload)
     with pytest.raises(PipelineError, match="not bytes"):
         EncryptPayload(lambda t: t, "bad").process(Release("upload", payload, 2))
+
+
+def test_a_release_its_journal_already_records_is_refused_before_noise_or_ledger(tmp_path):
+    """A release the journal already records, in a run that is not resumed, is refused
+    before the noise stage draws and before the gate writes the ledger (it was refused
+    after the gate: a ledger entry for a release that never left, and a ledger past its
+    journal). Ledger, journal, accountant and noise source are as they were; the run's next
+    release then equals that of a twin that never made the refused attempt."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from privacy.journal import JournalError, ReleaseJournal
+
+    def client(path):
+        path.mkdir()
+        gate = _gate(path, budget_eps=10.0)
+        noise = ReproducibleNoise(3)
+        journal = ReleaseJournal(path / "c1.journal", "c1", "m", X25519PrivateKey.generate())
+        pipe = ReleasePipeline([GaussianNoise(1.0, 1.0, noise, "gaussian_summary"), gate,
+                                JournalRelease(journal, "c1", keep_noise_state=False)])
+        return pipe, gate, noise, path
+
+    def files(path):
+        return (path / "c1.jsonl").read_bytes(), (path / "c1.journal").read_bytes()
+
+    def entries(path):
+        clock = ("timestamp", "prev_hash", "signature")
+        return [{k: v for k, v in e.items() if k not in clock}
+                for e in read_ledger(path / "c1.jsonl")]
+
+    pipe, gate, noise, path = client(tmp_path / "refused")
+    twin, twin_gate, _, twin_path = client(tmp_path / "twin")
+    for p in (pipe, twin):
+        p.run(Release("summary", torch.zeros(3), 1))
+    before, history = files(path), list(gate.accountant.history)
+    state = noise.checkpoint_state().clone()
+    with pytest.raises(JournalError, match="already records the round-1 'summary' release"):
+        pipe.run(Release("summary", torch.zeros(3), 1))
+    assert files(path) == before and gate.accountant.history == history
+    assert torch.equal(noise.checkpoint_state(), state)
+    out = pipe.run(Release("summary", torch.zeros(3), 2))
+    expected = twin.run(Release("summary", torch.zeros(3), 2))
+    assert torch.equal(out.payload, expected.payload)
+    assert entries(path) == entries(twin_path)
+    assert gate.accountant.history == twin_gate.accountant.history
 
 
 def test_the_journal_pins_a_tensor_payload_by_the_digest_of_its_bytes_without_copying_them(
