@@ -1114,6 +1114,9 @@ class Simulation:
         # propagation), evaluation, checkpoint; and of each method's setup (relatedness).
         self.round_timings: dict[str, list[dict[str, float]]] = {}
         self._eval_packed: dict[int, Any] = {}  # packed val/test splits of the method being run
+        # the clients whose final-evaluation reply was accepted with a metric left out (not a
+        # number in [0, 1]), by method: they answered (a DP client's report was taken)
+        self._answered_invalid: dict[str, set[int]] = {}
         # By method: each DP client's latest ledger report the server accepted (its
         # evaluation replies'), which the next must extend, as on Flower
         self._ledger_reports: dict[str, dict[int, dict[str, Any]]] = {}
@@ -1465,6 +1468,7 @@ class Simulation:
             ctx.exchange_factory = self._exchange_factory(name, ctx.transport_factory)
         method = self.method_factory(name, ctx, cfg)
         self.methods[name] = method
+        self._answered_invalid[name] = set()
         n = len(self.clients)
         tracker = Tracker.empty(n, select_final=model_selection(cfg) == "final_round")
         round_gen = torch.Generator().manual_seed(cfg.seed + 7919)
@@ -1580,7 +1584,7 @@ class Simulation:
                                    not participants else replied, **stats}
             if rnd % cfg.evaluation.every == 0 or rnd == rounds:
                 t0 = time.perf_counter()
-                row.update(self._evaluate(rnd, method, tracker))
+                row.update(self._evaluate(rnd, name, method, tracker))
                 seconds["evaluation"] = time.perf_counter() - t0
                 timing["evaluation"] += seconds["evaluation"]
             if ctx.buffers is not None:  # before this round's state is kept
@@ -1646,7 +1650,9 @@ class Simulation:
                 f"{name}: clients {silent[:8]} never reported an evaluation (every evaluation "
                 "message or reply of theirs was rejected), so their metrics are unknown and no "
                 "results are written; see the rejections logged by secure_fedora.security")
-        unanswered = [c for c, r in enumerate(metric_round) if r != rounds] if private else []
+        answered = self._answered_invalid.get(name, set())
+        unanswered = [c for c, r in enumerate(metric_round)
+                      if r != rounds and c not in answered] if private else []
         if unanswered:
             raise EvaluationRejectedError(
                 f"{name}: clients {unanswered[:8]} rejected the final evaluation, or their "
@@ -1715,7 +1721,8 @@ class Simulation:
     def _participants(self, gen: torch.Generator, n: int) -> list[int]:
         return sample_participants(gen, n, self.cfg.training.participation)
 
-    def _evaluate(self, rnd: int, method: FederatedMethod, tracker: Tracker) -> dict[str, float]:
+    def _evaluate(self, rnd: int, name: str, method: FederatedMethod, tracker: Tracker
+                  ) -> dict[str, float]:
         from secure_fedora.learning.batched_eval import evaluate_many_sets, pack_split_sets
         from secure_fedora.secure.private import ledger_report
 
@@ -1764,15 +1771,26 @@ class Simulation:
                                              retry=rnd == self.cfg.training.rounds)
         if privacy is not None:
             self._check_ledger_reports(method, rnd, accepted, 1 if select_final else 2)
+        fresh: list[int] = []
+        invalid = self._answered_invalid.setdefault(name, set())
         for i, metrics in accepted.items():
-            tracker.last_test[i] = float(metrics[0])
-            tracker.last_val[i] = 0.0 if select_final else float(metrics[1])
+            test, val = float(metrics[0]), 0.0 if select_final else float(metrics[1])
+            if not all(0.0 <= v <= 1.0 for v in (test, val)):  # NaN fails too
+                # as the Flower server takes such a reply: its ledger report (checked above)
+                # counts, the metric is left out and the client keeps its last metrics
+                log.warning("round %d: client %d: evaluation reply with a metric outside [0, 1]"
+                            " (test %r, validation %r): keeps its last metrics", rnd, i, test, val)
+                if rnd == self.cfg.training.rounds:
+                    invalid.add(i)
+                continue
+            tracker.last_test[i], tracker.last_val[i] = test, val
+            fresh.append(i)
             crash_point("evaluate")
-        tracker.evaluated(rnd, list(accepted))
+        tracker.evaluated(rnd, fresh)
         tracker.update(rnd)
         # a round's statistics cover the clients whose metrics are this round's, as on Flower
-        reported = None if len(accepted) == len(clients) else sorted(accepted)
-        return {**tracker.round_row(reported), "evaluated": len(accepted)}
+        reported = None if len(fresh) == len(clients) else fresh
+        return {**tracker.round_row(reported), "evaluated": len(fresh)}
 
     def _check_ledger_reports(self, method: FederatedMethod, rnd: int,
                               accepted: Mapping[int, Tensor], offset: int) -> None:

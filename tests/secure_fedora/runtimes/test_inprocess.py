@@ -1555,3 +1555,43 @@ def test_a_checkpoint_with_the_earlier_single_hash_data_fingerprint_resumes_on_t
     assert path.read_bytes() == kept
     results = Experiment(config, data=seeded(0), run_dir=run_dir).run(resume=True)
     assert results["data_fingerprint"] == fingerprint_clients(clients)
+
+
+def test_a_metric_that_is_no_number_in_0_1_is_left_out_as_on_flower(tmp_path, tiny_clients,
+                                                                      monkeypatch, caplog):
+    """A client's final evaluation metric that is infinite (or NaN, or outside [0, 1]) was
+    recorded as the client's final metric (results.json: null, under non_finite_values). As
+    the Flower server does, the metric is now left out with a warning naming the client and
+    round, the client keeps its last metrics (listed as stale) and, under DP, counts as having
+    answered its final evaluation (its ledger report was taken), so the run completes."""
+    from secure_fedora.learning import batched_eval
+    from secure_fedora.learning.client import Evaluation
+
+    real = batched_eval.evaluate_many_sets
+    calls = []
+
+    def nan_for_client_1_in_round_2(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            for evaluations in out:
+                e = evaluations[1]
+                evaluations[1] = Evaluation(e.loss, e.accuracy, float("inf"))
+        return out
+
+    monkeypatch.setattr(batched_eval, "evaluate_many_sets", nan_for_client_1_in_round_2)
+    cfg = tiny(methods=["fedavg"], training={"rounds": 2},
+               privacy={"enabled": True, "epsilon": 4.0, "delta": 1e-3, "noise": "reproducible"},
+               security={"envelopes": False})
+    with caplog.at_level("WARNING", logger="secure_fedora.runtimes.inprocess"):
+        results = Simulation(cfg, tmp_path, clients=tiny_clients).run()
+    assert "round 2: client 1: evaluation reply with a metric outside [0, 1] (test inf" \
+        in caplog.text
+    final = results["methods"]["fedavg"]["final"]
+    assert final["stale_clients"] == [{"client": 1, "round": 1}]
+    assert all(0.0 <= v <= 1.0 for v in final["per_client"])
+    assert "non_finite_values" not in results
+    import csv
+
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "rounds.csv").read_text())))
+    assert [r["evaluated"] for r in rows if r["method"] == "fedavg"] == ["5", "4"]
