@@ -1476,3 +1476,51 @@ def test_a_reply_that_is_not_the_clients_row_resumes_mid_run_exactly(tmp_path, c
                 del security[traffic][key]
         (run / "results.json").write_text(json.dumps(results))
     assert_same_run(run_dir, tmp_path / "ref")
+
+
+def test_a_run_stopped_at_one_clients_lambda_resumes_as_if_never_stopped(tmp_path, clients,
+                                                                          reference,
+                                                                          monkeypatch):
+    """Private lambdas are released one client at a time: a refusal at client 2's round-2
+    lambda stops the run after clients 0 and 1 drew and used theirs (each accounted by its
+    own admitted model release; none left, as uploads follow every client's training).
+    The stop writes no ledger or journal line, and a resume re-makes those lambdas from the
+    journaled noise states: the run ends as an uninterrupted one, each release accounted
+    once, at the same epsilon."""
+    from secure_fedora.learning.client import ClientUpdateError
+    from secure_fedora.secure.private import FederationPrivacy
+
+    real = FederationPrivacy.private_lambda
+    drawn = []
+
+    def refused_at_client_2_in_round_2(self, i, *args, **kwargs):
+        rnd = self.clients[i].admitted.round
+        if (rnd, i) == (2, 2):
+            raise ClientUpdateError(f"client {i}: lambda refused (test)")
+        drawn.append((rnd, i))
+        return real(self, i, *args, **kwargs)
+
+    cfg = config(["fedora"], "lambda")
+    monkeypatch.setattr(FederationPrivacy, "private_lambda", refused_at_client_2_in_round_2)
+    files = {}
+
+    def stopped_files():
+        return {p: p.read_bytes() for p in tmp_path.glob("ledgers/fedora/*")
+                if p.suffix in (".jsonl", ".journal")}
+
+    real_admit = FederationPrivacy.admit
+
+    def admit(self, i, rnd, *args, **kwargs):
+        admitted = real_admit(self, i, rnd, *args, **kwargs)
+        if (rnd, i) == (2, 2):
+            files.update(stopped_files())  # the last admission: what the stop may not change
+        return admitted
+
+    monkeypatch.setattr(FederationPrivacy, "admit", admit)
+    with pytest.raises(ClientUpdateError, match="fedora round 2: client 2: lambda refused"):
+        Simulation(cfg, tmp_path, clients=clients).run()
+    assert drawn[-2:] == [(2, 0), (2, 1)] and stopped_files() == files
+    monkeypatch.setattr(FederationPrivacy, "private_lambda", real)
+    monkeypatch.setattr(FederationPrivacy, "admit", real_admit)
+    Simulation(cfg, tmp_path, clients=clients).run(resume=True)
+    assert_same_run(tmp_path, reference(["fedora"], "lambda"))
