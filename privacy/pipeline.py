@@ -397,10 +397,12 @@ class BudgetGate:
         consumed = 0
         last_entry = entry
         indices: list[int] = []
+        # every record is matched before any entry is consumed: a diverged release leaves the
+        # cursor where it was
         for record in release.records:
-            if not self._replay:
+            if consumed == len(self._replay):
                 break
-            entry = self._replay[0]
+            entry = self._replay[consumed]
             expected = {"release_kind": release.kind, **record.ledger_params(),
                         "accountant_params": self.accountant.parameters}
             if (entry["round"] != release.round or entry["mechanism"] != record.mechanism
@@ -418,10 +420,10 @@ class BudgetGate:
                         " resume under another analysis; resume with the version that started"
                         " the run, or start a new run")
                 raise self._diverged(release, entry, f"{release.kind!r} {record.mechanism!r}")
-            self._replay.pop(0)
             consumed += 1
             last_entry = entry
             indices.append(int(entry["index"]))
+        del self._replay[:consumed]
         # A release cut between two of its entries: the first entry proves the gate admitted
         # the whole release, so the rest is appended without a second budget decision.
         rest = release.records[consumed:]

@@ -335,6 +335,24 @@ def test_replay_refuses_a_release_other_than_the_recorded_one(tmp_path):
     assert len(gate.ledger.entries) == 1
 
 
+def test_a_release_diverging_in_its_second_record_consumes_no_recorded_entry(tmp_path):
+    """A resumed two-record release whose first record matches the ledger and whose second
+    does not was refused after the first entry was consumed: the cursor moved, so the right
+    release presented next was matched against the wrong entry. Now nothing is consumed."""
+    lam = MechanismRecord("gaussian_lambda", 5.0, 1.0, 1, {"clip_norm": 1.0})
+    gate = _gate(tmp_path)
+    admitted = gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(), lam]))
+    gate.replay_from(0)
+    other = MechanismRecord("gaussian_lambda", 4.0, 1.0, 1, {"clip_norm": 1.0})
+    with pytest.raises(LedgerError, match="resume diverged"):
+        gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(), other]))
+    assert gate.replaying == 2
+    out = gate.process(Release("model", torch.zeros(3), 1, [_dpsgd(), lam]))
+    assert out.metadata["replayed_entries"] == 2 and gate.replaying == 0
+    assert out.metadata["ledger_indices"] == admitted.metadata["ledger_indices"]
+    assert len(gate.ledger.entries) == 2
+
+
 def test_replay_raises_a_recorded_refusal_again_without_a_new_entry(tmp_path):
     gate = _gate(tmp_path, budget_eps=1.0)
     with pytest.raises(BudgetExceededError) as first:
