@@ -171,6 +171,7 @@ class ReleaseJournal:
         self._public = agreement_key.public_key()
         self.quarantined: Path | None = None
         self._torn: tuple[bytes, int, int] | None = None
+        self._broken = False
         self._records: dict[_KEY, JournalRecord] = {}
         self._count = 0
         self._load(quarantine)
@@ -228,16 +229,23 @@ class ReleaseJournal:
         if self._torn is not None:
             raise JournalError(f"journal {str(self.path)!r} ends in a torn line; quarantine it"
                                " (quarantine_torn_tail) before appending")
+        if self._broken:
+            raise JournalError(f"journal {str(self.path)!r}: an earlier write failed; reopen"
+                               " it to check the file before appending")
         key = (record.round, record.kind)
         if key in self._records:
             raise JournalError(f"journal {str(self.path)!r} already holds round {record.round}"
                                f" {record.kind!r}")
         blob = seal(record.to_json().encode(), self._public, self._aad(self._count))
         line = base64.b64encode(blob) + b"\n"
-        if syncs is None:
-            append_durably(self.path, line)
-        else:
-            syncs.append(self.path, line)
+        try:
+            if syncs is None:
+                append_durably(self.path, line)
+            else:
+                syncs.append(self.path, line)
+        except BaseException:
+            self._broken = True  # a prefix of the line may be on disk: a reopen finds it
+            raise
         self._records[key] = record
         self._count += 1
         return len(line)
@@ -318,6 +326,7 @@ class RoundMarks:
         self.format: int | None = None
         self._count = 0
         self._prev = ""
+        self._broken = False
         lines, self._torn = _read_lines(self.path, "round marks")
         #: The bytes after the last newline found on open (a mark whose write began and did
         #: not complete), until they are moved aside; None when the file ends in a newline.
@@ -412,17 +421,25 @@ class RoundMarks:
         if self._torn is not None:
             raise JournalError(f"round marks {str(self.path)!r} end in a torn line; quarantine"
                                " it (quarantine_torn_tail) before marking")
+        if self._broken:
+            raise JournalError(f"round marks {str(self.path)!r}: an earlier write failed;"
+                               " reopen the file to check it before marking")
         covered = _ranges_of(clients)
-        head = b""
-        if self.format is None:
+        head, fmt, prev = b"", self.format, self._prev
+        if fmt is None:
             head = marks_header()
-            self.format, self._prev = MARKS_FORMAT, _line_digest(head[:-1])
+            fmt, prev = MARKS_FORMAT, _line_digest(head[:-1])
         body: dict[str, Any] = {"round": rnd, "clients": covered}
-        if self.format == MARKS_FORMAT:
-            body["prev"] = self._prev
+        if fmt == MARKS_FORMAT:
+            body["prev"] = prev
         line = json.dumps(body, separators=(",", ":")).encode()
-        append_durably(self.path, head + line + b"\n")
-        if self.format == MARKS_FORMAT:
+        try:
+            append_durably(self.path, head + line + b"\n")
+        except BaseException:
+            self._broken = True  # a prefix of the bytes may be on disk: a reopen finds it
+            raise
+        self.format = fmt
+        if fmt == MARKS_FORMAT:
             self._prev = _line_digest(line)
         self.last, self.last_clients = rnd, covered
         self._count += 1 + bool(head)

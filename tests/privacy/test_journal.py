@@ -129,6 +129,47 @@ def test_round_marks_are_durable_increasing_and_idempotent(tmp_path):
     assert reopened.last == 2 and reopened.format == 2 and len(reopened) == 3  # with the header
 
 
+def test_a_failed_write_changes_no_mark_or_record_state_and_refuses_until_reopened(
+        tmp_path, monkeypatch):
+    """A first mark whose write failed (half of it on disk) had already switched the marks to
+    format 2, so marking again wrote a line without its header after the torn half; a journal
+    append after a failed write appended after the torn half too. Now the state is as it was,
+    each refuses until reopened, and the reopened file, its tear moved aside, takes the mark
+    or record an untouched one takes."""
+    from privacy import journal as module
+
+    real = module.append_durably
+
+    def torn(path, data):
+        real(path, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    marks, twin = RoundMarks(tmp_path / "rounds.released"), RoundMarks(tmp_path / "twin")
+    records = ReleaseJournal(tmp_path / "c1.journal", "c1", "fedora", KEY)
+    monkeypatch.setattr(module, "append_durably", torn)
+    for failing in (lambda: marks.mark(1, [0]), lambda: records.append(_record(1))):
+        with pytest.raises(OSError):
+            failing()
+    monkeypatch.setattr(module, "append_durably", real)
+    assert (marks.format, marks.last, len(marks), len(records)) == (None, -1, 0, 0)
+    after_failure = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(JournalError, match="an earlier write failed"):
+        marks.mark(1, [0])
+    with pytest.raises(JournalError, match="an earlier write failed"):
+        records.append(_record(1))
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == after_failure
+    marks = RoundMarks(tmp_path / "rounds.released")
+    records = ReleaseJournal(tmp_path / "c1.journal", "c1", "fedora", KEY)
+    marks.mark(1, [0])
+    twin.mark(1, [0])
+    records.append(_record(1))
+    assert mark_lines(tmp_path / "rounds.released") == mark_lines(tmp_path / "twin")
+    reopened = RoundMarks(tmp_path / "rounds.released")
+    assert (reopened.format, reopened.last, len(reopened)) == (2, 1, 2)
+    assert ReleaseJournal(tmp_path / "c1.journal", "c1", "fedora", KEY).get(1, "model") \
+        == _record(1)
+
+
 def test_a_mark_covers_the_clients_admitted_when_it_was_written_and_every_earlier_round(
         tmp_path):
     path = tmp_path / "rounds.released"
