@@ -504,8 +504,12 @@ class PrivacyConfig(_Section):
         from privacy.accounting import ACCOUNTANT_REGISTRY
         from secure_fedora.core.registry import accept_unregistered, load_contrib
 
+        if self.accountant == "auto" or self.accountant in ACCOUNTANT_REGISTRY:
+            return self
+        # Only for a name not registered yet: the default instance built while this module
+        # is imported must not import the drop-in modules, which may import this module.
         load_contrib()  # a drop-in module may register the accountant
-        if self.accountant != "auto" and self.accountant not in ACCOUNTANT_REGISTRY \
+        if self.accountant not in ACCOUNTANT_REGISTRY \
                 and not accept_unregistered("accountant", self.accountant):
             raise ValueError(f"privacy.accountant must be 'auto' or one of"
                              f" {sorted(ACCOUNTANT_REGISTRY)}, got {self.accountant!r} (a"

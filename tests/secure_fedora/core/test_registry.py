@@ -164,6 +164,37 @@ def test_sweep_validates_cells_with_registered_method_names() -> None:
     assert set(_literal_methods()) == set(METHODS.names())
 
 
+def test_a_contrib_module_importing_the_config_module_loads_in_a_fresh_process(
+        tmp_path: Path) -> None:
+    """The CLI's first import is the config module. A contrib module importing it (as one
+    importing a built-in method does, through the method's module) is not imported while that
+    module is half-made, so `secure-fedora run` of a config naming its method works as a
+    notebook that imported the package first does."""
+    package = f"contrib_{uuid.uuid4().hex[:8]}"
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "my_method.py").write_text(textwrap.dedent("""
+        from secure_fedora.core.config import ExperimentConfig
+        from secure_fedora.core.registry import METHODS
+
+        def build(ctx, cfg: ExperimentConfig):
+            raise AssertionError("not built: the config is only read")
+
+        METHODS.register("avg_m", build)
+    """))
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from secure_fedora.core import registry
+        registry.CONTRIB_PACKAGE = {package!r}
+        from secure_fedora.core.config import parse_config
+        print(parse_config({_small_config("avg_m")!r}).methods)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['avg_m']"
+
+
 def test_a_config_error_is_found_without_importing_torch() -> None:
     """Checking names against the registries imports none of the built-in modules (they
     import torch, about 2 s): a malformed config naming built-ins fails fast."""
