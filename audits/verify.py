@@ -199,6 +199,7 @@ from secure_fedora.core.config import (
     load_run_config,
     unregistered_hint,
 )
+from secure_fedora.core.registry import load_contrib
 
 __all__ = [
     "DEFAULT_PLD_CHECKPOINTS",
@@ -3711,6 +3712,9 @@ def verify_run(run_dir: str | Path, *, allowlist: str | Path | None = None,
     if isinstance(imports, str):  # one name would be imported letter by letter
         raise AuditError(f"{options['imports']} takes a list of module names, got the string"
                          f" {imports!r:.80}")
+    # secure_fedora/contrib/'s mechanisms are every process's, also where no config.toml
+    # is read (no registry lookup), and never counted as the trusted imports' below
+    load_contrib()
     imported = import_trusted_modules(imports, run, options)  # before the config names plug-ins
     with _quiet_dp_accounting():  # once for every ledger's accounting
         report = _verify_dir(run, allow_path, given_keys, anchor_path, float(rel_tol),

@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from audits.verify import AuditError, verify_run
 from privacy.identity import load_identity
 from privacy.ledger import canonical_json, line_hash, signing_payload
 from privacy.mechanisms import MECHANISMS
+from secure_fedora.core import registry
 from secure_fedora.runtimes.inprocess import Simulation
 from tests.secure_fedora.secure import mechanism_plugin
 from tests.secure_fedora.secure.mechanism_plugin import MECHANISM, LabelShareFedAvg
@@ -271,6 +273,27 @@ def test_strict_fails_what_was_not_checked_and_leaves_the_rest(run: Path):
     # a warning that is no unchecked claim stays one
     assert {f.check for f in strict.warnings} == {f.check for f in report.warnings
                                                    if not f.unchecked}
+
+
+def test_a_contrib_mechanism_is_recomputed_from_the_ledgers_alone(
+        run: Path, fresh_auditor: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A mechanism whose module is in the drop-in package is registered in every auditing
+    process, also for a folder without config.toml, whose reading would look a name up."""
+    for name in ("anchor.json", "results.json", "config.toml"):
+        (run / name).unlink()
+    package = f"contrib_{uuid.uuid4().hex[:8]}"
+    (tmp_path / "src" / package).mkdir(parents=True)
+    (tmp_path / "src" / package / "__init__.py").write_text("")
+    (tmp_path / "src" / package / "label_share.py").write_text(f"import {MODULE}  # noqa\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    monkeypatch.setattr(registry, "CONTRIB_PACKAGE", package)
+    monkeypatch.setattr(registry, "_contrib_loaded", False)
+    try:
+        report = verify_run(run)
+    finally:
+        for mod in [m for m in sys.modules if m.startswith(package)]:
+            sys.modules.pop(mod)
+    assert report.ok and not [f for f in report.findings if f.check == "sensitivity"]
 
 
 def test_cli_import_strict_and_a_missing_module(run: Path, fresh_auditor: None,
