@@ -415,9 +415,10 @@ def test_chunks_of_clients_match_the_loop():
 
 @pytest.mark.parametrize("max_norm", [None, 0.5], ids=["momentum-in-gemm", "clipped"])
 def test_the_step_is_the_same_whatever_the_row_blocks(monkeypatch, max_norm):
-    """The step's elementwise passes (weight decay, FedProx term, momentum, FEDORA pull) run
-    row block by row block; the rows equal those of one pass over the whole buffers bit for
-    bit, whatever the block size."""
+    """The step's elementwise passes (weight decay, FedProx term, momentum, FEDORA pull, and
+    with the momentum in the GEMMs the first Linear's gradient moved into its buffer) run row
+    block by row block; the rows equal those of one pass over the whole buffers bit for bit,
+    whatever the block size."""
     from secure_fedora.learning import batched
 
     flat = FlatModel(make_model("mlp", seed=0))
@@ -427,6 +428,7 @@ def test_the_step_is_the_same_whatever_the_row_blocks(monkeypatch, max_norm):
     results = []
     for values in (10**12, 1, 3 * flat.num_params):  # whole buffers; one row; three rows
         monkeypatch.setattr(batched, "_BLOCK_VALUES", values)
+        monkeypatch.setattr(batched, "_CORE_BLOCK_VALUES", values)  # (on one thread)
         monkeypatch.setattr(batched, "_BLOCK_FROM", 0)  # blocked however small the buffers
         theta = _matrix(flat, 5)
         train_clients(flat, CFG_FULL, PlainGradient(16, max_grad_norm=max_norm),
