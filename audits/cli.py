@@ -112,18 +112,26 @@ def _print_verification(report: VerificationReport, out: TextIO, verbose: bool =
             print(f"checked: {check}", file=out)
         print(report.verdict_text, file=out)
         return
-    header = (f"{'method':<10} {'ledgers':>7} {'entries':>7} {'acct':<5} {'eps recorded':>15}"
-              f" {'independent':>15} {'PLD (pess.)':>15} {'vs other':>16} {'refused':>7}"
-              f" {'errors':>6} {'warn':>5}")
-    print(header, file=out)
+    # (heading, minimum width, left-aligned): each column as wide as its longest cell, so a
+    # long plug-in method or accountant name, or a wide epsilon range, never shifts the rest
+    columns = (("method", 10, True), ("ledgers", 7, False), ("entries", 7, False),
+               ("acct", 5, True), ("eps recorded", 15, False), ("independent", 15, False),
+               ("PLD (pess.)", 15, False), ("vs other", 16, False), ("refused", 7, False),
+               ("errors", 6, False), ("warn", 5, False))
+    table = [[name for name, _, _ in columns]]
     for row in verification_summary(report):
         cross = _range([None if d is None else 100 * d for d in row["cross"]], "+.1f")
         other = "/".join(sorted(row["cross_methods"])) or "-"
-        print(f"{row['method']:<10} {row['ledgers']:>7} {row['entries']:>7}"
-              f" {'/'.join(sorted(row['accountants'])):<5} {_range(row['recorded'], 'up'):>15}"
-              f" {_range(row['independent'], 'up'):>15} {_range(row['pld'], 'up'):>15}"
-              f" {(cross + '% ' + other) if cross != 'n/a' else 'n/a':>16} {row['refusals']:>7}"
-              f" {row['errors']:>6} {row['warnings']:>5}", file=out)
+        table.append([str(row["method"]), str(row["ledgers"]), str(row["entries"]),
+                      "/".join(sorted(row["accountants"])), _range(row["recorded"], "up"),
+                      _range(row["independent"], "up"), _range(row["pld"], "up"),
+                      (cross + "% " + other) if cross != "n/a" else "n/a",
+                      str(row["refusals"]), str(row["errors"]), str(row["warnings"])])
+    widths = [max([least] + [len(cells[k]) for cells in table])
+              for k, (_, least, _) in enumerate(columns)]
+    for cells in table:
+        print(" ".join(cell.ljust(w) if left else cell.rjust(w) for cell, w, (_, _, left)
+                       in zip(cells, widths, columns, strict=True)).rstrip(), file=out)
     listed = [c for c in report.clients if (c.method, c.client_id) in shown]
     if listed:
         print("ledgers" + ("" if verbose else " with errors or warnings") + ":", file=out)

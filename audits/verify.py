@@ -2438,6 +2438,8 @@ def _verify_client(path: Path, method: str | None, client_id: str,
     if checked_as is not None and _number(delta) and 0 < delta < 1:
         independent = independent_epsilons(releases, float(delta), checked_as, pld_checkpoints)
     series: list[EntryCheck] = []
+    over: list[tuple[float, int, float, float]] = []  # (ratio, entry, recorded, independent)
+    compared = 0
     for i, e in enumerate(entries):
         ind = independent[i]
         if e is None or any(f not in e for f in ENTRY_FIELDS):
@@ -2453,16 +2455,14 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                 releases[: i + 1], float(delta), ind,
                 lambda v, r=rec, b=budget_i: r >= v * (1.0 - rel_tol) and v <= b * (1.0 + rel_tol))
         if ind is not None and coarse is not None and rec is not None:
+            compared += 1
             if rec < ind * (1.0 - rel_tol):
                 shown, by = format_ordered(rec, ind)
                 err(i, "epsilon_under_reported",
                     f"recorded epsilon_after {shown} is below the independent"
                     f" dp_accounting value {by} by more than {tolerance_text(rel_tol)}")
             elif rec > coarse * (1.0 + rel_tol):
-                shown, by = format_ordered(rec, coarse)
-                warn(i, "epsilon_over_reported",
-                     f"recorded epsilon_after {shown} is above the independent value"
-                     f" {by} by more than {tolerance_text(rel_tol)} (conservative)")
+                over.append((rec / coarse if coarse > 0 else math.inf, i, rec, coarse))
             if _number(e["budget_epsilon"]) and ind > e["budget_epsilon"] * (1.0 + rel_tol):
                 # rounded up at the budget's decimals: it reads above the budget (shown exactly)
                 err(i, "budget_exceeded", f"independent epsilon"
@@ -2473,6 +2473,16 @@ def _verify_client(path: Path, method: str | None, client_id: str,
                                  rec, ind, e["budget_epsilon"]
                                  if _number(e["budget_epsilon"]) else None, dict(params)))
 
+    if over:
+        # one finding per ledger: a conservative accountant (a plug-in's padding) is above
+        # the independent value at every entry, and a reviewer needs the count and the worst
+        _, i, rec, coarse = max(over)
+        shown, by = format_ordered(rec, coarse)
+        gap = f"+{rec / coarse - 1.0:.1%}" if coarse > 0 else "above 0"
+        warn(i, "epsilon_over_reported",
+             f"{len(over)} of the {compared} entries compared record an epsilon_after above the"
+             f" independent value by more than {tolerance_text(rel_tol)} (conservative); the"
+             f" largest gap is at entry {i}: recorded {shown}, independent {by} ({gap})")
     final = max((c.recorded_epsilon for c in series if c.recorded_epsilon is not None),
                 default=0.0)
     anchor = ctx.summary_row(method, client_id)

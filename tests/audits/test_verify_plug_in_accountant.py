@@ -195,3 +195,34 @@ def test_a_run_config_naming_an_unregistered_accountant_is_refused_by_name(
                                           r" privacy.accounting.register_accountant; the CLI"
                                           r" and the Flower apps.* secure_fedora/contrib/\)"):
         parse_config(doc)
+
+
+def test_a_conservative_plug_in_draws_one_over_reported_warning_per_ledger(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The padded plug-in records more than the independent PLD at every entry: one
+    ``epsilon_over_reported`` warning per ledger (not one per entry), at the entry of the
+    largest gap, saying how many entries are above and by how much; the CLI's summary table
+    keeps its columns aligned under the plug-in's long accountant name."""
+    from audits.cli import main
+
+    report = verify_run(run, imports=[MODULE])
+    over = [f for f in report.warnings if f.check == "epsilon_over_reported"]
+    assert sorted(f.client_id for f in over) == list(CLIENTS)
+    for f in over:
+        (checked,) = [c for c in report.clients if c.client_id == f.client_id]
+        gaps = {e.index: e.recorded_epsilon / e.independent_epsilon
+                for e in checked.series if e.independent_epsilon}
+        worst = max(gaps, key=lambda i: (gaps[i], i))
+        assert f.entry == worst
+        assert f"{len(gaps)} of the {len(gaps)} entries compared" in f.message
+        assert f"largest gap is at entry {worst}" in f.message
+        assert f"(+{gaps[worst] - 1:.1%})" in f.message
+    capsys.readouterr()
+    assert main(["audit", "verify", str(run), "--import", MODULE]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method "))
+    row = lines[header + 1]
+    assert row.split()[3] == NAME
+    for heading in ("eps recorded", "independent", "refused", "warn"):  # right-aligned
+        end = lines[header].index(heading) + len(heading)
+        assert row[end - 1] != " " and (end == len(row) or row[end] == " "), heading
