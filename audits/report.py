@@ -125,11 +125,14 @@ PLANNED_EPSILON_NOTE = ("planned \u03b5 is the plan's epsilon rounded up (result
                         " budgets is the ledger's exact epsilon (both shown rounded up)")
 
 
-def _leaves_client(released: tuple[frozenset[tuple[str, str]], bool], dp: bool) -> str:
+def _leaves_client(released: tuple[frozenset[tuple[str, str]], bool], dp: bool,
+                   validation: Any = "private") -> str:
     """The threat model's sentence on what leaves client i, naming the relatedness summary,
     the model and FEDORA's lambda only where a method of the run declares that reply entry
     (``released``: :func:`_released_entries`), and every one where the declarations are not
-    all known; other declared entries are named as such, never left out."""
+    all known; other declared entries are named as such, never left out. Under DP the lambda
+    is called noised only with ``validation`` (the run's ``validation_data``) "private": with
+    public validation data it leaves in the clear and no ledger accounts it."""
     entries, complete = released
 
     def sends(stage: str, entry: str) -> bool:
@@ -144,9 +147,13 @@ def _leaves_client(released: tuple[frozenset[tuple[str, str]], bool], dp: bool) 
                      + ("" if dp else "; plain, or encrypted where configured") + ")")
     if model:
         parts.append("its model (every round it takes part in)")
+    lam_noised = dp and validation == "private"
     if lam:
-        parts.append("FEDORA's lambda (every round it takes part in"
-                     + ("; noised with private validation data" if dp else "") + ")")
+        parts.append("FEDORA's lambda (every round it takes part in" + (
+            "; noised with private validation data" if lam_noised
+            else "; computed in the clear from validation data declared public, not accounted"
+            if dp and validation == "public"
+            else "; noised only where the validation data is private" if dp else "") + ")")
     if other:
         parts.append("the further entries its methods declare for their replies (reply_entries,"
                      " each with why it may leave)")
@@ -156,8 +163,8 @@ def _leaves_client(released: tuple[frozenset[tuple[str, str]], bool], dp: bool) 
     if not dp:
         return (leaves + ". Differential privacy is off: none of it is an accounted mechanism,"
                 " no client has a budget and no ledger records the releases.")
-    gaussian = [what for sent, what in ((summary, "noised summaries"), (lam, "noised lambda"))
-                if sent]
+    gaussian = [what for sent, what in ((summary, "noised summaries"),
+                                        (lam and lam_noised, "noised lambda")) if sent]
     mechanisms = (["DP-SGD for models"] if model else []) + (
         ["the Gaussian mechanism for " + " and ".join(gaussian)] if gaussian else [])
     if mechanisms:
@@ -181,7 +188,8 @@ def _threat_model(assumptions: dict[str, Any],
     if assumptions.get("differential_privacy") is False:
         return [THREAT_MODEL_SERVER, _leaves_client(released, dp=False)]
     return [THREAT_MODEL_SERVER + " Clients do not trust it to enforce their budgets.",
-            _leaves_client(released, dp=True), *THREAT_MODEL_BUDGETS]
+            _leaves_client(released, dp=True, validation=assumptions.get("validation_data")),
+            *THREAT_MODEL_BUDGETS]
 
 
 def _released_entries(results: dict[str, Any] | None, cfg: ExperimentConfig | None

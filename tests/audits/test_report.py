@@ -1205,6 +1205,35 @@ def test_the_threat_model_names_lambda_only_for_a_run_whose_methods_release_it(
     assert build_report(prox)["threat_model"] == threat
 
 
+def test_the_threat_model_does_not_call_a_public_validation_lambda_noised(tmp_path):
+    """A DP FEDORA run with public validation data releases its lambda in the clear (no
+    ledger entry accounts it); the threat model said it was "noised with private validation
+    data" and named a Gaussian mechanism for a "noised lambda" that the ledgers do not hold."""
+    from privacy.ledger import read_ledger
+    from secure_fedora.core.config import parse_config
+    from secure_fedora.runtimes.inprocess import Simulation, build_clients
+
+    cfg = parse_config({"name": "public-lambda", "methods": ["fedora"],
+                        "data": {"num_clients": 2, "train_per_client": 16, "val_per_client": 8,
+                                 "test_per_client": 8, "validation": "public"},
+                        "training": {"rounds": 1, "local_epochs": 1, "batch_size": 8},
+                        "fedora": {"relatedness": "noised", "k": 1},
+                        # fixed noise: no calibration to wait for
+                        "privacy": {"enabled": True, "epsilon": 50.0, "delta": 1e-3,
+                                    "accountant": "rdp", "noise_multiplier": 2.0,
+                                    "summary_noise_multiplier": 4.0}})
+    run = tmp_path / "run"
+    Simulation(cfg, run, clients=build_clients(cfg), keystore=tmp_path / "keys").run()
+    mechanisms = {e["mechanism"] for path in (run / "ledgers" / "fedora").glob("*.jsonl")
+                  for e in read_ledger(path)}
+    assert "gaussian_lambda" not in mechanisms and "gaussian_summary" in mechanisms
+    threat = " ".join(build_report(run)["threat_model"])
+    assert "noised lambda" not in threat and "noised with private validation" not in threat
+    assert ("FEDORA's lambda (every round it takes part in; computed in the clear from"
+            " validation data declared public, not accounted)") in threat
+    assert "the Gaussian mechanism for noised summaries)" in threat
+
+
 @pytest.mark.parametrize("method", ["local", "fedavg", "fedprox", "ditto", "apfl", "fedamp"])
 def test_the_threat_model_names_the_relatedness_summary_only_for_a_run_that_releases_one(
         tmp_path, pristine_run, method):
