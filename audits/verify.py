@@ -3845,10 +3845,16 @@ def _verify_dir(run: Path, allow_path: Path | None, given_keys: dict[str, Public
                                             f" there is no ledger {where / (cid + '.jsonl')}",
                                             cid, None, method))
     findings.extend(_import_findings(imported, clients, options))
+    # a plug-in accountant's ledgers are checked as PLD ones: say so, naming it
+    plug_ins = sorted({c.accountant for c in clients if isinstance(c.accountant, str)
+                       and c.accountant and c.accountant not in ACCOUNTANTS})
+    pld_ledgers = "'prv', 'pld'" + "".join(f", {a!r}" for a in plug_ins) + " ledgers" + (
+        f"; {'a plug-in accountant is' if len(plug_ins) == 1 else 'plug-in accountants are'}"
+        " held to PLD as PRV is" if plug_ins else "")
     return VerificationReport(
         run_dir=str(run), clients=clients, findings=findings, rel_tol=float(rel_tol),
         independent_accountant=(f"dp_accounting {_DP_ACCOUNTING_VERSION}: RDP at every entry"
-                                " ('rdp' ledgers), PLD at checkpoints ('prv', 'pld' ledgers);"
+                                f" ('rdp' ledgers), PLD at checkpoints ({pld_ledgers});"
                                 " PLD (pessimistic) and RDP of every whole ledger"),
         allowlist=allow_used, checks=checks_done(options), dp_claimed=True,
         dp_claim_basis=claim_basis, anchor_signer=anchor_signer(run, anchor_path, keys),

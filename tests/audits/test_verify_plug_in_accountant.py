@@ -206,6 +206,9 @@ def test_a_conservative_plug_in_draws_one_over_reported_warning_per_ledger(
     from audits.cli import main
 
     report = verify_run(run, imports=[MODULE])
+    # the page's "Independent accountant" line names how the plug-in's ledgers were checked
+    assert f"PLD at checkpoints ('prv', 'pld', {NAME!r} ledgers;" \
+        in report.independent_accountant
     over = [f for f in report.warnings if f.check == "epsilon_over_reported"]
     assert sorted(f.client_id for f in over) == list(CLIENTS)
     for f in over:
