@@ -47,7 +47,13 @@ from audits.options import (  # noqa: E402
     DEFAULT_REL_TOL,
 )
 from audits.output import write_output_file  # noqa: E402
-from audits.verdict import VerdictError, audit_figures, audit_verdict, verdict_text  # noqa: E402
+from audits.verdict import (  # noqa: E402
+    VerdictError,
+    audit_figures,
+    audit_verdict,
+    counted,
+    verdict_text,
+)
 from audits.verify import (  # noqa: E402
     AuditError,
     ClientVerification,
@@ -1291,9 +1297,10 @@ def render_html(report: dict[str, Any], plots: dict[str, str | None]) -> str:
         f" (report format {report['report_version']})</p>",
         f"<div class=\"verdict {ver_class}\" id=\"verdict\">Verification"
         f"{' (strict)' if ver.get('strict') else ''}: "
-        f"{shown_verdict} &mdash; {len(report['budgets'])} client ledgers, "
-        f"{sum(1 for f in ver['findings'] if f['severity'] == 'error')} errors, "
-        f"{sum(1 for f in ver['findings'] if f['severity'] == 'warning')} warnings</div>",
+        f"{shown_verdict} &mdash; {counted(len(report['budgets']), 'client ledger')}, "
+        f"{counted(sum(1 for f in ver['findings'] if f['severity'] == 'error'), 'error')}, "
+        f"{counted(sum(1 for f in ver['findings'] if f['severity'] == 'warning'), 'warning')}"
+        "</div>",
         "<h2 id=\"identity\">Run identity</h2>",
         _table(["field", "value"], [
             ["run directory", f"<code>{_e(ident.get('run_dir'))}</code>"],

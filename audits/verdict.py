@@ -66,12 +66,17 @@ def verification_verdict(ok: bool, dp_claimed: bool) -> VerificationVerdict:
     return "passed" if dp_claimed else "no_dp_claim"
 
 
+def counted(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless ``n`` is 1 ("1 warning", "3 warnings")."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def verification_verdict_text(verdict: str, ledgers: int, errors: int, warnings: int,
                               checks: int = 1, strict: bool = False) -> str:
     """One line for people naming the verdict and its counts (``checks``: how many checks
     applied to a run that makes no DP claim); ``strict`` says "(strict)" after the verdict
     (a check not made counted as an error). VerdictError for an unknown ``verdict``."""
-    counts = ", ".join(f"{n} {word}{'' if n == 1 else 's'}" for n, word in (
+    counts = ", ".join(counted(n, word) for n, word in (
         (ledgers, "ledger"), (errors, "error"), (warnings, "warning")))
     mode = " (strict)" if strict else ""
     if verdict == "passed":

@@ -1411,3 +1411,16 @@ def test_the_privacy_config_states_what_the_run_used_for_keys_left_unset(tmp_pat
     line = render_html(doc, {}).split("privacy configuration: ")[1].split("</p>")[0]
     assert "None" not in line and "model_selection=final_round" in line
     assert "sample_rate=unset (unused: privacy off)" in line
+
+
+def test_the_verdict_line_counts_in_the_singular_for_one(pristine_run):
+    """The page's verdict line said "1 warnings" and "1 client ledgers": each count is
+    worded as ``audit verify`` words it."""
+    from audits.report import render_html
+
+    report = build_report(pristine_run)
+    ver = report["verification"]
+    ver["findings"] = [next(f for f in ver["findings"] if f["severity"] == "warning")]
+    report["budgets"] = report["budgets"][:1]
+    line = render_html(report, {}).split('id="verdict">')[1].split("</div>")[0]
+    assert "1 client ledger, 0 errors, 1 warning" in line
