@@ -243,16 +243,14 @@ class Evaluation:
 
     ``metric`` is what model selection uses: the accuracy for cross-entropy, the ROC AUC for
     binary/multi-label BCE (see :mod:`secure_fedora.learning.tasks`); ``accuracy`` is always the
-    fraction of correct predictions (label entries for multi-label, threshold 0.5).
+    fraction of correct predictions (label entries for multi-label, threshold 0.5). The
+    metric is stored as given: one that is no number (a NaN AUC) stays NaN, never replaced by
+    the accuracy, and the runtimes leave it out (see README "Failure model").
     """
 
     loss: float
     accuracy: float
-    metric: float = math.nan
-
-    def __post_init__(self) -> None:
-        if math.isnan(self.metric):
-            object.__setattr__(self, "metric", self.accuracy)
+    metric: float
 
 
 ALIGNMENT_BYTES = 64

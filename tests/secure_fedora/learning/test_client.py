@@ -141,6 +141,28 @@ def test_rows_are_trained_in_place_and_evaluate_does_not_modify():
     assert torch.equal(matrix, snapshot)
 
 
+def test_a_metric_that_is_no_number_is_reported_as_such_not_as_the_accuracy():
+    """A task's metric that came out NaN (a plug-in scorer's) was replaced by the accuracy:
+    the runtimes then reported accuracy under the metric's name. It stays NaN, so the
+    runtimes' [0, 1] check leaves it out."""
+    import math
+    from dataclasses import dataclass
+
+    from secure_fedora.learning.tasks import CROSS_ENTROPY, Task
+
+    @dataclass(frozen=True)
+    class NanScored(Task):
+        def metric(self, outputs, targets):
+            return math.nan
+
+    x, y = _data()
+    flat = FlatModel(make_model("mlp", seed=0),
+                     NanScored("nan_scored", CROSS_ENTROPY.per_sample, "nan_score"))
+    ev = evaluate(flat, flat.initial_vector(), x, y)
+    assert 0.0 <= ev.accuracy <= 1.0
+    assert math.isnan(ev.metric)
+
+
 def test_non_finite_training_is_rejected_and_rolled_back():
     x, y = _data()
     flat = FlatModel(make_model("mlp", seed=0))
