@@ -586,7 +586,10 @@ def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
     two parties' files, no ``server`` (every client accepts only the allowlisted server) or a
     server file beside ``server``, a ``num_clients`` below 1, and with ``num_clients`` a
     party missing or one that is not
-    ``server`` or ``client-000`` ... ``client-<num_clients - 1>``."""
+    ``server`` or ``client-000`` ... ``client-<num_clients - 1>``. Without ``num_clients``
+    the federation is the one the highest client given implies (``client-004``: 5 clients),
+    refused in the same way: a gap (``client-001`` without ``client-000``) is named as missing,
+    and at least one client's file is required."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise IdentityError("no public key files given")
@@ -619,25 +622,43 @@ def assemble_allowlist(paths: Iterable[str | os.PathLike[str]],
         raise IdentityError(f"no public key file of the server ({SERVER_ID}"
                             f"{PUBLIC_FILE_SUFFIX}): every client accepts only the "
                             "allowlisted server")
-    if num_clients is not None:
-        expected = default_party_ids(num_clients)
-        missing = [p for p in expected if p not in parties]
-        extra = sorted(p for p in parties if p not in expected)
-        missing_text = (
-            f"no public key file of {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+    stated = num_clients is not None
+    if num_clients is None:
+        num_clients = _implied_clients(parties)
+    expected = default_party_ids(num_clients)
+    missing = [p for p in expected if p not in parties]
+    extra = sorted(p for p in parties if p not in expected)
+    missing_text = (
+        f"no public key file of {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+    )
+    if extra:
+        # Named first: a file of a party outside the federation is the likelier mistake
+        # (a wrong client count or a misnamed party), and the missing party follows from it.
+        raise IdentityError(
+            f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} is "
+            f"not a party of a federation of {num_clients} clients "
+            f"({expected[1]} ... {expected[-1]})"
+            + (f"; and {missing_text} was given" if missing else "")
         )
-        if extra:
-            # Named first: a file of a party outside the federation is the likelier mistake
-            # (a wrong client count or a misnamed party), and the missing party follows from it.
-            raise IdentityError(
-                f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} is "
-                f"not a party of a federation of {num_clients} clients "
-                f"({expected[1]} ... {expected[-1]})"
-                + (f"; and {missing_text} was given" if missing else "")
-            )
-        if missing:
-            raise IdentityError(f"{missing_text} ({num_clients} clients)")
+    if missing:
+        raise IdentityError(
+            f"{missing_text} ({num_clients} clients)" if stated else
+            f"{missing_text} was given, though {expected[-1]}'s was: a federation's clients are"
+            f" client-000 ... client-<N-1> (give the number of clients, --clients N, to check"
+            " that none is missing)")
     return {party: parties[party] for party in sorted(parties)}
+
+
+def _implied_clients(parties: Mapping[str, PublicIdentity]) -> int:
+    """The number of clients of the federation whose highest client is among ``parties``
+    (``client-004``: 5); IdentityError when no party is a client."""
+    indices = [int(p[len("client-"):]) for p in parties if _FEDERATION_PARTY_RE.match(p)
+               and p != SERVER_ID]
+    indices = [i for i in indices if i < MAX_CLIENT_IDS]  # beyond: named as no party
+    if not indices:
+        raise IdentityError("no client's public key file given: a federation has at least one "
+                            "client (client-000)")
+    return max(indices) + 1
 
 
 def _check_key_holder_entry(allowlist: str | os.PathLike[str],

@@ -405,7 +405,8 @@ def build_parser(argv: Sequence[str] | None = ()) -> argparse.ArgumentParser:
     allow.add_argument("public_files", nargs="+", metavar="PUBLIC_FILE",
                        help="the parties' public key files, the server's among them")
     allow.add_argument("--clients", type=int, default=None,
-                       help="require exactly the server and clients client-000 ... of N clients")
+                       help="require exactly the server and clients client-000 ... of N clients "
+                            "(without it: client-000 ... up to the highest client given)")
     allow.add_argument("--force", action="store_true", help="replace an existing OUT")
     allow.set_defaults(func=cmd_keys_allowlist)
     install = keys_sub.add_parser(

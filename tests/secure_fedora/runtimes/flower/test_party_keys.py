@@ -124,6 +124,24 @@ def test_an_allowlist_lacking_a_party_or_listing_another_key_fails_clearly(
         grid.errors[0][2])
 
 
+def test_keys_allowlist_without_clients_refuses_a_gap_naming_the_missing_client(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --clients, the server's and client-001's files made an allowlist: a federation
+    whose client-000 no allowlist could list. Now refused, naming client-000, nothing
+    written; a set without gaps still needs no --clients."""
+    from privacy.identity import init_party, load_allowlist
+
+    public = {p: init_party(tmp_path / p, p)[1] for p in ("server", "client-000", "client-001")}
+    out = tmp_path / "allowlist.json"
+    assert main(["keys", "allowlist", str(out), str(public["server"]),
+                 str(public["client-001"])]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no public key file of client-000 was given, though client-001's was" in err
+    assert not out.exists()
+    assert main(["keys", "allowlist", str(out), *map(str, public.values())]) == 0
+    assert sorted(load_allowlist(out)) == sorted(public)
+
+
 def test_keys_party_force_warns_that_the_old_identity_is_gone(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`keys party --force` replaced a party's keys and deleted its allowlist, printing only
