@@ -1547,7 +1547,6 @@ class FederationPrivacy:
         self.mark_round(rnd, (k for k, other in enumerate(self.clients)
                               if other.admitted is not None and other.admitted.round == rnd))
         c = self.clients[i]
-        c.checked = True
         pipeline = self.model_pipeline(i, sign, encrypt)
         check = pipeline.index(CheckExecutedSteps)
         admitted = c.admitted if c.admitted is not None and c.admitted.round == rnd else None
@@ -1556,7 +1555,11 @@ class FederationPrivacy:
                 return pipeline.stages[check].process(Release("model", torch.empty(0), rnd))
             if theta is not None:
                 admitted = admitted.replace(payload=theta)
-            return pipeline.run(admitted, start=check)
+            released = pipeline.run(admitted, start=check)
+            # only a release that left closes the round to plug-in releases: one whose
+            # encryption or signature failed sent nothing
+            c.checked = True
+            return released
         except StepCountMismatchError as err:
             c.journal_non_releases()
             if err.refusal is not None:

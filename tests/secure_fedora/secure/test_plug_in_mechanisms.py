@@ -250,6 +250,35 @@ def test_a_generic_release_outside_an_admitted_round_is_refused(method: str,
         privacy.close()
 
 
+def test_a_model_release_whose_signature_failed_leaves_the_round_open(method: str,
+                                                                      tmp_path: Path) -> None:
+    """A model release that passed the step check but whose envelope signature (or
+    encryption) raised marked the round as checked: nothing had left, yet every later
+    plug-in release of the round was refused as coming after its reply. It stays open; a
+    release that left closes it."""
+    from privacy.noise import ReproducibleNoise
+    from secure_fedora.secure.private import FederationPrivacy
+
+    def failing_sign(release: Any) -> bytes:
+        raise OSError("signing device unavailable")
+
+    cfg = _config(method, rounds=1, **{MECHANISM: {"noise_multiplier": 5.0}})
+    privacy = FederationPrivacy.open(cfg, method, 3, tmp_path / "ledgers", tmp_path / "keys")
+    try:
+        noise = ReproducibleNoise(0)
+        assert privacy.admit(0, 1, torch.zeros(3), False, noise=noise)
+        for _ in range(privacy.steps):
+            privacy.clients[0].step_counter.count()
+        with pytest.raises(OSError, match="signing device unavailable"):
+            privacy.release_model(0, 1, torch.arange(3.0), sign=failing_sign)
+        privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+        privacy.release_model(0, 1, torch.arange(3.0))
+        with pytest.raises(UndeclaredReleaseError, match="after its round-1 reply was checked"):
+            privacy.gaussian(0, MECHANISM, torch.tensor(0.5, dtype=torch.float64), noise)
+    finally:
+        privacy.close()
+
+
 def test_a_built_ins_noise_in_the_table_is_its_flat_key_and_both_are_refused() -> None:
     """[privacy.mechanisms.gaussian_lambda] sets privacy.lambda_noise_multiplier (one source
     of truth: the same config, hash and plan); setting both is refused naming both."""
