@@ -298,6 +298,11 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
         created = _create_atomically(path, parties)
         if created:
             return KeyStore(path, True, source)
+    if path.is_dir() and not (path / LOCK_FILENAME).exists() \
+            and not (path / CREATING_FILENAME).exists():
+        # a store no extension has locked (an earlier version's, or made by hand) is
+        # checked before its lock file is made, so that a refusal leaves it as it was
+        _refuse_stray_key_files(path, parties, _known_parties(path), option)
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = os.open(path / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
@@ -305,30 +310,12 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
         raise IdentityError(f"cannot create or open the key store {path}: {exc}") from exc
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two runs extending one store wait for each other
-        allowlist = path / ALLOWLIST_FILENAME
-        known = load_allowlist(allowlist) if allowlist.exists() else {}
+        known = _known_parties(path)
         _discard_interrupted(path, known)
         missing = [p for p in parties if p not in known]
         if not missing:
             return KeyStore(path, False, source)
-        stray = sorted(str(f) for p in missing for f in path.glob(f"{p}.*"))
-        if stray:
-            n_clients = sum(1 for p in parties if p.startswith("client-"))
-            why = ("holds no allowlist.json but key files" if not known else
-                   "holds key files of parties missing from its allowlist")
-            recreate = (f"`secure-fedora keys init {path} --clients {n_clients} --force`"
-                        if option == CLI_KEYSTORE_OPTION else
-                        f"privacy.identity.init_keys({str(path)!r}, "
-                        f"secure_fedora.secure.keystore.run_party_ids({n_clients}), "
-                        "overwrite=True)")
-            raise IdentityError(
-                f"key store {path} {why}: {', '.join(stray[:6])}"
-                f"{' ...' if len(stray) > 6 else ''}; refusing to overwrite them (left by an "
-                "interrupted key-store creation of an earlier version, or the allowlist was "
-                "edited or removed by hand, in which case runs may have used these keys). If "
-                f"no run used them, recreate the store with {recreate}; otherwise restore its "
-                "allowlist.json, or use another key store ([security] keystore in the config"
-                f"{'' if option == CONFIG_KEYSTORE_OPTION else f', or {option}'})")
+        _refuse_stray_key_files(path, parties, known, option)
         marker = path / CREATING_FILENAME
         _write_marker(marker, missing)
         init_keys(path, missing, overwrite=bool(known))
@@ -336,6 +323,37 @@ def ensure_keystore(path: Path, parties: Sequence[str], source: str = "default",
         return KeyStore(path, not known, source, tuple(missing) if known else ())
     finally:
         os.close(lock)
+
+
+def _known_parties(path: Path) -> dict[str, PublicIdentity]:
+    """The parties the store's allowlist lists (none without one)."""
+    allowlist = path / ALLOWLIST_FILENAME
+    return load_allowlist(allowlist) if allowlist.exists() else {}
+
+
+def _refuse_stray_key_files(path: Path, parties: Sequence[str],
+                            known: Mapping[str, PublicIdentity], option: str) -> None:
+    """IdentityError (see :func:`ensure_keystore`) when the store holds key files of a party
+    of ``parties`` that its allowlist (``known``) lacks; writes nothing."""
+    stray = sorted(str(f) for p in parties if p not in known for f in path.glob(f"{p}.*"))
+    if not stray:
+        return
+    n_clients = sum(1 for p in parties if p.startswith("client-"))
+    why = ("holds no allowlist.json but key files" if not known else
+           "holds key files of parties missing from its allowlist")
+    recreate = (f"`secure-fedora keys init {path} --clients {n_clients} --force`"
+                if option == CLI_KEYSTORE_OPTION else
+                f"privacy.identity.init_keys({str(path)!r}, "
+                f"secure_fedora.secure.keystore.run_party_ids({n_clients}), "
+                "overwrite=True)")
+    raise IdentityError(
+        f"key store {path} {why}: {', '.join(stray[:6])}"
+        f"{' ...' if len(stray) > 6 else ''}; refusing to overwrite them (left by an "
+        "interrupted key-store creation of an earlier version, or the allowlist was "
+        "edited or removed by hand, in which case runs may have used these keys). If "
+        f"no run used them, recreate the store with {recreate}; otherwise restore its "
+        "allowlist.json, or use another key store ([security] keystore in the config"
+        f"{'' if option == CONFIG_KEYSTORE_OPTION else f', or {option}'})")
 
 
 def _create_atomically(path: Path, parties: Sequence[str]) -> bool:

@@ -40,6 +40,23 @@ def test_store_is_created_private_and_extended_without_touching_existing_keys(tm
         ensure_keystore(tmp_path / "file", run_party_ids(1))
 
 
+def test_a_refused_store_is_left_as_it_was(tmp_path):
+    """A store made without a lock file (by an earlier version, or by hand) holding a stray
+    key file was refused only after its .lock was created: the refusal left a file behind.
+    Refused now before anything is made; the same store without the stray file extends."""
+    from privacy.identity import init_keys
+
+    store = tmp_path / "store"
+    init_keys(store, run_party_ids(2))
+    (store / "client-002.ed25519.key").write_text("stray")
+    before = {f.name: f.read_bytes() for f in store.iterdir()}
+    with pytest.raises(IdentityError, match="client-002.ed25519.key; refusing to overwrite"):
+        ensure_keystore(store, run_party_ids(3))
+    assert {f.name: f.read_bytes() for f in store.iterdir()} == before
+    (store / "client-002.ed25519.key").unlink()
+    assert ensure_keystore(store, run_party_ids(3)).added == ("client-002",)
+
+
 def test_resolution_order_and_default_outside_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv(KEYSTORE_HOME_ENV, str(tmp_path / "stores"))
     assert resolve_keystore("exp") == ((tmp_path / "stores" / "exp").absolute(), "default")
