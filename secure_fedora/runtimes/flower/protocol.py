@@ -530,13 +530,14 @@ def check_apps_know_entries(cfg: ExperimentConfig) -> None:
     accountant = cfg.privacy.accountant
     if cfg.privacy.enabled and accountant != "auto" and not accountant_known_everywhere(accountant):
         method = ACCOUNTANT_REGISTRY.get(accountant)
-        where = (f"registered by module {method.compute.__module__!r} of" if method is not None
-                 else "not registered in")
+        where = (f"is registered by module {method.compute.__module__!r} of this process only"
+                 if method is not None else "is not registered at all, in this process or another")
         problems.append(
-            f"privacy.accountant: accountant {accountant!r} is {where} this process only, and "
-            "the Flower apps run in processes of their own that know the built-in accountants "
-            "and those the modules of secure_fedora/contrib/ register (add it there, or run it "
-            "in process: `secure-fedora run` or the Python API)")
+            f"privacy.accountant: accountant {accountant!r} {where}, and the Flower apps run in"
+            " processes of their own that know the built-in accountants and those the modules"
+            " of secure_fedora/contrib/ register (add it there"
+            + (", or run it in process: `secure-fedora run` or the Python API)"
+               if method is not None else ")"))
     if problems:
         raise DeployError("the Flower runtime cannot run this config: " + "; ".join(problems))
 

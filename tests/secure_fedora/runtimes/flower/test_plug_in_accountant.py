@@ -150,6 +150,13 @@ def test_deploy_local_takes_a_contrib_accountant_and_refuses_one_of_its_own_proc
                        rf"registered by module '{MODULE}' of this process only.*"
                        "secure_fedora/contrib/"):
         deploy_local(_config(), 3, tmp_path / "w", max_in_flight=0, reproducible_dp_noise=True)
+    # one this process does not know either read "is not registered in this process only"
+    cfg = _config()
+    with unregistered(), pytest.raises(DeployError) as unknown:
+        check_apps_know_entries(cfg)
+    assert f"accountant '{NAME}' is not registered at all, in this process or another," in str(
+        unknown.value)
+    assert "this process only" not in str(unknown.value)
     assert not (tmp_path / "w").exists()  # nothing was started
     package, name = f"contrib_{uuid.uuid4().hex[:8]}", f"padded_{uuid.uuid4().hex[:6]}"
     (tmp_path / package).mkdir()
