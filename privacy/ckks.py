@@ -112,6 +112,7 @@ __all__ = [
     "MAX_VECTOR_NORM",
     "MAX_WEIGHT_L1",
     "GRAM_SYMMETRY_TOLERANCE",
+    "gram_tolerance",
     "HE_STANDARD_MAX_COEFF_BITS",
     "check_inner_product_upload",
     "context_from_bytes",
@@ -140,10 +141,12 @@ Encryption = Literal["symmetric", "public"]
 MAX_ABS_VALUE = 2.0**10
 MAX_VECTOR_NORM = 2.0**8
 MAX_WEIGHT_L1 = 2.0**8
-#: How far apart the decrypted <u_a, u_b> and <u_b, u_a> may be (CKKS noise is about 5e-6
-#: for any vector norm up to MAX_VECTOR_NORM); farther apart, the rows are not one Gram
-#: matrix's.
+#: The most the decrypted <u_a, u_b> and <u_b, u_a> may ever differ (:func:`gram_tolerance`
+#: for two columns of norm >= 7; honest rows differ by at most about 1e-4 at norms
+#: MAX_VECTOR_NORM); farther apart, the rows are not one Gram matrix's.
 GRAM_SYMMETRY_TOLERANCE = 2.0**-10
+#: gram_tolerance's scale: honest rows of unit-norm columns differ by at most about 3e-6.
+_GRAM_NOISE_UNIT = 2.0**-16
 
 _VECTOR_MAGIC = b"SFCV"
 _ROW_MAGIC = b"SFIR"
@@ -1117,6 +1120,12 @@ def inner_product_rows(
     selects the rows to compute (default: all), e.g. only a newly joined vector's row.
     Needs Galois and relinearization keys, never the secret key. Each returned row
     decrypts to <u_row, u_g> in every slot of lane g (0 for lanes >= num_vectors).
+
+    The lane masks' CKKS encodings are off by about 2^-40..2^-36 outside their lane, so values
+    a client puts outside its own lanes survive scaled by that and move every row's overlap
+    with the vector whose lane they fill, except that vector's own row: the key holder's
+    symmetry check (:func:`gram_tolerance`) refuses such a shift, unless it moves both
+    <u_a, u_b> and <u_b, u_a> alike.
     """
     eng = _engine(public_ctx)
     _check_layout(eng, layout)
@@ -1205,20 +1214,32 @@ def inner_product_rows(
     return out
 
 
+def gram_tolerance(norm_a: float, norm_b: float) -> float:
+    """How far apart honest decrypted <u_a, u_b> and <u_b, u_a> may be for columns of norms
+    ``norm_a`` and ``norm_b``: 2^-16 (1 + |u_a|)(1 + |u_b|), at most
+    :data:`GRAM_SYMMETRY_TOLERANCE`. CKKS noise in a row grows at most with the product of
+    the norms (measured: up to 2.8e-6 at unit norms, 1e-4 at norms 256), so this bounds it
+    with a margin of about 20 at unit norms; it is also how far a client's ciphertexts may move one
+    of two honest clients' overlaps unseen (see :func:`inner_product_rows`)."""
+    return min(GRAM_SYMMETRY_TOLERANCE,
+               _GRAM_NOISE_UNIT * (1.0 + max(norm_a, 0.0)) * (1.0 + max(norm_b, 0.0)))
+
+
 def _check_gram(values: np.ndarray, indexes: Sequence[int]) -> None:
     """CkksError unless the decrypted rows ``values`` (row ``k`` for vector ``indexes[k]``)
-    agree where they overlap as rows of one Gram matrix: <u_a, u_b> = <u_b, u_a> and
-    <u_a, u_a> >= 0, each within GRAM_SYMMETRY_TOLERANCE."""
-    tol = GRAM_SYMMETRY_TOLERANCE
+    agree where they overlap as rows of one Gram matrix: <u_a, u_b> = <u_b, u_a> within
+    :func:`gram_tolerance` of the norms the rows' own diagonals give, and <u_a, u_a> >= 0
+    within :func:`gram_tolerance` (0, 0)."""
+    norms = [math.sqrt(max(float(values[k, a]), 0.0)) for k, a in enumerate(indexes)]
     for k, a in enumerate(indexes):
-        if values[k, a] < -tol:
+        if values[k, a] < -gram_tolerance(0.0, 0.0):
             raise DecryptedValuesError(
                 f"decrypted row {a} gives <u_{a}, u_{a}> = {values[k, a]:.6g} < 0: "
                 "not a row of a Gram matrix (replaced, or under another scale)"
             )
         for m in range(k):
             b = indexes[m]
-            if abs(values[k, b] - values[m, a]) > tol:
+            if abs(values[k, b] - values[m, a]) > gram_tolerance(norms[k], norms[m]):
                 raise DecryptedValuesError(
                     f"decrypted rows {a} and {b} disagree on <u_{a}, u_{b}> ({values[k, b]:.6g} "
                     f"vs {values[m, a]:.6g}): not rows of one Gram matrix (a row swapped, "

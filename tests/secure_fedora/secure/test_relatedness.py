@@ -1,10 +1,13 @@
+import numpy as np
 import pytest
 import torch
 
+from privacy import ckks
 from privacy.ckks import EncryptedRow, InnerProductUpload, context_to_bytes, public_context_bytes
 from privacy.identity import Identity
 from secure_fedora.secure.relatedness import (
     InvalidUploadsError,
+    RowValuesError,
     SecureRelatednessError,
     ceremony_summary,
     decrypt_rows,
@@ -290,3 +293,27 @@ def test_overlaps_refuse_non_finite_decrypted_rows():
     """NaN decrypted rows passed through into the overlaps (and the graph)."""
     with pytest.raises(SecureRelatednessError, match="NaN or infinite"):
         overlaps_from_rows(torch.full((3, 3), float("nan"), dtype=torch.float64), [0, 1, 2], 3, 1)
+
+
+def test_a_client_cannot_move_two_honest_clients_overlap_through_the_lane_masks(ceremony, steps):
+    """The server keeps each client's lane of its packed ciphertext with a plaintext mask whose
+    CKKS encoding is off by about 2^-39 in the other lanes: a client that fills another
+    client's lane with values of 2^27 moves every row's overlap with that client by about
+    2e-4 (20 times the stated accuracy) and only that row's, so the rows no longer agree as
+    one symmetric Gram matrix. They were released within the former fixed tolerance 2^-10."""
+    layout, u, columns, _ = steps
+    secret = ceremony.client_context  # every client holds the secret key
+    eng = ckks._engine(secret)
+    G, P = layout.lanes, layout.positions
+    slots = np.zeros(layout.slot_count, dtype=np.complex128)
+    slots[np.arange(P) * G + 2] = np.conj(layout.chunk_values(u[2, :, 0].numpy())[0])
+    rng = np.random.default_rng(0)
+    slots[np.arange(P) * G + 0] = 2.0**27 * (rng.standard_normal(P) + 1j * rng.standard_normal(P))
+    honest = InnerProductUpload.deserialize(columns[2][0])
+    packed = eng.encrypt_to_bytes(slots, eng.top_level, "symmetric")
+    sent = list(columns)
+    sent[2] = [InnerProductUpload(2, (packed,), honest.broadcast).serialize()]
+    uploads = {i: parse_upload(layout, i, 1, sent[i]) for i in range(N)}
+    rows, vectors = gram_rows(ceremony.server_context, layout, N, 1, uploads)
+    with pytest.raises(RowValuesError, match="disagree on <u_"):
+        decrypt_rows(ceremony.key_holder_context, layout, rows, vectors)
