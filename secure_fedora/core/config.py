@@ -693,7 +693,9 @@ def _check_method_section(name: str, section: Any) -> None:
         try:
             check(section)
         except ValueError as err:
-            raise ValueError(f"baselines.{name}: {err}") from None
+            text = str(err)  # named once: a message naming the section's key keeps its own
+            raise ValueError(text if text.startswith(f"baselines.{name}.")
+                             else f"baselines.{name}: {text}") from None
         return
     known = [n for n in METHODS.in_registration_order()
              if METHODS.declared(n, "check_hyperparameters") is not None]
@@ -934,11 +936,14 @@ def model_selection(cfg: ExperimentConfig) -> str:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {key}: {msg}")
+        elif e["type"] == "value_error":  # a validator's own message, without pydantic's prefix
+            msg = str(e.get("ctx", {}).get("error", msg.removeprefix("Value error, ")))
+        # a check of the whole config names its keys itself
+        lines.append(f"  {key}: {msg}" if key else f"  {msg}")
     return f"invalid configuration {source}:\n" + "\n".join(lines)
 
 

@@ -192,7 +192,7 @@ def test_integers_beyond_int64_are_refused_with_the_key(tmp_path, key, value):
     for section in sections:
         target = target.setdefault(section, {})
     target[name] = value
-    problem = (rf"{re.escape(key)}: (Input should be less than or equal to|Value error, must be "
+    problem = (rf"{re.escape(key)}: (Input should be less than or equal to|must be "
                "\"auto\" or a number of rounds from 1 to) 9223372036854775807")
     with pytest.raises(ConfigError, match=problem):
         parse_config(doc)
@@ -227,7 +227,7 @@ def test_a_bad_checkpoint_every_is_one_line_naming_the_key(value):
         parse_config({"training": {"checkpoint_every": value}})
     lines = str(err.value).splitlines()[1:]
     assert len(lines) == 1
-    assert lines[0].startswith('  training.checkpoint_every: Value error, must be "auto" or a '
+    assert lines[0].startswith('  training.checkpoint_every: must be "auto" or a '
                                'number of rounds from 1 to 9223372036854775807, got ')
     assert parse_config({"training": {"checkpoint_every": 3}}).training.checkpoint_every == 3
 
