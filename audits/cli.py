@@ -248,8 +248,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from audits.verify import import_trusted_modules
     from secure_fedora.cli import keystore_flag
     from secure_fedora.core.config import (
-        check_overrides_used,
         check_path_argument,
+        check_settings_used,
         load_config,
         load_run_config,
         unregistered_hint,
@@ -287,7 +287,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
     # [security] keystore only warns, as on resume (a config file given is refused)
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, keystore,
                         resume=run_dir is not None)
-    check_overrides_used(cfg, resume=run_dir is not None)
+    check_settings_used(cfg, resume=run_dir is not None)
     result = run_canary_audit(cfg, client_index=args.client, num_canaries=args.canaries,
                               kind=args.kind, method=args.method,
                               confidence=args.confidence, delta=args.delta, seed=args.seed,

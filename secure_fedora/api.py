@@ -38,8 +38,8 @@ from secure_fedora.core.config import (
     ConfigError,
     ExperimentConfig,
     check_flag_argument,
-    check_overrides_used,
     check_path_argument,
+    check_settings_used,
     load_config,
     parse_config,
     revalidate,
@@ -260,7 +260,7 @@ class Experiment:
         resuming = check_flag_argument(resume, "resume")
         check_keystore_used(self.config.privacy.enabled, self.config.security.keystore, keystore,
                             API_KEYSTORE_OPTION, resume=resuming)
-        check_overrides_used(self.config, resume=resuming)
+        check_settings_used(self.config, resume=resuming)
         try:
             with hold_run_dir(self.run_dir, create=not resuming):  # another process's is refused
                 if resuming:

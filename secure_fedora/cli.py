@@ -18,8 +18,8 @@ from privacy.errors import ToolkitError
 from privacy.paths import read_regular_file
 from secure_fedora.core.config import (
     ConfigError,
-    check_overrides_used,
     check_path_argument,
+    check_settings_used,
     config_from_bytes,
 )
 from secure_fedora.core.errors import (
@@ -196,7 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_bytes(config_bytes, args.config)  # the bytes copied into the run
     check_keystore_used(cfg.privacy.enabled, cfg.security.keystore, args.keystore,
                         resume=args.resume)
-    check_overrides_used(cfg, resume=args.resume)
+    check_settings_used(cfg, resume=args.resume)
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     created = not run_dir.exists()
     # the signal handler set below is put back when the command ends, after the summary

@@ -50,8 +50,10 @@ __all__ = [
     "FedoraConfig",
     "TrainingConfig",
     "check_flag_argument",
-    "check_overrides_used",
+    "UnusedSetting",
+    "check_settings_used",
     "unused_overrides_problem",
+    "unused_settings",
     "override_index_problem",
     "participants_per_round",
     "local_divergence_problem",
@@ -1012,8 +1014,8 @@ def unused_overrides_problem(cfg: ExperimentConfig,
                              disabled: str = "the config has [privacy] enabled = false") -> str | None:
     """Why ``privacy.overrides`` of ``cfg`` are unused (``[privacy] enabled = false``, which
     ``disabled`` words), naming a key that is no client index first; None when privacy is on
-    or there are no overrides. The one wording of :func:`check_overrides_used` and of a
-    sweep's check of its cells."""
+    or there are no overrides. The one wording of :func:`unused_settings` and of a sweep's
+    check of its cells."""
     p = cfg.privacy
     if p.enabled or not p.overrides:
         return None
@@ -1025,19 +1027,154 @@ def unused_overrides_problem(cfg: ExperimentConfig,
     return why if bad is None else f"{bad}; {why}"
 
 
-def check_overrides_used(cfg: ExperimentConfig, resume: bool = False) -> None:
-    """ConfigError, before anything is built or written, when a config with ``[privacy]
-    enabled = false`` sets ``privacy.overrides`` (a run without privacy spends no budget, so
-    they would be ignored), naming a key that is no client index first. A resume, or an audit
-    of a run directory (``resume``), only warns: a run started before this check holds them in
-    its config.toml, and removing them would change the config its checkpoints are bound to."""
-    why = unused_overrides_problem(cfg)
-    if why is None:
-        return
-    if resume:
-        log.warning("%s", why)
-        return
-    raise ConfigError(f"{why}; remove [privacy.overrides], or enable [privacy]")
+class UnusedSetting(BaseModel):
+    """A key the user set that the run will not read: ``key`` (dotted), ``why`` (a sentence
+    naming the key and the reason) and ``fix``. ``refused``: the run is refused over it;
+    otherwise it is only warned about (a section of a method the run does not list, which
+    scripts toggling methods keep; ``training.clip_grad_norm`` under DP, which a sweep's
+    non-private cells read)."""
+
+    model_config = ConfigDict(frozen=True)
+    key: str
+    why: str
+    fix: str
+    refused: bool
+
+
+#: [privacy] keys read whether or not privacy is on.
+_READ_WITHOUT_PRIVACY = frozenset({"enabled", "model_selection"})
+_SUMMARY_KEYS = ("summary_clip", "summary_noise_multiplier", "summary_budget_fraction")
+_LAMBDA_KEYS = ("lambda_clip", "lambda_noise_multiplier", "lambda_budget_fraction")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return format_exact(value) if isinstance(value, float) else repr(value)
+
+
+def _sections_read(methods: list[str]) -> set[str]:
+    """The method sections (``fedora``, ``fedavg``, ``baselines.<name>``) that some method
+    of ``methods`` reads, from what each declares: ``uses_relatedness`` (FEDORA and classes
+    built on it), ``fine_tunes()`` (FedAvg and classes built on it that fine-tune),
+    ``config_section()`` (a baseline's section), and its own ``[baselines.<name>]``."""
+    from secure_fedora.core.registry import METHODS
+
+    read: set[str] = set()
+    for name in methods:
+        read.add(f"baselines.{name}")
+        if name not in METHODS:  # an audit's unregistered method: assume it reads them all
+            return {"fedora", "fedavg", "*"}
+        if METHODS.declared(name, "uses_relatedness"):
+            read.add("fedora")
+        fine_tunes = METHODS.declared(name, "fine_tunes")
+        if fine_tunes is not None and fine_tunes():
+            read.add("fedavg")
+        section = METHODS.declared(name, "config_section")
+        if section is not None:
+            read.add(f"baselines.{section()}")
+    return read
+
+
+def unused_settings(cfg: ExperimentConfig,
+                    written: ExperimentConfig | None = None) -> list[UnusedSetting]:
+    """Every setting of ``written`` (default ``cfg``) that the user set (pydantic's
+    ``model_fields_set``: a TOML key or a Python keyword) to another value than its default
+    and that a run of ``cfg`` will not read, in config order. A key at its default changes
+    nothing and is not named: a config written out with every default (``model_dump``, the
+    config.toml of a Python API run) stays usable. Named: any ``[privacy]`` key but
+    ``enabled`` and ``model_selection`` with privacy off; the lambda's noise keys where
+    ``data.validation`` is public,
+    ``fedora.propagation_tolerance`` beside a propagation other than ``sparse`` or ``auto``
+    (all refused: privacy off, mode not chosen); keys of ``[fedora]``, ``[fedavg]`` or
+    ``[baselines.<name>]`` that no listed method reads, the summary's noise keys where no
+    listed method releases FEDORA's summary, and ``training.clip_grad_norm`` under DP
+    (warned: method not run, DP-SGD clips per sample). ``written`` differs from
+    ``cfg`` for a sweep's cell, derived from the user's config with ``model_copy``."""
+    w = cfg if written is None else written
+    p = cfg.privacy
+    found: list[UnusedSetting] = []
+
+    def add(section: str, key: str, why: str, fix: str, refused: bool = True) -> None:
+        value = getattr(getattr(w, section), key)
+        found.append(UnusedSetting(key=f"{section}.{key}", why=(
+            f"{section}.{key} = {_shown(value)} is unused: {why}"), fix=fix, refused=refused))
+
+    def set_in(section: str) -> list[str]:
+        model = getattr(w, section)
+        return [k for k, field in type(model).model_fields.items()
+                if k in model.model_fields_set
+                and getattr(model, k) != field.get_default(call_default_factory=True)]
+
+    read = _sections_read(list(cfg.methods))
+    if not p.enabled:
+        for key in set_in("privacy"):
+            if key == "overrides":
+                why = unused_overrides_problem(cfg)
+                if why is not None:
+                    found.append(UnusedSetting(key="privacy.overrides", why=why, fix=(
+                        "remove [privacy.overrides], or enable [privacy]"), refused=True))
+            elif key not in _READ_WITHOUT_PRIVACY:
+                add("privacy", key, "the config has [privacy] enabled = false, and a run "
+                    "without privacy reads no privacy setting", "remove it, or enable [privacy]")
+    else:
+        fedora_runs = "fedora" in read
+        for key in set_in("privacy"):
+            # where FEDORA runs under DP its summary is noised (its check_config)
+            if key in _SUMMARY_KEYS and not fedora_runs:
+                add("privacy", key, f"no listed method ({', '.join(cfg.methods)}) releases "
+                    "FEDORA's relatedness summary", "remove it, or list a method that "
+                    "releases it", refused=False)
+            if key in _LAMBDA_KEYS and cfg.data.validation == "public":
+                add("privacy", key, "with data.validation = \"public\" FEDORA's lambda is "
+                    "computed in the clear, without noise",
+                    "remove it, or set data.validation = \"private\"")
+        if "clip_grad_norm" in set_in("training"):
+            add("training", "clip_grad_norm", "DP-SGD clips each sample's gradient to "
+                "privacy.max_grad_norm instead", "remove it (a sweep's non-private cells read "
+                "it)", refused=False)
+    for section in ("fedora", "fedavg"):
+        keys = set_in(section)
+        if keys and section not in read:
+            for key in keys:
+                add(section, key, f"no listed method ({', '.join(cfg.methods)}) reads "
+                    f"[{section}]", "remove it, or list a method that reads it", refused=False)
+        elif section == "fedora" and "propagation_tolerance" in keys \
+                and cfg.fedora.propagation not in ("sparse", "auto"):
+            add(section, "propagation_tolerance", "it bounds the truncated series of "
+                f"fedora.propagation = \"sparse\" only, and fedora.propagation = "
+                f"{_shown(cfg.fedora.propagation)} is exact", "remove it, or use propagation "
+                "\"sparse\" or \"auto\"")
+    if "*" not in read:
+        for name, section in w.baselines.items():
+            if f"baselines.{name}" not in read:
+                keys = ", ".join(section) or "(empty)"
+                found.append(UnusedSetting(
+                    key=f"baselines.{toml_key(name)}", why=(
+                        f"[baselines.{toml_key(name)}] ({keys}) is unused: no listed method "
+                        f"({', '.join(cfg.methods)}) reads it"),
+                    fix="remove it, or list the method", refused=False))
+    return found
+
+
+def check_settings_used(cfg: ExperimentConfig, resume: bool = False) -> None:
+    """ConfigError, before anything is built or written, listing every setting of ``cfg``
+    that the run will not read and that :func:`unused_settings` refuses (each with why and
+    what to do); a warning for each that it only warns about. A resume, or an audit of a run
+    directory (``resume``), only warns: a run started before this check holds them in its
+    config.toml, and removing them would change the config its checkpoints are bound to."""
+    unused = unused_settings(cfg)
+    refused = [u for u in unused if u.refused and not resume]
+    for u in unused:
+        if u not in refused:
+            log.warning("%s", u.why if resume else f"{u.why}; {u.fix}")
+    if len(refused) == 1:
+        raise ConfigError(f"{refused[0].why}; {refused[0].fix}")
+    if refused:
+        raise ConfigError(f"{len(refused)} settings of the config are unused by this run:\n"
+                          + "\n".join(f"  {u.why}; {u.fix}" for u in refused))
 
 
 def revalidate(cfg: ExperimentConfig, source: str = "(ExperimentConfig)") -> ExperimentConfig:

@@ -57,11 +57,13 @@ from secure_fedora.algorithms.contract import (  # noqa: E402
 from secure_fedora.algorithms.methods import FederatedMethod, MethodContext  # noqa: E402
 from secure_fedora.core.config import (  # noqa: E402
     ExperimentConfig,
+    UnusedSetting,
     check_path_argument,
     config_document,
     config_hash,
     model_selection,
     unused_overrides_problem,
+    unused_settings,
 )
 from secure_fedora.core.files import strict_json  # noqa: E402
 from secure_fedora.core.plugins import derived_config, one_run  # noqa: E402
@@ -692,7 +694,27 @@ def check_sweep(cfg: ExperimentConfig, out: str | Path, methods: Sequence[str],
     if unused is not None and not _resumed(out):  # a resumed sweep warns (run_sweep)
         raise SweepError(f"{unused}; remove [privacy.overrides] from the config: a sweep "
                          "cannot use them (a numeric epsilon refuses per-client budgets)")
+    refused = [u for u in _unused_by_every_cell(cfg, cells, configs) if u.refused]
+    if refused and not _resumed(out):  # a resumed sweep warns (run_sweep)
+        raise SweepError("in every cell of this sweep, " + "; ".join(
+            f"{u.why}; {u.fix}" for u in refused))
     return out, cells, configs
+
+
+def _unused_by_every_cell(cfg: ExperimentConfig, cells: Sequence[Cell],
+                          configs: Mapping[Cell, ExperimentConfig]) -> list[UnusedSetting]:
+    """The settings of ``cfg`` that no cell reads (:func:`unused_settings` of each cell's
+    config, with what ``cfg`` sets as written): a key one cell reads (a section of one cell's
+    method, the summary's noise in a DP cell) is used. ``privacy.*`` of a cell without privacy
+    is not counted unused: the epsilon column, not the config, turns privacy off there, and
+    ``privacy.overrides`` have their own check (:func:`_unused_overrides`)."""
+    common: dict[str, UnusedSetting] | None = None
+    for cell in cells:
+        ccfg = configs[cell]
+        found = {u.key: u for u in unused_settings(ccfg, written=cfg)
+                 if not (u.key.startswith("privacy.") and not ccfg.privacy.enabled)}
+        common = found if common is None else {k: u for k, u in common.items() if k in found}
+    return list((common or {}).values())
 
 
 def _resumed(out: Path) -> bool:
@@ -743,6 +765,10 @@ def run_sweep(
         # a warning, as `run --resume` gives: removing them would make the directory's
         # manifest (and its cells) another configuration's
         log.warning("%s; this sweep started with them, so it continues", unused)
+    resumed = _resumed(out)
+    for setting in _unused_by_every_cell(cfg, cells, configs):
+        if resumed or not setting.refused:  # check_sweep refused the others
+            log.warning("in every cell of this sweep, %s; %s", setting.why, setting.fix)
     if cfg.security.keystore is not None and not any(c.privacy.enabled for c in configs.values()):
         # not an error: the same base config's DP cells use it
         log.warning("[security] keystore = %s is unused: this sweep runs no DP cell (only "

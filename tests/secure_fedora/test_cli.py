@@ -580,6 +580,20 @@ def test_privacy_overrides_on_a_config_without_privacy_are_refused(tmp_path, mon
     assert err.endswith("remove [privacy.overrides], or enable [privacy]\n")
 
 
+def test_privacy_settings_on_a_config_without_privacy_are_refused(tmp_path, monkeypatch,
+                                                                   capsys):
+    """`[privacy] epsilon = 3` without `enabled = true` ran a non-private experiment without a
+    word: one error naming the key and why, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    out, config = tmp_path / "run", tmp_path / "c.toml"
+    config.write_text(SMOKE.read_text() + "\n[privacy]\nepsilon = 3.0\n")
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        "error: privacy.epsilon = 3 is unused: the config has [privacy] enabled = false, and a "
+        "run without privacy reads no privacy setting; remove it, or enable [privacy]\n")
+    assert not out.exists()
+
+
 def test_a_run_holding_unused_privacy_overrides_still_resumes(tmp_path, monkeypatch, caplog):
     """A run without privacy whose config sets privacy.overrides (accepted before that was
     refused, an index out of range included) resumes with a warning naming them: its
@@ -590,7 +604,7 @@ def test_a_run_holding_unused_privacy_overrides_still_resumes(tmp_path, monkeypa
     out, config = tmp_path / "run", tmp_path / "c.toml"
     config.write_text(SMOKE.read_text() + '\n[privacy.overrides."9"]\nepsilon = 1.0\n')
     with monkeypatch.context() as m:  # the run as an earlier version started it
-        m.setattr(cli, "check_overrides_used", lambda *a, **k: None)
+        m.setattr(cli, "check_settings_used", lambda *a, **k: None)
         assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
     assert main(["run", str(config), "--out", str(out), "--resume", "--quiet"]) == 0
     assert any(r.getMessage().startswith("privacy.overrides.9: not a client index in [0, 8); "

@@ -73,7 +73,7 @@ from privacy.identity import (
 from privacy.paths import path_problem
 from secure_fedora.core.config import (
     ExperimentConfig,
-    check_overrides_used,
+    check_settings_used,
     config_document,
     load_config,
     parse_config,
@@ -1629,7 +1629,7 @@ def _checked_deployment(
         # checked before anything starts: creating its subfolders failed with a bare OSError
         raise DeployError(f"the workdir {str(work)!r} exists and is not a directory; name a "
                           "directory (a new one for a new run)")
-    check_overrides_used(cfg, resume=resume)
+    check_settings_used(cfg, resume=resume)
     if cfg.security.keystore is not None:
         # the config is used as given (its hash binds the run), so the key is only named
         log.warning("[security] keystore = %s is unused by the Flower runtime: each party's "

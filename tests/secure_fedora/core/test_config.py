@@ -16,6 +16,8 @@ from secure_fedora.core.config import (
     RUN_NAME_PATTERN,
     ConfigError,
     ExperimentConfig,
+    check_settings_used,
+    config_document,
     config_from_bytes,
     config_hash,
     load_config,
@@ -23,12 +25,84 @@ from secure_fedora.core.config import (
 )
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
-def test_shipped_configs_validate(name):
-    cfg = load_config(CONFIGS / name)
+@pytest.mark.parametrize("path", sorted([*CONFIGS.glob("*.toml"), *EXAMPLES.glob("*.toml")]),
+                         ids=lambda p: p.name)
+def test_shipped_configs_validate(path, caplog):
+    """Each shipped config validates, and a run of it reads every key it sets (only the DP
+    sweep config's training.clip_grad_norm, for its non-private cells, is warned about)."""
+    cfg = load_config(path)
     assert cfg.data.num_clients >= 2
+    check_settings_used(cfg)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == ([] if path.name != "dp_rotated_mnist.toml" else [
+        "training.clip_grad_norm = 1 is unused: DP-SGD clips each sample's gradient to "
+        "privacy.max_grad_norm instead; remove it (a sweep's non-private cells read it)"])
+
+
+#: A config that runs FedAvg and Local only, without privacy.
+_PLAIN = {"methods": ["local", "fedavg"], "data": {"num_clients": 3}}
+
+
+def test_settings_the_run_would_not_read_are_refused_together(caplog):
+    """[privacy] epsilon without enabled = true ran a non-private experiment without a word;
+    so did every other key a run does not read. Refused: each privacy key with privacy off,
+    a lambda noise key with public validation and a series tolerance beside an exact
+    propagation, all in one error; warned: sections of methods not listed (scripts toggling
+    methods keep them)."""
+    cfg = parse_config({**_PLAIN, "privacy": {"epsilon": 3.0, "accountant": "pld",
+                                              "model_selection": "final_round"},
+                        "fedora": {"tau": 5.0}, "baselines": {"fedprox": {"mu": 0.1}}})
+    with pytest.raises(ConfigError) as err:
+        check_settings_used(cfg)
+    assert str(err.value).splitlines() == [
+        "2 settings of the config are unused by this run:",
+        "  privacy.epsilon = 3 is unused: the config has [privacy] enabled = false, and a run "
+        "without privacy reads no privacy setting; remove it, or enable [privacy]",
+        '  privacy.accountant = "pld" is unused: the config has [privacy] enabled = false, and '
+        "a run without privacy reads no privacy setting; remove it, or enable [privacy]"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "fedora.tau = 5 is unused: no listed method (local, fedavg) reads [fedora]; remove it, "
+        "or list a method that reads it",
+        "[baselines.fedprox] (mu) is unused: no listed method (local, fedavg) reads it; remove "
+        "it, or list the method"]
+    dp = parse_config({"methods": ["fedora"], "data": {"num_clients": 3},
+                       "fedora": {"relatedness": "noised", "propagation": "dense",
+                                  "propagation_tolerance": 1e-3},
+                       "fedavg": {"finetune_epochs": 2},
+                       "privacy": {"enabled": True, "delta": 1e-3, "lambda_noise_multiplier": 2.0}})
+    with pytest.raises(ConfigError) as err:
+        check_settings_used(dp)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "2 settings of the config are unused by this run:"
+    assert lines[1].startswith("  privacy.lambda_noise_multiplier = 2 is unused: with "
+                               'data.validation = "public"')
+    assert lines[2].startswith('  fedora.propagation_tolerance = 0.001 is unused: it bounds the '
+                               'truncated series of fedora.propagation = "sparse" only')
+    # a run listing the methods, under the modes and privacy that read them, reads each
+    caplog.clear()
+    check_settings_used(parse_config({**_PLAIN, "methods": ["fedora", "fedprox", "fedavg"],
+                                      "privacy": {"enabled": True, "epsilon": 3.0, "delta": 1e-3},
+                                      "fedora": {"relatedness": "noised", "tau": 5.0},
+                                      "baselines": {"fedprox": {"mu": 0.1}}}))
+    assert not caplog.records
+
+
+def test_unused_settings_only_warn_on_resume(caplog):
+    """A run started before the check holds its unused keys in the config its checkpoints
+    are bound to: a resume (or an audit of its directory) warns, naming each. A key written
+    at its default is not named: a config written out with every default (a Python API
+    run's config.toml, a model_dump) still runs."""
+    cfg = parse_config({**_PLAIN, "privacy": {"epsilon": 3.0}})
+    check_settings_used(cfg, resume=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "privacy.epsilon = 3 is unused: the config has [privacy] enabled = false, and a run "
+        "without privacy reads no privacy setting"]
+    caplog.clear()
+    check_settings_used(parse_config(config_document(parse_config(_PLAIN))))
+    assert not caplog.records
 
 
 def test_reference_config_is_the_reference_setting():

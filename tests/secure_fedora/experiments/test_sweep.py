@@ -1090,6 +1090,27 @@ def test_a_sweep_started_with_unused_privacy_overrides_still_resumes(tmp_path, m
     assert not (tmp_path / "new").exists()
 
 
+@needs_privacy
+def test_a_sweep_refuses_only_the_settings_no_cell_reads(tmp_path):
+    """A sweep's cells are the user's config with one method each and privacy on or off by
+    the epsilon column (``model_copy``, which marks privacy.epsilon as set): a key is unused
+    only where no cell reads it. [baselines.fedprox] (the fedprox cell), the summary's noise
+    (the DP FEDORA cell), privacy.epsilon and training.clip_grad_norm (the non-private cells)
+    are read; fedora.propagation_tolerance beside an exact propagation is refused, named."""
+    keys = dict(baselines={"fedprox": {"mu": 0.1}}, training={"clip_grad_norm": 1.0},
+                privacy={"enabled": True, "epsilon": 3.0, "delta": 1e-3, "summary_clip": 2.0},
+                fedora={"relatedness": "noised", "tau": 5.0})
+    out, cells, _ = sweep_mod.check_sweep(tiny(**keys), tmp_path / "a",
+                                          ["fedora", "fedprox", "fedavg"], [0], [None, 1.0])
+    assert len(cells) == 6 and not out.exists()
+    exact = tiny(**{**keys, "fedora": {"relatedness": "noised", "propagation": "dense",
+                                       "propagation_tolerance": 1e-3}})
+    with pytest.raises(SweepError, match=r"^in every cell of this sweep, fedora\.propagation_"
+                                         r"tolerance = 0\.001 is unused: it bounds the truncated"):
+        sweep_mod.check_sweep(exact, tmp_path / "b", ["fedora"], [0], [None, 1.0])
+    assert not (tmp_path / "b").exists()
+
+
 def test_sweep_config_alone_writes_to_a_default_directory_and_resumes_there(tmp_path, monkeypatch,
                                                                             capsys):
     """The issue's command is `secure-fedora sweep CONFIG`: without --out the sweep goes to
