@@ -147,12 +147,12 @@ def test_a_probe_row_whose_gradient_entry_overflows_float32_passes_the_check():
     clips it as they do (its loss scaled by a power of two), so the check passes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3))
-    with torch.no_grad():  # the tanh is not saturated on (v, v); a backprop of 1e10 into it
-        model[0].weight[:, 1] = -model[0].weight[:, 0]
+    with torch.no_grad():  # the tanh is not saturated on (u, 1e30); a backprop of 1e10 into it
+        model[0].weight[:, 1] = 0.0  # not -weight[:, 0]: w v - w v is the BLAS kernel's rounding
         model[2].weight.mul_(1e10)
     task = resolve_task("cross_entropy", False)
     x, y = torch.randn(3, 2), torch.tensor([0, 1, 2])
-    x[1] = 1e30
+    x[1, 1] = 1e30
     with torch.no_grad():
         y[1] = model(x[1:2]).argmin()
     for mode in ("fused", "opacus"):
