@@ -47,6 +47,8 @@ from tests.secure_fedora.algorithms.baseline_regression import (
 
 # round statistics the port changed on purpose (see the module docstring)
 CHANGED_STATS = {"apfl": {"mean_alpha"}, "ifca": {"clusters_used"}}
+#: per-round statistics computed from the parameter rows, held to the rows' tolerance
+ROW_STATS = {"max_neighbour_weight"}
 
 
 def _is_shown_epsilon(key: str) -> bool:
@@ -182,9 +184,15 @@ def test_port_reproduces_the_recorded_run(tmp_path, fixtures, clients, name, var
         assert added <= {"replied", "evaluated"}, added
         assert row.get("replied", row["participants"]) == row["participants"]
         assert row.get("evaluated", len(got["rows"])) == len(got["rows"])
-        # statistics of parameter rows (FedAMP's max_neighbour_weight) follow the rows' kernels
-        assert {k: v for k, v in row.items() if k not in changed | added} == pytest.approx(
-            {k: v for k, v in ref.items() if k not in changed}, rel=1e-6, abs=0)
+        # statistics of parameter rows (FedAMP's max_neighbour_weight) follow the rows' kernels:
+        # within the rows' own 1e-4 (3.2e-6 relative measured on an AVX-512 Xeon), the rest
+        # within 1e-6
+        row_stats = {k for k in ROW_STATS if k in ref}
+        assert {k: v for k, v in row.items() if k not in changed | added | row_stats} == \
+            pytest.approx({k: v for k, v in ref.items() if k not in changed | row_stats},
+                          rel=1e-6, abs=0)
+        assert {k: row[k] for k in row_stats} == pytest.approx(
+            {k: ref[k] for k in row_stats}, rel=1e-4, abs=0)
     extra, ref_extra = dict(got["extra"]), dict(expected["extra"])
     security, ref_security = extra.pop("security", None), ref_extra.pop("security", None)
     assert extra == ref_extra
