@@ -5,7 +5,9 @@ another run, configuration or method list is refused before anything is written.
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from tests.secure_fedora.runtimes.flower.deploy_support import (
     with_evaluation_every,
     with_methods,
 )
+from tests.secure_fedora.runtimes.flower.test_reply_mutations import task_identity_of_node_0
 
 
 def _timed(key: str) -> bool:
@@ -122,18 +125,32 @@ def _unstamped_ledgers(root: Path) -> list[list[dict[str, Any]]]:
             for c in range(3)]
 
 
+_DP_RESUMED = {"reproducible-dp-noise": True}
+
+
+@pytest.fixture(scope="module")
+def whole_dp_run(tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The uninterrupted run (its folder and results) of the 3-round DP federation the resume
+    tests kill and resume: tests only read the folder, and get their own copy of the
+    results."""
+    root = tmp_path_factory.mktemp("whole-dp") / "whole"
+    with task_identity_of_node_0():
+        whole, grid = _federation(root, dp_config(rounds=3), **_DP_RESUMED)
+        yield root, _run(whole, grid)
+
+
 @pytest.mark.usefixtures("task_identity")
-def test_a_dp_run_resumes_without_counting_a_release_twice(tmp_path: Path) -> None:
+def test_a_dp_run_resumes_without_counting_a_release_twice(
+        tmp_path: Path, whole_dp_run: tuple[Path, dict[str, Any]]) -> None:
     """DP with reproducible noise: killed in round 2 of 3 after client 0's reply, resumed,
     its results equal an uninterrupted run's (epsilon spent and ledger entries per client;
     the ledger heads differ as any two runs' do, by the entries' timestamps), every ledger
     holds the uninterrupted run's entries (client 0's no second round-2 release), and the
     anchor records the same entries and spending."""
     cfg = dp_config(rounds=3)
-    over = {"reproducible-dp-noise": True}
-    whole, grid = _federation(tmp_path / "whole", cfg, **over)
-    expected = _run(whole, grid)
-    resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=0, rnd=2, **over)
+    whole_root, expected = whole_dp_run[0], copy.deepcopy(whole_dp_run[1])
+    resumed, _ = _kill_and_resume(tmp_path / "cut", cfg, client=0, rnd=2, **_DP_RESUMED)
 
     def unheaded(results: dict[str, Any]) -> Any:
         results["privacy"]["fedora"].pop("resumes", None)  # the resume's own record of it
@@ -144,20 +161,20 @@ def test_a_dp_run_resumes_without_counting_a_release_twice(tmp_path: Path) -> No
     assert unheaded(resumed) == unheaded(expected)
     assert all(c["epsilon_spent"] > 0 and c["ledger_entries"] == 8
                for c in resumed["privacy"]["fedora"]["clients"])
-    assert _unstamped_ledgers(tmp_path / "cut") == _unstamped_ledgers(tmp_path / "whole")
-    assert _trained(tmp_path / "cut") == _trained(tmp_path / "whole")
+    assert _unstamped_ledgers(tmp_path / "cut") == _unstamped_ledgers(whole_root)
+    assert _trained(tmp_path / "cut") == _trained(whole_root)
 
     def anchored(root: Path) -> dict[str, Any]:
         doc = json.loads((root / "res" / "anchor.json").read_text())
         return {k: {f: v[f] for f in ("entries", "epsilon_spent")} for k, v in
                 doc["ledgers"].items()}
 
-    assert anchored(tmp_path / "cut") == anchored(tmp_path / "whole")
+    assert anchored(tmp_path / "cut") == anchored(whole_root)
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_results_json_records_each_serverapp_resume_and_the_releases_made_before_it(
-        tmp_path: Path) -> None:
+        tmp_path: Path, whole_dp_run: tuple[Path, dict[str, Any]]) -> None:
     """A resumed Flower run left no trace of its interruption in results.json (the in-process
     runtime lists each resume under ``privacy.<method>.resumes``). Killed after client 0's
     round-2 reply, resumed and killed again after client 1's round-3 reply, resumed again:
@@ -166,9 +183,8 @@ def test_results_json_records_each_serverapp_resume_and_the_releases_made_before
     before (client 0 in round 2; clients 0 and 1 in round 3), kept through the later
     resume. An uninterrupted run has no ``resumes``."""
     cfg = dp_config(rounds=3)
-    over = {"reproducible-dp-noise": True}
     root = tmp_path / "cut"
-    rc, grid = _federation(root, cfg, **over)
+    rc, grid = _federation(root, cfg, **_DP_RESUMED)
     grid.tamper_reply = _crash_after_reply(0, 2)
     with pytest.raises(crashpoints.InjectedCrash):
         _run(rc, grid)
@@ -184,8 +200,7 @@ def test_results_json_records_each_serverapp_resume_and_the_releases_made_before
             {"round": 3, "clients": ["client-000", "client-001"]}]}]
     assert json.loads((root / "res" / "results.json").read_text())["privacy"]["fedora"][
         "resumes"] == results["privacy"]["fedora"]["resumes"]
-    whole, grid = _federation(tmp_path / "whole", cfg, **over)
-    assert "resumes" not in _run(whole, grid)["privacy"]["fedora"]
+    assert "resumes" not in whole_dp_run[1]["privacy"]["fedora"]
 
 
 @pytest.mark.usefixtures("task_identity")
