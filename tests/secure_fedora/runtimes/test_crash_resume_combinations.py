@@ -71,11 +71,33 @@ def assert_exact(run_dir: Path, ref_dir: Path) -> None:
     assert verify_run(run_dir).ok
 
 
-def crash_and_resume(data: dict, tmp_path: Path, clients, point: str) -> tuple[Path, Path]:
-    """An uninterrupted run and one killed at ``point`` then resumed, of the same config."""
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """The uninterrupted run of a config, made once per module and config (several tests kill
+    one config at different points): ``references(data, clients)`` gives its folder, which
+    tests only read."""
+    made: dict[str, Path] = {}
+
+    def reference(data: dict, clients) -> Path:
+        key = json.dumps(data, sort_keys=True)
+        if key not in made:
+            ref = tmp_path_factory.mktemp("reference") / "reference"
+            Simulation(parse_config(data), ref, clients=clients).run()
+            made[key] = ref
+        return made[key]
+    return reference
+
+
+def crash_and_resume(data: dict, tmp_path: Path, clients, point: str,
+                     references=None) -> tuple[Path, Path]:
+    """An uninterrupted run and one killed at ``point`` then resumed, of the same config (the
+    uninterrupted one from ``references`` when given)."""
     cfg = parse_config(data)
     ref, run = tmp_path / "reference", tmp_path / "run"
-    Simulation(cfg, ref, clients=clients).run()
+    if references is None:
+        Simulation(cfg, ref, clients=clients).run()
+    else:
+        ref = references(data, clients)
     assert run_until_crash(cfg, run, clients, point)
     Simulation(cfg, run, clients=clients).run(resume=True)
     return run, ref
@@ -85,9 +107,9 @@ def crash_and_resume(data: dict, tmp_path: Path, clients, point: str) -> tuple[P
 @pytest.mark.parametrize("point", ["checkpoint_written@1", "gate@8", "release@9", "gate@14"],
                          ids=["between-rounds", "fedora-round2-ledgered", "fedora-round2-journaled",
                               "fedavg-round2-ledgered"])
-def test_the_batched_engine_under_dp_resumes_exactly(tmp_path, clients, point):
+def test_the_batched_engine_under_dp_resumes_exactly(tmp_path, clients, references, point):
     data = config_dict(["fedora", "fedavg"], True, engine="batched")
-    run, ref = crash_and_resume(data, tmp_path, clients, point)
+    run, ref = crash_and_resume(data, tmp_path, clients, point, references)
     assert_exact(run, ref)
     methods = json.loads((run / "results.json").read_text())["methods"]
     for name in ("fedora", "fedavg"):
@@ -142,11 +164,11 @@ PULL_DIVERGES = {
 
 
 @pytest.mark.parametrize("point", ["checkpoint@1", "train@5", "gate@9"])
-def test_a_pull_bounded_by_max_pull_resumes_exactly_after_a_kill(tmp_path, point):
+def test_a_pull_bounded_by_max_pull_resumes_exactly_after_a_kill(tmp_path, references, point):
     data = json.loads(json.dumps(PULL_DIVERGES))
     data["fedora"]["max_pull"] = 0.5
     clients = build_clients(parse_config(data))
-    run, ref = crash_and_resume(data, tmp_path, clients, point)
+    run, ref = crash_and_resume(data, tmp_path, clients, point, references)
     # round 1: client 1's lambda bounded to max_pull / lr = 10, the others' 0 (the run without
     # max_pull stops there, see test_amend_resume.py)
     first = (ref / "rounds.csv").read_text().splitlines()[1].split(",")
@@ -287,17 +309,16 @@ def _numbers(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("point", ["train@5", "gate@9"])
-def test_checkpoint_every_auto_killed_and_resumed_equals_every_round(tmp_path, clients, point):
+def test_checkpoint_every_auto_killed_and_resumed_equals_every_round(tmp_path, clients, references,
+                                                                    point):
     """``checkpoint_every`` only changes when checkpoints are written: a run under "auto"
     (checkpoints where the clock puts them) killed and resumed has the numbers, spending,
     ledger entries and final state of one checkpointed every round."""
     data = config_dict(["fedora", "fedavg"], True, rounds=3, participation=0.5,
                        checkpoint_every="auto")
-    run, ref = crash_and_resume(data, tmp_path, clients, point)
+    run, ref = crash_and_resume(data, tmp_path, clients, point, references)
     assert_exact(run, ref)
-    every = tmp_path / "every-round"
-    Simulation(parse_config({**data, "training": {**data["training"], "checkpoint_every": 1}}),
-               every, clients=clients).run()
+    every = references({**data, "training": {**data["training"], "checkpoint_every": 1}}, clients)
     assert _numbers(run) == _numbers(every)
     assert comparable_ledgers(run) == comparable_ledgers(every)
     assert_same_state(run, every)
