@@ -40,3 +40,15 @@ def _temporary_files_under_pytest_basetemp(tmp_path_factory: pytest.TempPathFact
         yield
     finally:
         tempfile.tempdir = before
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` or ``deploy`` run first (in their collected order, the others'
+    order kept): xdist hands out tests in collection order, and one of these minute-long
+    runs collected last (the examples, README's recipe) kept one worker busy while the other
+    had nothing left to take."""
+    first = [item for item in items
+             if item.get_closest_marker("slow") or item.get_closest_marker("deploy")]
+    if first:
+        chosen = {id(item) for item in first}
+        items[:] = first + [item for item in items if id(item) not in chosen]

@@ -12,6 +12,9 @@ from secure_fedora.cli import main
 
 pytest.importorskip("sklearn")
 
+# whole example runs: started first (tests/conftest.py), not left to the end of the suite
+pytestmark = pytest.mark.slow
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
