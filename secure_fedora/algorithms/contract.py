@@ -502,7 +502,7 @@ def _refuse_runtime_only_overrides(name: str, cls: type) -> None:
 OTHER_CLASS_DECLARATIONS = ("sends_messages", "amendable_keys")
 #: ... and with ``METHODS.declared`` (from a factory itself when it has them, as the config
 #: hooks of ``MethodChecks`` are).
-OTHER_REGISTRY_DECLARATIONS = ("params", "check_hyperparameters")
+OTHER_REGISTRY_DECLARATIONS = ("params", "check_hyperparameters", "fine_tunes", "config_section")
 #: Declarations compared by what they state under the run's config rather than by their
 #: definition (the others need a run's data or results to be asked).
 _DECLARED_UNDER_CFG = ("releases", "reply_entries", "assumptions", "distributed_unsupported",

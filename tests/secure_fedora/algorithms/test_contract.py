@@ -375,6 +375,8 @@ NAMED_CLASS_OVERRIDES = {
     "cuda_supported": False,  # Local runs on CUDA
     "uses_relatedness": True,  # Local computes no relatedness
     "proximal_weights": ("mu",),
+    "fine_tunes": _classmethod(lambda cls: True),  # Local reads no [fedavg]
+    "config_section": _classmethod(lambda cls: "fedprox"),  # nor [baselines.fedprox]
     "unreleased_client_state": "its personal models",  # Local's model is trained with DP-SGD
     "check_config": _classmethod(lambda cls, cfg: None),
     "derived_row_names": _classmethod(lambda cls, name, cfg: (f"{name}_x",)),

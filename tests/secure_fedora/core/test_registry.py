@@ -225,7 +225,7 @@ def test_a_config_error_is_found_without_importing_torch() -> None:
     assert "fedora.k = 4 must be smaller than data.num_clients = 4" in lines[3]
     assert "fedora.relatedness 'plain' releases summary information" in lines[4]
     assert "baselines.ifca.selection_split='train' picks clusters by training loss" in lines[5]
-    assert "baselines.fedprox: baselines.fedprox.mu: Input should be greater than or equal to 0" in lines[6]
+    assert "  baselines.fedprox.mu: Input should be greater than or equal to 0" == lines[6]
     assert "baselines.fedora: unknown baseline 'fedora'; expected one of ['fedprox', 'ditto', " \
            "'apfl', 'fedamp', 'ifca']" in lines[7]
     assert lines[8:] == ["False False"]

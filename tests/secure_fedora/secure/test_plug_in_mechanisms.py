@@ -548,8 +548,8 @@ def test_readmes_plug_in_mechanism_example_runs_as_written(tmp_path: Path) -> No
         "    cfg = {'methods': ['label_share_fedavg'], 'data': {'num_clients': 2,\n"
         "           'train_per_client': 32, 'val_per_client': 16, 'test_per_client': 32},\n"
         "           'training': {'rounds': 1, 'local_epochs': 1, 'batch_size': 16},\n"
-        f"           'privacy': {{'enabled': dp, 'delta': 1e-3, 'mechanisms': {table!r} if dp"
-        " else {}}}\n"
+        f"           'privacy': {{'enabled': dp, **({{'delta': 1e-3, 'mechanisms': {table!r}}}"
+        " if dp else {})}}\n"
         "    r = Experiment(cfg).run()\n"
         "    print(dp, r['privacy']['label_share_fedavg']['plan'][0]['releases'] if dp else '')\n")
     env = {**os.environ, "PYTHONPATH": str(root),
