@@ -4,7 +4,7 @@ A pinned digest covers float results of vectorized kernels (torch's float64 ``lo
 ``sin`` of the CSPRNG's Gaussians, MKL's float32 GEMMs of DP-SGD): other CPUs pick other
 kernels, which round otherwise, so the same code releases other bits there (the design says
 so: a crash resume on another CPU model may be refused as "resume diverged"). Each digest is
-the one its test recorded on the machine of that session, and :data:`COUNTERPARTS` holds the
+the one its test recorded on the machine it was written on, and :data:`COUNTERPARTS` holds the
 same draws' digest on an Intel Xeon with AVX-512 (Sapphire Rapids class: MKL's and torch's
 AVX-512 kernels), from the same code (the DP-SGD ones also from the recording's own
 ``privacy/dpsgd.py``, loaded beside the current one: equal there too): a change to what is
