@@ -247,10 +247,12 @@ class FederatedAlgorithm(ABC):
         return {}
 
     @classmethod
-    def derived_rows(cls, name: str, outcome: Mapping[str, Any]) -> dict[str, list[float]]:
+    def derived_rows(cls, name: str, outcome: Mapping[str, Any]
+                     ) -> dict[str, list[float | None]]:
         """Extra ``methods.<row>`` entries derived from this method's own outcome (its
-        ``methods.<name>`` entry, registered as ``name``): row name -> every client's metric,
-        which the runtime summarizes into ``methods.<row>.selected``. Default: none."""
+        ``methods.<name>`` entry, registered as ``name``): row name -> every client's metric
+        (``None``: that client has none), which the runtime summarizes into
+        ``methods.<row>.selected`` (``missing_clients`` lists the ``None`` ones). Default: none."""
         return {}
 
     @classmethod

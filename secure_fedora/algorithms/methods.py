@@ -1471,6 +1471,16 @@ class Local(LocalChecks, FederatedMethod):
         return {i: {KEY_STEPS: _scalar(out.steps[i])} for i in participants}
 
 
+NO_FINETUNED_METRIC = -1.0
+"""A FedAvg finalize reply's ``finetuned_test_metric`` when the fine-tuned copy has no test
+metric in [0, 1]: the server leaves that client out of the ``<name>_ft`` row."""
+
+
+def _is_metric(value: float) -> bool:
+    """Whether ``value`` is a metric: a number in [0, 1] (NaN is not)."""
+    return 0.0 <= value <= 1.0
+
+
 FINETUNING_UNDER_DP = (
     "FedAvg's fine-tuned copies stay on the client: their fine-tuning steps are outside the "
     "privacy plan and the ledgers, so the reported fedavg_ft test metric is not covered by the "
@@ -1633,7 +1643,11 @@ class FedAvg(FedAvgChecks, FederatedMethod):
     def client_finalize(self, i: int, message: Payload) -> Payload:
         """Fine-tune the received model for ``finetune_epochs`` epochs, one at a time; reply
         the test metric at the epoch with the best validation metric (epoch 0 included), or
-        at the last epoch without consulting validation data (``select_on_validation`` False)."""
+        at the last epoch without consulting validation data (``select_on_validation`` False).
+        A validation metric that is no number in [0, 1] (NaN) is never chosen: any epoch with
+        one beats it, and with none the reply is epoch 0's. A test metric that is no number in
+        [0, 1] is replied as :data:`NO_FINETUNED_METRIC` (a NaN cannot travel in a reply),
+        which the server leaves out of the ``<name>_ft`` row."""
         ctx = self.ctx
         c = ctx.clients[i]
         one_epoch = TrainConfig(**{**ctx.train.__dict__, "local_epochs": 1})
@@ -1644,22 +1658,33 @@ class FedAvg(FedAvgChecks, FederatedMethod):
                 local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
                             ctx.generators[i], ctx.workspace)
             last = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
-            return {"finetuned_test_metric": _scalar(float(last))}
+            return {"finetuned_test_metric": _scalar(self._finetuned_reply(i, last))}
         best_val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
         best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
         for _ in range(self.finetune_epochs):
             local_train(ctx.flat, row, c.train_x, c.train_y, one_epoch, ctx.oracle,
                         ctx.generators[i], ctx.workspace)
             val = evaluate(ctx.flat, row, c.val_x, c.val_y).metric
-            if val > best_val:
+            if _is_metric(val) and (not _is_metric(best_val) or val > best_val):
                 best_val = val
                 best_test = evaluate(ctx.flat, row, c.test_x, c.test_y).metric
-        return {"finetuned_test_metric": _scalar(float(best_test))}
+        return {"finetuned_test_metric": _scalar(self._finetuned_reply(i, best_test))}
+
+    def _finetuned_reply(self, i: int, metric: float) -> float:
+        """``metric`` as client ``i``'s reply: itself when a number in [0, 1], else
+        :data:`NO_FINETUNED_METRIC` with a warning naming the client and the value."""
+        if _is_metric(metric):
+            return float(metric)
+        log.warning("%s: client %d: fine-tuned test metric %r is no number in [0, 1]; replied "
+                    "as missing (%r)", self._label(), i, metric, NO_FINETUNED_METRIC)
+        return NO_FINETUNED_METRIC
 
     @classmethod
-    def derived_rows(cls, name: str, outcome: Mapping[str, Any]) -> dict[str, list[float]]:
+    def derived_rows(cls, name: str, outcome: Mapping[str, Any]
+                     ) -> dict[str, list[float | None]]:
         """``methods.<name>_ft``: the fine-tuned test metric of every client, when the run
-        fine-tuned (``finetuned_test_accuracy`` in the method's results)."""
+        fine-tuned (``finetuned_test_accuracy`` in the method's results; ``None`` for a client
+        left out, see :meth:`server_finalize`)."""
         tuned = outcome.get("extra", {}).get("finetuned_test_accuracy")
         return {} if tuned is None else {f"{name}_ft": list(tuned)}
 
@@ -1677,11 +1702,26 @@ class FedAvg(FedAvgChecks, FederatedMethod):
             "FedAvg's", f"{name}'s (built on FedAvg)").replace("fedavg_ft", f"{name}_ft")}
 
     def server_finalize(self, replies: Mapping[int, Payload]) -> dict[str, Any]:
-        """``finetuned_test_accuracy``: every client's fine-tuned test metric, in client order."""
+        """``finetuned_test_accuracy``: every client's fine-tuned test metric, in client order;
+        one that is no number in [0, 1] (NaN, out of range, :data:`NO_FINETUNED_METRIC`) is
+        left out, ``None`` there and listed in ``finetuned_left_out``, with a warning naming
+        the client: it is never averaged into the ``<name>_ft`` row."""
         if not replies:
             return {}
-        return {"finetuned_test_accuracy": [float(replies[i]["finetuned_test_metric"])
-                                            for i in sorted(replies)]}
+        label = self._label()
+        tuned: list[float | None] = []
+        left_out = []
+        for i in sorted(replies):
+            value = float(replies[i]["finetuned_test_metric"])
+            if _is_metric(value):
+                tuned.append(value)
+                continue
+            log.warning("%s: client %d: fine-tuned test metric %r is no number in [0, 1]; left "
+                        "out of %s_ft", label, i, value, label)
+            tuned.append(None)
+            left_out.append(i)
+        return {"finetuned_test_accuracy": tuned,
+                **({"finetuned_left_out": left_out} if left_out else {})}
 
 
 CKKS_KEYS = (

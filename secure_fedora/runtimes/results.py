@@ -11,7 +11,9 @@ so a user's script and ``audits`` read one schema. Stable paths (users' scripts 
 * ``methods.<name>.final.{mean,min,max,std,per_client}`` -- at the last evaluated round;
 * a derived row (``methods.fedavg_ft``, see :func:`build_results`) holds only ``name``,
   ``metric`` and ``selected.{mean,min,max,std,per_client,round}`` (no ``final``): its
-  metric is of the method's final model, so ``round`` is the method's last round;
+  metric is of the method's final model, so ``round`` is the method's last round; a client
+  the method reports without a metric is ``null`` in ``per_client``, listed in
+  ``selected.missing_clients`` and left out of the other figures;
 * ``methods.<name>.{name,rounds,seconds_training,seconds_evaluation,metric}`` and the method's
   own results (:meth:`~secure_fedora.algorithms.contract.FederatedAlgorithm.server_finalize`);
 * top level ``name, version, runtime, config_hash, metric, loss, assumptions, privacy,
@@ -514,8 +516,6 @@ def build_results(
     ``comparison`` (FEDORA: ``comparison.fedora_below_local``, the clients where its selected
     metric is below Local's, when both ran).
     """
-    from secure_fedora.runtimes.inprocess import summarize
-
     clash = RESERVED_KEYS & set(runtime_keys or {})
     if clash:
         raise ValueError(f"runtime keys {sorted(clash)} would replace shared results keys")
@@ -538,7 +538,7 @@ def build_results(
             rows = cls.derived_rows(name, outcomes[name])
         for row, per_client in rows.items():
             # the row's metric is of the method's final model: its round is the method's last
-            selected = {**summarize(per_client), "round": int(outcomes[name]["rounds"])}
+            selected = {**_summarize_measured(per_client), "round": int(outcomes[name]["rounds"])}
             _add_once(derived, row, {"name": row, "selected": selected, "metric": metric},
                       f"methods.{row}")
     for row, entry in derived.items():
@@ -566,6 +566,21 @@ def build_results(
     })
     doc.update(runtime_keys or {})
     return finite_document(doc)
+
+
+def _summarize_measured(values: Sequence[float | None]) -> dict[str, Any]:
+    """A derived row's summary of ``values`` (client order; ``None``: the client has no
+    metric): mean, min, max and std of the others (``None`` when no client has one),
+    ``per_client`` with ``null`` where one is missing, and ``missing_clients`` listing those."""
+    from secure_fedora.runtimes.inprocess import summarize
+
+    missing = [i for i, v in enumerate(values) if v is None]
+    measured = [float(v) for v in values if v is not None]
+    stats = summarize(measured) if measured else dict.fromkeys(("mean", "min", "max", "std"))
+    if not missing:
+        return stats
+    return {**stats, "per_client": [None if v is None else round(float(v), 6) for v in values],
+            "missing_clients": missing}
 
 
 #: The per-round file of a run directory (both runtimes).

@@ -21,7 +21,13 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from secure_fedora.core.config import parse_config
 from secure_fedora.runtimes.flower import server_app
 from secure_fedora.runtimes.flower.envelopes import MessageSecurity
-from secure_fedora.runtimes.flower.protocol import MSG_EVALUATE, MSG_ROUND, DeployError, RunSettings
+from secure_fedora.runtimes.flower.protocol import (
+    MSG_EVALUATE,
+    MSG_FINALIZE,
+    MSG_ROUND,
+    DeployError,
+    RunSettings,
+)
 from tests.secure_fedora.runtimes.flower.deploy_support import (
     InMemoryGrid,
     run_config,
@@ -135,6 +141,38 @@ def test_an_invalid_metric_is_an_event_and_results_stay_valid_json(tmp_path, nam
     assert any("outside [0, 1]" in e["event"] for e in results["events"])
     # the refused metric is not round 1's: 'evaluated' (and the means) leave client 0 out
     assert [r["evaluated"] for r in results["rounds"]] == [2, 3]
+
+
+def test_a_fine_tuned_metric_outside_0_1_is_left_out_of_the_ft_row(tmp_path, caplog,
+                                                                    monkeypatch):
+    """Client 0's finalize reply (round 3, after 2 rounds) says 1.5: it was averaged into
+    fedavg_ft; client 1's fine-tuned test metric is NaN: its reply could not leave and the
+    run stopped. Both are null there, listed as missing and named in a warning, and the
+    row's figures are client 2's."""
+    import dataclasses
+
+    from secure_fedora.algorithms import methods
+    from secure_fedora.runtimes.inprocess import build_clients
+
+    target = build_clients(with_methods(tiny_config(rounds=2), "fedavg"))[1].test_x
+    real = methods.evaluate
+
+    def nan_for_client_1(flat, row, x, y, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(flat, row, x, y, *args, **kwargs)
+        same = x.shape == target.shape and torch.equal(x.cpu(), target)
+        return dataclasses.replace(out, metric=float("nan")) if same else out
+
+    monkeypatch.setattr(methods, "evaluate", nan_for_client_1)
+    over = _array("finetuned_test_metric", lambda a: np.array(1.5, dtype=a.dtype))
+    with caplog.at_level("WARNING", logger="secure_fedora.algorithms.methods"):
+        results = _run(tmp_path, "fedavg", {(0, 3, MSG_FINALIZE): over})
+    tuned = results["methods"]["fedavg_ft"]["selected"]
+    assert tuned["per_client"][:2] == [None, None] and tuned["missing_clients"] == [0, 1]
+    assert tuned["mean"] == tuned["min"] == tuned["max"] == tuned["per_client"][2]
+    assert results["methods"]["fedavg"]["extra"]["finetuned_left_out"] == [0, 1]
+    for client, value in ((0, r"1\.5"), (1, r"-1\.0")):
+        assert re.search(rf"client {client}: fine-tuned test metric {value} is no number in "
+                         r"\[0, 1\]; left out of fedavg_ft", caplog.text)
 
 
 def test_a_run_whose_every_training_failed_stops(tmp_path):
