@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -54,6 +55,8 @@ __all__ = [
     "check_settings_used",
     "unused_overrides_problem",
     "unused_settings",
+    "with_written",
+    "written_keys",
     "override_index_problem",
     "participants_per_round",
     "local_divergence_problem",
@@ -790,6 +793,17 @@ class ExperimentConfig(_Section):
     # Per-baseline hyper-parameters, e.g. [baselines.fedprox] mu = 0.01 (defaults and keys:
     # secure_fedora.algorithms.baselines.BASELINE_HYPERPARAMETERS).
     baselines: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # The keys the user wrote, by table ("" the top level), as parse_config read them: kept
+    # beside the config (not a field: no part of model_dump, equality or config_hash);
+    # None for a config built in code. See written_keys.
+    _written: dict[str, frozenset[str]] | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:
+        # pydantic compares private attributes too: two configs of the same values are equal
+        # however each was written
+        if type(other) is type(self):
+            return all(getattr(self, k) == getattr(other, k) for k in type(self).model_fields)
+        return super().__eq__(other)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -950,11 +964,54 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 
 def parse_config(data: dict[str, Any], source: str = "(dict)") -> ExperimentConfig:
-    """Validate a parsed TOML mapping; raises :class:`ConfigError` naming each bad key."""
+    """Validate a parsed TOML mapping; raises :class:`ConfigError` naming each bad key. The
+    config keeps which keys ``data`` holds (:func:`written_keys`)."""
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    return with_written(cfg, _keys_of(data))
+
+
+def _keys_of(data: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """The keys of each table of a validated mapping ("" the top level); a built-in
+    mechanism's table (``[privacy.mechanisms.gaussian_summary]``) counts as the flat keys it
+    sets."""
+    keys: dict[str, frozenset[str]] = {"": frozenset(data)}
+    for section, table in data.items():
+        if not isinstance(table, Mapping):
+            continue
+        written = set(table)
+        tables = table.get("mechanisms") if section == "privacy" else None
+        for name, (noise_key, fraction_key) in BUILTIN_MECHANISM_KEYS.items():
+            given = tables.get(name) if isinstance(tables, Mapping) else None
+            if isinstance(given, Mapping):
+                written |= {flat for key, flat in (("noise_multiplier", noise_key),
+                                                   ("budget_fraction", fraction_key))
+                            if key in given}
+        if isinstance(tables, Mapping) and tables and set(tables) <= set(BUILTIN_MECHANISM_KEYS):
+            written.discard("mechanisms")  # its tables were all read into the flat keys
+        keys[section] = frozenset(written)
+    return keys
+
+
+def written_keys(cfg: ExperimentConfig) -> dict[str, frozenset[str]] | None:
+    """The keys the user wrote for ``cfg``, by table (``""``: the top level; a section's
+    table by its name, e.g. ``"privacy"``), as :func:`parse_config` (a TOML file, the dict
+    given to the Python API) read them, a key written at its default included; None for a
+    config built in code, whose record is pydantic's ``model_fields_set`` alone."""
+    return cfg._written
+
+
+def with_written(cfg: ExperimentConfig,
+                 written: dict[str, frozenset[str]] | None) -> ExperimentConfig:
+    """A copy of ``cfg`` holding ``written`` as the record of :func:`written_keys` (equal to
+    ``cfg``: the record changes no value, dump or :func:`config_hash`). For a config rebuilt
+    from another's document (e.g. with another ``data.num_clients``), which would otherwise
+    read as written in full."""
+    kept = cfg.model_copy()
+    kept._written = written  # a private attribute: frozen=True guards the fields only
+    return kept
 
 
 def _first_difference(given: Any, valid: Any, key: str = "") -> tuple[str, Any] | None:
@@ -1082,17 +1139,19 @@ def unused_settings(cfg: ExperimentConfig,
                     written: ExperimentConfig | None = None) -> list[UnusedSetting]:
     """Every setting of ``written`` (default ``cfg``) that the user set (pydantic's
     ``model_fields_set``: a TOML key or a Python keyword) to another value than its default
-    and that a run of ``cfg`` will not read, in config order. A key at its default changes
-    nothing and is not named: a config written out with every default (``model_dump``, the
-    config.toml of a Python API run) stays usable. Named: any ``[privacy]`` key but
-    ``enabled`` and ``model_selection`` with privacy off; the lambda's noise keys where
-    ``data.validation`` is public,
-    ``fedora.propagation_tolerance`` beside a propagation other than ``sparse`` or ``auto``
-    (all refused: privacy off, mode not chosen); keys of ``[fedora]``, ``[fedavg]`` or
-    ``[baselines.<name>]`` that no listed method reads, the summary's noise keys where no
-    listed method releases FEDORA's summary, and ``training.clip_grad_norm`` under DP
-    (warned: method not run, DP-SGD clips per sample). ``written`` differs from
-    ``cfg`` for a sweep's cell, derived from the user's config with ``model_copy``."""
+    and that a run of ``cfg`` will not read, in config order. A key at its default is named
+    only where the user wrote it (:func:`written_keys`) and left the setting that makes it
+    unread unwritten (``[privacy] epsilon = 8`` without ``enabled``; a lambda key without
+    ``data.validation``): a config written out with every default (``model_dump``, the
+    config.toml of a Python API run) writes those settings too, and stays usable. Named: any
+    ``[privacy]`` key but ``enabled`` and ``model_selection`` with privacy off; the lambda's
+    noise keys where ``data.validation`` is public, ``fedora.propagation_tolerance`` beside a
+    propagation other than ``sparse`` or ``auto`` (all refused: privacy off, mode not
+    chosen); keys of ``[fedora]``, ``[fedavg]`` or ``[baselines.<name>]`` that no listed
+    method reads, the summary's noise keys where no listed method releases FEDORA's summary,
+    and ``training.clip_grad_norm`` under DP (warned: method not run, DP-SGD clips per
+    sample). ``written`` differs from ``cfg`` for a sweep's cell, derived from the user's
+    config with ``model_copy``."""
     w = cfg if written is None else written
     p = cfg.privacy
     found: list[UnusedSetting] = []
@@ -1102,15 +1161,22 @@ def unused_settings(cfg: ExperimentConfig,
         found.append(UnusedSetting(key=f"{section}.{key}", why=(
             f"{section}.{key} = {_shown(value)} is unused: {why}"), fix=fix, refused=refused))
 
-    def set_in(section: str) -> list[str]:
+    record = written_keys(w)
+
+    def set_in(section: str, unless: tuple[str, str] | None = None) -> list[str]:
+        # a key at its default counts where the record holds it and not ``unless``, the
+        # (section, key) that would make it read: a dump writes both, a user's mistake one
         model = getattr(w, section)
+        at_default_too = (record is not None and unless is not None
+                          and unless[1] not in record.get(unless[0], ()))
         return [k for k, field in type(model).model_fields.items()
                 if k in model.model_fields_set
-                and getattr(model, k) != field.get_default(call_default_factory=True)]
+                and (getattr(model, k) != field.get_default(call_default_factory=True)
+                     or (at_default_too and k in record.get(section, ())))]
 
     read = _sections_read(list(cfg.methods))
     if not p.enabled:
-        for key in set_in("privacy"):
+        for key in set_in("privacy", unless=("privacy", "enabled")):
             if key == "overrides":
                 why = unused_overrides_problem(cfg)
                 if why is not None:
@@ -1127,6 +1193,7 @@ def unused_settings(cfg: ExperimentConfig,
                 add("privacy", key, f"no listed method ({', '.join(cfg.methods)}) releases "
                     "FEDORA's relatedness summary", "remove it, or list a method that "
                     "releases it", refused=False)
+        for key in set_in("privacy", unless=("data", "validation")):
             if key in _LAMBDA_KEYS and cfg.data.validation == "public":
                 add("privacy", key, "with data.validation = \"public\" FEDORA's lambda is "
                     "computed in the clear, without noise",

@@ -105,6 +105,46 @@ def test_unused_settings_only_warn_on_resume(caplog):
     assert not caplog.records
 
 
+def test_a_privacy_key_written_at_its_default_without_enabled_is_refused(tmp_path):
+    """[privacy] epsilon = 8 (its default) without enabled = true ran a non-private
+    experiment without a word, from a TOML file and from the Python API's dict: what the user
+    wrote is kept with the config and names it. A config written out with every default
+    (enabled = false beside it) still passes, and the record changes no equality, dump or
+    config hash."""
+    from secure_fedora.api import Experiment
+
+    written = {**_PLAIN, "privacy": {"epsilon": 8.0}}
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(written))
+    refused = (r"^privacy.epsilon = 8 is unused: the config has \[privacy\] enabled = false, "
+               r"and a run without privacy reads no privacy setting; remove it")
+    in_code = ExperimentConfig.model_validate(written)  # no record: named only off its default
+    check_settings_used(in_code)
+    for cfg in (load_config(path), parse_config(written)):
+        with pytest.raises(ConfigError, match=refused):
+            check_settings_used(cfg)
+        dumped = parse_config(config_document(cfg))
+        check_settings_used(dumped)
+        assert cfg == in_code == dumped
+        assert config_hash(cfg) == config_hash(in_code) == config_hash(dumped)
+        assert cfg.model_dump() == in_code.model_dump()
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=refused):
+        Experiment(written, run_dir=run).run()
+    assert not run.exists()
+    # a built-in mechanism's table names the key it sets; a lambda key at its default
+    # beside public validation left unwritten is as unused
+    with pytest.raises(ConfigError, match=r"^privacy.summary_budget_fraction = 0.2 is unused"):
+        check_settings_used(parse_config({**_PLAIN, "privacy": {"mechanisms": {
+            "gaussian_summary": {"budget_fraction": 0.2}}}}))
+    lam = {"methods": ["fedora"], "data": {"num_clients": 3}, "privacy": {
+        "enabled": True, "lambda_clip": 2.0}, "fedora": {"relatedness": "noised"}}
+    with pytest.raises(ConfigError, match=r'^privacy.lambda_clip = 2 is unused: with '
+                                          r'data.validation = "public"'):
+        check_settings_used(parse_config(lam))
+    check_settings_used(parse_config(config_document(parse_config(lam))))
+
+
 def test_reference_config_is_the_reference_setting():
     cfg = load_config(CONFIGS / "reference.toml")
     assert (cfg.data.num_clients, cfg.data.train_per_client, cfg.data.val_per_client) == (36, 128, 64)
