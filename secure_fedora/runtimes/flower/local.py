@@ -77,6 +77,8 @@ from secure_fedora.core.config import (
     config_document,
     load_config,
     parse_config,
+    with_written,
+    written_keys,
 )
 from secure_fedora.runtimes.flower.certs import (
     CertificatePaths,
@@ -505,7 +507,9 @@ def with_num_clients(cfg: ExperimentConfig, num_clients: int | None) -> Experime
         return cfg
     data = config_document(cfg)
     data["data"]["num_clients"] = num_clients
-    return parse_config(data, f"(config with data.num_clients = {num_clients})")
+    # what the user wrote stays the record of it (unused_settings), not the full document
+    return with_written(parse_config(data, f"(config with data.num_clients = {num_clients})"),
+                        written_keys(cfg))
 
 
 def _flower_bin(name: str) -> str:

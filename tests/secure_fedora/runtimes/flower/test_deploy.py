@@ -28,7 +28,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from flwr.app import Context, Message, RecordDict
 
-from secure_fedora.core.config import config_hash, parse_config
+from secure_fedora.core.config import (
+    ConfigError,
+    check_settings_used,
+    config_hash,
+    load_config,
+    parse_config,
+)
 from secure_fedora.core.errors import run_command
 from secure_fedora.runtimes.flower import client_app, server_app
 from secure_fedora.runtimes.flower.certs import CertificateError, make_certificates, make_node_keys
@@ -1194,6 +1200,12 @@ def test_cli_deploy_local_rejects_bad_config(tmp_path: Path) -> None:
     assert run_command(args.func, args) == 2
     assert not (tmp_path / "w" / "logs").exists()  # nothing was started
     assert with_num_clients(tiny_config(), 5).data.num_clients == 5
+    # --clients rebuilds the config from its full document: what the file wrote stays the
+    # record of it, so [privacy] epsilon at its default without enabled is still named
+    unread = tmp_path / "unread.toml"
+    unread.write_text('methods = ["local"]\n[privacy]\nepsilon = 8.0\n')
+    with pytest.raises(ConfigError, match="^privacy.epsilon = 8 is unused"):
+        check_settings_used(with_num_clients(load_config(unread), 3))
     with pytest.raises(DeployError, match="max_in_flight"):
         deploy_local(tiny_config(), 3, tmp_path / "w", max_in_flight=-1)
     assert not (tmp_path / "w" / "logs").exists()
