@@ -1801,30 +1801,18 @@ class Simulation:
         epsilon for the same entries and last line stops the run with a LedgerError naming
         the client; otherwise it becomes the client's latest report."""
         from privacy.ledger import LedgerError
-        from secure_fedora.secure.private import (
-            ledger_spend_changed,
-            ledger_went_back,
-            read_ledger_report,
-        )
+        from secure_fedora.secure.private import ledger_report_refusal, read_ledger_report
 
         label = next(n for n, m in self.methods.items() if m is method)
         seen = self._ledger_reports.setdefault(label, {})
         for i, values in accepted.items():
             report = read_ledger_report(values[offset:].tolist())
-            went_back = ledger_went_back(seen.get(i), report)
-            if went_back is not None:
-                raise LedgerError(
-                    f"{label}: client {i} reported a ledger that went back ({went_back}) in its "
-                    f"evaluation reply of round {rnd}: entries it had reported were lost, cut or "
-                    "replaced, so its accounting would record fewer releases than it made; the "
-                    "run stops (restore the ledger from a copy, or start a new run)")
-            changed = ledger_spend_changed(seen.get(i), report)
-            if changed is not None:
-                raise LedgerError(
-                    f"{label}: client {i} reported another spend for the same ledger ({changed})"
-                    f" in its evaluation reply of round {rnd}: its epsilon is computed from its "
-                    "ledger alone, so one of the two figures is not its ledger's spend; the run "
-                    "stops")
+            problem = ledger_report_refusal(
+                seen.get(i), report, who=f"{label}: client {i}",
+                where=f"evaluation reply of round {rnd}",
+                went_back_remedy="restore the ledger from a copy, or start a new run")
+            if problem is not None:
+                raise LedgerError(problem)
             seen[i] = report
 
     def _state(self, rnd: int, method: FederatedMethod, tracker: Tracker, round_gen: torch.Generator,

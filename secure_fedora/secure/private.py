@@ -2291,6 +2291,29 @@ def ledger_spend_changed(before: Mapping[str, Any] | None, now: Mapping[str, Any
             f" entries it had reported with epsilon {format_exact(before['epsilon_spent'])}")
 
 
+def ledger_report_refusal(before: Mapping[str, Any] | None, now: Mapping[str, Any], *,
+                          who: str, where: str, went_back_remedy: str,
+                          spend_remedy: str | None = None) -> str | None:
+    """Why the server must stop the run on a client's newly reported ledger state ``now``
+    (from ``who``, in its ``where``), after ``before``: it went back
+    (:func:`ledger_went_back`; entries lost, cut or replaced) or states another spend for the
+    same ledger (:func:`ledger_spend_changed`), each text ending in its runtime's remedy;
+    None when ``now`` may become the client's latest report. The one check both runtimes
+    make, each raising its own error with the text."""
+    went_back = ledger_went_back(before, now)
+    if went_back is not None:
+        return (f"{who} reported a ledger that went back ({went_back}) in its {where}: entries "
+                "it had reported were lost, cut or replaced, so its accounting would record "
+                f"fewer releases than it made; the run stops ({went_back_remedy})")
+    changed = ledger_spend_changed(before, now)
+    if changed is not None:
+        return (f"{who} reported another spend for the same ledger ({changed}) in its {where}:"
+                " its epsilon is computed from its ledger alone, so one of the two figures is "
+                "not its ledger's spend; the run stops"
+                + (f" ({spend_remedy})" if spend_remedy else ""))
+    return None
+
+
 #: The fields a DP client's evaluation reply reports after its metrics, in process (the
 #: float64 vector of kind ``evaluate.reply``): epsilon spent and budget, the ledger's entry
 #: count, then its head (SHA-256 of the last line) as 8 words of 32 bits, each exact in float64.

@@ -182,8 +182,7 @@ from secure_fedora.runtimes.inprocess import (
 from secure_fedora.runtimes.inprocess import sample_participants as runtime_sample_participants
 from secure_fedora.runtimes.results import PROCESS_KEYS as _RUN_PROCESS_KEYS
 from secure_fedora.runtimes.rundir import amendment_readers
-from secure_fedora.secure.private import ledger_spend_changed as _ledger_spend_changed
-from secure_fedora.secure.private import ledger_went_back as _ledger_went_back
+from secure_fedora.secure.private import ledger_report_refusal as _ledger_report_refusal
 from secure_fedora.secure.relatedness import (
     CorruptUploadsError,
     InvalidUploadsError,
@@ -977,21 +976,13 @@ def _take_ledger_report(server: _Server, name: str, cid: int, node: int,
     another epsilon for the ledger state recorded
     (:func:`~secure_fedora.secure.private.ledger_spend_changed`), and nothing of the reply
     is recorded."""
-    before = server.privacy.get(name, {}).get(cid)
-    went_back = _ledger_went_back(before, privacy)
-    if went_back is not None:
-        raise DeployError(
-            f"{name}: client {server.client_ids[cid]} (node {node}) reported a ledger that "
-            f"went back ({went_back}) in its {reply}: entries it had reported were lost, cut "
-            "or replaced on its node, so its accounting would record fewer releases than it "
-            "made; the run stops (restore the node's state-dir, or start a new run)")
-    changed = _ledger_spend_changed(before, privacy)
-    if changed is not None:
-        raise DeployError(
-            f"{name}: client {server.client_ids[cid]} (node {node}) reported another spend "
-            f"for the same ledger ({changed}) in its {reply}: its epsilon is computed from "
-            "its ledger alone, so one of the two figures is not its ledger's spend; the run "
-            "stops (run every node and the server on one version, or start a new run)")
+    problem = _ledger_report_refusal(
+        server.privacy.get(name, {}).get(cid), privacy,
+        who=f"{name}: client {server.client_ids[cid]} (node {node})", where=reply,
+        went_back_remedy="restore the node's state-dir, or start a new run",
+        spend_remedy="run every node and the server on one version, or start a new run")
+    if problem is not None:
+        raise DeployError(problem)
     _plan_used(server, name, cid, privacy)
     server.privacy.setdefault(name, {})[cid] = privacy
 
