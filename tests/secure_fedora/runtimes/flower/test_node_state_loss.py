@@ -115,7 +115,11 @@ def test_a_wiped_node_is_caught(tmp_path: Path, before: int) -> None:
 def test_the_server_also_refuses_a_reported_ledger_that_goes_back() -> None:
     """A second line behind the node's own check: the head a client reports must extend the
     one it reported before."""
-    from secure_fedora.runtimes.flower.server_app import _ledger_went_back
+    from secure_fedora.runtimes.flower.server_app import _ledger_report_refusal
+
+    def _ledger_went_back(before, now):  # type: ignore[no-untyped-def]
+        return _ledger_report_refusal(before, now, who="client-001", where="reply",
+                                      went_back_remedy="restore the node's state-dir")
 
     before = {"ledger_entries": 5, "ledger_head": "a" * 64, "epsilon_spent": 6.5}
     assert _ledger_went_back(None, before) is None
